@@ -1,0 +1,21 @@
+"""sam_optax: sharpness-aware minimization methods as optax transformations."""
+
+from sam_optax._src.engine import SharpnessAwareState
+from sam_optax._src.engine import sharpness_aware
+from sam_optax._src.presets import asam
+from sam_optax._src.presets import gnp
+from sam_optax._src.presets import sam
+from sam_optax._src.stats import stats
+from sam_optax import parts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SharpnessAwareState",
+    "asam",
+    "gnp",
+    "parts",
+    "sam",
+    "sharpness_aware",
+    "stats",
+]

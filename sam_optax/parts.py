@@ -1,0 +1,38 @@
+"""The engine's parts, for building combinations no paper has.
+
+Example: a fixed element-wise mask with LookSAM-style reuse::
+
+    tx = sam_optax.sharpness_aware(
+        loss_fn, rho=0.05,
+        geometry=parts.global_norm(),
+        region=parts.fixed_mask(my_mask),
+        gate=parts.every_k(5),
+        combine=parts.mix(0.5),
+    )
+"""
+
+from sam_optax._src.combine import Mix
+from sam_optax._src.combine import Replace
+from sam_optax._src.combine import mix
+from sam_optax._src.combine import replace
+from sam_optax._src.engine import Combine
+from sam_optax._src.engine import Gate
+from sam_optax._src.engine import Geometry
+from sam_optax._src.engine import Region
+from sam_optax._src.engine import Step
+from sam_optax._src.engine import apply_mask
+from sam_optax._src.gate import EveryK
+from sam_optax._src.gate import EveryStep
+from sam_optax._src.gate import Never
+from sam_optax._src.gate import every_k
+from sam_optax._src.gate import every_step
+from sam_optax._src.gate import never
+from sam_optax._src.geometry import NormBall
+from sam_optax._src.geometry import adaptive
+from sam_optax._src.geometry import global_norm
+from sam_optax._src.region import Everywhere
+from sam_optax._src.region import FixedMask
+from sam_optax._src.region import MaskState
+from sam_optax._src.region import everywhere
+from sam_optax._src.region import fixed_mask
+from sam_optax._src.region import mask_density
