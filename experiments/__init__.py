@@ -1,0 +1,1 @@
+"""Runnable comparisons of sam_optax methods: data, models, training, benchmark."""

@@ -1,0 +1,125 @@
+"""The method registry shared by the benchmark, training and comparison.
+
+One entry per method: the sam_optax constructor, its defaults (from
+ALGORITHMS.md, the papers' or authors' code values), and the arguments that
+depend on the run's length (``steps_per_epoch``, ``total_steps``). ``build``
+turns an entry into a full optax optimizer over a base optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import optax
+
+import sam_optax
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """How to build one method.
+
+  Attributes:
+    name: registry key (also the CLI's ``--method``).
+    constructor: attribute name in ``sam_optax``.
+    defaults: keyword arguments, the method's published defaults.
+    run_args: ``(steps_per_epoch, total_steps) -> kwargs`` for arguments that
+      depend on the run's length (mask refresh period, warm-up, ...).
+    full_optimizer: the constructor returns the whole optimizer (LightSAM),
+      so no base optimizer is chained after it.
+  """
+
+  name: str
+  constructor: Optional[str]
+  defaults: dict = dataclasses.field(default_factory=dict)
+  run_args: Callable[[int, int], dict] = lambda spe, total: {}
+  full_optimizer: bool = False
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in [
+        MethodSpec("sgd", None),
+        MethodSpec("sam", "sam", {"rho": 0.05}),
+        MethodSpec("asam", "asam", {"rho": 0.5, "eta": 0.01}),
+        MethodSpec("gnp", "gnp", {"rho": 0.1, "alpha": 0.8}),
+        MethodSpec(
+            "layerwise_sam",
+            "layerwise_sam",
+            {"rho": 0.1, "alpha": 0.8, "num_layers": 2, "select_every": 1},
+        ),
+        MethodSpec(
+            "ssam_fisher",
+            "ssam_fisher",
+            {"rho": 0.05, "sparsity": 0.5, "num_samples": 16},
+            run_args=lambda spe, total: {"update_every": spe},
+        ),
+        MethodSpec(
+            "ssam_dynamic",
+            "ssam_dynamic",
+            {"rho": 0.05, "sparsity": 0.5, "drop_rate": 0.5},
+            run_args=lambda spe, total: {
+                "update_every": spe,
+                "total_steps": total,
+            },
+        ),
+        MethodSpec("looksam", "looksam", {"rho": 0.1, "k": 5, "alpha": 0.7}),
+        MethodSpec(
+            "vsam",
+            "vsam",
+            {"rho": 0.05},
+            run_args=lambda spe, total: {"warmup_steps": 3 * spe},
+        ),
+        MethodSpec(
+            "lightsam",
+            "lightsam",
+            {"variant": "adagrad_norm"},
+            full_optimizer=True,
+        ),
+    ]
+}
+
+
+def available() -> list[str]:
+  """Registry names whose constructor exists in this sam_optax."""
+  return [
+      n for n, s in METHODS.items()
+      if s.constructor is None or hasattr(sam_optax, s.constructor)
+  ]
+
+
+def build(
+    name: str,
+    loss_fn: Callable,
+    base_optimizer: optax.GradientTransformation,
+    *,
+    steps_per_epoch: int = 1,
+    total_steps: int = 1,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+    overrides: Optional[dict[str, Any]] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """The full optimizer for method ``name``: the SAM transform, then the base.
+
+  Args:
+    name: a key of :data:`METHODS`.
+    loss_fn: ``loss_fn(params, batch)``.
+    base_optimizer: what follows the SAM gradient (ignored for full optimizers).
+    steps_per_epoch, total_steps: the run's length, for ``run_args``.
+    has_aux, axis_name: passed to the constructor.
+    overrides: keyword arguments replacing the defaults.
+  """
+  if name not in METHODS:
+    raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+  spec = METHODS[name]
+  if spec.constructor is None:
+    return optax.with_extra_args_support(base_optimizer)
+  kwargs = dict(spec.defaults)
+  kwargs.update(spec.run_args(steps_per_epoch, total_steps))
+  kwargs.update(overrides or {})
+  ctor = getattr(sam_optax, spec.constructor)
+  tx = ctor(loss_fn, has_aux=has_aux, axis_name=axis_name, **kwargs)
+  if spec.full_optimizer:
+    return tx
+  return optax.chain(tx, base_optimizer)

@@ -1,0 +1,303 @@
+"""Flax (linen) models for the experiments and the benchmark.
+
+``SmallCNN`` is the benchmark's and the digits' model. The CIFAR models are
+the ones the SAM-family papers train: ResNet-18 (CIFAR variant), WideResNet
+(WRN-28-10), PyramidNet-110 and a small ViT. Models with BatchNorm keep their
+running statistics in the ``batch_stats`` collection; training threads them
+through ``loss_fn(params, batch) -> (loss, aux)`` (``has_aux=True``), see
+``experiments/train.py``.
+
+All models take ``train: bool``: BatchNorm uses batch statistics (and updates
+``batch_stats``) when True, running averages when False.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class SmallCNN(nn.Module):
+  """A small CNN: three 3x3 conv blocks, then ``fc`` and the ``head``.
+
+  The benchmark's default model (CIFAR-shaped 32x32x3 input). Layer names are
+  fixed so that layer paths are stable: ``conv1``, ``conv2``, ``conv3``,
+  ``fc``, ``head`` (the two output-side layers are ``fc`` and ``head``).
+  """
+
+  num_classes: int = 10
+  widths: Sequence[int] = (32, 64, 128)
+  hidden: int = 256
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    for i, w in enumerate(self.widths):
+      x = nn.Conv(w, (3, 3), name=f"conv{i + 1}")(x)
+      x = nn.relu(x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.hidden, name="fc")(x))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+  # momentum 0.9 / epsilon 1e-5: PyTorch's BatchNorm2d defaults, which the
+  # papers' (PyTorch) code uses.
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name
+  )
+
+
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# --------------------------------------------------------------------------
+# ResNet-18, CIFAR variant (He et al. 2016; the 3x3 stem without max-pool used
+# by the SAM/ASAM/SSAM/LookSAM CIFAR experiments): 11.17M parameters.
+# --------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+  """Post-activation basic block (two 3x3 convs) with a projection shortcut."""
+
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    residual = x
+    y = nn.Conv(self.features, (3, 3), self.strides, padding=1,
+                use_bias=False, kernel_init=_conv_init)(x)
+    y = nn.relu(_batch_norm(train)(y))
+    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False,
+                kernel_init=_conv_init)(y)
+    y = _batch_norm(train)(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      residual = nn.Conv(self.features, (1, 1), self.strides, use_bias=False,
+                         kernel_init=_conv_init)(x)
+      residual = _batch_norm(train)(residual)
+    return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+  """CIFAR ResNet: 3x3 stem (no max-pool), four stages of basic blocks.
+
+  ``stage_sizes=(2, 2, 2, 2)``, ``width=64`` is ResNet-18.
+  """
+
+  num_classes: int = 10
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False,
+                kernel_init=_conv_init, name="stem")(x)
+    x = nn.relu(_batch_norm(train, "stem_bn")(x))
+    for i, n in enumerate(self.stage_sizes):
+      for j in range(n):
+        strides = 2 if (i > 0 and j == 0) else 1
+        x = BasicBlock(self.width * 2**i, strides, name=f"stage{i + 1}_{j}")(
+            x, train
+        )
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+# --------------------------------------------------------------------------
+# WideResNet (Zagoruyko & Komodakis 2016): pre-activation wide blocks.
+# WRN-28-10 (36.5M parameters) is the SAM paper's main CIFAR model.
+# --------------------------------------------------------------------------
+
+
+class WideBlock(nn.Module):
+  """Pre-activation wide basic block (BN-ReLU-conv twice)."""
+
+  features: int
+  strides: int = 1
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    out = nn.relu(_batch_norm(train)(x))
+    if self.strides != 1 or x.shape[-1] != self.features:
+      shortcut = nn.Conv(self.features, (1, 1), self.strides, use_bias=False,
+                         kernel_init=_conv_init)(out)
+    else:
+      shortcut = x
+    y = nn.Conv(self.features, (3, 3), self.strides, padding=1,
+                use_bias=False, kernel_init=_conv_init)(out)
+    y = nn.relu(_batch_norm(train)(y))
+    if self.dropout > 0:
+      y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False,
+                kernel_init=_conv_init)(y)
+    return y + shortcut
+
+
+class WideResNet(nn.Module):
+  """WRN-depth-widen: ``(depth - 4) / 6`` blocks in each of three stages."""
+
+  num_classes: int = 10
+  depth: int = 28
+  widen: int = 10
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    if (self.depth - 4) % 6:
+      raise ValueError(f"depth must be 6n+4, got {self.depth}")
+    n = (self.depth - 4) // 6
+    x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=_conv_init,
+                name="stem")(x)
+    for i, w in enumerate((16, 32, 64)):
+      for j in range(n):
+        strides = 2 if (i > 0 and j == 0) else 1
+        x = WideBlock(w * self.widen, strides, self.dropout,
+                      name=f"stage{i + 1}_{j}")(x, train)
+    x = nn.relu(_batch_norm(train, "final_bn")(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+# --------------------------------------------------------------------------
+# PyramidNet (Han et al. 2017), basic blocks: widths grow linearly by
+# alpha / N per block; zero-padded identity shortcut (average-pooled when the
+# block downsamples). PyramidNet-110 with alpha 270 has 28.3M parameters.
+# --------------------------------------------------------------------------
+
+
+class PyramidBlock(nn.Module):
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = _batch_norm(train)(x)
+    y = nn.Conv(self.features, (3, 3), self.strides, padding=1,
+                use_bias=False, kernel_init=_conv_init)(y)
+    y = nn.relu(_batch_norm(train)(y))
+    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False,
+                kernel_init=_conv_init)(y)
+    y = _batch_norm(train)(y)
+    shortcut = x
+    if self.strides != 1:
+      shortcut = nn.avg_pool(shortcut, (2, 2), strides=(2, 2))
+    pad = self.features - shortcut.shape[-1]
+    if pad > 0:
+      shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (0, pad)))
+    return y + shortcut
+
+
+class PyramidNet(nn.Module):
+  """PyramidNet with basic blocks: ``(depth - 2) / 6`` blocks per stage."""
+
+  num_classes: int = 10
+  depth: int = 110
+  alpha: int = 270
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    if (self.depth - 2) % 6:
+      raise ValueError(f"depth must be 6n+2, got {self.depth}")
+    n = (self.depth - 2) // 6
+    add = self.alpha / (3 * n)
+    x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=_conv_init,
+                name="stem")(x)
+    x = _batch_norm(train, "stem_bn")(x)
+    width = 16.0
+    for i in range(3):
+      for j in range(n):
+        width += add
+        strides = 2 if (i > 0 and j == 0) else 1
+        x = PyramidBlock(int(round(width)), strides,
+                         name=f"stage{i + 1}_{j}")(x, train)
+    x = nn.relu(_batch_norm(train, "final_bn")(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+# --------------------------------------------------------------------------
+# A small Vision Transformer (Dosovitskiy et al. 2021) for 32x32 inputs:
+# patch 4, width 192, depth 6, 3 heads (about 2.7M parameters).
+# --------------------------------------------------------------------------
+
+
+class EncoderBlock(nn.Module):
+  dim: int
+  heads: int
+  mlp_ratio: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm()(x)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.heads)(y, y)
+    x = x + y
+    y = nn.LayerNorm()(x)
+    y = nn.Dense(self.dim * self.mlp_ratio)(y)
+    y = nn.Dense(self.dim)(nn.gelu(y))
+    return x + y
+
+
+class ViT(nn.Module):
+  """ViT with a class token and learned position embeddings."""
+
+  num_classes: int = 10
+  patch_size: int = 4
+  dim: int = 192
+  depth: int = 6
+  heads: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    p = self.patch_size
+    x = nn.Conv(self.dim, (p, p), strides=(p, p), name="patch_embed")(x)
+    b, h, w, c = x.shape
+    x = x.reshape((b, h * w, c))
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c)), x], axis=1)
+    pos = self.param("pos_embed", nn.initializers.normal(0.02),
+                     (1, h * w + 1, c))
+    x = x + pos
+    for i in range(self.depth):
+      x = EncoderBlock(self.dim, self.heads, name=f"block{i}")(x)
+    x = nn.LayerNorm(name="final_ln")(x[:, 0])
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+#: name -> constructor(num_classes, **overrides).
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": SmallCNN,
+    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), width=64),
+    "wrn28_10": functools.partial(WideResNet, depth=28, widen=10),
+    "pyramidnet110": functools.partial(PyramidNet, depth=110, alpha=270),
+    "vit_small": ViT,
+}
+
+
+def create(name: str, num_classes: int, **overrides: Any) -> nn.Module:
+  """The model ``name`` of :data:`MODELS` with ``num_classes`` outputs."""
+  if name not in MODELS:
+    raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+  return MODELS[name](num_classes=num_classes, **overrides)
+
+
+def init(model: nn.Module, key: jax.Array, image_shape: Sequence[int]):
+  """(params, batch_stats) for an input of shape ``image_shape`` (no batch).
+
+  ``batch_stats`` is an empty dict for models without BatchNorm.
+  """
+  variables = model.init(
+      key, jnp.zeros((1, *image_shape), jnp.float32), train=False
+  )
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def num_params(tree: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
