@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax._src import base
@@ -128,7 +129,10 @@ class Region(Component):
     static_mask: a pytree of Python bools (one per leaf) known before tracing,
       or None. When set, the second gradient is taken with respect to the
       selected leaves only, the others enter it as the very same arrays, and
-      no backpropagation below the lowest selected layer happens.
+      no backpropagation below the lowest selected layer happens. A region
+      whose set depends on the params' structure (layer paths) may instead
+      return such a tree of Python bools from ``select``, built at trace
+      time from ``step.params``; the engine treats it the same way.
     normalize_over_region: the perturbation norm is taken over the region only
       (layer-wise SAM) rather than over the whole gradient (Sparse SAM).
     clean_outside: leaves outside the region get the clean gradient in the
@@ -190,6 +194,12 @@ def _mask_leaf(x: jax.Array, m: Any) -> jax.Array:
   if m is False:
     return jnp.zeros_like(x)
   return jnp.where(m, x, jnp.zeros_like(x))
+
+
+def is_static_mask(mask: Any) -> bool:
+  """True when ``mask`` is a non-empty pytree of Python (or NumPy) bools."""
+  leaves = jax.tree.leaves(mask)
+  return bool(leaves) and all(isinstance(x, (bool, np.bool_)) for x in leaves)
 
 
 def apply_mask(tree: PyTree, mask: Optional[PyTree]) -> PyTree:
@@ -259,14 +269,15 @@ def sharpness_aware(
         combine=combine.init(params),
     )
 
-  def second_gradient(step: Step, e: PyTree) -> PyTree:
+  def second_gradient(
+      step: Step, e: PyTree, smask: Optional[PyTree]
+  ) -> PyTree:
     """grad loss(w + e), averaged over devices, shaped like params.
 
     With a static region only the selected leaves are differentiated; the
     others are passed through as the very same arrays and their entry in the
     result is the clean gradient.
     """
-    smask = region.static_mask
     if smask is None:
       perturbed = jax.tree.map(
           lambda w, d: (w + d.astype(w.dtype)), step.params, e
@@ -322,6 +333,9 @@ def sharpness_aware(
     )
     mask, region_state, region_evals = region.select(step, state.region)
     step.mask = mask
+    static_mask = region.static_mask
+    if static_mask is None and mask is not None and is_static_mask(mask):
+      static_mask = mask
     go, gate_state = gate.decide(step, state.gate)
 
     def computed(_):
@@ -329,11 +343,13 @@ def sharpness_aware(
       if rho_may_be_zero:
         positive = rho_t > 0
         second = jax.lax.cond(
-            positive, lambda: second_gradient(step, e), lambda: step.grads
+            positive,
+            lambda: second_gradient(step, e, static_mask),
+            lambda: step.grads,
         )
         evals = positive.astype(jnp.int32)
       else:
-        second = second_gradient(step, e)
+        second = second_gradient(step, e, static_mask)
         evals = jnp.ones((), jnp.int32)
       out, combine_state = combine.computed(step, second, state.combine)
       new_gate = gate.observe(step, second, gate_state)
@@ -360,9 +376,9 @@ def sharpness_aware(
     out, geometry_state, combine_state, gate_state, evals = branch
 
     if region.clean_outside and mask is not None:
-      if region.static_mask is not None:
+      if static_mask is not None:
         out = jax.tree.map(
-            lambda m, o, g: o if m else g, region.static_mask, out, grads
+            lambda m, o, g: o if m else g, static_mask, out, grads
         )
       else:
         out = base.tree_where(mask, out, grads)
