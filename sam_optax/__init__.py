@@ -2,6 +2,9 @@
 
 from sam_optax._src.engine import SharpnessAwareState
 from sam_optax._src.engine import sharpness_aware
+from sam_optax._src.layerwise import layer_paths
+from sam_optax._src.layerwise import layerwise_sam
+from sam_optax._src.layerwise import rank_layers
 from sam_optax._src.presets import asam
 from sam_optax._src.presets import gnp
 from sam_optax._src.presets import sam
@@ -14,7 +17,10 @@ __all__ = [
     "SharpnessAwareState",
     "asam",
     "gnp",
+    "layer_paths",
+    "layerwise_sam",
     "parts",
+    "rank_layers",
     "sam",
     "sharpness_aware",
     "stats",

@@ -30,6 +30,11 @@ from sam_optax._src.gate import never
 from sam_optax._src.geometry import NormBall
 from sam_optax._src.geometry import adaptive
 from sam_optax._src.geometry import global_norm
+from sam_optax._src.layerwise import FixedLayers
+from sam_optax._src.layerwise import LayerSelection
+from sam_optax._src.layerwise import TopLayers
+from sam_optax._src.layerwise import fixed_layers
+from sam_optax._src.layerwise import top_layers
 from sam_optax._src.region import Everywhere
 from sam_optax._src.region import FixedMask
 from sam_optax._src.region import MaskState
