@@ -1,0 +1,381 @@
+"""Every method under every way users run it (one shared parametrization).
+
+Rows: devices (pmap, shard_map, sharded jit vs one device; identical state on
+every device), precision (bfloat16 / float16), checkpoints (orbax, restored in
+a fresh process), composition (clipping + base optimizer, inject_hyperparams
+with a rho schedule, gradient accumulation, apply_if_finite), tracing.
+
+Each method is configured so that a short run exercises everything it does:
+refreshes, reuse steps, selection changes (see ``METHODS``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import sam_optax
+from tests.test_core import make_batch, mlp_loss, mlp_params
+
+NDEV = 8
+STEPS = 6
+BATCH = 32
+
+# name -> kwargs builder; every entry is a sam_optax constructor called as
+# ctor(mlp_loss, **kwargs, axis_name=...). Settings make a 6-step run refresh,
+# reuse and re-select.
+METHODS: dict[str, tuple[str, dict]] = {
+    "sam": ("sam", {"rho": 0.1}),
+    "asam": ("asam", {"rho": 0.5, "eta": 0.01}),
+    "gnp": ("gnp", {"rho": 0.1, "alpha": 0.8}),
+}
+FULL_OPTIMIZERS = set()  # constructors that return the whole optimizer
+
+
+def build(name: str, *, axis_name=None, base=None, **over):
+  ctor, kwargs = METHODS[name]
+  kwargs = {**kwargs, **over}
+  tx = getattr(sam_optax, ctor)(mlp_loss, axis_name=axis_name, **kwargs)
+  if name in FULL_OPTIMIZERS:
+    return tx
+  return optax.chain(tx, base or optax.sgd(0.05, momentum=0.9))
+
+
+def batches(n=STEPS, size=BATCH, dtype=jnp.float32):
+  return [
+      jax.tree.map(lambda x: x.astype(dtype), make_batch(seed=100 + i, n=size))
+      for i in range(n)
+  ]
+
+
+def train_step(tx):
+  def step(p, s, b):
+    g = jax.grad(mlp_loss)(p, b)
+    u, s = tx.update(g, s, p, batch=b)
+    return optax.apply_updates(p, u), s
+
+  return step
+
+
+def run_single(name, bs, params=None, **over):
+  tx = build(name, **over)
+  p = mlp_params() if params is None else params
+  s = tx.init(p)
+  step = jax.jit(train_step(tx))
+  for b in bs:
+    p, s = step(p, s, b)
+  return p, s
+
+
+ALL = sorted(METHODS)
+
+
+def tree_rows_equal(tree):
+  """Every device's copy (leading axis) equals device 0's, bit for bit."""
+  for x in jax.tree.leaves(tree):
+    x = np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+    assert all(np.array_equal(x[0], x[d]) for d in range(1, x.shape[0]))
+
+
+# --------------------------------------------------------------------------
+# Devices.
+# --------------------------------------------------------------------------
+
+needs8 = pytest.mark.skipif(jax.device_count() < NDEV, reason="needs 8 devices")
+
+
+def _shard(tree):
+  return jax.tree.map(lambda x: x.reshape((NDEV, -1) + x.shape[1:]), tree)
+
+
+def _rep(tree):
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (NDEV,) + x.shape), tree)
+
+
+@needs8
+@pytest.mark.parametrize("name", ALL)
+def test_pmap_matches_single_device_and_devices_agree(name):
+  bs = batches()
+  p1, s1 = run_single(name, bs)
+  tx = build(name, axis_name="d")
+  step = train_step(tx)
+
+  @functools.partial(jax.pmap, axis_name="d")
+  def pstep(p, s, b):
+    g = jax.lax.pmean(jax.grad(mlp_loss)(p, b), "d")
+    u, s = tx.update(g, s, p, batch=b)
+    return optax.apply_updates(p, u), s
+
+  del step
+  params = mlp_params()
+  pp, ps = _rep(params), _rep(tx.init(params))
+  for b in bs:
+    pp, ps = pstep(pp, ps, _shard(b))
+  tree_rows_equal(ps)
+  tree_rows_equal(pp)
+  chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x[0], pp), p1, rtol=1e-4, atol=1e-5
+  )
+  st1 = sam_optax.stats(s1)
+  stp = sam_optax.stats(jax.tree.map(lambda x: x[0], ps))
+  assert int(stp["grad_evals"]) == int(st1["grad_evals"])
+
+
+@needs8
+@pytest.mark.parametrize("name", ALL)
+def test_shard_map_matches_single_device(name):
+  from jax.experimental.shard_map import shard_map
+
+  bs = batches()
+  p1, _ = run_single(name, bs)
+  mesh = Mesh(np.array(jax.devices()[:NDEV]), ("d",))
+  tx = build(name, axis_name="d")
+
+  def local(p, s, b):
+    g = jax.lax.pmean(jax.grad(mlp_loss)(p, b), "d")
+    u, s = tx.update(g, s, p, batch=b)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(
+      shard_map(
+          local, mesh=mesh, in_specs=(P(), P(), P("d")), out_specs=(P(), P()),
+          check_rep=False,
+      )
+  )
+  p = mlp_params()
+  s = tx.init(p)
+  for b in bs:
+    p, s = step(p, s, b)
+  chex.assert_trees_all_close(p, p1, rtol=1e-4, atol=1e-5)
+
+
+@needs8
+@pytest.mark.parametrize("name", ALL)
+def test_sharded_jit_matches_single_device(name):
+  bs = batches()
+  p1, s1 = run_single(name, bs)
+  mesh = Mesh(np.array(jax.devices()[:NDEV]), ("d",))
+  tx = build(name)
+  step = jax.jit(train_step(tx))
+  p = jax.device_put(mlp_params(), NamedSharding(mesh, P()))
+  s = tx.init(p)
+  for b in bs:
+    p, s = step(p, s, jax.device_put(b, NamedSharding(mesh, P("d"))))
+  chex.assert_trees_all_close(p, p1, rtol=1e-4, atol=1e-5)
+  assert int(sam_optax.stats(s)["grad_evals"]) == int(sam_optax.stats(s1)["grad_evals"])
+
+
+# --------------------------------------------------------------------------
+# Precision.
+# --------------------------------------------------------------------------
+
+# bfloat16 keeps 8 bits of mantissa (relative error ~4e-3 per op), float16 11
+# bits; after a few steps the parameters agree with float32 to about this.
+PRECISION_TOL = {jnp.bfloat16: 5e-2, jnp.float16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", ALL)
+def test_low_precision_dtype_finite_and_close(name, dtype):
+  bs32 = batches(n=3)
+  p32, _ = run_single(name, bs32)
+  params = jax.tree.map(lambda x: x.astype(dtype), mlp_params())
+  tx = build(name)
+  s = tx.init(params)
+
+  @jax.jit
+  def update(p, s, b):
+    g = jax.grad(mlp_loss)(p, b)
+    u, s = tx.update(g, s, p, batch=b)
+    return u, s
+
+  p = params
+  for b in batches(n=3, dtype=dtype):
+    u, s = update(p, s, b)
+    assert all(x.dtype == dtype for x in jax.tree.leaves(u))
+    chex.assert_tree_all_finite(u)
+    p = optax.apply_updates(p, u)
+  # Norms, statistics and accumulators in state are float32 (or integer).
+  for x in jax.tree.leaves(s):
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim == 0:
+      assert x.dtype == jnp.float32, x.dtype
+  tol = PRECISION_TOL[dtype]
+  chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x.astype(jnp.float32), p), p32, rtol=tol, atol=tol
+  )
+
+
+# --------------------------------------------------------------------------
+# Composition.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_chain_with_clipping_before_and_base_after(name):
+  bs = batches(n=3)
+  tx = optax.chain(optax.clip_by_global_norm(0.5), build(name))
+  p, s = mlp_params(), None
+  s = tx.init(p)
+  step = jax.jit(train_step(tx))
+  for b in bs:
+    p, s = step(p, s, b)
+  chex.assert_tree_all_finite(p)
+  assert int(sam_optax.stats(s)["count"]) == 3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inject_hyperparams_rho_schedule(name):
+  """rho on a schedule through inject_hyperparams equals rho given directly."""
+  sched = optax.linear_schedule(0.1, 0.02, 4)
+  ctor, kwargs = METHODS[name]
+  kwargs = {k: v for k, v in kwargs.items() if k != "rho"}
+  statics = ("loss_fn",) + tuple(k for k, v in kwargs.items() if isinstance(v, (int, tuple, str)) and not isinstance(v, bool))
+  injected = optax.inject_hyperparams(getattr(sam_optax, ctor), static_args=statics)(
+      mlp_loss, rho=sched, **kwargs
+  )
+  tx = injected if name in FULL_OPTIMIZERS else optax.chain(injected, optax.sgd(0.05, momentum=0.9))
+  p, s = mlp_params(), None
+  s = tx.init(p)
+  step = jax.jit(train_step(tx))
+  bs = batches(n=4)
+  for b in bs:
+    p, s = step(p, s, b)
+  p_ref, _ = run_single(name, bs, rho=sched)
+  chex.assert_trees_all_close(p, p_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(sam_optax.stats(s)["hyperparams/rho"]), float(sched(3)), rtol=1e-6)  # value used by the last update
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in FULL_OPTIMIZERS])
+def test_gradient_accumulation_recipe(name):
+  """Method per micro-batch, MultiSteps around the base optimizer: k micro
+  steps give one base step on the mean of the method's outputs."""
+  k = 2
+  ctor, kwargs = METHODS[name]
+  method = getattr(sam_optax, ctor)(mlp_loss, **kwargs)
+  tx = optax.chain(
+      method, optax.MultiSteps(optax.sgd(0.1), every_k_schedule=k).gradient_transformation()
+  )
+  p0 = mlp_params()
+  s = tx.init(p0)
+  step = jax.jit(train_step(tx))
+  ms = method.init(p0)
+  outs = []
+  p = p0
+  for b in batches(n=k):
+    outs.append(method.update(jax.grad(mlp_loss)(p0, b), ms, p0, batch=b))
+    ms = outs[-1][1]
+    p, s = step(p, s, b)
+  mean = jax.tree.map(lambda *x: sum(x) / k, *[o[0] for o in outs])
+  expected = jax.tree.map(lambda w, u: w - 0.1 * u, p0, mean)
+  chex.assert_trees_all_close(p, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_apply_if_finite_skips_nan_step_and_keeps_state(name):
+  tx = optax.apply_if_finite(build(name), max_consecutive_errors=3)
+  p = mlp_params()
+  s = tx.init(p)
+  step = jax.jit(train_step(tx))
+  bs = batches(n=3)
+  p, s = step(p, s, bs[0])
+  p, s = step(p, s, bs[1])
+
+  @jax.jit
+  def nan_step(p, s, b):
+    g = jax.tree.map(lambda x: x * jnp.nan, jax.grad(mlp_loss)(p, b))
+    u, s = tx.update(g, s, p, batch=b)
+    return optax.apply_updates(p, u), s
+
+  p2, s2 = nan_step(p, s, bs[2])
+  chex.assert_trees_all_equal(p2, p)
+  chex.assert_trees_all_equal(s2.inner_state, s.inner_state)
+  assert int(s2.total_notfinite) == 1
+
+
+# --------------------------------------------------------------------------
+# Tracing.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_jitted_step_compiles_once(name):
+  tx = build(name)
+  traces = []
+
+  @jax.jit
+  def step(p, s, b):
+    traces.append(1)
+    return train_step(tx)(p, s, b)
+
+  p = mlp_params()
+  s = tx.init(p)
+  for b in batches(n=8):
+    p, s = step(p, s, b)
+  assert len(traces) == 1
+
+
+# --------------------------------------------------------------------------
+# Checkpoints: save mid-run, restore in a fresh process, continue exactly.
+# --------------------------------------------------------------------------
+
+_RESTORE = r"""
+import os, sys, json
+os.environ["XLA_FLAGS"] = ""
+sys.path.insert(0, {root!r})
+import jax, numpy as np, orbax.checkpoint as ocp
+from tests import test_matrix as tm
+out = {{}}
+for name in {names!r}:
+    tx = tm.build(name)
+    p0 = tm.mlp_params()
+    target = {{"params": p0, "state": tx.init(p0)}}
+    restored = ocp.StandardCheckpointer().restore(os.path.join({ckpt!r}, name), target)
+    p, s = restored["params"], restored["state"]
+    step = jax.jit(tm.train_step(tx))
+    for b in tm.batches()[3:]:
+        p, s = step(p, s, b)
+    np.savez(os.path.join({ckpt!r}, name + ".npz"), *[np.asarray(x) for x in jax.tree.leaves(p)])
+print("restored", len({names!r}))
+"""
+
+
+def test_checkpoint_restore_in_fresh_process_continues_exactly():
+  import orbax.checkpoint as ocp
+
+  root = str(pathlib.Path(__file__).resolve().parent.parent)
+  with tempfile.TemporaryDirectory() as ckpt:
+    finals = {}
+    ckptr = ocp.StandardCheckpointer()
+    for name in ALL:
+      tx = build(name)
+      p = mlp_params()
+      s = tx.init(p)
+      step = jax.jit(train_step(tx))
+      bs = batches()
+      for i, b in enumerate(bs):
+        if i == 3:
+          ckptr.save(os.path.join(ckpt, name), {"params": p, "state": s})
+        p, s = step(p, s, b)
+      finals[name] = [np.asarray(x) for x in jax.tree.leaves(p)]
+    ckptr.wait_until_finished()
+    code = _RESTORE.format(root=root, names=ALL, ckpt=ckpt)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ALL:
+      got = np.load(os.path.join(ckpt, name + ".npz"))
+      for i, want in enumerate(finals[name]):
+        np.testing.assert_array_equal(got[f"arr_{i}"], want, err_msg=name)
