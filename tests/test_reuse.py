@@ -1,0 +1,636 @@
+"""LookSAM and vSAM against their rules, computed independently here.
+
+The references use only ``jax.grad`` of the loss and NumPy: the SAM gradient
+by its formula, LookSAM's orthogonal component, vSAM's PSF, its R/P/V
+statistics and its rate update.
+"""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sam_optax
+from sam_optax import parts
+from sam_optax._src import engine
+
+EPS = 1e-12
+
+# --------------------------------------------------------------------------
+# A tiny MLP, batches, and reference gradients.
+# --------------------------------------------------------------------------
+
+
+def mlp_params(seed=0, din=4, hidden=6, dout=3, dtype=jnp.float32):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  p = {
+      "dense1": {
+          "kernel": jax.random.normal(k1, (din, hidden)) * 0.6,
+          "bias": jnp.zeros(hidden),
+      },
+      "head": {
+          "kernel": jax.random.normal(k2, (hidden, dout)) * 0.6,
+          "bias": jax.random.normal(k3, (dout,)) * 0.1,
+      },
+  }
+  return jax.tree.map(lambda x: x.astype(dtype), p)
+
+
+def mlp_loss(params, batch):
+  x, y = batch
+  h = jnp.tanh(x @ params["dense1"]["kernel"] + params["dense1"]["bias"])
+  out = h @ params["head"]["kernel"] + params["head"]["bias"]
+  return jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+
+
+def make_batch(seed, n=16, din=4, dout=3):
+  rng = np.random.default_rng(seed)
+  return (
+      jnp.asarray(rng.standard_normal((n, din)), jnp.float32),
+      jnp.asarray(rng.standard_normal((n, dout)), jnp.float32),
+  )
+
+
+BATCHES = [make_batch(s) for s in range(7)]
+
+
+def batch_at(t):
+  return BATCHES[t % len(BATCHES)]
+
+
+def flat(tree):
+  return np.concatenate(
+      [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)]
+  )
+
+
+grad_fn = jax.jit(jax.grad(mlp_loss))
+
+
+def sam_gradient(params, batch, rho):
+  """∇L(w + rho g/‖g‖) by the formula."""
+  g = grad_fn(params, batch)
+  n = np.sqrt(np.sum(flat(g) ** 2))
+  perturbed = jax.tree.map(lambda w, x: w + rho * x / (n + EPS), params, g)
+  return grad_fn(perturbed, batch)
+
+
+def run(tx, params, steps, lr=0.1):
+  """Runs the transform alone; returns per-step params, outputs and stats."""
+
+  @jax.jit
+  def step(p, s, batch):
+    g = jax.grad(mlp_loss)(p, batch)
+    u, s = tx.update(g, s, p, batch=batch)
+    return u, s
+
+  state = tx.init(params)
+  ps, outs, stats = [], [], []
+  p = params
+  for t in range(steps):
+    u, state = step(p, state, batch_at(t))
+    ps.append(p)
+    outs.append(u)
+    stats.append({k: np.asarray(v) for k, v in sam_optax.stats(state).items()})
+    p = jax.tree.map(lambda w, x: w - lr * x, p, u)
+  return ps, outs, stats
+
+
+def assert_close(actual, desired, tol=2e-5):
+  """Close relative to the vector's norm (float32 noise of a whole step)."""
+  actual, desired = np.asarray(actual, np.float64), np.asarray(desired)
+  err = np.linalg.norm(actual - desired)
+  assert err <= tol * max(np.linalg.norm(desired), 1e-6), (err, desired)
+
+
+def sampled_steps(stats):
+  evals = [0] + [int(s["grad_evals"]) for s in stats]
+  return [evals[i + 1] > evals[i] for i in range(len(stats))]
+
+
+# --------------------------------------------------------------------------
+# LookSAM.
+# --------------------------------------------------------------------------
+
+
+def test_looksam_k1_equals_sam_along_a_trajectory():
+  params = mlp_params()
+  tx_l = optax.chain(sam_optax.looksam(mlp_loss, 0.1, k=1), optax.sgd(0.1))
+  tx_s = optax.chain(sam_optax.sam(mlp_loss, 0.1), optax.sgd(0.1))
+
+  def trajectory(tx):
+    @jax.jit
+    def step(p, s, batch):
+      g = jax.grad(mlp_loss)(p, batch)
+      u, s = tx.update(g, s, p, batch=batch)
+      return optax.apply_updates(p, u), s
+
+    p, s = params, tx.init(params)
+    out = []
+    for t in range(8):
+      p, s = step(p, s, batch_at(t))
+      out.append(flat(p))
+    return out, s
+
+  a, sa = trajectory(tx_l)
+  b, _ = trajectory(tx_s)
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  assert int(sam_optax.stats(sa)["grad_evals"]) == 8
+
+
+@pytest.mark.parametrize("per_leaf", [False, True])
+def test_looksam_reuse_steps_follow_the_formula(per_leaf):
+  k, alpha, rho = 3, 0.7, 0.1
+  tx = sam_optax.looksam(mlp_loss, rho, k=k, alpha=alpha, per_leaf=per_leaf)
+  ps, outs, stats = run(tx, mlp_params(), 10)
+  gv = None
+  for t, (p, out, st) in enumerate(zip(ps, outs, stats)):
+    batch = batch_at(t)
+    g = grad_fn(p, batch)
+    if t % k == 0:
+      gs = sam_gradient(p, batch, rho)
+      if per_leaf:
+        gv = [
+            np.ravel(a) - np.dot(np.ravel(a), np.ravel(b))
+            / (np.dot(np.ravel(b), np.ravel(b)) + EPS) * np.ravel(b)
+            for a, b in zip(
+                map(np.float64, jax.tree.leaves(gs)),
+                map(np.float64, jax.tree.leaves(g)),
+            )
+        ]
+      else:
+        a, b = flat(gs), flat(g)
+        gv = a - np.dot(a, b) / (np.dot(b, b) + EPS) * b
+      want = flat(gs)
+    elif per_leaf:
+      want = np.concatenate([
+          np.ravel(np.float64(a))
+          + alpha * np.linalg.norm(a) / (np.linalg.norm(v) + EPS) * v
+          for a, v in zip(jax.tree.leaves(g), gv)
+      ])
+    else:
+      gf = flat(g)
+      want = gf + alpha * np.linalg.norm(gf) / (np.linalg.norm(gv) + EPS) * gv
+    assert_close(flat(out), want)
+    assert int(st["steps_since_sample"]) == t % k
+  assert int(stats[-1]["grad_evals"]) == 4  # steps 0, 3, 6, 9
+
+
+def test_looksam_projection_is_orthogonal_and_stored():
+  # The stored component is orthogonal to the clean gradient of its step.
+  tx = sam_optax.looksam(mlp_loss, 0.5, k=4)
+  p = mlp_params()
+  batch = batch_at(0)
+  g = grad_fn(p, batch)
+  _, state = tx.update(g, tx.init(p), p, batch=batch)
+  gv = flat(state.combine.gv)
+  assert abs(np.dot(gv, flat(g))) < 1e-5 * np.linalg.norm(gv) * np.linalg.norm(
+      flat(g)
+  )
+  assert np.linalg.norm(gv) > 0
+
+
+# --------------------------------------------------------------------------
+# A reuse step does not call loss_fn; no retracing.
+# --------------------------------------------------------------------------
+
+
+def test_reuse_steps_do_not_evaluate_loss_fn():
+  calls = []
+
+  def counted_loss(params, batch):
+    jax.debug.callback(lambda: calls.append(1))
+    return mlp_loss(params, batch), {"aux": jnp.zeros(())}
+
+  def user_loss(params, batch):
+    return counted_loss(params, batch)[0]
+
+  for tx, want_evals in [
+      (sam_optax.looksam(counted_loss, k=3, has_aux=True), 4),  # 0, 3, 6, 9
+      (
+          sam_optax.vsam(
+              counted_loss, warmup_steps=2, window=4, blocks=2, max_rate=0.25,
+              has_aux=True,
+          ),
+          4,  # 2 warm-up + one per window (steps 2-5, 6-9)
+      ),
+  ]:
+
+    @jax.jit
+    def step(p, s, batch, tx=tx):
+      g = jax.grad(user_loss)(p, batch)
+      return tx.update(g, s, p, batch=batch)
+
+    p = mlp_params()
+    s = tx.init(p)
+    calls.clear()
+    for t in range(10):
+      _, s = step(p, s, batch_at(t))
+    jax.effects_barrier()
+    # 10 clean gradients by the caller plus one per second gradient.
+    assert len(calls) == 10 + want_evals
+    assert int(sam_optax.stats(s)["grad_evals"]) == want_evals
+
+
+def test_no_retrace_across_warmup_windows_and_reuse():
+  tx = sam_optax.vsam(mlp_loss, warmup_steps=3, window=4, blocks=2)
+  tx_l = sam_optax.looksam(mlp_loss, k=3)
+
+  for t_ in (tx, tx_l):
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(p, s, batch, t_=t_):
+      g = jax.grad(mlp_loss)(p, batch)
+      u, s = t_.update(g, s, p, batch=batch)
+      return jax.tree.map(lambda w, x: w - 0.1 * x, p, u), s
+
+    p = mlp_params()
+    s = t_.init(p)
+    for t in range(14):
+      p, s = step(p, s, batch_at(t))
+    assert int(sam_optax.stats(s)["count"]) == 14
+
+
+# --------------------------------------------------------------------------
+# vSAM: warm-up, reuse rule, schedule.
+# --------------------------------------------------------------------------
+
+
+def test_vsam_warmup_and_decayed_reuse():
+  warmup, window, decay, max_reuse, rho = 3, 10, 0.5, 3, 0.05
+  tx = sam_optax.vsam(
+      mlp_loss, rho, warmup_steps=warmup, window=window, blocks=5,
+      max_rate=0.1, decay=decay, max_reuse=max_reuse,
+  )  # floor(10 * 0.1) = 1: exactly one sample per window
+  steps = warmup + 2 * window
+  ps, outs, stats = run(tx, mlp_params(), steps)
+  sampled = sampled_steps(stats)
+  assert all(sampled[:warmup])
+  for w0 in range(warmup, steps, window):
+    assert sum(sampled[w0:w0 + window]) == 1
+  psf, since, n_reuse_checked = None, 0, 0
+  for t, (p, out, st) in enumerate(zip(ps, outs, stats)):
+    batch = batch_at(t)
+    g = flat(grad_fn(p, batch))
+    if sampled[t]:
+      gs = flat(sam_gradient(p, batch, rho))
+      psf, since = gs - g, 0
+      want, lam = gs, 1.0
+    else:
+      since += 1
+      if since <= max_reuse:
+        lam = decay**since
+        want = g + lam * psf
+        n_reuse_checked += 1
+      else:
+        lam = 0.0
+        want = g
+    if since > max_reuse:  # the plain gradient, exactly
+      np.testing.assert_array_equal(flat(out), np.float32(want))
+    else:
+      assert_close(flat(out), want)
+    assert int(st["steps_since_sample"]) == since
+    np.testing.assert_allclose(st["reuse_weight"], lam, rtol=1e-6)
+    assert st["sampling_rate"] == np.float32(1.0 if t < warmup else 0.1)
+  assert n_reuse_checked >= 2 * max_reuse - 2
+
+
+def np_block_variance(p_buffer, blocks):
+  s = np.sort(np.asarray(p_buffer, np.float64)).reshape(blocks, -1)
+  return float(np.mean(np.var(s, axis=1, ddof=1)))
+
+
+def np_rate_update(rate, r_seq, v_seq, gains, max_quota):
+  def rel(seq):
+    seq = np.asarray(seq, np.float64)
+    if len(seq) < 2:
+      return 0.0
+    return float(np.clip(np.mean((seq[1:] - seq[:-1]) / seq[:-1]), -1, 1))
+
+  new = rate * (1 + gains[0] * rel(r_seq) + gains[1] * rel(v_seq))
+  return float(min(max(new, 1.0), max_quota))
+
+
+def test_vsam_schedule_along_a_trajectory():
+  """Rates, quotas and statistics against a NumPy replay of the rules."""
+  warmup, window, blocks, gains, max_rate, rho = 6, 6, 3, (3.0, 2.0), 1.0, 0.5
+  tx = sam_optax.vsam(
+      mlp_loss, rho, warmup_steps=warmup, window=window, blocks=blocks,
+      max_rate=max_rate, gains=gains, initial_rate=2.0, seed=3,
+  )
+  steps = warmup + 6 * window
+  ps, _, stats = run(tx, mlp_params(), steps, lr=0.3)
+  sampled = sampled_steps(stats)
+  assert all(sampled[:warmup])
+
+  rate, max_quota = 2.0, math.floor(window * max_rate)
+  r_hist, v_hist = [], []
+  p_buf = np.zeros(window)
+  n = 0
+  rates = []
+  for t in range(steps):
+    if t >= warmup and (t - warmup) % window == 0:
+      rate = np_rate_update(
+          rate, r_hist[-window:], v_hist[-window:], gains, max_quota
+      )
+      rates.append(rate)
+      taken = sum(sampled[t:t + window])
+      assert taken == math.floor(rate), (t, rate, taken)
+    if t >= warmup:
+      np.testing.assert_allclose(
+          stats[t]["samples_per_window"], rate, rtol=1e-5
+      )
+      np.testing.assert_allclose(
+          stats[t]["sampling_rate"], rate / window, rtol=1e-5
+      )
+    if sampled[t]:
+      batch = batch_at(t)
+      g = flat(grad_fn(ps[t], batch))
+      psf = flat(sam_gradient(ps[t], batch, rho)) - g
+      p_now = np.linalg.norm(psf)
+      r_hist.append(p_now / np.linalg.norm(g))
+      p_buf[n % window] = p_now
+      v_hist.append(np_block_variance(p_buf, blocks))
+      n += 1
+  # The schedule moved: not every window had the same quota.
+  assert len(set(math.floor(r) for r in rates)) > 1, rates
+  np.testing.assert_allclose(
+      stats[-1]["samples_per_window"], rate, rtol=1e-5
+  )
+
+
+def _step(count):
+  """A Step carrying only what the vSAM gate reads in ``decide``."""
+  return engine.Step(
+      updates=None, grads=None, params=None, batch=None,
+      count=jnp.asarray(count, jnp.int32), rho=jnp.float32(0.05), mask=None,
+      axis_name=None, eps=EPS, loss=None,
+  )
+
+
+def _ring(seq, samples, window):
+  """Places a chronological sequence into a ring buffer after ``samples``."""
+  buf = np.zeros(window, np.float32)
+  n = len(seq)
+  for i, x in enumerate(seq):
+    buf[(samples - n + i) % window] = x
+  return jnp.asarray(buf)
+
+
+RATE_GATE = parts.variation_sampling(
+    warmup_steps=5, window=6, blocks=3, max_rate=1.0, gains=(0.13, 0.4),
+    initial_rate=1.0,
+)
+_rate_decide = jax.jit(lambda count, state: RATE_GATE.decide(_step(count), state))
+
+
+@pytest.mark.parametrize(
+    "r_seq, v_seq, rate",
+    [
+        ([1.0, 1.1, 1.0, 1.2, 1.3, 1.2], [0.5, 0.4, 0.45, 0.5, 0.6, 0.55], 2.0),
+        ([1.0, 3.0, 9.0, 20.0, 50.0, 90.0], [1.0, 2.0, 4.0, 8.0, 16.0, 40.0],
+         5.5),  # dR, dV clipped to 1; rate clipped to the max quota
+        ([2.0, 1.0, 0.5, 0.2, 0.1, 0.05], [1.0, 0.5, 0.2, 0.1, 0.1, 0.1],
+         1.2),  # falling: the rate floors at 1
+        ([1.0, 1.5, 1.2], [0.3, 0.2, 0.25], 3.0),  # buffer not full yet
+        ([1.0], [0.3], 3.0),  # one value: no change
+    ],
+)
+def test_vsam_rate_update_from_hand_made_sequences(r_seq, v_seq, rate):
+  gate, window, warmup = RATE_GATE, 6, 5
+  samples = len(r_seq) + (7 if len(r_seq) == window else 0)  # wrap the ring
+  state = gate.init(mlp_params())._replace(
+      rate=jnp.float32(rate),
+      samples=jnp.int32(samples),
+      ratio=_ring(r_seq, samples, window),
+      variance=_ring(v_seq, samples, window),
+      taken=jnp.int32(4),
+  )
+  want = np_rate_update(rate, r_seq, v_seq, gate.gains, window)
+  for count in (warmup, warmup + 3 * window):  # window boundaries
+    _, new = _rate_decide(count, state)
+    np.testing.assert_allclose(new.rate, want, rtol=1e-5)
+    assert int(new.taken) <= 1  # reset at the boundary (1 if this one sampled)
+  _, new = _rate_decide(warmup + 2, state)  # inside a window
+  assert new.rate == np.float32(rate) and int(new.taken) >= 4
+  _, new = _rate_decide(warmup - 1, state)  # warm-up
+  assert new.rate == np.float32(rate) and float(new.probability) == 1.0
+
+
+def test_vsam_forced_sample_and_draw_probability():
+  window, warmup = 5, 2
+  gate = parts.variation_sampling(
+      warmup_steps=warmup, window=window, blocks=1, max_rate=1.0,
+      initial_rate=3.0,
+  )
+  state = gate.init(mlp_params())._replace(rate=jnp.float32(3.0))
+  keys = jax.random.split(jax.random.PRNGKey(7), 4000)
+
+  @jax.jit
+  def decisions(pos, taken):
+    f = lambda key: gate.decide(  # noqa: E731
+        _step(warmup + window + pos),
+        state._replace(key=key, taken=taken),
+    )[0]
+    return jax.vmap(f)(keys)
+
+  go = lambda pos, taken: np.asarray(decisions(pos, jnp.int32(taken)))  # noqa
+  assert go(2, 0).all()  # 3 steps left, 3 to take: forced
+  assert go(4, 2).all()  # last step, 1 to take: forced
+  assert not go(1, 3).any()  # quota taken: never
+  share = go(2, 1).mean()  # free draw with probability rate / window
+  assert abs(share - 3.0 / window) < 0.03, share
+  share = go(0, 2).mean()  # at a boundary: taken resets, rate 3 stays (no stats)
+  assert abs(share - 3.0 / window) < 0.03, share
+
+
+def test_vsam_observe_records_r_p_v_and_stat_leaves():
+  window, blocks = 6, 3
+  params = mlp_params()
+  rng = np.random.default_rng(0)
+  g = jax.tree.map(
+      lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params
+  )
+  d = jax.tree.map(
+      lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params
+  )
+  second = jax.tree.map(lambda a, b: a + b, g, d)
+  step = _step(0)
+  step.grads = g
+  p_prev = [0.5, 0.7, 0.1, 0.9, 0.3, 0.2]
+  for stat_leaves, sel in [
+      (None, lambda path: True),
+      (["head"], lambda path: path.startswith("head/")),
+      (lambda path: path.endswith("kernel"), lambda path: path.endswith("kernel")),
+  ]:
+    gate = parts.variation_sampling(
+        warmup_steps=0, window=window, blocks=blocks, stat_leaves=stat_leaves,
+        max_rate=1.0,
+    )
+    state = gate.init(params)._replace(
+        samples=jnp.int32(7), norm=jnp.asarray(p_prev, jnp.float32)
+    )
+    new = gate.observe(step, second, state)
+    leaves = jax.tree_util.tree_flatten_with_path(d)[0]
+    keep = [
+        "/".join(str(k.key) for k in path) for path, _ in leaves
+    ]
+    dn = np.sqrt(sum(
+        np.sum(np.float64(x) ** 2) for (_, x), p in zip(leaves, keep) if sel(p)
+    ))
+    gn = np.sqrt(sum(
+        np.sum(np.float64(x) ** 2)
+        for (_, x), p in zip(jax.tree_util.tree_flatten_with_path(g)[0], keep)
+        if sel(p)
+    ))
+    i = 7 % window
+    buf = list(p_prev)
+    buf[i] = dn
+    np.testing.assert_allclose(new.norm[i], dn, rtol=1e-5)
+    np.testing.assert_allclose(new.ratio[i], dn / gn, rtol=1e-5)
+    np.testing.assert_allclose(
+        new.variance[i], np_block_variance(buf, blocks), rtol=1e-4
+    )
+    assert int(new.samples) == 8
+
+
+# --------------------------------------------------------------------------
+# Devices, dtypes, stats, errors.
+# --------------------------------------------------------------------------
+
+
+def test_pmap_decisions_and_state_agree_across_devices():
+  """Per-device batches under pmap: one state on every device, equal to the
+  single-device run on the whole batch (the loss is a mean)."""
+  n_dev, n_steps = 4, 10
+  full = make_batch(11, n=32)
+  shards = jax.tree.map(lambda x: x.reshape((n_dev, -1) + x.shape[1:]), full)
+  params = mlp_params()
+  for make in [
+      lambda axis: sam_optax.looksam(mlp_loss, 0.1, k=3, axis_name=axis),
+      lambda axis: sam_optax.vsam(
+          mlp_loss, 0.1, warmup_steps=2, window=4, blocks=2, max_rate=0.5,
+          gains=(1.0, 1.0), axis_name=axis,
+      ),
+  ]:
+
+    def run_steps(p, s, batch, tx, axis):
+      def body(carry, _):
+        p, s = carry
+        g = jax.grad(mlp_loss)(p, batch)
+        if axis is not None:
+          g = jax.lax.pmean(g, axis)  # the global gradient perturbs
+        u, s = tx.update(g, s, p, batch=batch)
+        return (jax.tree.map(lambda w, x: w - 0.2 * x, p, u), s), None
+
+      return jax.lax.scan(body, (p, s), None, length=n_steps)[0]
+
+    tx_p, tx_1 = make("d"), make(None)
+    step_p = jax.pmap(
+        lambda p, s, b: run_steps(p, s, b, tx_p, "d"),
+        axis_name="d", devices=jax.devices()[:n_dev],
+    )
+    rep = lambda t: jax.tree.map(lambda x: jnp.stack([x] * n_dev), t)  # noqa
+    pp, sp = step_p(rep(params), rep(tx_p.init(params)), shards)
+    p1, s1 = jax.jit(lambda p, s, b: run_steps(p, s, b, tx_1, None))(
+        params, tx_1.init(params), full
+    )
+    for leaf in jax.tree.leaves(sp):  # every device holds the same state
+      leaf = np.asarray(leaf)
+      assert (leaf == leaf[:1]).all()
+    st_p, st_1 = sam_optax.stats(sp), sam_optax.stats(s1)
+    assert int(st_p["grad_evals"][0]) == int(st_1["grad_evals"])
+    assert 1 < int(st_1["grad_evals"]) < n_steps
+    for k in st_1:
+      np.testing.assert_allclose(st_p[k][0], st_1[k], rtol=1e-4, err_msg=k)
+    np.testing.assert_allclose(
+        flat(jax.tree.map(lambda x: x[0], pp)), flat(p1), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_bfloat16_params_keep_their_dtype():
+  params = mlp_params(dtype=jnp.bfloat16)
+  batch = jax.tree.map(lambda x: x.astype(jnp.bfloat16), batch_at(0))
+  for tx in [
+      sam_optax.looksam(mlp_loss, k=2),
+      sam_optax.vsam(mlp_loss, warmup_steps=1, window=4, blocks=2),
+  ]:
+
+    @jax.jit
+    def step(p, s, tx=tx):
+      g = jax.grad(mlp_loss)(p, batch)
+      return tx.update(g, s, p, batch=batch)
+
+    s = tx.init(params)
+    for _ in range(4):  # computed and reuse steps
+      u, s = step(params, s)
+      assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u))
+      chex.assert_tree_all_finite(u)
+
+
+def test_stats_keys():
+  p = mlp_params()
+  s_l = optax.chain(sam_optax.looksam(mlp_loss), optax.sgd(0.1)).init(p)
+  s_v = optax.chain(
+      sam_optax.vsam(mlp_loss, warmup_steps=0), optax.sgd(0.1)
+  ).init(p)
+  assert set(sam_optax.stats(s_l)) == {
+      "count", "grad_evals", "steps_since_sample"
+  }
+  assert set(sam_optax.stats(s_v)) == {
+      "count", "grad_evals", "sampling_rate", "samples_per_window",
+      "steps_since_sample", "reuse_weight",
+  }
+
+
+def test_vsam_default_warmup_is_two_windows():
+  tx = sam_optax.vsam(mlp_loss, window=4, blocks=2)
+  ps, _, stats = run(tx, mlp_params(), 9)
+  sampled = sampled_steps(stats)
+  assert all(sampled[:8]) and int(stats[8]["grad_evals"]) <= 9
+  assert float(stats[7]["sampling_rate"]) == 1.0
+  assert float(stats[8]["sampling_rate"]) < 1.0
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: sam_optax.looksam(mlp_loss, k=0), r"k must be an integer in \[1"),
+        (lambda: sam_optax.looksam(mlp_loss, k=2.5), "k must be an integer"),
+        (lambda: sam_optax.looksam(mlp_loss, alpha=-0.1), r"alpha must be in \[0"),
+        (lambda: sam_optax.looksam(mlp_loss, rho=-1.0), "rho"),
+        (lambda: sam_optax.vsam(mlp_loss, window=4, blocks=5), "window must be a multiple of blocks"),
+        (lambda: sam_optax.vsam(mlp_loss, window=50, blocks=7), "window must be a multiple of blocks"),
+        (lambda: sam_optax.vsam(mlp_loss, window=5, blocks=5), "at least 2 values per block"),
+        (lambda: sam_optax.vsam(mlp_loss, max_rate=0.0), r"max_rate must be in \(0, 1\]"),
+        (lambda: sam_optax.vsam(mlp_loss, max_rate=1.5), r"max_rate must be in \(0, 1\]"),
+        (lambda: sam_optax.vsam(mlp_loss, max_rate=0.01), "at least one sample per window"),
+        (lambda: sam_optax.vsam(mlp_loss, decay=1.0), r"decay must be in \(0, 1\)"),
+        (lambda: sam_optax.vsam(mlp_loss, decay=0.0), r"decay must be in \(0, 1\)"),
+        (lambda: sam_optax.vsam(mlp_loss, warmup_steps=-1), r"warmup_steps must be an integer in \[0"),
+        (lambda: sam_optax.vsam(mlp_loss, max_reuse=-1), "max_reuse"),
+        (lambda: sam_optax.vsam(mlp_loss, gains=(0.1,)), "gains must be two"),
+        (lambda: sam_optax.vsam(mlp_loss, gains=(0.1, -1.0)), "gains must be two"),
+        (lambda: sam_optax.vsam(mlp_loss, initial_rate=0.5), r"initial_rate must be in \[1, 40\]"),
+        (lambda: sam_optax.vsam(mlp_loss, stat_leaves=[]), "stat_leaves must be"),
+    ],
+)
+def test_bad_arguments(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_stat_leaves_checked_at_init():
+  p = mlp_params()
+  with pytest.raises(ValueError, match=r"not in params: \['nope'\]"):
+    sam_optax.vsam(mlp_loss, stat_leaves=["head", "nope"]).init(p)
+  with pytest.raises(ValueError, match="selects no leaf"):
+    sam_optax.vsam(mlp_loss, stat_leaves=lambda path: False).init(p)
+  sam_optax.vsam(mlp_loss, stat_leaves=["head/kernel", "dense1"]).init(p)
