@@ -8,6 +8,8 @@ from sam_optax._src.layerwise import rank_layers
 from sam_optax._src.presets import asam
 from sam_optax._src.presets import gnp
 from sam_optax._src.presets import sam
+from sam_optax._src.reuse import looksam
+from sam_optax._src.reuse import vsam
 from sam_optax._src.stats import stats
 from sam_optax import parts
 
@@ -19,9 +21,11 @@ __all__ = [
     "gnp",
     "layer_paths",
     "layerwise_sam",
+    "looksam",
     "parts",
     "rank_layers",
     "sam",
     "sharpness_aware",
     "stats",
+    "vsam",
 ]

@@ -41,3 +41,9 @@ from sam_optax._src.region import MaskState
 from sam_optax._src.region import everywhere
 from sam_optax._src.region import fixed_mask
 from sam_optax._src.region import mask_density
+from sam_optax._src.reuse import DecayedReuse
+from sam_optax._src.reuse import OrthogonalReuse
+from sam_optax._src.reuse import VariationSampling
+from sam_optax._src.reuse import decayed_reuse
+from sam_optax._src.reuse import orthogonal_reuse
+from sam_optax._src.reuse import variation_sampling
