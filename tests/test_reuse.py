@@ -5,6 +5,7 @@ by its formula, LookSAM's orthogonal component, vSAM's PSF, its R/P/V
 statistics and its rate update.
 """
 
+import functools
 import math
 
 import chex
@@ -238,13 +239,14 @@ def test_reuse_steps_do_not_evaluate_loss_fn():
 
 
 def test_no_retrace_across_warmup_windows_and_reuse():
+  """One trace over warm-up, windows and reuse; state buffers donatable."""
   tx = sam_optax.vsam(mlp_loss, warmup_steps=3, window=4, blocks=2)
   tx_l = sam_optax.looksam(mlp_loss, k=3)
 
   for t_ in (tx, tx_l):
     chex.clear_trace_counter()
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     @chex.assert_max_traces(n=1)
     def step(p, s, batch, t_=t_):
       g = jax.grad(mlp_loss)(p, batch)

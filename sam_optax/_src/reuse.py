@@ -441,7 +441,8 @@ class VariationSampling(engine.Gate):
             "stat_leaves selects no leaf of params; params have the leaf "
             f"paths {paths}"
         )
-    zeros = jnp.zeros((self.window,), jnp.float32)
+    # Three separate buffers: one array in two slots cannot be donated.
+    zeros = lambda: jnp.zeros((self.window,), jnp.float32)  # noqa: E731
     return VariationSamplingState(
         rate=jnp.asarray(self.initial_rate, jnp.float32),
         taken=jnp.zeros((), jnp.int32),
@@ -449,9 +450,9 @@ class VariationSampling(engine.Gate):
         since=jnp.zeros((), jnp.int32),
         samples=jnp.zeros((), jnp.int32),
         key=jax.random.PRNGKey(self.seed),
-        ratio=zeros,
-        norm=zeros,
-        variance=zeros,
+        ratio=zeros(),
+        norm=zeros(),
+        variance=zeros(),
     )
 
   def updated_rate(self, state: VariationSamplingState, eps: float):
