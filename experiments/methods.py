@@ -49,6 +49,11 @@ METHODS: dict[str, MethodSpec] = {
             "layerwise_sam",
             {"rho": 0.1, "alpha": 0.8, "num_layers": 2, "select_every": 1},
         ),
+        MethodSpec(  # the fast path: the benchmark CNN's two output layers
+            "layerwise_sam_fixed",
+            "layerwise_sam",
+            {"rho": 0.1, "alpha": 0.8, "layers": ("fc", "head")},
+        ),
         MethodSpec(
             "ssam_fisher",
             "ssam_fisher",
