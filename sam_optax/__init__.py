@@ -5,6 +5,8 @@ from sam_optax._src.engine import sharpness_aware
 from sam_optax._src.layerwise import layer_paths
 from sam_optax._src.layerwise import layerwise_sam
 from sam_optax._src.layerwise import rank_layers
+from sam_optax._src.lightsam import lightsam
+from sam_optax._src.lightsam import scale_by_adagrad_norm
 from sam_optax._src.presets import asam
 from sam_optax._src.presets import gnp
 from sam_optax._src.presets import sam
@@ -21,10 +23,12 @@ __all__ = [
     "gnp",
     "layer_paths",
     "layerwise_sam",
+    "lightsam",
     "looksam",
     "parts",
     "rank_layers",
     "sam",
+    "scale_by_adagrad_norm",
     "sharpness_aware",
     "stats",
     "vsam",

@@ -35,6 +35,9 @@ from sam_optax._src.layerwise import LayerSelection
 from sam_optax._src.layerwise import TopLayers
 from sam_optax._src.layerwise import fixed_layers
 from sam_optax._src.layerwise import top_layers
+from sam_optax._src.lightsam import AdaptivePerturbation
+from sam_optax._src.lightsam import AdaptivePerturbationState
+from sam_optax._src.lightsam import adaptive_perturbation
 from sam_optax._src.region import Everywhere
 from sam_optax._src.region import FixedMask
 from sam_optax._src.region import MaskState

@@ -1,0 +1,427 @@
+"""LightSAM: parameter-agnostic SAM (Cheng et al., arXiv 2505.24399).
+
+Both halves of a SAM step use an adaptive optimizer: the step uphill is
+scaled by accumulated squared gradients (an engine :class:`Geometry` with
+state), and the step downhill is the matching adaptive update (an optax
+transform chained after the engine). Three variants share one template::
+
+    I   adagrad_norm   u += ‖s‖²;   e = rho * s / sqrt(u)
+                       v += ‖gs‖²;  update = -lr * gs / sqrt(v)
+    II  adagrad        u += s²;     e = rho * s / sqrt(u)          (per coordinate)
+                       v += gs²;    update = -lr * gs / sqrt(v)
+    III adam           r = b1 r + (1-b1) s;  u = b2 u + (1-b2) s²;  e = rho * r / sqrt(u)
+                       m = b1 m + (1-b1) gs; v = b2 v + (1-b2) gs²; update = -lr * m / sqrt(v)
+
+with ``s`` the clean gradient, ``gs = ∇L_B(w + e)`` on the same batch,
+accumulators ``u, v`` starting at ``eps²``, moments ``r, m`` at zero and no
+bias correction (ALGORITHMS.md §8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax._src import base
+from sam_optax._src import engine
+
+VARIANTS = ("adagrad_norm", "adagrad", "adam")
+
+#: Default rho per variant, chosen on the benchmark problem (see lightsam()).
+DEFAULT_RHO = {"adagrad_norm": 0.05, "adagrad": 0.005, "adam": 0.005}
+
+#: Default eps: accumulators start at eps² (ALGORITHMS.md §8).
+DEFAULT_EPS = 1e-8
+
+
+# --------------------------------------------------------------------------
+# Small numerical helpers.
+# --------------------------------------------------------------------------
+
+
+def _f32(tree):
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def _safe_div_sqrt(x: jax.Array, acc: jax.Array) -> jax.Array:
+  """``x / sqrt(acc)``, and 0 where ``acc == 0``.
+
+  ``acc`` starts at ``eps² > 0``, so the guard never changes a value of the
+  rule; it only keeps a coordinate that never saw a gradient finite once an
+  exponential average (Adam, ``b2^t eps²``) underflows to zero.
+  """
+  pos = acc > 0
+  return jnp.where(pos, x / jnp.sqrt(jnp.where(pos, acc, 1.0)), 0.0)
+
+
+def _check_eps(eps: Any) -> None:
+  base.check_range("eps", eps, 0.0, low_open=True)
+
+
+def _check_beta(name: str, value: Any) -> None:
+  base.check_range(name, value, 0.0, 1.0, high_open=True)
+
+
+# --------------------------------------------------------------------------
+# The adaptive updates (the descent half), usable on their own.
+# --------------------------------------------------------------------------
+
+
+class ScaleByAdagradNormState(NamedTuple):
+  """``sum_of_squares``: ``eps² + Σ_t ‖g_t‖²`` (float32 scalar)."""
+
+  sum_of_squares: jax.Array
+
+
+def scale_by_adagrad_norm(
+    eps: float = DEFAULT_EPS,
+) -> optax.GradientTransformation:
+  r"""AdaGrad-Norm: one scalar step size from the sum of squared gradient norms.
+
+  Ward, Wu, Bottou, "AdaGrad stepsizes: sharp convergence over nonconvex
+  landscapes" (ICML 2019, arXiv 1806.01811); the update of LightSAM-I
+  (Cheng et al., arXiv 2505.24399)::
+
+      v_0 = eps²
+      v_t = v_{t-1} + ‖g_t‖²          # global L2 norm over all leaves
+      out = g_t / sqrt(v_t)
+
+  Chain ``optax.scale_by_learning_rate(lr)`` after it for ``-lr * out``. The
+  first output has global norm just under 1 whatever the gradient's scale,
+  which is what makes the step size agnostic to it. Norms accumulate in
+  float32; the output has the dtype of the incoming updates. Under ``pmap``
+  pass it the device-averaged gradient, as for any optax optimizer.
+
+  Args:
+    eps: the accumulator starts at ``eps²``; must be > 0 (default 1e-8, the
+      LightSAM rule).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sam_optax
+    >>> tx = optax.chain(sam_optax.scale_by_adagrad_norm(),
+    ...                  optax.scale_by_learning_rate(0.1))
+    >>> state = tx.init(jnp.zeros(2))
+    >>> u, state = tx.update(jnp.array([3.0, 4.0]), state)
+    >>> [round(float(x), 4) for x in u]     # -0.1 * g / ‖g‖
+    [-0.06, -0.08]
+  """
+  _check_eps(eps)
+
+  def init_fn(params):
+    del params
+    return ScaleByAdagradNormState(
+        sum_of_squares=jnp.asarray(eps, jnp.float32) ** 2
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    v = state.sum_of_squares + base.tree_sq_norm(updates)
+    out = jax.tree.map(
+        lambda g: _safe_div_sqrt(g.astype(jnp.float32), v).astype(g.dtype),
+        updates,
+    )
+    return out, ScaleByAdagradNormState(sum_of_squares=v)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByAdagradState(NamedTuple):
+  """``sum_of_squares``: ``eps² + Σ_t g_t²`` per coordinate (float32)."""
+
+  sum_of_squares: Any
+
+
+def scale_by_adagrad(eps: float = DEFAULT_EPS) -> optax.GradientTransformation:
+  r"""Per-coordinate AdaGrad with the accumulator starting at ``eps²``::
+
+      v_0 = eps²;  v_t = v_{t-1} + g_t²;  out = g_t / sqrt(v_t)
+
+  The update of LightSAM-II. It is ``optax.scale_by_rss(
+  initial_accumulator_value=eps**2, eps=0.0)`` in exact arithmetic; this one
+  keeps the accumulator in float32 whatever the param dtype (scale_by_rss
+  keeps it in the param dtype) and returns the incoming dtype.
+  """
+  _check_eps(eps)
+
+  def init_fn(params):
+    return ScaleByAdagradState(
+        sum_of_squares=jax.tree.map(
+            lambda p: jnp.full(jnp.shape(p), eps**2, jnp.float32), params
+        )
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    v = jax.tree.map(
+        lambda g, t: t + jnp.square(g.astype(jnp.float32)),
+        updates,
+        state.sum_of_squares,
+    )
+    out = jax.tree.map(
+        lambda g, t: _safe_div_sqrt(g.astype(jnp.float32), t).astype(g.dtype),
+        updates,
+        v,
+    )
+    return out, ScaleByAdagradState(sum_of_squares=v)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByAdamNoBiasState(NamedTuple):
+  """First moment ``mu`` (from 0) and second moment ``nu`` (from eps²)."""
+
+  mu: Any
+  nu: Any
+
+
+def scale_by_adam_no_bias_correction(
+    b1: float = 0.9, b2: float = 0.999, eps: float = DEFAULT_EPS
+) -> optax.GradientTransformation:
+  r"""Adam as LightSAM-III writes it: no bias correction, ``v_0 = eps²``::
+
+      m_t = b1 m_{t-1} + (1-b1) g_t       (m_0 = 0)
+      v_t = b2 v_{t-1} + (1-b2) g_t²      (v_0 = eps²)
+      out = m_t / sqrt(v_t)
+
+  Unlike ``optax.scale_by_adam`` there is no ``eps`` added to ``sqrt(v)`` and
+  no bias correction, so the first step is ``(1-b1)/sqrt(1-b2) ≈ 3.16`` times
+  ``sign(g)``. Moments in float32; the output has the incoming dtype.
+  """
+  _check_beta("b1", b1)
+  _check_beta("b2", b2)
+  _check_eps(eps)
+
+  def init_fn(params):
+    return ScaleByAdamNoBiasState(
+        mu=base.zeros_like_f32(params),
+        nu=jax.tree.map(
+            lambda p: jnp.full(jnp.shape(p), eps**2, jnp.float32), params
+        ),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    g32 = _f32(updates)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, g32)
+    nu = jax.tree.map(
+        lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g), state.nu, g32
+    )
+    out = jax.tree.map(
+        lambda m, v, g: _safe_div_sqrt(m, v).astype(g.dtype), mu, nu, updates
+    )
+    return out, ScaleByAdamNoBiasState(mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# The adaptive perturbation (the ascent half): an engine Geometry with state.
+# --------------------------------------------------------------------------
+
+
+class AdaptivePerturbationState(NamedTuple):
+  """The ascent's accumulators.
+
+  Attributes:
+    momentum: ``r``, the first moment of the clean gradient (Adam variant; an
+      empty tuple otherwise), float32, starts at 0.
+    accumulator: ``u``: a float32 scalar (adagrad_norm) or a float32 pytree
+      shaped like the params (adagrad, adam); starts at ``eps²``.
+  """
+
+  momentum: Any
+  accumulator: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptivePerturbation(engine.Geometry):
+  """LightSAM's perturbation: ``e = rho * s / sqrt(u)`` (or ``rho * r / sqrt(u)``).
+
+  See the module docstring for the three rules. The accumulators are state
+  and are updated each time the perturbation is built, from the clean
+  gradient averaged over ``axis_name`` (``step.grads``), so every device keeps
+  the same state. The freshest term of the numerator (``s``, or the ``(1-b1)
+  s`` part of ``r``) is the ``updates`` as passed: a per-device gradient gives
+  a per-device perturbation (m-sharpness), a ``pmean``-ed one the global
+  step; without ``axis_name`` both are the same.
+
+  With a region mask, ``e`` is zero outside it; adagrad_norm takes ``‖s‖``
+  over the region when the region asks to normalise over itself.
+  """
+
+  variant: str = "adagrad_norm"
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = DEFAULT_EPS
+
+  def init(self, params):
+    eps2 = jnp.asarray(self.eps, jnp.float32) ** 2
+    if self.variant == "adagrad_norm":
+      return AdaptivePerturbationState(momentum=(), accumulator=eps2)
+    acc = jax.tree.map(lambda p: jnp.full(jnp.shape(p), eps2), params)
+    momentum = base.zeros_like_f32(params) if self.variant == "adam" else ()
+    return AdaptivePerturbationState(momentum=momentum, accumulator=acc)
+
+  def perturb(self, step: engine.Step, state: AdaptivePerturbationState):
+    s = _f32(step.grads)  # identical on every device: drives the state
+    s_num = _f32(step.updates)  # as passed: drives the numerator
+    mask = step.mask
+    rho = step.rho
+    if self.variant == "adagrad_norm":
+      arg = s
+      if mask is not None and step.normalize_over_region:
+        arg = engine.apply_mask(s, mask)
+      u = state.accumulator + base.tree_sq_norm(arg)
+      e = jax.tree.map(lambda x: rho * _safe_div_sqrt(x, u), s_num)
+      new = AdaptivePerturbationState(momentum=(), accumulator=u)
+    elif self.variant == "adagrad":
+      u = jax.tree.map(lambda a, x: a + jnp.square(x), state.accumulator, s)
+      e = jax.tree.map(lambda x, a: rho * _safe_div_sqrt(x, a), s_num, u)
+      new = AdaptivePerturbationState(momentum=(), accumulator=u)
+    else:  # adam
+      b1, b2 = self.b1, self.b2
+      r = jax.tree.map(lambda m, x: b1 * m + (1.0 - b1) * x, state.momentum, s)
+      r_num = jax.tree.map(
+          lambda m, x: b1 * m + (1.0 - b1) * x, state.momentum, s_num
+      )
+      u = jax.tree.map(
+          lambda a, x: b2 * a + (1.0 - b2) * jnp.square(x),
+          state.accumulator,
+          s,
+      )
+      e = jax.tree.map(lambda x, a: rho * _safe_div_sqrt(x, a), r_num, u)
+      new = AdaptivePerturbationState(momentum=r, accumulator=u)
+    return engine.apply_mask(e, mask), new
+
+
+def adaptive_perturbation(
+    variant: str = "adagrad_norm",
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = DEFAULT_EPS,
+) -> AdaptivePerturbation:
+  """LightSAM's adaptive ascent as an engine geometry (see the class)."""
+  base.check_choice("variant", variant, VARIANTS)
+  _check_beta("b1", b1)
+  _check_beta("b2", b2)
+  _check_eps(eps)
+  return AdaptivePerturbation(variant=variant, b1=b1, b2=b2, eps=eps)
+
+
+def _adaptive_update(variant, b1, b2, eps) -> optax.GradientTransformation:
+  if variant == "adagrad_norm":
+    return scale_by_adagrad_norm(eps)
+  if variant == "adagrad":
+    return scale_by_adagrad(eps)
+  return scale_by_adam_no_bias_correction(b1, b2, eps)
+
+
+# --------------------------------------------------------------------------
+# The full optimizer.
+# --------------------------------------------------------------------------
+
+
+def lightsam(
+    loss_fn: Callable,
+    learning_rate: base.ScalarOrSchedule,
+    rho: Optional[base.ScalarOrSchedule] = None,
+    *,
+    variant: str = "adagrad_norm",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = DEFAULT_EPS,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LightSAM, parameter-agnostic SAM (Cheng, Shen, Sun, Yin, Cao, Chen,
+  arXiv 2505.24399).
+
+  SAM whose ascent and descent both use an adaptive optimizer, so that
+  training converges for any choice of ``rho`` and ``learning_rate`` (the
+  paper's claim; see the test ``test_parameter_agnostic_sweep``). ``s`` is
+  the clean gradient (``updates``), ``gs = ∇L_B(w + e)`` the gradient at the
+  perturbed point on the same batch::
+
+      I   "adagrad_norm"  u += ‖s‖²;  e = rho s / sqrt(u);   v += ‖gs‖²;  Δw = -lr gs / sqrt(v)
+      II  "adagrad"       u += s²;    e = rho s / sqrt(u);   v += gs²;    Δw = -lr gs / sqrt(v)
+      III "adam"          r = b1 r + (1-b1) s;   u = b2 u + (1-b2) s²;   e = rho r / sqrt(u)
+                          m = b1 m + (1-b1) gs;  v = b2 v + (1-b2) gs²;  Δw = -lr m / sqrt(v)
+
+  ``u, v`` start at ``eps²``, ``r, m`` at 0, no bias correction; there is no
+  ``eps`` in the denominators (the only guard returns 0 where an accumulator
+  is exactly 0, which the rule never reaches since it starts at ``eps² >
+  0``; see ``_safe_div_sqrt``). It is built as::
+
+      optax.chain(sharpness_aware(loss_fn, rho, geometry=adaptive_perturbation(variant)),
+                  <matching adaptive update>,      # scale_by_adagrad_norm, ...
+                  optax.scale_by_learning_rate(learning_rate))
+
+  and is the **full optimizer**: its output is the parameter update; chain
+  nothing after it (weight decay etc. may be chained before or after as with
+  any optax optimizer). Cost: one extra gradient per step, like SAM.
+
+  In II and III ``rho`` acts per coordinate (``‖e‖`` is about ``rho *
+  sqrt(#params)`` on the first step, ``rho * 3.16 * sqrt(#params)`` for III
+  without bias correction), so good values are much smaller than SAM's 0.05.
+  Default ``rho`` per variant [ours]: ``adagrad_norm`` 0.05, ``adagrad``
+  0.005, ``adam`` 0.005, chosen on the benchmark problem (see below).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)`` (``(loss, aux)`` with ``has_aux``).
+    learning_rate: ``lr`` > 0, float or schedule of the step count.
+    rho: perturbation scale >= 0, float or schedule; None takes the
+      variant's default. ``rho = 0`` gives the plain adaptive optimizer on the
+      clean gradient with no second gradient.
+    variant: ``"adagrad_norm"`` (I, the paper's main method), ``"adagrad"``
+      (II) or ``"adam"`` (III).
+    b1, b2: Adam's moment decays in [0, 1) (variant III only).
+    eps: accumulators start at ``eps²``; > 0.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; perturbed aux is discarded.
+    axis_name: ``pmap``/``shard_map`` axis. The second gradient is averaged
+      over it, and so is the gradient that feeds the ascent's accumulators,
+      so all state stays identical on every device. The numerator of ``e``
+      uses ``updates`` as passed: a per-device gradient gives m-sharpness,
+      a ``pmean``-ed one the global step.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``: ``update(grads, state,
+    params, batch=batch)`` returns the parameter update.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss_fn = lambda w, b: jnp.sum((w - b) ** 2)
+    >>> tx = sam_optax.lightsam(loss_fn, learning_rate=0.1)
+    >>> w, b = jnp.zeros(3), jnp.ones(3)
+    >>> state = tx.init(w)
+    >>> g = jax.grad(loss_fn)(w, b)
+    >>> u, state = tx.update(g, state, w, batch=b)
+    >>> w = optax.apply_updates(w, u)
+    >>> int(sam_optax.stats(state)["grad_evals"])
+    1
+  """
+  base.check_choice("variant", variant, VARIANTS)
+  if rho is None:
+    rho = DEFAULT_RHO[variant]
+  base.check_scalar_or_schedule("rho", rho, 0.0)
+  base.check_scalar_or_schedule("learning_rate", learning_rate, 0.0,
+                                low_open=True)
+  geometry = adaptive_perturbation(variant, b1=b1, b2=b2, eps=eps)
+  return optax.chain(
+      engine.sharpness_aware(
+          loss_fn,
+          rho,
+          geometry=geometry,
+          has_aux=has_aux,
+          axis_name=axis_name,
+      ),
+      _adaptive_update(variant, b1, b2, eps),
+      optax.scale_by_learning_rate(learning_rate),
+  )
