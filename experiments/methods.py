@@ -76,10 +76,24 @@ METHODS: dict[str, MethodSpec] = {
             {"rho": 0.05},
             run_args=lambda spe, total: {"warmup_steps": 3 * spe},
         ),
+        # LightSAM is a full optimizer (no base optimizer after it), so its
+        # learning rate is part of its defaults; rho is the variant's default.
         MethodSpec(
             "lightsam",
             "lightsam",
-            {"variant": "adagrad_norm"},
+            {"variant": "adagrad_norm", "learning_rate": 1.0},
+            full_optimizer=True,
+        ),
+        MethodSpec(
+            "lightsam_adagrad",
+            "lightsam",
+            {"variant": "adagrad", "learning_rate": 0.01},
+            full_optimizer=True,
+        ),
+        MethodSpec(
+            "lightsam_adam",
+            "lightsam",
+            {"variant": "adam", "learning_rate": 0.001},
             full_optimizer=True,
         ),
     ]
