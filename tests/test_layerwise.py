@@ -294,6 +294,28 @@ def test_parts_compose_with_a_gate():
   assert int(sam_optax.stats(state)["grad_evals"]) == 1
 
 
+def test_inject_hyperparams_rho_schedule_and_alpha():
+  params = mlp_params()
+  sched = optax.piecewise_constant_schedule(0.05, {1: 4.0})  # 0.05, then 0.2
+  static = ("loss_fn", "num_layers", "select_every", "layers", "group_fn")
+  tx = optax.inject_hyperparams(sam_optax.layerwise_sam, static_args=static)(
+      loss_fn, rho=sched, alpha=0.6, layers=lambda path: path != "l1"
+  )
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
+  for t, rho in enumerate([0.05, 0.2]):
+    batch = make_batch(seed=t)
+    out, state = step(grad_fn(params, batch), state, params, batch)
+    assert_close(out, reference(params, batch, [1, 2], rho, 0.6))
+  st = sam_optax.stats(state)
+  assert float(st["hyperparams/alpha"]) == pytest.approx(0.6)
+  assert st["selected_layers"].tolist() == [1, 2]
+  with pytest.raises(ValueError, match="static_args"):
+    optax.inject_hyperparams(
+        sam_optax.layerwise_sam, static_args=("loss_fn",)
+    )(loss_fn, num_layers=2).init(params)
+
+
 # --------------------------------------------------------------------------
 # Devices: every device selects the same layers, from the averaged gradient.
 # --------------------------------------------------------------------------
