@@ -40,12 +40,7 @@ def mask_density(mask) -> jax.Array:
   return jnp.asarray(kept, jnp.float32) / max(total, 1)
 
 
-def is_static_mask(mask) -> bool:
-  """True when every leaf of ``mask`` is a Python (or NumPy scalar) bool."""
-  leaves = jax.tree.leaves(mask)
-  return bool(leaves) and all(
-      isinstance(x, (bool, np.bool_)) for x in leaves
-  )
+is_static_mask = engine.is_static_mask
 
 
 @dataclasses.dataclass(frozen=True)
