@@ -12,6 +12,9 @@ from sam_optax._src.presets import gnp
 from sam_optax._src.presets import sam
 from sam_optax._src.reuse import looksam
 from sam_optax._src.reuse import vsam
+from sam_optax._src.sparse import ssam
+from sam_optax._src.sparse import ssam_dynamic
+from sam_optax._src.sparse import ssam_fisher
 from sam_optax._src.stats import stats
 from sam_optax import parts
 
@@ -30,6 +33,9 @@ __all__ = [
     "sam",
     "scale_by_adagrad_norm",
     "sharpness_aware",
+    "ssam",
+    "ssam_dynamic",
+    "ssam_fisher",
     "stats",
     "vsam",
 ]

@@ -50,3 +50,12 @@ from sam_optax._src.reuse import VariationSampling
 from sam_optax._src.reuse import decayed_reuse
 from sam_optax._src.reuse import orthogonal_reuse
 from sam_optax._src.reuse import variation_sampling
+from sam_optax._src.sparse import DynamicMask
+from sam_optax._src.sparse import DynamicMaskState
+from sam_optax._src.sparse import FisherMask
+from sam_optax._src.sparse import cosine_drop_rate
+from sam_optax._src.sparse import dynamic_mask
+from sam_optax._src.sparse import fisher_mask
+from sam_optax._src.sparse import fisher_scores
+from sam_optax._src.sparse import num_kept
+from sam_optax._src.sparse import top_k_mask

@@ -1,0 +1,615 @@
+"""Sparse SAM (issue 3): Fisher and dynamic masks, exact global top-k.
+
+Every check is against numbers computed here independently: NumPy top-k by
+lexicographic sort, per-example gradients one by one with ``jax.grad``, the
+SSAM perturbation formula written out, the drop/grow counts in Python.
+"""
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sam_optax
+from sam_optax import parts
+from sam_optax._src import sparse
+
+RHO = 0.05
+EPS = 1e-12
+
+
+# --------------------------------------------------------------------------
+# A tiny MLP and independent references.
+# --------------------------------------------------------------------------
+
+
+def make_params(seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  return {
+      "dense1": {
+          "kernel": jax.random.normal(k1, (3, 4)) * 0.5,
+          "bias": jnp.zeros(4),  # zero bias: ReLU ties and zero Fisher entries
+      },
+      "dense2": {
+          "kernel": jax.random.normal(k2, (4, 2)) * 0.5,
+          "bias": jax.random.normal(k3, (2,)) * 0.1,
+      },
+  }
+
+
+def mlp_loss(params, batch):
+  h = jax.nn.relu(batch["x"] @ params["dense1"]["kernel"]
+                  + params["dense1"]["bias"])
+  out = h @ params["dense2"]["kernel"] + params["dense2"]["bias"]
+  return jnp.mean(jnp.sum((out - batch["y"]) ** 2, axis=-1))
+
+
+def mlp_loss_aux(params, batch):
+  loss = mlp_loss(params, batch)
+  return loss, {"loss": loss}
+
+
+def make_batch(seed, size=8):
+  kx, ky = jax.random.split(jax.random.key(100 + seed))
+  return {"x": jax.random.normal(kx, (size, 3)),
+          "y": jax.random.normal(ky, (size, 2))}
+
+
+# Compiled once per batch shape and shared by every reference below.
+grad_fn = jax.jit(jax.grad(mlp_loss))
+
+
+def flat(tree):
+  return np.concatenate(
+      [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]
+  )
+
+
+def unflat(vec, like):
+  leaves, treedef = jax.tree.flatten(like)
+  out, i = [], 0
+  for x in leaves:
+    out.append(np.asarray(vec[i:i + x.size]).reshape(x.shape))
+    i += x.size
+  return jax.tree.unflatten(treedef, out)
+
+
+def ref_top_k(scores, k, eligible=None):
+  """Largest scores first, lowest index first among equals; NaN lowest."""
+  s = np.where(np.isnan(scores), -np.inf, scores)
+  order = np.lexsort((np.arange(s.size), -s))
+  if eligible is not None:
+    order = [i for i in order if eligible[i]]
+  out = np.zeros(s.size, bool)
+  out[list(order[:k])] = True
+  return out
+
+
+def ref_fisher(params, batch, num_samples):
+  """Per-example gradients one by one, squared and summed, in float64."""
+  total = 0.0
+  for i in range(num_samples):
+    ex = jax.tree.map(lambda x: x[i:i + 1], batch)
+    total = total + flat(grad_fn(params, ex)) ** 2
+  return total
+
+
+def ref_ssam(params, batch, mask_flat):
+  """out = ∇L(w + rho * g/(‖g‖+eps) ⊙ m), the norm over the FULL gradient."""
+  g = flat(grad_fn(params, batch))
+  e = RHO * g / (np.linalg.norm(g) + EPS) * mask_flat
+  w = jax.tree.map(
+      lambda p, d: p + jnp.asarray(d, p.dtype), params, unflat(e, params)
+  )
+  return flat(grad_fn(w, batch))
+
+
+def n_params(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+# --------------------------------------------------------------------------
+# Exact global top-k.
+# --------------------------------------------------------------------------
+
+
+def test_top_k_mask_exact_count_and_ties_match_reference():
+  rng = np.random.default_rng(0)
+  shapes = [(3, 4), (), (5,), (2, 1, 3)]
+  n = sum(int(np.prod(s)) for s in shapes)
+  f = jax.jit(sparse.top_k_mask)
+  for trial in range(12):
+    # Small integers: many ties; also NaN, +-inf, -0.0 and +0.0.
+    vals = rng.integers(-3, 4, size=n).astype(np.float32)
+    vals[rng.integers(0, n, 3)] = [np.nan, np.inf, -np.inf]
+    vals[rng.integers(0, n, 2)] = [-0.0, 0.0]
+    tree = unflat(vals, [np.zeros(s) for s in shapes])
+    tree = [jnp.asarray(x, jnp.float32) for x in tree]
+    elig = rng.random(n) < 0.6
+    for use_elig in (False, True):
+      limit = int(elig.sum()) if use_elig else n
+      k = int(rng.integers(0, limit + 1)) if trial else limit
+      got = f(tree, k, eligible=unflat(elig, tree) if use_elig else None)
+      chex.assert_trees_all_equal_shapes(got, tree)
+      got = flat(got).astype(bool)
+      want = ref_top_k(vals, k, elig if use_elig else None)
+      np.testing.assert_array_equal(got, want, err_msg=f"trial {trial} k {k}")
+      assert got.sum() == k
+
+
+def test_num_kept_is_exact_floor():
+  assert sparse.num_kept(100, 0.29) == 71  # 100 * (1 - 0.29) == 70.999... in float
+  assert sparse.num_kept(10, 0.7) == 3
+  assert sparse.num_kept(26, 0.5) == 13
+  assert sparse.num_kept(7, 0.5) == 3
+  assert sparse.num_kept(26, 0.0) == 26 and sparse.num_kept(26, 1.0) == 0
+  for n in (1, 13, 1000, 25_557_032):
+    for s in (0.1, 0.25, 0.33, 0.5, 0.9, 0.99):
+      exact = (n * (1000 - round(s * 1000))) // 1000
+      assert sparse.num_kept(n, s) == exact
+
+
+# --------------------------------------------------------------------------
+# Fisher scores.
+# --------------------------------------------------------------------------
+
+
+def test_fisher_scores_match_per_example_gradients():
+  params, batch = make_params(), make_batch(0)
+  want = ref_fisher(params, batch, 5)
+  # 5 examples in chunks of 2: a loop over 2 chunks and a remainder of 1.
+  got = jax.jit(
+      functools.partial(
+          sparse.fisher_scores, mlp_loss, num_samples=5, chunk_size=2
+      )
+  )(params, batch)
+  np.testing.assert_allclose(flat(got), want, rtol=1e-5, atol=1e-9)
+  # One chunk of 5, and a leaf passed whole (batch_axes None): a loss scale.
+  scaled = lambda p, b: b["s"] * mlp_loss(p, {"x": b["x"], "y": b["y"]})
+  got = jax.jit(
+      functools.partial(
+          sparse.fisher_scores, scaled, num_samples=5, chunk_size=8,
+          batch_axes={"x": 0, "y": 0, "s": None},
+      )
+  )(params, dict(batch, s=jnp.float32(3.0)))
+  np.testing.assert_allclose(flat(got), 9.0 * want, rtol=1e-5, atol=1e-9)
+
+
+# --------------------------------------------------------------------------
+# SSAM-F end to end.
+# --------------------------------------------------------------------------
+
+
+def test_ssam_fisher_steps_mask_output_counts_no_retrace():
+  params = make_params()
+  n = n_params(params)
+  k = sparse.num_kept(n, 0.5)
+  tx = sam_optax.ssam_fisher(
+      mlp_loss_aux, RHO, 0.5, num_samples=5, update_every=2, chunk_size=2,
+      has_aux=True, eps=EPS,
+  )
+  state = tx.init(params)
+  assert not flat(state.region.mask).any()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, state, batch):
+    g = jax.grad(mlp_loss)(params, batch)
+    out, state = tx.update(g, state, params, batch=batch)
+    return out, state
+
+  mask = None
+  for t in range(4):
+    batch = make_batch(t)
+    out, state = step(params, state, batch)
+    if t % 2 == 0:  # refresh: the top-k of the Fisher on this batch
+      mask = ref_top_k(ref_fisher(params, batch, 5), k)
+    got_mask = flat(state.region.mask).astype(bool)
+    np.testing.assert_array_equal(got_mask, mask, err_msg=f"step {t}")
+    assert got_mask.sum() == k
+    np.testing.assert_allclose(
+        flat(out), ref_ssam(params, batch, mask), rtol=1e-5, atol=1e-7
+    )
+    s = sam_optax.stats(state)
+    assert int(s["count"]) == t + 1
+    assert int(s["mask_refreshes"]) == t // 2 + 1
+    assert int(s["grad_evals"]) == (t + 1) + 5 * (t // 2 + 1)
+    np.testing.assert_allclose(float(s["mask_density"]), k / n)
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, out)
+
+
+def test_num_samples_larger_than_batch_is_an_error():
+  tx = sam_optax.ssam_fisher(mlp_loss, num_samples=9, update_every=1)
+  params, batch = make_params(), make_batch(0, size=8)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"num_samples must be in \[1, batch size = 8\]"):
+    tx.update(jax.grad(mlp_loss)(params, batch), state, params, batch=batch)
+
+
+# --------------------------------------------------------------------------
+# sparsity 0 and 1.
+# --------------------------------------------------------------------------
+
+
+def _run(tx, params, steps=3):
+  opt = optax.chain(tx, optax.sgd(0.1))
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, batch):
+    g = jax.grad(mlp_loss)(params, batch)
+    u, state = opt.update(g, state, params, batch=batch)
+    return optax.apply_updates(params, u), state, u
+
+  outs = []
+  for t in range(steps):
+    params, state, u = step(params, state, make_batch(t))
+    outs.append(u)
+  return params, state, outs
+
+
+def test_sparsity_zero_is_sam_exactly():
+  params = make_params()
+  want, _, _ = _run(sam_optax.sam(mlp_loss, RHO), params)
+  for tx in (
+      sam_optax.ssam_fisher(mlp_loss, RHO, 0.0, num_samples=4, update_every=1),
+      sam_optax.ssam_dynamic(
+          mlp_loss, RHO, 0.0, update_every=1, total_steps=3
+      ),
+  ):
+    got, state, _ = _run(tx, params)
+    chex.assert_trees_all_equal(got, want)
+    s = sam_optax.stats(state)
+    assert float(s["mask_density"]) == 1.0
+    assert int(s["grad_evals"]) == 3  # SAM's cost: no Fisher work at all
+
+
+def test_sparsity_one_returns_clean_gradient_and_evaluates_nothing():
+  params, batch = make_params(), make_batch(0)
+  g = jax.grad(mlp_loss)(params, batch)
+  traced = []
+
+  def counting_loss(p, b):
+    traced.append(1)  # runs when the transform traces loss_fn
+    return mlp_loss(p, b)
+
+  for tx in (
+      sam_optax.ssam_fisher(counting_loss, RHO, 1.0, update_every=1),
+      sam_optax.ssam_dynamic(counting_loss, RHO, 1.0, update_every=1,
+                             total_steps=5),
+  ):
+    state = tx.init(params)
+    out, state = jax.jit(
+        lambda g, s, p, b: tx.update(g, s, p, batch=b)
+    )(g, state, params, batch)
+    chex.assert_trees_all_equal(out, g)
+    s = sam_optax.stats(state)
+    assert int(s["grad_evals"]) == 0 and float(s["mask_density"]) == 0.0
+  assert not traced
+
+
+# --------------------------------------------------------------------------
+# SSAM-D.
+# --------------------------------------------------------------------------
+
+
+def test_cosine_drop_rate_schedule():
+  for count in (0, 1, 7, 25, 50, 99, 100, 150):
+    want = 0.5 * (1 + math.cos(math.pi * min(count / 100, 1.0))) / 2
+    got = float(sparse.cosine_drop_rate(jnp.int32(count), 0.5, 100))
+    assert got == pytest.approx(want, abs=1e-7), count
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_dynamic_counts(exact):
+  for n, s, dr in [(26, 0.5, 0.3), (26, 0.5, 0.25), (1000, 0.1, 0.9),
+                   (1000, 0.5, 0.5), (101, 0.3, 0.1), (101, 0.3, 0.0)]:
+    k = sparse.num_kept(n, s)
+    f32 = np.float32  # the counts are defined in float32 arithmetic
+    floor_keep = math.floor(f32(k) * (f32(1) - f32(dr)))
+    if exact:
+      grow = min(k - floor_keep, n - k)
+      keep = k - grow
+    else:
+      keep = floor_keep
+      grow = math.floor(min(f32(k) * f32(dr), f32(n) * f32(s)))
+    got = sparse.dynamic_counts(jnp.float32(dr), n, k, s, exact)
+    assert (int(got[0]), int(got[1])) == (keep, grow), (n, s, dr)
+    if exact:
+      assert keep + grow == k
+
+
+def test_dynamic_init_exact_count_and_seed_determinism():
+  params = make_params()
+  n = n_params(params)
+  masks = {}
+  for seed in (0, 0, 1):
+    tx = sam_optax.ssam_dynamic(
+        mlp_loss, RHO, 0.3, update_every=1, total_steps=10, seed=seed
+    )
+    m = flat(tx.init(params).region.mask).astype(bool)
+    assert m.sum() == sparse.num_kept(n, 0.3)
+    masks.setdefault(seed, []).append(m)
+  np.testing.assert_array_equal(masks[0][0], masks[0][1])
+  assert (masks[0][0] != masks[1][0]).any()
+
+
+def _dynamic_refresh(tx, params, steps, state=None, step=None):
+  """Runs ``steps`` jitted updates; returns the masks before/after each.
+
+  Also returns the jitted step, traced once for all of them (refresh and
+  non-refresh steps alike), so another state can be run without a compile.
+  """
+  state = tx.init(params) if state is None else state
+  if step is None:
+    traces = []
+
+    @jax.jit
+    def step(params, state, batch):
+      traces.append(1)
+      g = jax.grad(mlp_loss)(params, batch)
+      out, state = tx.update(g, state, params, batch=batch)
+      return out, state, g
+
+    step.traces = traces
+
+  history = []
+  for t in range(steps):
+    batch = make_batch(t)
+    before = flat(state.region.mask).astype(bool)
+    out, state, g = step(params, state, batch)
+    after = flat(state.region.mask).astype(bool)
+    history.append((t, before, after, flat(g), out, batch, state))
+  assert len(step.traces) == 1  # no retrace across refresh/non-refresh steps
+  return history, step
+
+
+def test_dynamic_refresh_weight_drop_gradient_grow_matches_reference():
+  params = make_params()
+  n = n_params(params)
+  s, drop_rate, total, every = 0.5, 0.5, 8, 2
+  k = sparse.num_kept(n, s)
+  tx = sam_optax.ssam_dynamic(
+      mlp_loss, RHO, s, drop_rate=drop_rate, update_every=every,
+      total_steps=total, drop_criterion="weight", grow_criterion="gradient",
+      eps=EPS,
+  )
+  w = flat(params)
+  for t, before, after, g, out, batch, state in _dynamic_refresh(tx, params, 5)[0]:
+    if t == 0 or t % every:
+      np.testing.assert_array_equal(after, before, err_msg=f"step {t}")
+    else:
+      dr = drop_rate * (1 + math.cos(math.pi * t / total)) / 2
+      grow_n = min(k - math.floor(k * (1 - dr)), n - k)
+      keep = ref_top_k(np.abs(w), k - grow_n, before)
+      grow = ref_top_k(np.abs(g), grow_n, ~before)
+      np.testing.assert_array_equal(after, keep | grow, err_msg=f"step {t}")
+      assert grow_n > 0 and (after != before).any()
+    assert after.sum() == k
+    np.testing.assert_allclose(
+        flat(out), ref_ssam(params, batch, after), rtol=1e-5, atol=1e-7
+    )
+    assert int(state.region.refreshes) == t // every
+
+
+def test_dynamic_refresh_default_criteria_counts_and_determinism():
+  params = make_params()
+  n = n_params(params)
+  s, total, every = 0.5, 6, 1
+  k = sparse.num_kept(n, s)
+
+  def build(seed):
+    return sam_optax.ssam_dynamic(
+        mlp_loss, RHO, s, update_every=every, total_steps=total, seed=seed
+    )
+
+  tx = build(3)
+  run, step = _dynamic_refresh(tx, params, 3)
+  # The seed only enters the initial state (mask and key): a transform built
+  # again with the same seed starts from the same state and so follows the
+  # same masks; another seed differs. The update is seed-independent, so the
+  # compiled step is shared.
+  chex.assert_trees_all_equal(build(3).init(params), tx.init(params))
+  runs = [run] + [
+      _dynamic_refresh(tx, params, 3, build(seed).init(params), step)[0]
+      for seed in (3, 4)
+  ]
+  for t, before, after, g, *_ in runs[0]:
+    if t == 0:
+      np.testing.assert_array_equal(after, before)
+      continue
+    dr = 0.5 * (1 + math.cos(math.pi * t / total)) / 2
+    grow_n = min(k - math.floor(k * (1 - dr)), n - k)
+    kept = after & before
+    # Dropped by |g|: the survivors are exactly the top |g| alive entries.
+    np.testing.assert_array_equal(kept, ref_top_k(np.abs(g), k - grow_n, before))
+    # Grown at random among the entries dead before the refresh.
+    assert (after & ~before).sum() == grow_n
+    assert after.sum() == k
+  for a, b in zip(runs[0], runs[1]):  # same seed: same masks
+    np.testing.assert_array_equal(a[2], b[2])
+  assert any((a[2] != c[2]).any() for a, c in zip(runs[0], runs[2]))
+
+
+def test_dynamic_authors_counts_mode():
+  params = make_params()
+  n = n_params(params)
+  k = sparse.num_kept(n, 0.5)  # 13
+  tx = sam_optax.ssam_dynamic(
+      mlp_loss, RHO, 0.5, drop_rate=0.6, update_every=1, total_steps=1000,
+      exact_count=False,
+  )
+  t, before, after, *_ = _dynamic_refresh(tx, params, 2)[0][1]
+  dr = 0.6 * (1 + math.cos(math.pi * 1 / 1000)) / 2
+  keep, grow = math.floor(k * (1 - dr)), math.floor(min(k * dr, n * 0.5))
+  assert keep + grow == k - 1  # the authors' rounding loses one entry here
+  assert (after & before).sum() == keep and (after & ~before).sum() == grow
+
+
+# --------------------------------------------------------------------------
+# Multi-device: identical masks.
+# --------------------------------------------------------------------------
+
+
+def test_pmap_masks_agree_and_match_global_fisher():
+  ndev = jax.local_device_count()
+  assert ndev == 8
+  params = make_params()
+  n = n_params(params)
+  k = sparse.num_kept(n, 0.5)
+  batches = [make_batch(10 + d, size=4) for d in range(ndev)]
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
+  replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * ndev), tree)
+  rep = replicate(params)
+
+  for tx in (
+      sam_optax.ssam_fisher(mlp_loss, RHO, 0.5, num_samples=3,
+                            update_every=1, axis_name="i", eps=EPS),
+      sam_optax.ssam_dynamic(mlp_loss, RHO, 0.5, update_every=1,
+                             total_steps=4, axis_name="i", eps=EPS),
+  ):
+    state = replicate(tx.init(params))
+
+    @functools.partial(jax.pmap, axis_name="i")
+    def step(params, state, batch):
+      g = jax.grad(mlp_loss)(params, batch)  # per-device gradient
+      return tx.update(g, state, params, batch=batch)
+
+    for _ in range(2):  # step 0, and step 1 (a dynamic refresh)
+      out, state = step(rep, state, stacked)
+    masks = np.stack([flat(jax.tree.map(lambda x: x[d], state.region.mask))
+                      for d in range(ndev)]).astype(bool)
+    assert (masks == masks[0]).all() and masks[0].sum() == k
+    outs = np.stack([flat(jax.tree.map(lambda x: x[d], out))
+                     for d in range(ndev)])
+    np.testing.assert_allclose(outs, np.broadcast_to(outs[0], outs.shape),
+                               rtol=1e-6)
+    if hasattr(state.region, "key"):  # dynamic: nothing more to compare
+      continue
+    # Fisher: summed over devices before the top-k.
+    fisher = sum(ref_fisher(params, b, 3) for b in batches)
+    np.testing.assert_array_equal(masks[0], ref_top_k(fisher, k))
+
+
+# --------------------------------------------------------------------------
+# A fixed mask.
+# --------------------------------------------------------------------------
+
+
+def test_fixed_mask_formula_dense_output_and_skip():
+  params, batch = make_params(), make_batch(0)
+  g = jax.grad(mlp_loss)(params, batch)
+  arr = {
+      "dense1": {"kernel": np.arange(12).reshape(3, 4) % 3 == 0, "bias": True},
+      "dense2": {"kernel": False, "bias": np.array([True, False])},
+  }
+  tx = sam_optax.ssam(mlp_loss, RHO, mask=arr, eps=EPS)
+  state = tx.init(params)
+  m = flat(jax.tree.map(lambda a, p: np.broadcast_to(a, p.shape), arr, params))
+  out, state = tx.update(g, state, params, batch=batch)
+  np.testing.assert_allclose(flat(out), ref_ssam(params, batch, m),
+                             rtol=1e-5, atol=1e-7)
+  assert float(sam_optax.stats(state)["mask_density"]) == pytest.approx(
+      m.mean())
+  # Python-bool leaves only: still the dense gradient at w + e everywhere
+  # (Sparse SAM), not the clean gradient outside the mask.
+  bools = {"dense1": {"kernel": False, "bias": False},
+           "dense2": {"kernel": True, "bias": False}}
+  out, _ = sam_optax.ssam(mlp_loss, RHO, mask=bools, eps=EPS).update(
+      g, sam_optax.ssam(mlp_loss, mask=bools).init(params), params,
+      batch=batch)
+  m = flat(jax.tree.map(lambda a, p: np.full(p.shape, a), bools, params))
+  want = ref_ssam(params, batch, m)
+  np.testing.assert_allclose(flat(out), want, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(flat(out)[:16], flat(g)[:16])  # dense1 moved too
+  # No True anywhere: the clean gradient, no evaluation.
+  none = jax.tree.map(lambda _: False, bools)
+  tx = sam_optax.ssam(mlp_loss, RHO, mask=none)
+  out, state = tx.update(g, tx.init(params), params, batch=batch)
+  chex.assert_trees_all_equal(out, g)
+  assert int(state.grad_evals) == 0
+
+
+def test_fixed_mask_structure_mismatch_names_paths():
+  params = make_params()
+  bad = {"dense1": {"kernel": True, "bias": True}, "dense3": {"kernel": True}}
+  with pytest.raises(ValueError, match=r"dense2/bias.*dense3/kernel"):
+    sam_optax.ssam(mlp_loss, mask=bad).init(params)
+  wrong_shape = {"dense1": {"kernel": np.ones((4, 3), bool), "bias": True},
+                 "dense2": {"kernel": True, "bias": True}}
+  with pytest.raises(ValueError, match=r"dense1/kernel: \(4, 3\) vs \(3, 4\)"):
+    sam_optax.ssam(mlp_loss, mask=wrong_shape).init(params)
+
+
+# --------------------------------------------------------------------------
+# Bad input.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ctor, kwargs, pattern",
+    [
+        ("fisher", dict(sparsity=1.5), r"sparsity must be in \[0, 1\]"),
+        ("fisher", dict(sparsity=-0.1), r"sparsity must be in \[0, 1\]"),
+        ("fisher", dict(num_samples=0), r"num_samples must be an integer in \[1, inf\]"),
+        ("fisher", dict(update_every=0), r"update_every must be an integer in \[1, inf\]"),
+        ("fisher", dict(chunk_size=0), r"chunk_size"),
+        ("fisher", dict(batch_axes=1), r"batch_axes"),
+        ("fisher", dict(sparsity=optax.constant_schedule(0.5)), r"sparsity must be a concrete number"),
+        ("fisher", dict(rho=-1.0), r"rho must be in \[0, inf\)"),
+        ("dynamic", dict(sparsity=2.0), r"sparsity must be in \[0, 1\]"),
+        ("dynamic", dict(drop_rate=1.1), r"drop_rate must be in \[0, 1\]"),
+        ("dynamic", dict(update_every=0), r"update_every"),
+        ("dynamic", dict(total_steps=0), r"total_steps must be an integer in \[1, inf\]"),
+        ("dynamic", dict(drop_criterion="magnitude"), r"drop_criterion must be one of 'gradient', 'weight', 'random'"),
+        ("dynamic", dict(grow_criterion="momentum"), r"grow_criterion must be one of"),
+        ("dynamic", dict(seed=1.5), r"seed must be an integer"),
+        ("fixed", dict(mask={"a": np.ones(3)}), r"mask leaves must be booleans"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(ctor, kwargs, pattern):
+  if ctor == "fisher":
+    kw = dict(update_every=1)
+    kw.update(kwargs)
+    call = lambda: sam_optax.ssam_fisher(mlp_loss, **kw)
+  elif ctor == "dynamic":
+    kw = dict(update_every=1, total_steps=10)
+    kw.update(kwargs)
+    call = lambda: sam_optax.ssam_dynamic(mlp_loss, **kw)
+  else:
+    call = lambda: sam_optax.ssam(mlp_loss, **kwargs)
+  with pytest.raises(ValueError, match=pattern):
+    call()
+
+
+def test_update_every_and_total_steps_are_required_keywords():
+  with pytest.raises(TypeError):
+    sam_optax.ssam_fisher(mlp_loss, 0.05, 0.5)  # pylint: disable=missing-kwoa
+  with pytest.raises(TypeError):
+    sam_optax.ssam_dynamic(mlp_loss, 0.05, 0.5, update_every=3)
+  with pytest.raises(TypeError):
+    sam_optax.ssam_fisher(mlp_loss, 0.05, 0.5, 16, 3)  # keyword-only
+
+
+def test_parts_compose_with_other_gates():
+  """A Fisher mask with LookSAM-style every-k gating, from the parts."""
+  params, batch = make_params(), make_batch(0)
+  tx = sam_optax.sharpness_aware(
+      mlp_loss, RHO, geometry=parts.global_norm(),
+      region=parts.fisher_mask(0.5, num_samples=2, update_every=4),
+      gate=parts.every_k(2), eps=EPS,
+  )
+  state = tx.init(params)
+  g = jax.grad(mlp_loss)(params, batch)
+  out, state = tx.update(g, state, params, batch=batch)
+  mask = ref_top_k(ref_fisher(params, batch, 2), 13)
+  np.testing.assert_allclose(flat(out), ref_ssam(params, batch, mask),
+                             rtol=1e-5, atol=1e-7)
+  out, state = tx.update(g, state, params, batch=batch)  # gate closed
+  chex.assert_trees_all_equal(out, g)
+  assert int(state.grad_evals) == 1 + 2
