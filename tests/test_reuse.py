@@ -636,3 +636,41 @@ def test_stat_leaves_checked_at_init():
   with pytest.raises(ValueError, match="selects no leaf"):
     sam_optax.vsam(mlp_loss, stat_leaves=lambda path: False).init(p)
   sam_optax.vsam(mlp_loss, stat_leaves=["head/kernel", "dense1"]).init(p)
+
+
+def test_inject_hyperparams_decay_and_alpha():
+  p = mlp_params()
+  for ctor, kw, hp in [
+      (sam_optax.vsam, dict(window=4, blocks=2), "decay"),
+      (sam_optax.looksam, dict(k=4), "alpha"),
+  ]:
+    outs = []
+    for value in (0.3, 0.6):
+      extra = dict(warmup_steps=1, max_rate=0.25) if hp == "decay" else {}
+      direct = ctor(mlp_loss, **kw, **extra, **{hp: value})
+      statics = ("loss_fn",) + tuple(kw)
+      # warmup_steps and max_rate injected too (inject_hyperparams injects
+      # every numeric argument not in static_args)
+      injected = optax.inject_hyperparams(ctor, static_args=statics)(
+          mlp_loss, **kw, **extra, **{hp: 0.9}
+      )
+
+      @jax.jit
+      def step(s, si, batch, direct=direct, injected=injected):
+        g = jax.grad(mlp_loss)(p, batch)
+        u, s = direct.update(g, s, p, batch=batch)
+        ui, si = injected.update(g, si, p, batch=batch)
+        return u, s, ui, si
+
+      s, si = direct.init(p), injected.init(p)
+      si.hyperparams[hp] = jnp.float32(value)
+      for t in range(3):  # a computed step, then reuse steps
+        u, s, ui, si = step(s, si, batch_at(t))
+        chex.assert_trees_all_close(u, ui, rtol=1e-6, atol=1e-7)
+      outs.append(flat(u))
+    assert not np.allclose(outs[0], outs[1])  # the value really mattered
+  with pytest.raises(ValueError, match="list 'window' in static_args"):
+    tx = optax.inject_hyperparams(sam_optax.vsam, static_args=("loss_fn",))(
+        mlp_loss
+    )
+    jax.jit(lambda s: tx.update(p, s, p, batch=batch_at(0)))(tx.init(p))

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax._src import base
@@ -36,6 +37,33 @@ from sam_optax._src import geometry as geometry_lib
 
 PyTree = Any
 LeafSelection = Union[None, Callable[[str], bool], Sequence[str]]
+
+
+def _static_int(name: str, value: Any, low: Optional[int]) -> int:
+  """A Python int >= low; a concrete integer array is accepted, a traced one
+  (``optax.inject_hyperparams`` injects every numeric argument) is refused
+  with a hint about ``static_args``."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"{name} must be a Python int (it fixes the schedule's shape), got a "
+        f"traced value; under optax.inject_hyperparams list {name!r} in "
+        "static_args"
+    )
+  if (
+      isinstance(value, (np.ndarray, jax.Array))
+      and np.ndim(value) == 0
+      and np.issubdtype(np.asarray(value).dtype, np.integer)
+  ):
+    value = int(value)
+  return base.check_int(name, value, low)
+
+
+def _int_or_traced(name: str, value: Any, low: Optional[int]) -> Any:
+  """Like :func:`_static_int`, but a traced value (an integer used only in
+  comparisons, injected by ``optax.inject_hyperparams``) passes unchecked."""
+  if isinstance(value, jax.core.Tracer):
+    return value
+  return _static_int(name, value, low)
 
 
 def _f32(tree: PyTree) -> PyTree:
@@ -189,7 +217,8 @@ def looksam(
     eps: guard added to every norm that divides.
 
   ``sam_optax.stats`` reports ``count``, ``grad_evals`` and
-  ``steps_since_sample``.
+  ``steps_since_sample``. Under ``optax.inject_hyperparams``, ``rho`` and
+  ``alpha`` may be injected; ``k`` and ``per_leaf`` go in ``static_args``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -201,7 +230,7 @@ def looksam(
     >>> int(sam_optax.stats(state)["grad_evals"])
     2
   """
-  k = base.check_int("k", k, 1)
+  k = _static_int("k", k, 1)
   return engine.sharpness_aware(
       loss_fn,
       rho,
@@ -282,7 +311,9 @@ class DecayedReuse(engine.Combine):
     active = since <= self.max_reuse
     lam = jnp.where(
         active,
-        jnp.power(jnp.float32(self.decay), since.astype(jnp.float32)),
+        jnp.power(
+            jnp.asarray(self.decay, jnp.float32), since.astype(jnp.float32)
+        ),
         jnp.zeros((), jnp.float32),
     )
     out = jax.tree.map(
@@ -302,8 +333,8 @@ class DecayedReuse(engine.Combine):
 def decayed_reuse(decay: float = 0.7, max_reuse: int = 6) -> DecayedReuse:
   """vSAM's reuse combination (see :class:`DecayedReuse`)."""
   base.check_range("decay", decay, 0.0, 1.0, low_open=True, high_open=True)
-  max_reuse = base.check_int("max_reuse", max_reuse, 0)
-  return DecayedReuse(decay=float(decay), max_reuse=max_reuse)
+  max_reuse = _int_or_traced("max_reuse", max_reuse, 0)
+  return DecayedReuse(decay=decay, max_reuse=max_reuse)
 
 
 class VariationSamplingState(NamedTuple):
@@ -420,8 +451,12 @@ class VariationSampling(engine.Gate):
   always: bool = False
 
   @property
-  def max_quota(self) -> int:
-    return int(math.floor(self.window * self.max_rate))
+  def max_quota(self) -> Union[int, jax.Array]:
+    """``floor(window * max_rate)``: the most samples a window may take."""
+    mr = base._concrete_float(self.max_rate)  # pylint: disable=protected-access
+    if mr is None:  # injected by optax.inject_hyperparams
+      return jnp.floor(self.window * jnp.asarray(self.max_rate, jnp.float32))
+    return int(math.floor(self.window * mr))
 
   def init(self, params):
     paths = base.leaf_paths(params)
@@ -468,7 +503,7 @@ class VariationSampling(engine.Gate):
     d_r = jnp.clip(d_r, -1.0, 1.0)
     d_v = jnp.clip(d_v, -1.0, 1.0)
     rate = state.rate * (1.0 + self.gains[0] * d_r + self.gains[1] * d_v)
-    return jnp.clip(rate, 1.0, float(self.max_quota))
+    return jnp.clip(rate, 1.0, jnp.asarray(self.max_quota, jnp.float32))
 
   def decide(self, step, state):
     count = step.count
@@ -526,23 +561,30 @@ def variation_sampling(
     stat_leaves: LeafSelection = None,
 ) -> VariationSampling:
   """vSAM's sampling gate (see :class:`VariationSampling`), with checks."""
-  warmup_steps = base.check_int("warmup_steps", warmup_steps, 0)
-  window = base.check_int("window", window, 2)
-  blocks = base.check_int("blocks", blocks, 1)
+  warmup_steps = _int_or_traced("warmup_steps", warmup_steps, 0)
+  window = _static_int("window", window, 2)
+  blocks = _static_int("blocks", blocks, 1)
   if window < blocks or window % blocks or window // blocks < 2:
     raise ValueError(
         "window must be a multiple of blocks with at least 2 values per block "
         f"(window >= 2 * blocks, window % blocks == 0); got window={window}, "
         f"blocks={blocks}"
     )
+  # max_rate, initial_rate and seed may arrive as arrays (inject_hyperparams
+  # injects every numeric argument): checked when concrete.
   base.check_range("max_rate", max_rate, 0.0, 1.0, low_open=True)
-  max_quota = int(math.floor(window * float(max_rate)))
-  if max_quota < 1:
-    raise ValueError(
-        "max_rate must allow at least one sample per window: "
-        f"floor(window * max_rate) = floor({window} * {max_rate}) = "
-        f"{max_quota}; max_rate must be in [1/window, 1] = [{1 / window:g}, 1]"
-    )
+  concrete = base._concrete_float  # pylint: disable=protected-access
+  max_quota = window
+  if concrete(max_rate) is not None:
+    max_rate = concrete(max_rate)
+    max_quota = int(math.floor(window * max_rate))
+    if max_quota < 1:
+      raise ValueError(
+          "max_rate must allow at least one sample per window: "
+          f"floor(window * max_rate) = floor({window} * {max_rate}) = "
+          f"{max_quota}; max_rate must be in [1/window, 1] = "
+          f"[{1 / window:g}, 1]"
+      )
   try:
     gains = tuple(float(x) for x in gains)
   except TypeError:
@@ -552,7 +594,9 @@ def variation_sampling(
         f"gains must be two finite floats in [0, inf), got {gains!r}"
     )
   base.check_range("initial_rate", initial_rate, 1.0, float(max_quota))
-  seed = base.check_int("seed", seed)
+  if concrete(initial_rate) is not None:
+    initial_rate = concrete(initial_rate)
+  seed = _int_or_traced("seed", seed, None)
   if stat_leaves is not None and not callable(stat_leaves):
     if isinstance(stat_leaves, str):
       stat_leaves = (stat_leaves,)
@@ -567,9 +611,9 @@ def variation_sampling(
       warmup_steps=warmup_steps,
       window=window,
       blocks=blocks,
-      max_rate=float(max_rate),
+      max_rate=max_rate,
       gains=gains,
-      initial_rate=float(initial_rate),
+      initial_rate=initial_rate,
       seed=seed,
       stat_leaves=stat_leaves,
   )
@@ -676,6 +720,10 @@ def vsam(
   ``sam_optax.stats`` reports ``count``, ``grad_evals``, ``sampling_rate``
   (probability of a sampled step at the last step: 1 in warm-up),
   ``samples_per_window``, ``steps_since_sample`` and ``reuse_weight``.
+  Under ``optax.inject_hyperparams`` every numeric argument may be injected
+  (``rho``, ``decay``, ``max_rate``, ``warmup_steps``, ``max_reuse``, ...)
+  except ``window`` and ``blocks``, which fix buffer shapes: list them in
+  ``static_args`` (a clear error says so otherwise).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -688,7 +736,7 @@ def vsam(
     >>> int(sam_optax.stats(state)["grad_evals"])  # 4 warm-up + 1 per window
     6
   """
-  window = base.check_int("window", window, 2)
+  window = _static_int("window", window, 2)
   if warmup_steps is None:
     warmup_steps = 2 * window
   gate = variation_sampling(
