@@ -46,6 +46,14 @@ METHODS: dict[str, tuple[str, dict]] = {
     "layerwise_sam": ("layerwise_sam", {"rho": 0.1, "alpha": 0.8, "num_layers": 1, "select_every": 2}),
     # the static fast path: only the output layer is differentiated
     "layerwise_sam_fixed": ("layerwise_sam", {"rho": 0.1, "alpha": 0.8, "layers": ("l2",)}),
+    # Fisher mask of the first 8 examples (of the global batch under pmap),
+    # refreshed on steps 0, 2, 4
+    "ssam_fisher": ("ssam_fisher", {"rho": 0.05, "sparsity": 0.5, "num_samples": 8, "update_every": 2, "chunk_size": 4}),
+    # random start, drop/grow on steps 2, 4
+    "ssam_dynamic": ("ssam_dynamic", {"rho": 0.05, "sparsity": 0.5, "update_every": 2, "total_steps": STEPS, "seed": 3}),
+    # a fixed element-wise mask given by the user
+    "ssam_mask": ("ssam", {"rho": 0.05, "mask": jax.tree.map(
+        lambda x: np.random.default_rng(x.size).random(x.shape) < 0.5, mlp_params())}),
     # SAM steps 0, 2, 4; reuse steps between
     "looksam": ("looksam", {"rho": 0.1, "k": 2, "alpha": 0.7}),
     "looksam_per_leaf": ("looksam", {"rho": 0.1, "k": 2, "alpha": 0.7, "per_leaf": True}),
