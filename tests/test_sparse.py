@@ -318,7 +318,7 @@ def test_dynamic_counts(exact):
     else:
       keep = floor_keep
       grow = math.floor(min(f32(k) * f32(dr), f32(n) * f32(s)))
-    got = sparse.dynamic_counts(jnp.float32(dr), n, k, s, exact)
+    got = sparse.dynamic_counts(jnp.float32(dr), n, k, k, s, exact)
     assert (int(got[0]), int(got[1])) == (keep, grow), (n, s, dr)
     if exact:
       assert keep + grow == k
@@ -462,38 +462,64 @@ def test_pmap_masks_agree_and_match_global_fisher():
   params = make_params()
   n = n_params(params)
   k = sparse.num_kept(n, 0.5)
-  batches = [make_batch(10 + d, size=4) for d in range(ndev)]
-  stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
-  replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * ndev), tree)
-  rep = replicate(params)
+  global_batch = make_batch(10, size=4 * ndev)
+  # Host-side copies (NumPy: no eager XLA compiles), then one trivial pmap so
+  # that every input already has the layout the step's outputs will have.
+  to_devices = jax.pmap(lambda *a: a, axis_name="i")
+  replicate = lambda tree: jax.tree.map(
+      lambda x: np.stack([np.asarray(x)] * ndev), tree)
+  rep, sharded = to_devices(
+      replicate(params),
+      jax.tree.map(lambda x: np.asarray(x).reshape((ndev, 4) + x.shape[1:]),
+                   global_batch))
+  per_device = lambda tree: np.stack(
+      [flat(jax.tree.map(lambda x: np.asarray(x)[d], tree))
+       for d in range(ndev)])
 
   for tx in (
-      sam_optax.ssam_fisher(mlp_loss, RHO, 0.5, num_samples=3,
-                            update_every=1, axis_name="i", eps=EPS),
+      # 6 examples: all 4 of device 0 and the first 2 of device 1.
+      sam_optax.ssam_fisher(mlp_loss, RHO, 0.5, num_samples=6,
+                            update_every=1, chunk_size=3, axis_name="i",
+                            eps=EPS),
       sam_optax.ssam_dynamic(mlp_loss, RHO, 0.5, update_every=1,
                              total_steps=4, axis_name="i", eps=EPS),
   ):
-    state = replicate(tx.init(params))
+    (state,) = to_devices(replicate(tx.init(params)))
+    traces = []
 
     @functools.partial(jax.pmap, axis_name="i")
     def step(params, state, batch):
+      traces.append(1)
       g = jax.grad(mlp_loss)(params, batch)  # per-device gradient
       return tx.update(g, state, params, batch=batch)
 
     for _ in range(2):  # step 0, and step 1 (a dynamic refresh)
-      out, state = step(rep, state, stacked)
-    masks = np.stack([flat(jax.tree.map(lambda x: x[d], state.region.mask))
-                      for d in range(ndev)]).astype(bool)
+      out, state = step(rep, state, sharded)
+    assert len(traces) == 1
+    masks = per_device(state.region.mask).astype(bool)
     assert (masks == masks[0]).all() and masks[0].sum() == k
-    outs = np.stack([flat(jax.tree.map(lambda x: x[d], out))
-                     for d in range(ndev)])
-    np.testing.assert_allclose(outs, np.broadcast_to(outs[0], outs.shape),
-                               rtol=1e-6)
-    if hasattr(state.region, "key"):  # dynamic: nothing more to compare
+    outs = per_device(out)
+    np.testing.assert_array_equal(outs, np.broadcast_to(outs[0], outs.shape))
+    if hasattr(state.region, "key"):  # dynamic: agreement is the point
       continue
-    # Fisher: summed over devices before the top-k.
-    fisher = sum(ref_fisher(params, b, 3) for b in batches)
-    np.testing.assert_array_equal(masks[0], ref_top_k(fisher, k))
+    # Fisher: the first 6 examples of the GLOBAL batch, as on one device.
+    np.testing.assert_array_equal(
+        masks[0], ref_top_k(ref_fisher(params, global_batch, 6), k))
+    assert (np.asarray(state.grad_evals) == 2 * (1 + 6)).all()
+
+
+def test_fisher_num_samples_past_global_batch_under_pmap_is_an_error():
+  tx = sam_optax.ssam_fisher(mlp_loss, num_samples=9, update_every=1,
+                             axis_name="i")
+  params = make_params()
+  batch = jax.tree.map(lambda x: x.reshape((2, 4) + x.shape[1:]),
+                       make_batch(0, size=8))
+  step = jax.pmap(
+      lambda p, s, b: tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b),
+      axis_name="i", devices=jax.local_devices()[:2])
+  two = lambda t: jax.tree.map(lambda x: jnp.stack([x, x]), t)
+  with pytest.raises(ValueError, match=r"batch size = 2 devices x 4 = 8\], got 9"):
+    step(two(params), two(tx.init(params)), batch)
 
 
 # --------------------------------------------------------------------------
@@ -560,7 +586,9 @@ def test_fixed_mask_structure_mismatch_names_paths():
         ("fisher", dict(update_every=0), r"update_every must be an integer in \[1, inf\]"),
         ("fisher", dict(chunk_size=0), r"chunk_size"),
         ("fisher", dict(batch_axes=1), r"batch_axes"),
-        ("fisher", dict(sparsity=optax.constant_schedule(0.5)), r"sparsity must be a concrete number"),
+        ("fisher", dict(sparsity=True), r"sparsity must be a number in \[0, 1\] or a schedule"),
+        ("dynamic", dict(drop_rate=optax.constant_schedule(0.5)), r"drop_rate must be a number"),
+        ("dynamic", dict(seed=jnp.float32(1)), r"seed must be an integer"),
         ("fisher", dict(rho=-1.0), r"rho must be in \[0, inf\)"),
         ("dynamic", dict(sparsity=2.0), r"sparsity must be in \[0, 1\]"),
         ("dynamic", dict(drop_rate=1.1), r"drop_rate must be in \[0, 1\]"),
@@ -613,3 +641,50 @@ def test_parts_compose_with_other_gates():
   out, state = tx.update(g, state, params, batch=batch)  # gate closed
   chex.assert_trees_all_equal(out, g)
   assert int(state.grad_evals) == 1 + 2
+
+
+def test_sparsity_schedule_fisher_mask_size_follows_it():
+  params = make_params()
+  n = n_params(params)
+  sched = lambda count: jnp.where(count < 1, 0.5, 0.75)
+  tx = sam_optax.ssam_fisher(mlp_loss, RHO, sched, num_samples=4,
+                             update_every=1, eps=EPS)
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
+  for t, s_t in enumerate((0.5, 0.75)):
+    batch = make_batch(t)
+    out, state = step(grad_fn(params, batch), state, params, batch)
+    k = math.floor(n * (1 - s_t))  # 13, then 6
+    mask = ref_top_k(ref_fisher(params, batch, 4), k)
+    np.testing.assert_array_equal(flat(state.region.mask).astype(bool), mask)
+    np.testing.assert_allclose(flat(out), ref_ssam(params, batch, mask),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_inject_hyperparams_sparsity_and_drop_rate():
+  """Injected (traced) sparsity and drop_rate give the same masks as plain
+  numbers; changing the injected sparsity moves the mask to the new size."""
+  params = make_params()
+  n = n_params(params)
+  kw = dict(rho=RHO, sparsity=0.5, drop_rate=0.5, update_every=1,
+            total_steps=6, seed=2, eps=EPS)
+  injected = optax.inject_hyperparams(
+      sam_optax.ssam_dynamic, static_args=("loss_fn", "update_every",
+                                           "total_steps", "seed"))(
+                                               mlp_loss, **kw)
+  history, _ = _dynamic_refresh(sam_optax.ssam_dynamic(mlp_loss, **kw),
+                                params, 3)
+  state = injected.init(params)
+  step = jax.jit(lambda g, s, p, b: injected.update(g, s, p, batch=b))
+  for t in range(3):
+    batch = make_batch(t)
+    _, state = step(grad_fn(params, batch), state, params, batch)
+    np.testing.assert_array_equal(
+        flat(state.inner_state.region.mask).astype(bool), history[t][2])
+  before = flat(state.inner_state.region.mask).astype(bool)
+  state.hyperparams["sparsity"] = jnp.float32(0.75)
+  batch = make_batch(3)
+  _, state = step(grad_fn(params, batch), state, params, batch)
+  after = flat(state.inner_state.region.mask).astype(bool)
+  assert after.sum() == math.floor(n * 0.25)  # 6: all from the old alive set
+  assert (after & ~before).sum() == 0  # shrinking: nothing is grown

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import fractions
 import math
+import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -223,6 +224,7 @@ def fisher_scores(
     *,
     chunk_size: int = 8,
     batch_axes: Any = 0,
+    axis_name: Optional[str] = None,
 ) -> PyTree:
   """Empirical Fisher diagonal ``F = Σ_{i<num_samples} (∇ℓ_i(w))²``, float32.
 
@@ -232,14 +234,23 @@ def fisher_scores(
   ``chunk_size`` at a time (``vmap`` inside a ``fori_loop`` that accumulates
   the squares), so at most ``chunk_size`` gradient copies exist at once.
 
+  Under ``axis_name`` the examples are the first ``num_samples`` of the
+  GLOBAL batch, taken to be split contiguously over the axis (device ``d``
+  holds examples ``[d*b, (d+1)*b)``, as with ``pmap`` over a reshaped batch
+  or ``shard_map`` with ``P(axis)``): each device computes ``min(num_samples,
+  b)`` per-example gradients of its own examples and weights by 0 those past
+  ``num_samples``. The result is this device's part; ``psum`` it over the
+  axis for the Fisher of the single-device run.
+
   Args:
     loss: ``loss(params, batch) -> scalar``.
     params: where the gradients are taken.
     batch: the batch; the first ``num_samples`` examples are used.
-    num_samples: how many examples (static, at most the batch size).
+    num_samples: how many examples (static, at most the (global) batch size).
     chunk_size: per-example gradients computed together.
     batch_axes: 0 (every leaf is batched on its leading axis), None, or a
       prefix pytree of the batch with 0/None per leaf.
+    axis_name: the ``pmap``/``shard_map`` axis the batch is split over.
   """
   axes = _expand_axes(batch_axes, batch)
   leaves, treedef = jax.tree.flatten(batch)
@@ -263,13 +274,21 @@ def fisher_scores(
     raise ValueError(
         f"batched leaves of the batch disagree on the batch size: {sorted(sizes)}"
     )
-  batch_size = sizes.pop()
-  if num_samples > batch_size:
+  local = sizes.pop()
+  devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  if num_samples > local * devices:
+    where = "" if devices == 1 else f" = {devices} devices x {local}"
     raise ValueError(
-        f"num_samples must be in [1, batch size = {batch_size}], got "
-        f"{num_samples}"
+        f"num_samples must be in [1, batch size{where} = {local * devices}], "
+        f"got {num_samples}"
     )
-  chunk = min(chunk_size, num_samples)
+  per_device = min(num_samples, local)
+  chunk = min(chunk_size, per_device)
+  first = (
+      jnp.int32(0)
+      if axis_name is None
+      else jax.lax.axis_index(axis_name).astype(jnp.int32) * local
+  )
 
   def example_grad(*example_leaves):
     ex = [
@@ -285,12 +304,21 @@ def fisher_scores(
         for x, ax in zip(leaves, ax_leaves)
     ]
     g = jax.vmap(example_grad, in_axes=in_axes)(*part)
+    if axis_name is None:
+      return jax.tree.map(
+          lambda y: jnp.sum(jnp.square(y.astype(jnp.float32)), axis=0), g
+      )
+    # Global index of each example; those past num_samples weigh 0.
+    weight = (first + start + jnp.arange(size) < num_samples).astype(
+        jnp.float32
+    )
     return jax.tree.map(
-        lambda y: jnp.sum(jnp.square(y.astype(jnp.float32)), axis=0), g
+        lambda y: jnp.tensordot(weight, jnp.square(y.astype(jnp.float32)), 1),
+        g,
     )
 
   acc = base.zeros_like_f32(params)
-  full, rest = divmod(num_samples, chunk)
+  full, rest = divmod(per_device, chunk)
   if full == 1:
     acc = sq_sum(0, chunk)
   elif full > 1:
@@ -324,8 +352,35 @@ class DynamicMaskState(NamedTuple):
     }
 
 
-def _full_mask(params, value: bool) -> PyTree:
-  return jax.tree.map(lambda p: jnp.full(jnp.shape(p), value, bool), params)
+def _full_mask(params, value) -> PyTree:
+  return jax.tree.map(
+      lambda p: jnp.full(jnp.shape(p), value, bool), params
+  )
+
+
+def static_sparsity(sparsity: Any) -> Optional[float]:
+  """The sparsity as a Python float when it is a plain number, else None.
+
+  A plain number fixes K at trace time, exactly (:func:`num_kept`), and lets
+  ``sparsity`` 0 and 1 take their shortcuts (no mask / no second gradient).
+  An array (as ``optax.inject_hyperparams`` passes it) or a schedule is read
+  at every refresh; K is then ``floor(N (1 - s))`` in float32.
+  """
+  if isinstance(sparsity, (bool, np.bool_)):
+    return None
+  if isinstance(sparsity, (numbers.Real, np.floating, np.integer)):
+    return float(sparsity)
+  return None
+
+
+def keep_count(sparsity: Any, n: int, count: Any) -> Any:
+  """K for ``n`` entries at step ``count``: a Python int or an int32 array."""
+  s = static_sparsity(sparsity)
+  if s is not None:
+    return num_kept(n, s)
+  st = jnp.clip(base.resolve(sparsity, count), 0.0, 1.0)
+  k = jnp.floor(jnp.float32(n) * (1.0 - st)).astype(jnp.int32)
+  return jnp.clip(k, 0, n)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -333,18 +388,20 @@ class FisherMask(engine.Region):
   """SSAM-F region: top-K of the empirical Fisher, refreshed on a schedule.
 
   On every step with ``count % update_every == 0`` (step 0 included), before
-  the perturbation, ``F = fisher_scores(...)`` is summed over ``axis_name``
-  (so every device holds the same mask) and the mask becomes the top
-  ``K = floor(N * (1 - sparsity))`` entries of ``F`` (:func:`top_k_mask`).
-  Other steps reuse the stored mask. A refresh costs ``num_samples``
-  gradient evaluations (per-example gradients count one each; under
-  ``pmap`` each device spends ``num_samples``). ``sparsity = 0`` yields no
-  mask (plain SAM, no Fisher work); ``sparsity = 1`` an empty one.
-  State: :class:`region.MaskState` (its ``stats()`` gives ``mask_density``
-  and ``mask_refreshes``); the mask is all False before the first update.
+  the perturbation, ``F = fisher_scores(...)`` (the first ``num_samples``
+  examples of the batch; of the global batch under ``axis_name``) is summed
+  over ``axis_name``, so every device holds the same mask, and the mask
+  becomes the top ``K = floor(N * (1 - sparsity))`` entries of ``F``
+  (:func:`top_k_mask`). Other steps reuse the stored mask. A refresh counts
+  ``num_samples`` gradient evaluations (per-example gradients count one
+  each; under ``axis_name`` they are shared among the devices that hold those
+  examples). A plain-number ``sparsity = 0`` yields no mask (plain SAM, no
+  Fisher work); ``sparsity = 1`` an empty one. State:
+  :class:`region.MaskState` (``stats()``: ``mask_density``,
+  ``mask_refreshes``); the mask is all False before the first update.
   """
 
-  sparsity: float = 0.5
+  sparsity: Any = 0.5
   num_samples: int = 16
   update_every: int = 1
   chunk_size: int = 8
@@ -352,17 +409,17 @@ class FisherMask(engine.Region):
 
   def init(self, params):
     return region_lib.MaskState(
-        mask=_full_mask(params, self.sparsity == 0.0),
+        mask=_full_mask(params, static_sparsity(self.sparsity) == 0.0),
         refreshes=jnp.zeros((), jnp.int32),
     )
 
   def select(self, step, state):
     n = num_params(step.params)
-    k = num_kept(n, self.sparsity)
+    k = keep_count(self.sparsity, n, step.count)
     zero = jnp.zeros((), jnp.int32)
-    if k == n:  # sparsity 0: no mask at all, exactly SAM
+    if isinstance(k, int) and k == n:  # sparsity 0: no mask, exactly SAM
       return None, state, zero
-    if k == 0:  # sparsity 1 (or a model too small to keep one entry)
+    if isinstance(k, int) and k == 0:  # sparsity 1 (or a too small model)
       return state.mask, state, zero
     refresh = step.count % self.update_every == 0
 
@@ -374,9 +431,9 @@ class FisherMask(engine.Region):
           self.num_samples,
           chunk_size=self.chunk_size,
           batch_axes=self.batch_axes,
+          axis_name=step.axis_name,
       )
-      f = base.psum(f, step.axis_name)
-      return top_k_mask(f, k)
+      return top_k_mask(base.psum(f, step.axis_name), k)
 
     mask = jax.lax.cond(refresh, compute, lambda _: state.mask, None)
     new_state = region_lib.MaskState(
@@ -386,9 +443,7 @@ class FisherMask(engine.Region):
     return mask, new_state, evals
 
 
-def cosine_drop_rate(
-    count: jax.Array, drop_rate: float, total_steps: int
-) -> jax.Array:
+def cosine_drop_rate(count: Any, drop_rate: Any, total_steps: int) -> jax.Array:
   """``drop_rate * (1 + cos(pi * min(count / total_steps, 1))) / 2`` (float32).
 
   Past ``total_steps`` the rate stays 0 (the authors' schedule ends there).
@@ -396,35 +451,48 @@ def cosine_drop_rate(
   frac = jnp.clip(
       jnp.asarray(count, jnp.float32) / jnp.float32(total_steps), 0.0, 1.0
   )
-  return jnp.float32(drop_rate) * (1.0 + jnp.cos(jnp.pi * frac)) / 2.0
+  return jnp.asarray(drop_rate, jnp.float32) * (1.0 + jnp.cos(jnp.pi * frac)) / 2.0
 
 
 def dynamic_counts(
-    dr: jax.Array, n: int, k: int, sparsity: float, exact_count: bool
+    dr: Any, n: int, k: Any, alive: Any, sparsity: Any, exact_count: bool
 ) -> tuple[jax.Array, jax.Array]:
   """(entries kept, entries grown) at drop rate ``dr`` (int32 scalars).
 
-  ``exact_count=True`` [ours]: ``grow = min(K - floor(K (1 - dr)), N - K)``
-  and ``keep = K - grow``, so the mask always holds exactly ``K`` entries
-  (``keep`` is the paper's ``floor(K (1 - dr))`` whenever enough dead entries
-  exist to regrow). ``exact_count=False`` follows the authors' code:
-  ``keep = floor(K (1 - dr))``, ``grow = floor(min(K dr, N s))``, which can
-  lose one entry per refresh to rounding (more when ``K dr > N s``).
-  The products are taken in float32 (``dr`` is a float32 array), so one that
-  is an integer in exact arithmetic may round to either side of it.
+  ``n`` entries, ``k`` the target count, ``alive`` the count in the current
+  mask (equal to ``k`` unless ``sparsity`` changed or the authors' rounding
+  lost entries).
+
+  ``exact_count=True`` [ours]::
+
+      keep0 = min(floor(alive (1 - dr)), K)
+      grow  = min(K - keep0, N - alive)        # no more than the dead entries
+      keep  = K - grow                         # so keep + grow == K always
+
+  With ``alive == K`` this is the paper's ``keep = floor(K (1 - dr))`` and
+  ``grow = K - keep`` whenever enough dead entries exist to regrow.
+  ``exact_count=False`` follows the authors' code: ``keep = floor(K (1 -
+  dr))``, ``grow = floor(min(K dr, N s))``, which can lose one entry per
+  refresh to rounding (more when ``K dr > N s``). The products are taken in
+  float32 (``dr`` is a float32 array), so one that is an integer in exact
+  arithmetic may round to either side of it.
   """
-  kf = jnp.float32(k)
-  keep = jnp.floor(kf * (1.0 - dr)).astype(jnp.int32)
+  dr = jnp.asarray(dr, jnp.float32)
+  kf = jnp.asarray(k, jnp.float32)
+  k = jnp.asarray(k, jnp.int32)
+  alive = jnp.asarray(alive, jnp.int32)
   if exact_count:
-    grow = jnp.minimum(jnp.int32(k) - keep, jnp.int32(n - k))
-    return jnp.int32(k) - grow, grow
-  grow = jnp.floor(
-      jnp.minimum(kf * dr, jnp.float32(n) * jnp.float32(sparsity))
-  ).astype(jnp.int32)
-  return keep, grow
+    keep0 = jnp.floor(alive.astype(jnp.float32) * (1.0 - dr)).astype(jnp.int32)
+    keep0 = jnp.minimum(keep0, k)
+    grow = jnp.minimum(k - keep0, jnp.int32(n) - alive)
+    return k - grow, grow
+  keep = jnp.floor(kf * (1.0 - dr)).astype(jnp.int32)
+  s = jnp.asarray(sparsity, jnp.float32)
+  grow = jnp.floor(jnp.minimum(kf * dr, jnp.float32(n) * s)).astype(jnp.int32)
+  return jnp.minimum(keep, alive), grow
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DynamicMask(engine.Region):
   """SSAM-D region: random initial mask, periodic drop and grow.
 
@@ -441,11 +509,12 @@ class DynamicMask(engine.Region):
   ("gradient": the clean gradient averaged over ``axis_name``), ``|w|``
   ("weight") or uniform noise ("random", from the key in state, identical
   on every device). Ties go to the lowest flat index. State:
-  :class:`DynamicMaskState`. ``sparsity = 0`` yields no mask (plain SAM).
+  :class:`DynamicMaskState`. A plain-number ``sparsity = 0`` yields no mask
+  (plain SAM).
   """
 
-  sparsity: float = 0.5
-  drop_rate: float = 0.5
+  sparsity: Any = 0.5
+  drop_rate: Any = 0.5
   update_every: int = 1
   total_steps: int = 1
   drop_criterion: str = "gradient"
@@ -455,16 +524,16 @@ class DynamicMask(engine.Region):
 
   def init(self, params):
     n = num_params(params)
-    k = num_kept(n, self.sparsity)
-    if k in (0, n):
-      init_key, key = jax.random.split(jax.random.key(self.seed))
+    k = keep_count(self.sparsity, n, jnp.zeros((), jnp.int32))
+    if isinstance(k, int) and k in (0, n):
+      _, key = jax.random.split(jax.random.key(self.seed))
       return DynamicMaskState(
           mask=_full_mask(params, k == n),
           refreshes=jnp.zeros((), jnp.int32),
           key=jax.random.key_data(key),
       )
     return _random_mask_state(
-        jnp.asarray(self.seed, jnp.uint32), params, jnp.int32(k)
+        jnp.asarray(self.seed, jnp.uint32), params, jnp.asarray(k, jnp.int32)
     )
 
   def _scores(self, criterion, step, key):
@@ -476,11 +545,11 @@ class DynamicMask(engine.Region):
 
   def select(self, step, state):
     n = num_params(step.params)
-    k = num_kept(n, self.sparsity)
+    k = keep_count(self.sparsity, n, step.count)
     zero = jnp.zeros((), jnp.int32)
-    if k == n:
+    if isinstance(k, int) and k == n:
       return None, state, zero
-    if k == 0:
+    if isinstance(k, int) and k == 0:
       return state.mask, state, zero
     refresh = (step.count % self.update_every == 0) & (step.count > 0)
 
@@ -488,10 +557,18 @@ class DynamicMask(engine.Region):
       key = jax.random.wrap_key_data(state.key)
       key, drop_key, grow_key = jax.random.split(key, 3)
       dr = cosine_drop_rate(step.count, self.drop_rate, self.total_steps)
-      n_keep, n_grow = dynamic_counts(
-          dr, n, k, self.sparsity, self.exact_count
-      )
       alive = state.mask
+      n_alive = sum(
+          jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(alive)
+      )
+      s_t = (
+          base.resolve(self.sparsity, step.count)
+          if callable(self.sparsity)
+          else self.sparsity
+      )
+      n_keep, n_grow = dynamic_counts(
+          dr, n, k, n_alive, s_t, self.exact_count
+      )
       dead = jax.tree.map(jnp.logical_not, alive)
       keep = top_k_mask(
           self._scores(self.drop_criterion, step, drop_key),
@@ -546,29 +623,33 @@ def _uniform_like(key, params) -> PyTree:
 # --------------------------------------------------------------------------
 
 
-def _static_float(name: str, value: Any, low: float, high: float) -> float:
-  """A concrete float in [low, high] (schedules/traced values are refused)."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
+def _check_fraction(name: str, value: Any) -> Any:
+  """A float, array or schedule; a concrete value must lie in [0, 1]."""
+  if isinstance(value, (bool, np.bool_)) or isinstance(value, str):
+    raise ValueError(f"{name} must be a number in [0, 1] or a schedule, "
+                     f"got {value!r}")
+  base.check_scalar_or_schedule(name, value, 0.0, high=1.0)
+  return value
+
+
+def _static_int(name: str, value: Any, low: Optional[int]) -> int:
+  """A Python int; a concrete integer array is accepted, a traced one named."""
+  if isinstance(value, jax.core.Tracer):
     raise ValueError(
-        f"{name} must be a concrete number in [{low:g}, {high:g}] (it fixes "
-        "the mask size at trace time; with optax.inject_hyperparams list it "
-        f"in static_args), got {value!r}"
+        f"{name} must be a concrete integer (with optax.inject_hyperparams "
+        f"list it in static_args), got a traced value"
     )
-  base.check_range(name, value, low, high)
-  return float(np.asarray(value))
-
-
-def _static_int(name: str, value: Any, low: int) -> int:
-  if isinstance(value, (np.ndarray, jax.Array)) and not isinstance(
-      value, jax.core.Tracer
-  ) and np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype,
-                                              np.integer):
+  if (
+      isinstance(value, (np.ndarray, np.integer, jax.Array))
+      and np.ndim(value) == 0
+      and np.issubdtype(np.asarray(value).dtype, np.integer)
+  ):
     value = int(value)
   return base.check_int(name, value, low)
 
 
 def fisher_mask(
-    sparsity: float = 0.5,
+    sparsity: Any = 0.5,
     *,
     num_samples: int = 16,
     update_every: int,
@@ -576,12 +657,12 @@ def fisher_mask(
     batch_axes: Any = 0,
 ) -> FisherMask:
   """A checked :class:`FisherMask` (SSAM-F's region)."""
-  sparsity = _static_float("sparsity", sparsity, 0.0, 1.0)
+  sparsity = _check_fraction("sparsity", sparsity)
   num_samples = _static_int("num_samples", num_samples, 1)
   update_every = _static_int("update_every", update_every, 1)
   chunk_size = _static_int("chunk_size", chunk_size, 1)
   for ax in jax.tree.leaves(batch_axes, is_leaf=lambda x: x is None):
-    if ax not in (0, None):
+    if ax not in (0, None) or isinstance(ax, bool):
       raise ValueError(f"batch_axes leaves must be 0 or None, got {ax!r}")
   return FisherMask(
       sparsity=sparsity,
@@ -593,9 +674,9 @@ def fisher_mask(
 
 
 def dynamic_mask(
-    sparsity: float = 0.5,
+    sparsity: Any = 0.5,
     *,
-    drop_rate: float = 0.5,
+    drop_rate: Any = 0.5,
     update_every: int,
     total_steps: int,
     drop_criterion: str = "gradient",
@@ -604,8 +685,13 @@ def dynamic_mask(
     exact_count: bool = True,
 ) -> DynamicMask:
   """A checked :class:`DynamicMask` (SSAM-D's region)."""
-  sparsity = _static_float("sparsity", sparsity, 0.0, 1.0)
-  drop_rate = _static_float("drop_rate", drop_rate, 0.0, 1.0)
+  sparsity = _check_fraction("sparsity", sparsity)
+  if callable(drop_rate):
+    raise ValueError(
+        "drop_rate must be a number in [0, 1] (its decay is the built-in "
+        f"cosine over total_steps), got {drop_rate!r}"
+    )
+  drop_rate = _check_fraction("drop_rate", drop_rate)
   update_every = _static_int("update_every", update_every, 1)
   total_steps = _static_int("total_steps", total_steps, 1)
   base.check_choice("drop_criterion", drop_criterion, CRITERIA)
@@ -642,7 +728,7 @@ def _ssam_engine(loss_fn, rho, region, skip, has_aux, axis_name, eps):
 def ssam_fisher(
     loss_fn: Callable,
     rho: base.ScalarOrSchedule = 0.05,
-    sparsity: float = 0.5,
+    sparsity: base.ScalarOrSchedule = 0.5,
     *,
     num_samples: int = 16,
     update_every: int,
@@ -683,7 +769,9 @@ def ssam_fisher(
       one-example batches (leading axis of size 1).
     rho: radius, float or schedule; default 0.05 (the authors' CIFAR value).
     sparsity: share of entries NOT perturbed, in [0, 1]; default 0.5. A
-      static float (it fixes the mask size).
+      plain number fixes ``K`` exactly at trace time (and 0 / 1 take the
+      shortcuts above); an array (``optax.inject_hyperparams``) or a schedule
+      of the step count is read at each refresh, with ``K`` in float32.
     num_samples: examples for the Fisher, >= 1 and at most the batch size
       (checked when the step is traced); default 16 (the authors' CIFAR-10
       run; 128 on ImageNet).
@@ -692,9 +780,13 @@ def ssam_fisher(
     batch_axes: 0 when every batch leaf is batched on its leading axis
       (default); otherwise a prefix pytree of the batch with 0 (sliced) or
       None (passed whole: model state, a PRNG key) per leaf.
-    has_aux, axis_name, eps: as in :func:`sam`. Under ``axis_name`` each
-      device uses its own first ``num_samples`` examples and the Fisher is
-      summed over devices before the top-k, so all masks are identical.
+    has_aux, axis_name, eps: as in :func:`sam`. Under ``axis_name`` the
+      examples are the first ``num_samples`` of the global batch, which is
+      taken to be split contiguously over the axis (``pmap`` over a reshaped
+      batch, ``shard_map`` with ``P(axis)``): each device computes the
+      per-example gradients of its own examples among them, and the Fisher
+      is summed over the axis before the top-k, so every device holds the
+      same mask, the one a single-device run would compute.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -719,14 +811,20 @@ def ssam_fisher(
       batch_axes=batch_axes,
   )
   return _ssam_engine(
-      loss_fn, rho, region, region.sparsity == 1.0, has_aux, axis_name, eps
+      loss_fn,
+      rho,
+      region,
+      static_sparsity(region.sparsity) == 1.0,
+      has_aux,
+      axis_name,
+      eps,
   )
 
 
 def ssam_dynamic(
     loss_fn: Callable,
     rho: base.ScalarOrSchedule = 0.05,
-    sparsity: float = 0.5,
+    sparsity: base.ScalarOrSchedule = 0.5,
     *,
     drop_rate: float = 0.5,
     update_every: int,
@@ -776,8 +874,12 @@ def ssam_dynamic(
   Args:
     loss_fn: ``loss_fn(params, batch)``.
     rho: radius, float or schedule; default 0.05.
-    sparsity: share of entries NOT perturbed, static float in [0, 1].
-    drop_rate: initial drop rate in [0, 1]; default 0.5.
+    sparsity: share of entries NOT perturbed, in [0, 1]; a plain number
+      (exact ``K``, shortcuts for 0 and 1), an array or a schedule (``K`` in
+      float32 at each refresh; when it changes, the next refresh moves the
+      mask to the new size: :func:`dynamic_counts`).
+    drop_rate: initial drop rate in [0, 1] (a number or an array); default
+      0.5.
     update_every: refresh period in steps, >= 1 (required; the authors
       refresh once per epoch).
     total_steps: length of the cosine decay in steps, >= 1 (required).
@@ -809,7 +911,13 @@ def ssam_dynamic(
       exact_count=exact_count,
   )
   return _ssam_engine(
-      loss_fn, rho, region, region.sparsity == 1.0, has_aux, axis_name, eps
+      loss_fn,
+      rho,
+      region,
+      static_sparsity(region.sparsity) == 1.0,
+      has_aux,
+      axis_name,
+      eps,
   )
 
 
