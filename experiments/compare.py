@@ -1,0 +1,396 @@
+"""Compare every method with the same base settings: ``python -m experiments.compare``.
+
+With no arguments it runs the embedded default (well under 10 minutes on a
+2-core CPU): the scikit-learn digits with 30% symmetric label noise, the
+small CNN (``digits_cnn``), 60 epochs, batch 64, SGD momentum 0.9, lr 0.05
+cosine, weight decay 5e-4, SGD and every method in the registry
+(``experiments/methods.py``) at its published defaults, 3 seeds. It writes
+
+* ``OUT/results.json``: the settings, the command, every run (per-epoch
+  history, wall-clock, compile time, gradient evaluations, the method's
+  diagnostics) and the per-method summary;
+* ``OUT/results.md``: the table (test accuracy mean ± std over seeds,
+  wall-clock time relative to SGD, second-gradient evaluations relative to
+  SGD's gradient count);
+* ``OUT/accuracy_vs_cost.png``: accuracy against relative cost.
+
+``--full`` runs the papers' protocol instead (CIFAR-10, ResNet-18, 200
+epochs, batch 128, lr 0.1, weight decay 5e-4, crop+flip, 3 seeds; needs the
+data prepared for TFDS and an accelerator). Any base setting can be
+overridden (``--dataset``, ``--model``, ``--epochs``, ...). Methods are
+``--methods sgd,sam,looksam`` with optional overrides,
+``--methods "sam:rho=0.1,looksam:k=10"`` (a comma before a name starts a new
+method); ``--rho-grid 0.05,0.1,0.2`` runs every method at each rho instead of
+its default.
+
+Runs are interleaved (for each seed, every method) so that a drift in the
+machine's load spreads over all methods, and each method is compiled once
+for all its seeds. Wall-clock excludes compilation and evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from experiments import methods as methods_lib
+from experiments import plots
+from experiments import train as train_lib
+
+#: The base settings of each protocol (command-line flags override them).
+PROTOCOLS = {
+    "default": dict(
+        dataset="digits", model="digits_cnn", epochs=60, batch_size=64,
+        lr=0.05, weight_decay=5e-4, label_noise=0.3, seeds=3,
+        out="experiments/results/digits",
+    ),
+    "full": dict(
+        dataset="cifar10", model="resnet18", epochs=200, batch_size=128,
+        lr=0.1, weight_decay=5e-4, label_noise=0.0, seeds=3,
+        out="experiments/results/{dataset}_{model}",
+    ),
+}
+
+
+def parse_methods(text: Optional[str]) -> list[tuple[str, dict]]:
+  """``"sgd,sam:rho=0.1,k=2,looksam"`` -> ``[(sgd, {}), (sam, {rho: .1,
+  k: 2}), (looksam, {})]``: an item with ``=`` belongs to the method before
+  it. None: SGD and every available method at its defaults."""
+  if not text:
+    return [(m, {}) for m in methods_lib.available()]
+  out: list[tuple[str, dict]] = []
+  for item in (s.strip() for s in text.split(",") if s.strip()):
+    if "=" in item and ":" not in item:
+      if not out:
+        raise ValueError(f"--methods: {item!r} comes before any method name")
+      k, v = item.split("=", 1)
+      out[-1][1][k.strip()] = train_lib.parse_value(v.strip())
+      continue
+    name, _, first = item.partition(":")
+    name = name.strip()
+    if name not in methods_lib.METHODS:
+      raise ValueError(
+          f"--methods: unknown method {name!r}; choose from "
+          f"{sorted(methods_lib.METHODS)}"
+      )
+    if name not in methods_lib.available():
+      raise ValueError(
+          f"--methods: {name!r} is not in this sam_optax yet; available: "
+          f"{methods_lib.available()}"
+      )
+    args = {}
+    if first:
+      k, sep, v = first.partition("=")
+      if not sep:
+        raise ValueError(f"--methods: expected key=value after {name}:")
+      args[k.strip()] = train_lib.parse_value(v.strip())
+    out.append((name, args))
+  return out
+
+
+def expand_rho_grid(
+    specs: list[tuple[str, dict]], grid: Optional[list[float]]
+) -> list[tuple[str, dict]]:
+  """Every method other than SGD (and other than a full optimizer, whose rho
+  means something else) at each rho of ``grid``."""
+  if not grid:
+    return specs
+  out = []
+  for name, args in specs:
+    spec = methods_lib.METHODS[name]
+    if spec.constructor is None or spec.full_optimizer or "rho" in args:
+      out.append((name, args))
+      continue
+    for rho in grid:
+      out.append((name, dict(args, rho=rho)))
+  return out
+
+
+def label(name: str, args: dict) -> str:
+  if not args:
+    return name
+  return f"{name} (" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")"
+
+
+def _std(x) -> float:
+  x = np.asarray(x, np.float64)
+  return float(np.std(x, ddof=1)) if x.size > 1 else 0.0
+
+
+def summarise(runs: list[dict], order: list[str]) -> list[dict]:
+  """Per-method rows: accuracy mean/std, cost relative to SGD."""
+  by_label: dict[str, list[dict]] = {lab: [] for lab in order}
+  for r in runs:
+    by_label[r["label"]].append(r)
+  sgd_runs = [r for r in by_label.get("sgd", []) if "error" not in r]
+  sgd_time = {r["seed"]: r["train_s"] for r in sgd_runs}
+  sgd_mean_time = np.mean(list(sgd_time.values())) if sgd_time else None
+  rows = []
+  for lab in order:
+    rs = by_label[lab]
+    ok = [r for r in rs if "error" not in r]
+    row: dict[str, Any] = {
+        "label": lab,
+        "method": rs[0]["method"] if rs else lab.split(" ")[0],
+        "method_args": rs[0]["method_args"] if rs else {},
+        "seeds": [r["seed"] for r in ok],
+    }
+    if not ok:
+      row.update(acc_mean=None, error=rs[0].get("error") if rs else "no runs")
+      rows.append(row)
+      continue
+    accs = [r["final_test_acc"] for r in ok]
+    times = [r["train_s"] for r in ok]
+    second = [r["second_grads_per_step"] for r in ok]
+    # Relative wall-clock per seed (same seed's SGD run), then averaged.
+    per_seed = [
+        r["train_s"] / sgd_time[r["seed"]] for r in ok if r["seed"] in sgd_time
+    ]
+    row.update(
+        acc_mean=float(np.mean(accs)),
+        acc_std=_std(accs),
+        accs=accs,
+        train_s_mean=float(np.mean(times)),
+        compile_s=float(np.mean([r["compile_s"] for r in ok])),
+        time_rel=(
+            float(np.mean(times) / sgd_mean_time) if sgd_mean_time else None
+        ),
+        time_rel_std=_std(per_seed) if per_seed else None,
+        second_rel=float(np.mean(second)),
+        grads_rel=1.0 + float(np.mean(second)),
+    )
+    rows.append(row)
+  return rows
+
+
+def _fmt(x, spec, dash="–"):
+  return dash if x is None else format(x, spec)
+
+
+def table(rows: list[dict]) -> str:
+  """The markdown table of :func:`summarise`'s rows."""
+  lines = [
+      "| method | test accuracy (%) | wall-clock vs SGD | second-gradient "
+      "evals / SGD gradients | train s / run | compile s |",
+      "|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    if r.get("acc_mean") is None:
+      lines.append(f"| {r['label']} | failed: {r.get('error', '')[:80]} "
+                   "| | | | |")
+      continue
+    lines.append(
+        f"| {r['label']} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}"
+        f" | {_fmt(r['time_rel'], '.2f')}×"
+        f" | {r['second_rel']:.2f}"
+        f" | {r['train_s_mean']:.1f} | {r['compile_s']:.1f} |"
+    )
+  return "\n".join(lines)
+
+
+def findings(rows: list[dict]) -> list[str]:
+  """Plain statements read off the table (no judgement beyond the numbers)."""
+  ok = {r["label"]: r for r in rows if r.get("acc_mean") is not None}
+  out = []
+  sgd, sam = ok.get("sgd"), ok.get("sam")
+  if sgd and sam:
+    d = 100 * (sam["acc_mean"] - sgd["acc_mean"])
+    verdict = "beats" if d > 0 else "does not beat"
+    out.append(
+        f"SAM {verdict} SGD: {100 * sam['acc_mean']:.2f}% vs "
+        f"{100 * sgd['acc_mean']:.2f}% ({d:+.2f} points; stds "
+        f"{100 * sam['acc_std']:.2f} / {100 * sgd['acc_std']:.2f})."
+    )
+  if sam:
+    reach, short = [], []
+    for lab, r in ok.items():
+      if lab in ("sgd", "sam") or r["method"] == "sam":
+        continue
+      desc = (f"{lab} ({100 * r['acc_mean']:.2f}%, "
+              f"{_fmt(r['time_rel'], '.2f')}× SGD time, "
+              f"{r['grads_rel']:.2f} gradients/step)")
+      (reach if r["acc_mean"] >= sam["acc_mean"] - sam["acc_std"]
+       else short).append(desc)
+    if reach:
+      out.append("Within one SAM standard deviation of SAM's accuracy or "
+                 "above: " + "; ".join(reach) + ".")
+    if short:
+      out.append("Below that: " + "; ".join(short) + ".")
+  return out
+
+
+def write_outputs(out: str, meta: dict, runs: list[dict], rows: list[dict],
+                  done: bool = True) -> None:
+  os.makedirs(out, exist_ok=True)
+  train_lib._write_json(  # pylint: disable=protected-access
+      os.path.join(out, "results.json"),
+      dict(meta, complete=done, summary=rows, runs=runs),
+  )
+  if not done:
+    return
+  cfg = meta["base_config"]
+  settings = (
+      f"{cfg['dataset']}, label noise {meta['label_noise']}, "
+      f"{cfg['model']}, {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
+      f"SGD momentum {cfg['momentum']}, lr {cfg['lr']} cosine, weight decay "
+      f"{cfg['weight_decay']}, {meta['seeds']} seeds"
+  )
+  md = [
+      f"# Comparison on {cfg['dataset']}",
+      "",
+      f"Command: `{meta['command']}`",
+      "",
+      f"Settings: {settings}. Every method at its registry defaults "
+      "(`experiments/methods.py`) unless the row says otherwise.",
+      f"Machine: {meta['machine']}; total {meta['total_s'] / 60:.1f} min.",
+      "",
+      table(rows),
+      "",
+      "Test accuracy after the last epoch, mean ± sample std over seeds. "
+      "Wall-clock: training time (compilation and evaluation excluded) "
+      "divided by SGD's, averaged over seeds. Second-gradient evals / SGD "
+      "gradients: the gradient evaluations a method makes inside its "
+      "transform (`sam_optax.stats(...)['grad_evals']`) per training step, "
+      "i.e. relative to SGD's one gradient per step (SAM: 1.00).",
+      "",
+  ]
+  md += [f"- {s}" for s in findings(rows)]
+  md += ["", "![accuracy vs cost](accuracy_vs_cost.png)", ""]
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write("\n".join(md))
+  plots.accuracy_vs_cost(
+      rows, os.path.join(out, "accuracy_vs_cost.png"),
+      title=f"{settings}",
+  )
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  p = argparse.ArgumentParser(
+      prog="python -m experiments.compare",
+      description="Train SGD and every method with the same base settings.",
+  )
+  train_lib.add_base_arguments(p)
+  # Protocol-dependent defaults are filled in below.
+  for action in p._actions:  # pylint: disable=protected-access
+    if action.dest in ("dataset", "model", "epochs", "batch_size", "lr",
+                       "weight_decay"):
+      action.default = None
+  p.add_argument("--full", action="store_true",
+                 help="the papers' protocol: CIFAR-10 (or --dataset), "
+                 "ResNet-18 (or --model), 200 epochs, batch 128, lr 0.1")
+  p.add_argument("--methods", default=None,
+                 help="comma-separated, e.g. sgd,sam:rho=0.1,looksam "
+                 "(default: SGD and every available method)")
+  p.add_argument("--rho-grid", default=None,
+                 help="comma-separated rhos: every method at each")
+  p.add_argument("--seeds", type=int, default=None)
+  p.add_argument("--out", default=None)
+  p.add_argument("--verbose", action="store_true", help="per-epoch logs")
+  p.add_argument("--no-progress", action="store_true")
+  args = p.parse_args(argv)
+
+  proto = dict(PROTOCOLS["full" if args.full else "default"])
+  for key in ("dataset", "model", "epochs", "batch_size", "lr",
+              "weight_decay", "label_noise", "seeds"):
+    if getattr(args, key) is None:
+      setattr(args, key, proto[key])
+  if args.dataset != "digits" and args.model == "digits_cnn":
+    args.model = "resnet18"
+  out = args.out or proto["out"].format(dataset=args.dataset, model=args.model)
+  if args.out is None and not args.full and args.dataset != "digits":
+    out = f"experiments/results/{args.dataset}_{args.model}"
+  if args.seeds < 1:
+    p.error("--seeds must be >= 1")
+
+  specs = parse_methods(args.methods)
+  grid = ([float(x) for x in args.rho_grid.split(",")]
+          if args.rho_grid else None)
+  specs = expand_rho_grid(specs, grid)
+  if not any(n == "sgd" and not a for n, a in specs):
+    specs.insert(0, ("sgd", {}))  # the reference every ratio is taken to
+  labels = [label(n, a) for n, a in specs]
+  if len(set(labels)) != len(labels):
+    p.error(f"--methods lists a method twice: {labels}")
+
+  base = train_lib.config_from_args(args)
+  meta = {
+      "command": "python -m experiments.compare"
+                 + ("" if not argv else " " + shlex.join(argv)),
+      "base_config": base.to_dict(),
+      "label_noise": base.noise,
+      "methods": [{"label": lab, "method": n, "method_args": a}
+                  for lab, (n, a) in zip(labels, specs)],
+      "seeds": args.seeds,
+      "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
+                 f"jax {jax.__version__} on {jax.default_backend()}",
+      "registry_defaults": {
+          n: dict(methods_lib.METHODS[n].defaults) for n, _ in specs
+      },
+  }
+  print(f"compare: {len(specs)} methods x {args.seeds} seeds -> {out}",
+        flush=True)
+  t_start = time.perf_counter()
+  trainers: dict[str, train_lib.Trainer] = {}
+  runs: list[dict] = []
+  bar = None
+  if not args.no_progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+    bar = tqdm(total=len(specs) * args.seeds, dynamic_ncols=True)
+  for seed in range(args.seeds):
+    for lab, (name, margs) in zip(labels, specs):
+      if bar is not None:
+        bar.set_description(f"seed {seed} {lab}")
+      run = {"label": lab, "method": name, "method_args": margs, "seed": seed}
+      try:
+        if lab not in trainers:
+          cfg = train_lib.Config(**dict(
+              base.to_dict(), method=name, method_args=margs, seed=0
+          ))
+          trainers[lab] = train_lib.Trainer(cfg)
+        res = trainers[lab].run(
+            seed,
+            log=(lambda s, lab=lab, seed=seed: print(f"[{lab} s{seed}] {s}"))
+            if args.verbose else None,
+            progress=False,
+        )
+        res.pop("state")
+        res.pop("config")
+        run.update(res)
+      except Exception as e:  # pylint: disable=broad-except
+        # One broken method must not lose the others' results.
+        run["error"] = f"{type(e).__name__}: {e}"
+        print(f"\n{lab} seed {seed} failed:\n{traceback.format_exc()}",
+              file=sys.stderr, flush=True)
+      runs.append(run)
+      if bar is not None:
+        bar.update(1)
+        if "final_test_acc" in run:
+          bar.set_postfix(acc=f"{100 * run['final_test_acc']:.1f}")
+      write_outputs(out, meta, runs, summarise(runs, labels), done=False)
+  if bar is not None:
+    bar.close()
+  meta["total_s"] = time.perf_counter() - t_start
+  rows = summarise(runs, labels)
+  write_outputs(out, meta, runs, rows)
+  print(table(rows))
+  for s in findings(rows):
+    print("-", s)
+  print(f"wrote {out}/results.json, results.md, accuracy_vs_cost.png "
+        f"({meta['total_s'] / 60:.1f} min)")
+  return {"rows": rows, "runs": runs, "out": out}
+
+
+if __name__ == "__main__":
+  main()
