@@ -41,6 +41,14 @@ from experiments import models
 
 ANCHOR = "optax_contrib_sam"
 
+# The fixed layer set of `layerwise_sam_fixed` per model: the output side.
+# SmallCNN: its two output layers. ResNet-18: the last conv with its norm, and
+# the head.
+FIXED_LAYERS = {
+    "small": ("fc", "head"),
+    "resnet18": ("stage4_1/Conv_1", "stage4_1/BatchNorm_1", "head"),
+}
+
 
 def make_problem(model_name: str, batch_size: int, seed: int = 0):
   """(params, loss_fn, batch) for the benchmark model on a synthetic batch."""
@@ -49,7 +57,7 @@ def make_problem(model_name: str, batch_size: int, seed: int = 0):
     model = models.SmallCNN(num_classes=10)
     shape = (batch_size, 32, 32, 3)
   elif model_name == "resnet18":
-    model = models.ResNet18(num_classes=10)  # pylint: disable=no-member
+    model = models.ResNet(num_classes=10)  # ResNet-18, CIFAR variant
     shape = (batch_size, 32, 32, 3)
   else:
     raise ValueError(f"--model must be 'small' or 'resnet18', got {model_name!r}")
@@ -88,7 +96,7 @@ def make_problem(model_name: str, batch_size: int, seed: int = 0):
 
 def build_steps(
     names: list[str], loss_fn: Callable, has_aux: bool, lr: float, steps_per_epoch: int,
-    total_steps: int,
+    total_steps: int, model_name: str = "small",
 ) -> dict[str, Callable]:
   """A jitted ``(params, opt_state, batch) -> (params, opt_state)`` per method."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
@@ -117,9 +125,13 @@ def build_steps(
       )
       steps[name] = make(tx, opaque=True)
     else:
+      overrides = (
+          {"layers": FIXED_LAYERS[model_name]}
+          if name == "layerwise_sam_fixed" else None
+      )
       tx = methods_lib.build(
           name, loss_fn, base(), steps_per_epoch=steps_per_epoch,
-          total_steps=total_steps, has_aux=has_aux,
+          total_steps=total_steps, has_aux=has_aux, overrides=overrides,
       )
       steps[name] = make(tx)
   return steps
@@ -153,7 +165,9 @@ def run(args) -> dict[str, Any]:
   names = args.methods
   params0, loss_fn, batch, has_aux = make_problem(args.model, args.batch_size)
   total = args.warmup + args.rounds * args.steps
-  steps = build_steps(names, loss_fn, has_aux, args.lr, args.steps_per_epoch, total)
+  steps = build_steps(
+      names, loss_fn, has_aux, args.lr, args.steps_per_epoch, total, args.model
+  )
   copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731
 
   carry, times, kinds = {}, {n: [] for n in names}, {n: [] for n in names}
