@@ -125,10 +125,11 @@ def build_steps(
       )
       steps[name] = make(tx, opaque=True)
     else:
-      overrides = (
-          {"layers": FIXED_LAYERS[model_name]}
-          if name == "layerwise_sam_fixed" else None
-      )
+      overrides = {}
+      if name == "layerwise_sam_fixed":
+        overrides["layers"] = FIXED_LAYERS[model_name]
+      if name == "ssam_fisher" and has_aux:  # model state is not per example
+        overrides["batch_axes"] = {"x": 0, "y": 0, "state": None}
       tx = methods_lib.build(
           name, loss_fn, base(), steps_per_epoch=steps_per_epoch,
           total_steps=total_steps, has_aux=has_aux, overrides=overrides,
