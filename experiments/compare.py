@@ -4,7 +4,8 @@ With no arguments it runs the embedded default (well under 10 minutes on a
 2-core CPU): the scikit-learn digits with 30% symmetric label noise, the
 small CNN (``digits_cnn``), 60 epochs, batch 64, SGD momentum 0.9, lr 0.05
 cosine, weight decay 5e-4, SGD and every method in the registry
-(``experiments/methods.py``) at its published defaults, 3 seeds. It writes
+(``experiments/methods.py``) at its published defaults, plus SAM at rho 0.1
+(the digits' known-good setting), 3 seeds. It writes
 
 * ``OUT/results.json``: the settings, the command, every run (per-epoch
   history, wall-clock, compile time, gradient evaluations, the method's
@@ -53,11 +54,15 @@ PROTOCOLS = {
         dataset="digits", model="digits_cnn", epochs=60, batch_size=64,
         lr=0.05, weight_decay=5e-4, label_noise=0.3, seeds=3,
         out="experiments/results/digits",
+        # SAM at rho 0.1 beside its default 0.05: the digits' known-good
+        # setting (the issue's reference run).
+        extra_methods=[("sam", {"rho": 0.1})],
     ),
     "full": dict(
         dataset="cifar10", model="resnet18", epochs=200, batch_size=128,
         lr=0.1, weight_decay=5e-4, label_noise=0.0, seeds=3,
         out="experiments/results/{dataset}_{model}",
+        extra_methods=[],
     ),
 }
 
@@ -122,6 +127,16 @@ def label(name: str, args: dict) -> str:
   return f"{name} (" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")"
 
 
+def method_settings(name: str, args: dict, trainer) -> dict:
+  """The keyword arguments the method was really built with."""
+  spec = methods_lib.METHODS[name]
+  out = dict(spec.defaults)
+  out.update(spec.run_args(trainer.steps_per_epoch, trainer.total_steps))
+  out.update(args)
+  return {k: (v if isinstance(v, (int, float, str, bool, tuple, list))
+              else repr(v)) for k, v in out.items()}
+
+
 def _std(x) -> float:
   x = np.asarray(x, np.float64)
   return float(np.std(x, ddof=1)) if x.size > 1 else 0.0
@@ -144,6 +159,7 @@ def summarise(runs: list[dict], order: list[str]) -> list[dict]:
         "method": rs[0]["method"] if rs else lab.split(" ")[0],
         "method_args": rs[0]["method_args"] if rs else {},
         "seeds": [r["seed"] for r in ok],
+        "settings": ok[0].get("settings", {}) if ok else {},
     }
     if not ok:
       row.update(acc_mean=None, error=rs[0].get("error") if rs else "no runs")
@@ -265,6 +281,11 @@ def write_outputs(out: str, meta: dict, runs: list[dict], rows: list[dict],
       "",
   ]
   md += [f"- {s}" for s in findings(rows)]
+  md += ["", "Method settings (registry defaults, run-length arguments and "
+         "overrides):", ""]
+  for r in rows:
+    kw = ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items())
+    md.append(f"- {r['label']}: {kw or '(base optimizer only)'}")
   md += ["", "![accuracy vs cost](accuracy_vs_cost.png)", ""]
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(md))
@@ -314,6 +335,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.error("--seeds must be >= 1")
 
   specs = parse_methods(args.methods)
+  if args.methods is None and not args.rho_grid:
+    specs += [(n, dict(a)) for n, a in proto["extra_methods"]
+              if n in methods_lib.available()]
   grid = ([float(x) for x in args.rho_grid.split(",")]
           if args.rho_grid else None)
   specs = expand_rho_grid(specs, grid)
@@ -368,6 +392,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         res.pop("state")
         res.pop("config")
         run.update(res)
+        run["settings"] = method_settings(name, margs, trainers[lab])
       except Exception as e:  # pylint: disable=broad-except
         # One broken method must not lose the others' results.
         run["error"] = f"{type(e).__name__}: {e}"

@@ -447,9 +447,9 @@ def test_compare_tiny_run_on_digits_writes_the_three_files(tmp_path):
   assert files == ["accuracy_vs_cost.png", "results.json", "results.md"]
   saved = json.load(open(os.path.join(out, "results.json")))
   md = open(os.path.join(out, "results.md")).read()
-  available = methods.available()
-  assert [r["label"] for r in saved["summary"]] == available
-  assert saved["complete"] and len(saved["runs"]) == 2 * len(available)
+  labels = methods.available() + ["sam (rho=0.1)"]
+  assert [r["label"] for r in saved["summary"]] == labels
+  assert saved["complete"] and len(saved["runs"]) == 2 * len(labels)
   assert "python -m experiments.compare --epochs 1" in md
   for row in saved["summary"]:
     assert f"| {row['label']} |" in md
@@ -471,6 +471,9 @@ def test_compare_tiny_run_on_digits_writes_the_three_files(tmp_path):
   by = {r["label"]: r for r in saved["summary"]}
   assert by["sgd"]["second_rel"] == 0.0 and by["sgd"]["time_rel"] == 1.0
   assert by["sam"]["second_rel"] == 1.0
+  assert by["sam"]["settings"] == {"rho": 0.05}
+  assert by["sam (rho=0.1)"]["settings"] == {"rho": 0.1}
+  assert "- sam (rho=0.1): rho=0.1" in md
   import matplotlib.image
 
   img = matplotlib.image.imread(os.path.join(out, "accuracy_vs_cost.png"))
