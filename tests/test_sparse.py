@@ -178,6 +178,9 @@ def test_fisher_scores_match_per_example_gradients():
       )
   )(params, dict(batch, s=jnp.float32(3.0)))
   np.testing.assert_allclose(flat(got), 9.0 * want, rtol=1e-5, atol=1e-9)
+  # Model state left batched by mistake: the error names the leaves.
+  with pytest.raises(ValueError, match=r"'state/mean': 5.*batch_axes"):
+    sparse.fisher_scores(mlp_loss, params, dict(batch, state={"mean": jnp.ones(5)}), 2)
 
 
 # --------------------------------------------------------------------------

@@ -271,8 +271,17 @@ def fisher_scores(
         "(batch_axes 0)"
     )
   if len(sizes) > 1:
+    paths = base.leaf_paths(batch)
+    found = {
+        path: int(np.shape(x)[0])
+        for path, x, ax in zip(paths, leaves, ax_leaves)
+        if ax == 0 and np.ndim(x) > 0
+    }
     raise ValueError(
-        f"batched leaves of the batch disagree on the batch size: {sorted(sizes)}"
+        "per-example gradients slice every batch leaf marked 0 in batch_axes "
+        f"on its leading axis, but their sizes differ: {found}; mark the "
+        "leaves that are not per example (model state, a PRNG key) None in "
+        "batch_axes, e.g. batch_axes={'x': 0, 'y': 0, 'state': None}"
     )
   local = sizes.pop()
   devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
@@ -941,8 +950,8 @@ def ssam(
   the parameter's shape, or a single bool for the whole tensor. A mismatch
   fails at ``init`` with the paths that differ. A mask known at construction
   to hold no True at all returns ``g`` with no second gradient. Use it to
-  freeze a mask found earlier, e.g. ``sam_optax.stats(state)`` of a
-  :func:`ssam_fisher` run, or the mask from its state.
+  freeze a mask found earlier, e.g. the one in a :func:`ssam_fisher` state
+  (``opt_state[0].region.mask`` in ``optax.chain(ssam_fisher(...), ...)``).
 
   Args:
     loss_fn: ``loss_fn(params, batch)``.
@@ -958,13 +967,18 @@ def ssam(
     >>> float(sam_optax.stats(tx.init(params))["mask_density"])
     0.4000000059604645
   """
-  region = region_lib.fixed_mask(mask)
-  # Always an element-wise (array) mask: a leaf outside it still receives
-  # its gradient at the perturbed point (the dense output of Sparse SAM).
-  arrays = jax.tree.map(lambda m: np.asarray(m, bool), mask)
-  region = region_lib.FixedMask(mask=arrays)
-  concrete = all(
-      not isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(mask)
+  region_lib.fixed_mask(mask)  # checks that every leaf is boolean
+  # Always an element-wise (array) mask, never the engine's static leaf set:
+  # a leaf outside the mask still gets its gradient at the perturbed point
+  # (the dense output of Sparse SAM), not the clean one.
+  arrays = jax.tree.map(
+      lambda m: m if isinstance(m, jax.Array) else np.asarray(m, bool), mask
+  )
+  concrete = not any(
+      isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(arrays)
   )
   skip = concrete and not any(np.any(m) for m in jax.tree.leaves(arrays))
-  return _ssam_engine(loss_fn, rho, region, skip, has_aux, axis_name, eps)
+  return _ssam_engine(
+      loss_fn, rho, region_lib.FixedMask(mask=arrays), skip, has_aux,
+      axis_name, eps,
+  )
