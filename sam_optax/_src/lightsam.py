@@ -32,7 +32,7 @@ from sam_optax._src import engine
 VARIANTS = ("adagrad_norm", "adagrad", "adam")
 
 #: Default rho per variant, chosen on the benchmark problem (see lightsam()).
-DEFAULT_RHO = {"adagrad_norm": 0.05, "adagrad": 0.005, "adam": 0.005}
+DEFAULT_RHO = {"adagrad_norm": 0.1, "adagrad": 0.003, "adam": 3e-4}
 
 #: Default eps: accumulators start at eps² (ALGORITHMS.md §8).
 DEFAULT_EPS = 1e-8
@@ -346,7 +346,12 @@ def lightsam(
 
   SAM whose ascent and descent both use an adaptive optimizer, so that
   training converges for any choice of ``rho`` and ``learning_rate`` (the
-  paper's claim; see the test ``test_parameter_agnostic_sweep``). ``s`` is
+  paper's claim, under its assumptions). Made concrete in the test
+  ``test_parameter_agnostic_sweep``: on least squares, rho in [0.01, 1] and
+  lr in [0.1, 10], I and II converge on the whole grid where SAM + SGD
+  diverges or stalls on most of it; III is agnostic to lr there but not to
+  rho. In a finite run a large rho still costs accuracy (see the defaults
+  below). ``s`` is
   the clean gradient (``updates``), ``gs = ∇L_B(w + e)`` the gradient at the
   perturbed point on the same batch::
 
@@ -370,16 +375,32 @@ def lightsam(
 
   In II and III ``rho`` acts per coordinate (``‖e‖`` is about ``rho *
   sqrt(#params)`` on the first step, ``rho * 3.16 * sqrt(#params)`` for III
-  without bias correction), so good values are much smaller than SAM's 0.05.
-  Default ``rho`` per variant [ours]: ``adagrad_norm`` 0.05, ``adagrad``
-  0.005, ``adam`` 0.005, chosen on the benchmark problem (see below).
+  without bias correction), so good values are much smaller than SAM's 0.05
+  and shrink as the model grows. In I and II ``‖e‖`` decays like
+  ``1/sqrt(t)`` as ``u`` accumulates; in III it does not (``u`` is an
+  average), so III's rho acts like a fixed radius and too large a value
+  stalls training as it does plain SAM.
+
+  Default ``rho`` per variant [ours]: ``adagrad_norm`` 0.1, ``adagrad``
+  0.003, ``adam`` 3e-4. How they were chosen: the benchmark's ``SmallCNN``
+  (``experiments.models``, 128k parameters on 8x8 inputs) trained on
+  scikit-learn's digits (1437 train / 360 test images, batch 64, 15 epochs,
+  2 seeds) with ``learning_rate`` 1.0 / 0.01 / 0.001 (the registry's values);
+  rho on a half-decade grid (I: 0.1 to 3, II: 1e-3 to 3e-2, III: 1e-4 to
+  3e-3); the default is the rho > 0 with the best mean test accuracy (I
+  95.97%, II 98.75%, III 98.75%). The next grid value up already costs
+  accuracy and the one after it stops training (I at rho 3: 44%, II at
+  0.03: 86%, III at 3e-3: 39%). On that small, easy problem no rho beat
+  ``rho = 0`` by more than the noise (95.83%, 98.89%, 98.61%): treat the
+  defaults as a safe scale to tune from, not a tuned value.
 
   Args:
     loss_fn: ``loss_fn(params, batch)`` (``(loss, aux)`` with ``has_aux``).
     learning_rate: ``lr`` > 0, float or schedule of the step count.
     rho: perturbation scale >= 0, float or schedule; None takes the
-      variant's default. ``rho = 0`` gives the plain adaptive optimizer on the
-      clean gradient with no second gradient.
+      variant's default (0.1, 0.003, 3e-4; see above). ``rho = 0`` gives
+      the plain adaptive optimizer on the clean gradient with no second
+      gradient.
     variant: ``"adagrad_norm"`` (I, the paper's main method), ``"adagrad"``
       (II) or ``"adam"`` (III).
     b1, b2: Adam's moment decays in [0, 1) (variant III only).
