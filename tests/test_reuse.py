@@ -674,3 +674,110 @@ def test_inject_hyperparams_decay_and_alpha():
         mlp_loss
     )
     jax.jit(lambda s: tx.update(p, s, p, batch=batch_at(0)))(tx.init(p))
+
+
+# --------------------------------------------------------------------------
+# Convolutions in a skipped-able branch stay on XLA:CPU's fast path.
+# --------------------------------------------------------------------------
+
+
+def conv_params(seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+  return {
+      "c1": jax.random.normal(ks[0], (3, 3, 2, 4)) * 0.3,  # HWIO, stride 2
+      "c2": jax.random.normal(ks[1], (3, 3, 1, 4)) * 0.3,  # depthwise, dilated
+      "c3": jax.random.normal(ks[2], (4, 4, 2, 2)) * 0.3,  # OIHW on NCHW
+      "c4": jax.random.normal(ks[3], (3, 4, 4)) * 0.3,  # 1-D, WIO
+      "head": jax.random.normal(ks[4], (4, 3)) * 0.3,
+  }
+
+
+@jax.jit
+def _nested_conv(x, k):  # a jit inside the loss: its convolutions count too
+  return jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", rhs_dilation=(2, 2), feature_group_count=4,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+
+
+def conv_loss(p, batch):
+  x, y = batch
+  h = jax.lax.conv_general_dilated(
+      x, p["c1"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  h = jnp.tanh(_nested_conv(jnp.tanh(h), p["c2"]))
+  h = jnp.transpose(h, (0, 3, 1, 2))  # NCHW
+  h = jax.lax.conv_general_dilated(
+      h, p["c3"], (1, 1), [(1, 1), (0, 0)],
+      dimension_numbers=("NCHW", "OIHW", "NCHW"),
+  )
+  h = jnp.transpose(h, (0, 2, 3, 1)).reshape(h.shape[0], -1, 4)  # N, W, C
+  h = jax.lax.conv_general_dilated(
+      jnp.tanh(h), p["c4"], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC")
+  )
+  out = jnp.mean(h, axis=1) @ p["head"]
+  return jnp.mean((out - y) ** 2)
+
+
+def conv_batch(seed=0):
+  rng = np.random.default_rng(seed)
+  return (
+      jnp.asarray(rng.standard_normal((2, 8, 8, 2)), jnp.float32),
+      jnp.asarray(rng.standard_normal((2, 3)), jnp.float32),
+  )
+
+
+def _conv_dim_labels(compiled_text):
+  import re  # pylint: disable=g-import-not-at-top
+
+  return re.findall(r"convolution\(.*dim_labels=([^,\s]+)", compiled_text)
+
+
+def test_canonical_conv_grad_values_and_compiled_form():
+  from sam_optax._src import canonical_conv  # pylint: disable=g-import-not-at-top
+
+  p, batch = conv_params(), conv_batch()
+  want = jax.jit(jax.grad(conv_loss))(p, batch)
+
+  def in_cond(grad):
+    return jax.jit(
+        lambda p, b, c: jax.lax.cond(
+            c, lambda: grad(conv_loss)(p, b),
+            lambda: jax.tree.map(jnp.zeros_like, p),
+        )
+    )
+
+  fast, slow = in_cond(canonical_conv.grad), in_cond(jax.grad)
+  chex.assert_trees_all_close(
+      fast(p, batch, True), want, rtol=1e-5, atol=1e-6
+  )
+  labels = _conv_dim_labels(fast.lower(p, batch, True).compile().as_text())
+  # 4 forward, 4 kernel-gradient and 3 input-gradient convolutions (the
+  # input itself is not differentiated), all canonical
+  assert len(labels) == 11, labels
+  assert set(labels) <= {"b01f_01io->b01f", "b0f_0io->b0f"}, labels
+  # the control: without the rewrite XLA:CPU leaves them as they are
+  labels = _conv_dim_labels(slow.lower(p, batch, True).compile().as_text())
+  assert not set(labels) <= {"b01f_01io->b01f", "b0f_0io->b0f"}, labels
+
+
+def test_gated_second_gradient_of_a_cnn_is_canonical():
+  p, batch = conv_params(), conv_batch()
+  tx = sam_optax.looksam(conv_loss, k=2)
+
+  def step(p, s, b):
+    return tx.update(jax.grad(conv_loss)(p, b), s, p, batch=b)
+
+  step = jax.jit(step)
+  s = tx.init(p)
+  labels = _conv_dim_labels(step.lower(p, s, batch).compile().as_text())
+  assert set(labels) <= {"b01f_01io->b01f", "b0f_0io->b0f"}, labels
+  for t in range(3):  # SAM, reuse, SAM: values of the formula
+    u, s = step(p, s, batch)
+    if t % 2 == 0:
+      g = jax.grad(conv_loss)(p, batch)
+      n = np.sqrt(np.sum(flat(g) ** 2))
+      w = jax.tree.map(lambda a, b: a + 0.1 * b / n, p, g)
+      np.testing.assert_allclose(
+          flat(u), flat(jax.grad(conv_loss)(w, batch)), rtol=1e-5, atol=1e-6
+      )

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from sam_optax._src import base
+from sam_optax._src import canonical_conv
 
 PyTree = Any
 
@@ -269,6 +270,11 @@ def sharpness_aware(
         combine=combine.init(params),
     )
 
+  # Inside a lax.cond (a gate, or a rho that may be zero) XLA:CPU skips its
+  # convolution canonicalization; canonical_conv.grad does it up front.
+  nested = rho_may_be_zero or not (gate.always or gate.never)
+  grad_fn = canonical_conv.grad if nested else jax.grad
+
   def second_gradient(
       step: Step, e: PyTree, smask: Optional[PyTree]
   ) -> PyTree:
@@ -282,7 +288,8 @@ def sharpness_aware(
       perturbed = jax.tree.map(
           lambda w, d: (w + d.astype(w.dtype)), step.params, e
       )
-      return base.pmean(step.grad(perturbed), axis_name)
+      h = grad_fn(lambda p: scalar_loss(p, step.batch))(perturbed)
+      return base.pmean(h, axis_name)
 
     sel_leaves, treedef = jax.tree.flatten(step.params)
     mask_leaves = treedef.flatten_up_to(smask)
@@ -295,7 +302,7 @@ def sharpness_aware(
         leaves[i] = selected[j] + e_leaves[i].astype(selected[j].dtype)
       return scalar_loss(jax.tree.unflatten(treedef, leaves), step.batch)
 
-    h = jax.grad(partial_loss)([sel_leaves[i] for i in idx])
+    h = grad_fn(partial_loss)([sel_leaves[i] for i in idx])
     h = base.pmean(h, axis_name)
     out = list(treedef.flatten_up_to(step.grads))
     for j, i in enumerate(idx):
