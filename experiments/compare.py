@@ -24,9 +24,10 @@ overridden (``--dataset``, ``--model``, ``--epochs``, ...). Methods are
 method); ``--rho-grid 0.05,0.1,0.2`` runs every method at each rho instead of
 its default.
 
-Runs are interleaved (for each seed, every method) so that a drift in the
-machine's load spreads over all methods, and each method is compiled once
-for all its seeds. Wall-clock excludes compilation and evaluation.
+Runs are interleaved (for each seed, every method, in an order rotated per
+seed) so that a drift in the machine's load spreads over all methods, and
+each method is compiled once for all its seeds. Wall-clock (and CPU time)
+exclude compilation and evaluation.
 """
 
 from __future__ import annotations
@@ -150,6 +151,9 @@ def summarise(runs: list[dict], order: list[str]) -> list[dict]:
   sgd_runs = [r for r in by_label.get("sgd", []) if "error" not in r]
   sgd_time = {r["seed"]: r["train_s"] for r in sgd_runs}
   sgd_mean_time = np.mean(list(sgd_time.values())) if sgd_time else None
+  sgd_cpu = [r.get("train_cpu_s") for r in sgd_runs]
+  sgd_mean_cpu = (float(np.mean(sgd_cpu))
+                  if sgd_cpu and None not in sgd_cpu else None)
   rows = []
   for lab in order:
     rs = by_label[lab]
@@ -167,6 +171,7 @@ def summarise(runs: list[dict], order: list[str]) -> list[dict]:
       continue
     accs = [r["final_test_acc"] for r in ok]
     times = [r["train_s"] for r in ok]
+    cpu = [r.get("train_cpu_s") for r in ok]
     second = [r["second_grads_per_step"] for r in ok]
     # Relative wall-clock per seed (same seed's SGD run), then averaged.
     per_seed = [
@@ -182,6 +187,10 @@ def summarise(runs: list[dict], order: list[str]) -> list[dict]:
             float(np.mean(times) / sgd_mean_time) if sgd_mean_time else None
         ),
         time_rel_std=_std(per_seed) if per_seed else None,
+        cpu_rel=(
+            float(np.mean(cpu) / sgd_mean_cpu)
+            if sgd_mean_cpu and None not in cpu else None
+        ),
         second_rel=float(np.mean(second)),
         grads_rel=1.0 + float(np.mean(second)),
     )
@@ -189,25 +198,26 @@ def summarise(runs: list[dict], order: list[str]) -> list[dict]:
   return rows
 
 
-def _fmt(x, spec, dash="–"):
-  return dash if x is None else format(x, spec)
+def _fmt(x, spec, dash="–", suffix=""):
+  return dash if x is None else format(x, spec) + suffix
 
 
 def table(rows: list[dict]) -> str:
   """The markdown table of :func:`summarise`'s rows."""
   lines = [
-      "| method | test accuracy (%) | wall-clock vs SGD | second-gradient "
-      "evals / SGD gradients | train s / run | compile s |",
-      "|---|---|---|---|---|---|",
+      "| method | test accuracy (%) | wall-clock vs SGD | CPU time vs SGD "
+      "| second-gradient evals / SGD gradients | train s / run | compile s |",
+      "|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     if r.get("acc_mean") is None:
       lines.append(f"| {r['label']} | failed: {r.get('error', '')[:80]} "
-                   "| | | | |")
+                   "| | | | | |")
       continue
     lines.append(
         f"| {r['label']} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}"
-        f" | {_fmt(r['time_rel'], '.2f')}×"
+        f" | {_fmt(r['time_rel'], '.2f', suffix='×')}"
+        f" | {_fmt(r.get('cpu_rel'), '.2f', suffix='×')}"
         f" | {r['second_rel']:.2f}"
         f" | {r['train_s_mean']:.1f} | {r['compile_s']:.1f} |"
     )
@@ -215,33 +225,55 @@ def table(rows: list[dict]) -> str:
 
 
 def findings(rows: list[dict]) -> list[str]:
-  """Plain statements read off the table (no judgement beyond the numbers)."""
+  """Plain statements read off the table (no judgement beyond the numbers).
+
+  Each SAM row is compared with SGD; every other method with the most
+  accurate SAM row: above its mean, within one of its standard deviations
+  below, or further below.
+  """
   ok = {r["label"]: r for r in rows if r.get("acc_mean") is not None}
   out = []
-  sgd, sam = ok.get("sgd"), ok.get("sam")
-  if sgd and sam:
-    d = 100 * (sam["acc_mean"] - sgd["acc_mean"])
-    verdict = "beats" if d > 0 else "does not beat"
-    out.append(
-        f"SAM {verdict} SGD: {100 * sam['acc_mean']:.2f}% vs "
-        f"{100 * sgd['acc_mean']:.2f}% ({d:+.2f} points; stds "
-        f"{100 * sam['acc_std']:.2f} / {100 * sgd['acc_std']:.2f})."
-    )
-  if sam:
-    reach, short = [], []
+  sgd = ok.get("sgd")
+  sams = [r for r in ok.values() if r["method"] == "sam"]
+  pct = lambda x: f"{100 * x:.2f}"  # pylint: disable=unnecessary-lambda-assignment
+  if sgd:
+    for sam in sams:
+      d = sam["acc_mean"] - sgd["acc_mean"]
+      noise = max(sam["acc_std"], sgd["acc_std"])
+      if d > noise:
+        verdict = "beats SGD"
+      elif d > 0:
+        verdict = "is ahead of SGD by less than one standard deviation"
+      else:
+        verdict = "does not beat SGD"
+      out.append(
+          f"{sam['label']} {verdict}: {pct(sam['acc_mean'])} ± "
+          f"{pct(sam['acc_std'])}% vs {pct(sgd['acc_mean'])} ± "
+          f"{pct(sgd['acc_std'])}% ({100 * d:+.2f} points)."
+      )
+  if sams:
+    best = max(sams, key=lambda r: r["acc_mean"])
+    groups: dict[str, list[str]] = {"above": [], "within": [], "below": []}
     for lab, r in ok.items():
-      if lab in ("sgd", "sam") or r["method"] == "sam":
+      if r["method"] in ("sgd", "sam"):
         continue
-      desc = (f"{lab} ({100 * r['acc_mean']:.2f}%, "
+      desc = (f"{lab} ({pct(r['acc_mean'])}%, "
               f"{_fmt(r['time_rel'], '.2f')}× SGD time, "
               f"{r['grads_rel']:.2f} gradients/step)")
-      (reach if r["acc_mean"] >= sam["acc_mean"] - sam["acc_std"]
-       else short).append(desc)
-    if reach:
-      out.append("Within one SAM standard deviation of SAM's accuracy or "
-                 "above: " + "; ".join(reach) + ".")
-    if short:
-      out.append("Below that: " + "; ".join(short) + ".")
+      if r["acc_mean"] >= best["acc_mean"]:
+        groups["above"].append(desc)
+      elif r["acc_mean"] >= best["acc_mean"] - best["acc_std"]:
+        groups["within"].append(desc)
+      else:
+        groups["below"].append(desc)
+    ref = f"the best SAM row, {best['label']} ({pct(best['acc_mean'])}%)"
+    if groups["above"]:
+      out.append(f"At or above {ref}: " + "; ".join(groups["above"]) + ".")
+    if groups["within"]:
+      out.append(f"Within one standard deviation below {ref}: "
+                 + "; ".join(groups["within"]) + ".")
+    if groups["below"]:
+      out.append(f"Further below {ref}: " + "; ".join(groups["below"]) + ".")
   return out
 
 
@@ -274,7 +306,9 @@ def write_outputs(out: str, meta: dict, runs: list[dict], rows: list[dict],
       "",
       "Test accuracy after the last epoch, mean ± sample std over seeds. "
       "Wall-clock: training time (compilation and evaluation excluded) "
-      "divided by SGD's, averaged over seeds. Second-gradient evals / SGD "
+      "divided by SGD's, averaged over seeds; CPU time: the same with the "
+      "process's CPU time, less sensitive to other load on a shared machine. "
+      "Second-gradient evals / SGD "
       "gradients: the gradient evaluations a method makes inside its "
       "transform (`sam_optax.stats(...)['grad_evals']`) per training step, "
       "i.e. relative to SGD's one gradient per step (SAM: 1.00).",
@@ -295,8 +329,9 @@ def write_outputs(out: str, meta: dict, runs: list[dict], rows: list[dict],
   )
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-  argv = sys.argv[1:] if argv is None else list(argv)
+def plan(argv: list[str]):
+  """Parses the command line: (args, output dir, [(method, overrides)],
+  row labels). Flags left out take the protocol's value."""
   p = argparse.ArgumentParser(
       prog="python -m experiments.compare",
       description="Train SGD and every method with the same base settings.",
@@ -322,19 +357,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
   args = p.parse_args(argv)
 
   proto = dict(PROTOCOLS["full" if args.full else "default"])
+  if not args.full and args.dataset not in (None, "digits"):
+    # The embedded default's digits-specific settings do not carry over.
+    proto.update(model="resnet18", label_noise=0.0, extra_methods=[],
+                 out="experiments/results/{dataset}_{model}")
   for key in ("dataset", "model", "epochs", "batch_size", "lr",
               "weight_decay", "label_noise", "seeds"):
     if getattr(args, key) is None:
       setattr(args, key, proto[key])
-  if args.dataset != "digits" and args.model == "digits_cnn":
-    args.model = "resnet18"
   out = args.out or proto["out"].format(dataset=args.dataset, model=args.model)
-  if args.out is None and not args.full and args.dataset != "digits":
-    out = f"experiments/results/{args.dataset}_{args.model}"
   if args.seeds < 1:
     p.error("--seeds must be >= 1")
 
-  specs = parse_methods(args.methods)
+  try:
+    specs = parse_methods(args.methods)
+  except ValueError as e:
+    p.error(str(e))
   if args.methods is None and not args.rho_grid:
     specs += [(n, dict(a)) for n, a in proto["extra_methods"]
               if n in methods_lib.available()]
@@ -346,7 +384,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
   labels = [label(n, a) for n, a in specs]
   if len(set(labels)) != len(labels):
     p.error(f"--methods lists a method twice: {labels}")
+  return args, out, specs, labels
 
+
+def main(argv: Optional[list[str]] = None) -> dict:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args, out, specs, labels = plan(argv)
   base = train_lib.config_from_args(args)
   meta = {
       "command": "python -m experiments.compare"
@@ -373,7 +416,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     bar = tqdm(total=len(specs) * args.seeds, dynamic_ncols=True)
   for seed in range(args.seeds):
-    for lab, (name, margs) in zip(labels, specs):
+    # Rotate the order per seed so a drift in machine load does not always
+    # favour the same methods.
+    shift = (seed * len(specs)) // args.seeds
+    order = list(zip(labels, specs))
+    order = order[shift:] + order[:shift]
+    for lab, (name, margs) in order:
       if bar is not None:
         bar.set_description(f"seed {seed} {lab}")
       run = {"label": lab, "method": name, "method_args": margs, "seed": seed}

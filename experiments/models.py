@@ -225,7 +225,9 @@ class WideResNet(nn.Module):
 # --------------------------------------------------------------------------
 # PyramidNet (Han et al. 2017), basic blocks: widths grow linearly by
 # alpha / N per block; zero-padded identity shortcut (average-pooled when the
-# block downsamples). PyramidNet-110 with alpha 270 has 28.3M parameters.
+# block downsamples). PyramidNet-110 with alpha 270: 28.49M parameters here;
+# the paper quotes 28.3M. Widths are rounded, not truncated, as in most
+# implementations (google-research/sam notes the same ~0.2M difference).
 # --------------------------------------------------------------------------
 
 

@@ -382,6 +382,7 @@ class Trainer:
       )
     self._compiled: Optional[Callable] = None
     self.compile_s = 0.0
+    self.compile_cpu_s = 0.0
 
   # -- state ----------------------------------------------------------------
 
@@ -410,10 +411,11 @@ class Trainer:
     return state, jnp.mean(losses), jnp.sum(correct)
 
   def _compile(self, *args):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     fn = self._scan_epoch if self.in_memory else self.step_fn
     self._compiled = jax.jit(fn, donate_argnums=0).lower(*args).compile()
     self.compile_s = time.perf_counter() - t
+    self.compile_cpu_s = time.process_time() - c
 
   def train_epoch(self, state, epoch: int, seed: int, arrays=None,
                   progress: bool = False):
@@ -425,7 +427,7 @@ class Trainer:
       key = jax.random.fold_in(_key(seed), epoch)
       if self._compiled is None:
         self._compile(state, images, labels, key)
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       state, loss, correct = self._compiled(state, images, labels, key)
       loss, correct = float(loss), int(correct)  # blocks until done
       elapsed = time.perf_counter() - t
@@ -433,6 +435,7 @@ class Trainer:
           "train_loss": loss,
           "train_acc": correct / n_images,
           "epoch_s": elapsed,
+          "epoch_cpu_s": time.process_time() - c,
           "images_per_s": n_images / elapsed,
       }
     augment = (
@@ -446,7 +449,7 @@ class Trainer:
     # dispatched asynchronously), less the compilation on the first batch.
     losses, correct, compile_s = [], 0, 0.0
     bar = _progress(self.steps_per_epoch, f"epoch {epoch + 1}", progress)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for i, batch in enumerate(batches):
       if i >= self.steps_per_epoch:
         break
@@ -461,12 +464,14 @@ class Trainer:
         bar.update(1)
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - t - compile_s
+    cpu = time.process_time() - c - self.compile_cpu_s * (compile_s > 0)
     if bar is not None:
       bar.close()
     return state, {
         "train_loss": float(jnp.mean(jnp.stack(losses))),
         "train_acc": int(correct) / n_images,
         "epoch_s": elapsed,
+        "epoch_cpu_s": cpu,
         "images_per_s": n_images / elapsed,
     }
 
@@ -601,6 +606,7 @@ def _summary(history: list[dict], trainer: Trainer, state: TrainState) -> dict:
       "final_test_loss": last.get("test_loss"),
       "final_train_acc": last["train_acc"],
       "train_s": float(sum(h["epoch_s"] for h in history)),
+      "train_cpu_s": float(sum(h.get("epoch_cpu_s", 0.0) for h in history)),
       "compile_s": trainer.compile_s,
       "steps": last["steps"],
       "grad_evals": last["grad_evals"],

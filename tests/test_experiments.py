@@ -426,6 +426,30 @@ def test_parse_methods():
   assert grid == [("sgd", {}), ("sam", {"rho": 0.05}), ("sam", {"rho": 0.1})]
 
 
+def test_compare_protocols():
+  args, out, specs, labels = compare.plan([])
+  assert (args.dataset, args.model, args.epochs, args.batch_size, args.lr,
+          args.weight_decay, args.label_noise, args.seeds) == (
+              "digits", "digits_cnn", 60, 64, 0.05, 5e-4, 0.3, 3)
+  assert out == "experiments/results/digits"
+  assert labels == methods.available() + ["sam (rho=0.1)"]
+  args, out, _, labels = compare.plan(["--full"])
+  assert (args.dataset, args.model, args.epochs, args.batch_size, args.lr,
+          args.label_noise) == ("cifar10", "resnet18", 200, 128, 0.1, 0.0)
+  assert out == "experiments/results/cifar10_resnet18"
+  assert labels == methods.available()
+  args, out, _, _ = compare.plan(["--full", "--model", "wrn28_10",
+                                  "--dataset", "cifar100", "--epochs", "5"])
+  assert (args.model, args.dataset, args.epochs) == ("wrn28_10", "cifar100", 5)
+  assert out == "experiments/results/cifar100_wrn28_10"
+  args, out, _, labels = compare.plan(["--dataset", "cifar10",
+                                       "--methods", "sam"])
+  assert (args.model, args.label_noise) == ("resnet18", 0.0)
+  assert labels == ["sgd", "sam"]  # SGD is always the reference
+  with pytest.raises(SystemExit):
+    compare.plan(["--methods", "sam,sam"])
+
+
 def test_compare_tiny_run_on_digits_writes_the_three_files(tmp_path):
   # The real command line, in a process of its own whose XLA optimises less:
   # compiling every method dominates this test, and its timings are not
@@ -470,6 +494,7 @@ def test_compare_tiny_run_on_digits_writes_the_three_files(tmp_path):
       assert r["second_grads_per_step"] == r["grad_evals"] / steps
   by = {r["label"]: r for r in saved["summary"]}
   assert by["sgd"]["second_rel"] == 0.0 and by["sgd"]["time_rel"] == 1.0
+  assert by["sgd"]["cpu_rel"] == 1.0 and by["sam"]["cpu_rel"] > 0
   assert by["sam"]["second_rel"] == 1.0
   assert by["sam"]["settings"] == {"rho": 0.05}
   assert by["sam (rho=0.1)"]["settings"] == {"rho": 0.1}
