@@ -22,6 +22,31 @@ from experiments import train
 TINY_CNN = ["--model-arg", "widths=(4, 8, 8)", "--model-arg", "hidden=16"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compare_run(tmp_path_factory):
+  """The tiny comparison, started before this module's first test.
+
+  The real command line, in a process of its own that compiles (every
+  method once: most of its time) while the other tests run on the other
+  core; its XLA optimises less, since its timings are not what is tested.
+  """
+  out = str(tmp_path_factory.mktemp("compare") / "cmp")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      "--xla_backend_optimization_level=0 "
+      "--xla_llvm_disable_expensive_passes=true"))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.compare", "--epochs", "1",
+       "--seeds", "2", "--batch-size", "256", "--out", out, "--no-progress"]
+      + TINY_CNN, env=env, cwd=root, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  yield out, proc
+  if proc.poll() is None:
+    proc.kill()
+    proc.communicate()
+
+
 # --------------------------------------------------------------------------
 # Data.
 # --------------------------------------------------------------------------
@@ -450,23 +475,11 @@ def test_compare_protocols():
     compare.plan(["--methods", "sam,sam"])
 
 
-def test_compare_tiny_run_on_digits_writes_the_three_files(tmp_path):
-  # The real command line, in a process of its own whose XLA optimises less:
-  # compiling every method dominates this test, and its timings are not
-  # what is tested here.
-  out = str(tmp_path / "cmp")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      "--xla_backend_optimization_level=0 "
-      "--xla_llvm_disable_expensive_passes=true"))
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.compare", "--epochs", "1",
-       "--seeds", "2", "--batch-size", "256", "--out", out, "--no-progress"]
-      + TINY_CNN, env=env, cwd=root, capture_output=True, text=True,
-      timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "| sam |" in proc.stdout
+def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
+  out, proc = compare_run
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "| sam |" in stdout
   files = sorted(os.listdir(out))
   assert files == ["accuracy_vs_cost.png", "results.json", "results.md"]
   saved = json.load(open(os.path.join(out, "results.json")))
