@@ -573,7 +573,9 @@ class Trainer:
           grads_per_step=1.0 + evals / steps,
       )
       history.append(metrics)
-      if log:
+      if log and bar is not None:
+        bar.write(_format(metrics, cfg.epochs))  # above the progress bar
+      elif log:
         log(_format(metrics, cfg.epochs))
       if bar is not None:
         bar.set_postfix(test=f"{metrics.get('test_acc', float('nan')):.3f}")
