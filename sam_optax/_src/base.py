@@ -91,6 +91,44 @@ def check_int(
   return value
 
 
+def static_int(
+    name: str, value: Any, low: Optional[int] = None, high: Optional[int] = None
+) -> int:
+  """A Python int for an argument that fixes a shape or a period.
+
+  NumPy integer scalars are accepted. A JAX array, concrete or traced, is what
+  ``optax.inject_hyperparams`` passes for every numeric argument not listed in
+  its ``static_args``; it is refused here, at construction, with that hint.
+  """
+  if isinstance(value, jax.Array):  # tracers are jax.Arrays too
+    raise ValueError(
+        f"{name} must be an integer given as a Python int (it fixes a shape "
+        f"or a period), got a JAX array; under optax.inject_hyperparams list "
+        f"{name!r} in static_args"
+    )
+  if (
+      isinstance(value, (np.ndarray, np.generic))
+      and np.ndim(value) == 0
+      and np.issubdtype(np.asarray(value).dtype, np.integer)
+  ):
+    value = int(value)
+  return check_int(name, value, low, high)
+
+
+def int_or_traced(name: str, value: Any, low: Optional[int] = None) -> Any:
+  """An integer used only in arithmetic and comparisons, so it may be
+  injected by ``optax.inject_hyperparams``: a traced value passes unchecked,
+  a concrete array is checked and returned as it is."""
+  if isinstance(value, jax.core.Tracer):
+    return value
+  if isinstance(value, jax.Array):
+    arr = np.asarray(value)
+    checked = int(arr) if arr.ndim == 0 and np.issubdtype(arr.dtype, np.integer) else value
+    check_int(name, checked, low)
+    return value
+  return static_int(name, value, low)
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
   if value not in choices:
     raise ValueError(
@@ -222,6 +260,11 @@ def psum(tree: PyTree, axis_name: Optional[str]) -> PyTree:
   if axis_name is None:
     return tree
   return jax.lax.psum(tree, axis_name)
+
+
+def tree_f32(tree: PyTree) -> PyTree:
+  """Every leaf as float32 (norms and statistics are kept in float32)."""
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
 def zeros_like_f32(tree: PyTree) -> PyTree:

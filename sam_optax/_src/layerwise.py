@@ -121,16 +121,6 @@ def layer_paths(
   return _leaf_layers(params, group_fn)[0]
 
 
-def _static_int(name: str, value: Any, low: int) -> int:
-  """A Python int >= low; a JAX array gets a hint about ``static_args``."""
-  if isinstance(value, jax.Array):
-    raise ValueError(
-        f"{name} must be a Python int (it fixes shapes), got {value!r}; under "
-        f"optax.inject_hyperparams list {name!r} in static_args"
-    )
-  return base.check_int(name, value, low)
-
-
 def _check_group_fn(group_fn):
   if group_fn is not None and not callable(group_fn):
     raise ValueError(
@@ -312,8 +302,8 @@ def top_layers(
     group_fn: Optional[GroupFn] = None,
 ) -> TopLayers:
   """A runtime layer selection (see :class:`TopLayers`)."""
-  num_layers = _static_int("num_layers", num_layers, 1)
-  select_every = _static_int("select_every", select_every, 1)
+  num_layers = base.static_int("num_layers", num_layers, 1)
+  select_every = base.static_int("select_every", select_every, 1)
   _check_group_fn(group_fn)
   return TopLayers(
       num_layers=num_layers, select_every=select_every, group_fn=group_fn
@@ -413,8 +403,8 @@ def layerwise_sam(
     >>> sam_optax.stats(state)["selected_layers"].tolist()
     [1]
   """
-  num_layers = _static_int("num_layers", num_layers, 1)
-  select_every = _static_int("select_every", select_every, 1)
+  num_layers = base.static_int("num_layers", num_layers, 1)
+  select_every = base.static_int("select_every", select_every, 1)
   _check_group_fn(group_fn)
   if layers is None:
     region = top_layers(

@@ -43,10 +43,6 @@ DEFAULT_EPS = 1e-8
 # --------------------------------------------------------------------------
 
 
-def _f32(tree):
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
-
-
 def _safe_div_sqrt(x: jax.Array, acc: jax.Array) -> jax.Array:
   """``x / sqrt(acc)``, and 0 where ``acc == 0``.
 
@@ -208,7 +204,7 @@ def scale_by_adam_no_bias_correction(
 
   def update_fn(updates, state, params=None):
     del params
-    g32 = _f32(updates)
+    g32 = base.tree_f32(updates)
     mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, g32)
     nu = jax.tree.map(
         lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g), state.nu, g32
@@ -270,8 +266,8 @@ class AdaptivePerturbation(engine.Geometry):
     return AdaptivePerturbationState(momentum=momentum, accumulator=acc)
 
   def perturb(self, step: engine.Step, state: AdaptivePerturbationState):
-    s = _f32(step.grads)  # identical on every device: drives the state
-    s_num = _f32(step.updates)  # as passed: drives the numerator
+    s = base.tree_f32(step.grads)  # identical on every device: drives the state
+    s_num = base.tree_f32(step.updates)  # as passed: drives the numerator
     mask = step.mask
     rho = step.rho
     if self.variant == "adagrad_norm":

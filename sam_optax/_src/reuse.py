@@ -39,41 +39,6 @@ PyTree = Any
 LeafSelection = Union[None, Callable[[str], bool], Sequence[str]]
 
 
-def _static_int(name: str, value: Any, low: Optional[int]) -> int:
-  """A Python int >= low; a concrete integer array is accepted, a traced one
-  (``optax.inject_hyperparams`` injects every numeric argument) is refused
-  with a hint about ``static_args``."""
-  if isinstance(value, jax.core.Tracer):
-    raise ValueError(
-        f"{name} must be a Python int (it fixes the schedule's shape), got a "
-        f"traced value; under optax.inject_hyperparams list {name!r} in "
-        "static_args"
-    )
-  if (
-      isinstance(value, (np.ndarray, jax.Array))
-      and np.ndim(value) == 0
-      and np.issubdtype(np.asarray(value).dtype, np.integer)
-  ):
-    value = int(value)
-  return base.check_int(name, value, low)
-
-
-def _int_or_traced(name: str, value: Any, low: Optional[int]) -> Any:
-  """Like :func:`_static_int`, but a traced value (an integer used only in
-  comparisons, injected by ``optax.inject_hyperparams``) passes unchecked."""
-  if isinstance(value, jax.core.Tracer):
-    return value
-  return _static_int(name, value, low)
-
-
-def _f32(tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-
-
-def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
-  return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
-
-
 # --------------------------------------------------------------------------
 # LookSAM: orthogonal-component reuse.
 # --------------------------------------------------------------------------
@@ -124,8 +89,8 @@ class OrthogonalReuse(engine.Combine):
     )
 
   def computed(self, step, second, state):
-    g = _f32(step.grads)
-    gs = _f32(second)
+    g = base.tree_f32(step.grads)
+    gs = base.tree_f32(second)
     if self.per_leaf:
       gv = jax.tree.map(
           lambda a, b: a - (jnp.vdot(a, b) / (jnp.vdot(b, b) + step.eps)) * b,
@@ -136,14 +101,14 @@ class OrthogonalReuse(engine.Combine):
       coef = base.tree_vdot(gs, g) / (base.tree_sq_norm(g) + step.eps)
       gv = jax.tree.map(lambda a, b: a - coef * b, gs, g)
     new_state = OrthogonalReuseState(
-        gv=_cast_like(gv, state.gv), since=jnp.zeros((), jnp.int32)
+        gv=base.tree_cast_like(gv, state.gv), since=jnp.zeros((), jnp.int32)
     )
-    return _cast_like(second, step.grads), new_state
+    return base.tree_cast_like(second, step.grads), new_state
 
   def skipped(self, step, state):
     alpha = base.resolve(self.alpha, step.count)
-    g = _f32(step.grads)
-    gv = _f32(state.gv)
+    g = base.tree_f32(step.grads)
+    gv = base.tree_f32(state.gv)
     if self.per_leaf:
       out = jax.tree.map(
           lambda a, v: a
@@ -155,7 +120,7 @@ class OrthogonalReuse(engine.Combine):
       scale = alpha * base.tree_norm(g) / (base.tree_norm(gv) + step.eps)
       out = jax.tree.map(lambda a, v: a + scale * v, g, gv)
     new_state = state._replace(since=state.since + 1)
-    return _cast_like(out, step.grads), new_state
+    return base.tree_cast_like(out, step.grads), new_state
 
 
 def orthogonal_reuse(
@@ -230,7 +195,7 @@ def looksam(
     >>> int(sam_optax.stats(state)["grad_evals"])
     2
   """
-  k = _static_int("k", k, 1)
+  k = base.static_int("k", k, 1)
   return engine.sharpness_aware(
       loss_fn,
       rho,
@@ -300,11 +265,11 @@ class DecayedReuse(engine.Combine):
         step.grads,
     )
     new_state = DecayedReuseState(
-        psf=_cast_like(psf, state.psf),
+        psf=base.tree_cast_like(psf, state.psf),
         lam=jnp.ones((), jnp.float32),
         since=jnp.zeros((), jnp.int32),
     )
-    return _cast_like(second, step.grads), new_state
+    return base.tree_cast_like(second, step.grads), new_state
 
   def skipped(self, step, state):
     since = state.since + 1
@@ -333,7 +298,7 @@ class DecayedReuse(engine.Combine):
 def decayed_reuse(decay: float = 0.7, max_reuse: int = 6) -> DecayedReuse:
   """vSAM's reuse combination (see :class:`DecayedReuse`)."""
   base.check_range("decay", decay, 0.0, 1.0, low_open=True, high_open=True)
-  max_reuse = _int_or_traced("max_reuse", max_reuse, 0)
+  max_reuse = base.int_or_traced("max_reuse", max_reuse, 0)
   return DecayedReuse(decay=decay, max_reuse=max_reuse)
 
 
@@ -561,9 +526,9 @@ def variation_sampling(
     stat_leaves: LeafSelection = None,
 ) -> VariationSampling:
   """vSAM's sampling gate (see :class:`VariationSampling`), with checks."""
-  warmup_steps = _int_or_traced("warmup_steps", warmup_steps, 0)
-  window = _static_int("window", window, 2)
-  blocks = _static_int("blocks", blocks, 1)
+  warmup_steps = base.int_or_traced("warmup_steps", warmup_steps, 0)
+  window = base.static_int("window", window, 2)
+  blocks = base.static_int("blocks", blocks, 1)
   if window < blocks or window % blocks or window // blocks < 2:
     raise ValueError(
         "window must be a multiple of blocks with at least 2 values per block "
@@ -596,7 +561,7 @@ def variation_sampling(
   base.check_range("initial_rate", initial_rate, 1.0, float(max_quota))
   if concrete(initial_rate) is not None:
     initial_rate = concrete(initial_rate)
-  seed = _int_or_traced("seed", seed, None)
+  seed = base.int_or_traced("seed", seed, None)
   if stat_leaves is not None and not callable(stat_leaves):
     if isinstance(stat_leaves, str):
       stat_leaves = (stat_leaves,)
@@ -736,7 +701,7 @@ def vsam(
     >>> int(sam_optax.stats(state)["grad_evals"])  # 4 warm-up + 1 per window
     6
   """
-  window = _static_int("window", window, 2)
+  window = base.static_int("window", window, 2)
   if warmup_steps is None:
     warmup_steps = 2 * window
   gate = variation_sampling(

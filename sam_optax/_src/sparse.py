@@ -641,22 +641,6 @@ def _check_fraction(name: str, value: Any) -> Any:
   return value
 
 
-def _static_int(name: str, value: Any, low: Optional[int]) -> int:
-  """A Python int; a concrete integer array is accepted, a traced one named."""
-  if isinstance(value, jax.core.Tracer):
-    raise ValueError(
-        f"{name} must be a concrete integer (with optax.inject_hyperparams "
-        f"list it in static_args), got a traced value"
-    )
-  if (
-      isinstance(value, (np.ndarray, np.integer, jax.Array))
-      and np.ndim(value) == 0
-      and np.issubdtype(np.asarray(value).dtype, np.integer)
-  ):
-    value = int(value)
-  return base.check_int(name, value, low)
-
-
 def fisher_mask(
     sparsity: Any = 0.5,
     *,
@@ -667,9 +651,9 @@ def fisher_mask(
 ) -> FisherMask:
   """A checked :class:`FisherMask` (SSAM-F's region)."""
   sparsity = _check_fraction("sparsity", sparsity)
-  num_samples = _static_int("num_samples", num_samples, 1)
-  update_every = _static_int("update_every", update_every, 1)
-  chunk_size = _static_int("chunk_size", chunk_size, 1)
+  num_samples = base.static_int("num_samples", num_samples, 1)
+  update_every = base.static_int("update_every", update_every, 1)
+  chunk_size = base.static_int("chunk_size", chunk_size, 1)
   for ax in jax.tree.leaves(batch_axes, is_leaf=lambda x: x is None):
     if ax not in (0, None) or isinstance(ax, bool):
       raise ValueError(f"batch_axes leaves must be 0 or None, got {ax!r}")
@@ -701,11 +685,11 @@ def dynamic_mask(
         f"cosine over total_steps), got {drop_rate!r}"
     )
   drop_rate = _check_fraction("drop_rate", drop_rate)
-  update_every = _static_int("update_every", update_every, 1)
-  total_steps = _static_int("total_steps", total_steps, 1)
+  update_every = base.static_int("update_every", update_every, 1)
+  total_steps = base.static_int("total_steps", total_steps, 1)
   base.check_choice("drop_criterion", drop_criterion, CRITERIA)
   base.check_choice("grow_criterion", grow_criterion, CRITERIA)
-  seed = _static_int("seed", seed, None)
+  seed = base.static_int("seed", seed, None)
   if not isinstance(exact_count, (bool, np.bool_)):
     raise ValueError(f"exact_count must be a bool, got {exact_count!r}")
   return DynamicMask(
