@@ -97,10 +97,6 @@ class Step:
   loss: Callable[[PyTree, Any], jax.Array]
   normalize_over_region: bool = False
 
-  def grad(self, params: PyTree, batch: Any = None) -> PyTree:
-    """Gradient of the loss at ``params`` (on this step's batch by default)."""
-    return jax.grad(self.loss)(params, self.batch if batch is None else batch)
-
 
 # --------------------------------------------------------------------------
 # Component bases. Each has a static configuration and an ``init`` that
@@ -126,21 +122,20 @@ class Geometry(Component):
 class Region(Component):
   """Where the perturbation applies.
 
+  ``select`` returns the mask for this step: None (everywhere), a pytree of
+  boolean arrays (an element-wise or per-leaf mask, usually kept in state), or
+  a pytree of Python bools (a static set of leaves, known at trace time). With
+  Python bools the second gradient is taken with respect to the selected
+  leaves only, the others enter it as the very same arrays, and no
+  backpropagation below the lowest selected layer happens.
+
   Attributes:
-    static_mask: a pytree of Python bools (one per leaf) known before tracing,
-      or None. When set, the second gradient is taken with respect to the
-      selected leaves only, the others enter it as the very same arrays, and
-      no backpropagation below the lowest selected layer happens. A region
-      whose set depends on the params' structure (layer paths) may instead
-      return such a tree of Python bools from ``select``, built at trace
-      time from ``step.params``; the engine treats it the same way.
     normalize_over_region: the perturbation norm is taken over the region only
       (layer-wise SAM) rather than over the whole gradient (Sparse SAM).
     clean_outside: leaves outside the region get the clean gradient in the
       output (layer-wise SAM) rather than the dense perturbed one (Sparse SAM).
   """
 
-  static_mask: Optional[PyTree] = None
   normalize_over_region: bool = False
   clean_outside: bool = False
 
@@ -340,9 +335,7 @@ def sharpness_aware(
     )
     mask, region_state, region_evals = region.select(step, state.region)
     step.mask = mask
-    static_mask = region.static_mask
-    if static_mask is None and mask is not None and is_static_mask(mask):
-      static_mask = mask
+    static_mask = mask if mask is not None and is_static_mask(mask) else None
     go, gate_state = gate.decide(step, state.gate)
 
     def computed(_):

@@ -62,7 +62,8 @@ class FixedMask(engine.Region):
   clean_outside: bool = False
 
   @property
-  def static_mask(self):  # type: ignore[override]
+  def static_mask(self):
+    """The mask when it is a pytree of Python bools (a static set), else None."""
     return self.mask if is_static_mask(self.mask) else None
 
   def init(self, params):
