@@ -173,7 +173,8 @@ def test_fixed_selection_matches_reference(layers):
 
 
 def test_runtime_selection_reference_select_every_and_no_retrace():
-  """Top-2 by norm, re-chosen on even steps only, one trace for all steps."""
+  """Top-2 by norm of the clean gradient of steps 0, 2, 4, used from the
+  next step on; step 0 perturbs every layer; one trace for all steps."""
   params = mlp_params()
   tx = sam_optax.layerwise_sam(
       loss_fn, rho=0.2, alpha=0.8, num_layers=2, select_every=2
@@ -186,29 +187,30 @@ def test_runtime_selection_reference_select_every_and_no_retrace():
   def step(g, s, p, b):
     return tx.update(g, s, p, batch=b)
 
-  # Even steps re-choose ({l1, l3}, {l2, l3}, {l1, l2}); odd steps' data
-  # would choose differently but the selection is kept.
+  # Even steps rank ({l1, l3}, {l2, l3}, {l1, l2}); odd steps' data would
+  # rank differently but no ranking is made there.
   pens = [(5.0, 0, 5.0), (0, 9.0, 9.0), (0, 9.0, 9.0), (9.0, 9.0, 0),
           (9.0, 9.0, 0)]
-  chosen, seen = None, set()
+  made, seen = None, set()
   for t, pen in enumerate(pens):
     batch = make_batch(seed=t, pen=pen)
     g = grad_fn(params, batch)
+    used = [0, 1, 2] if t == 0 else made
     if t % 2 == 0:
-      chosen = top_k(layer_norms(g), 2)
+      made = top_k(layer_norms(g), 2)
     else:
-      assert top_k(layer_norms(g), 2) != chosen  # a refresh would change it
+      assert top_k(layer_norms(g), 2) != made  # a ranking would change it
     out, state = step(g, state, params, batch)
     st = sam_optax.stats(state)
-    assert st["selected_layers"].tolist() == chosen, t
+    assert st["selected_layers"].tolist() == made, t
     assert int(st["layer_refreshes"]) == t // 2 + 1
     assert int(st["grad_evals"]) == t + 1
-    assert_close(out, reference(params, batch, chosen, 0.2, 0.8))
-    (unselected,) = set(range(3)) - set(chosen)
-    chex.assert_trees_all_equal(
-        out[LAYERS[unselected]], g[LAYERS[unselected]]
-    )
-    seen.add(tuple(sorted(chosen)))
+    assert_close(out, reference(params, batch, used, 0.2, 0.8))
+    for unselected in set(range(3)) - set(used):
+      chex.assert_trees_all_equal(
+          out[LAYERS[unselected]], g[LAYERS[unselected]]
+      )
+    seen.add(tuple(sorted(used)))
     params = jax.tree.map(lambda w, u: w - 0.01 * u, params, out)
   assert len(seen) >= 3  # the selection really changed, with one trace
 
@@ -337,9 +339,11 @@ def test_pmap_selection_agreement_and_reference():
     g = grad_fn(p, b)  # per-device gradient: m-sharpness
     return tx.update(g, s, p, batch=b)
 
-  out, state = jax.pmap(step, axis_name="d")(rep, state, stacked)
+  pstep = jax.pmap(step, axis_name="d")
+  out0, state = pstep(rep, state, stacked)  # step 0: every layer, then ranks
   sel = np.asarray(sam_optax.stats(state)["selected_layers"])
   assert (sel == sel[0]).all()  # every device agrees
+  out, state = pstep(rep, state, stacked)  # step 1: the ranked layers
 
   # Reference: top-2 of the averaged gradient; per-device perturbations
   # normalised over the selection; second gradients averaged.
@@ -361,6 +365,12 @@ def test_pmap_selection_agreement_and_reference():
   }
   for d in range(n):
     assert_close(jax.tree.map(lambda x: x[d], out), expect, atol=1e-5)
+  # Step 0 perturbed every layer (normalised over all of them).
+  refs0 = [reference(params, b, [0, 1, 2], 0.2, 1.0) for b in batches]
+  hbar0 = jax.tree.map(lambda *x: np.mean(x, axis=0), *refs0)
+  expect0 = jax.tree.map(lambda g_, h_: 0.4 * g_ + 0.6 * h_, gbar, hbar0)
+  for d in range(n):
+    assert_close(jax.tree.map(lambda x: x[d], out0), expect0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------
@@ -475,7 +485,7 @@ def test_init_errors_name_the_valid_layers():
   ):
     sam_optax.layerwise_sam(loss_fn, num_layers=4).init(params)
   with pytest.raises(
-      ValueError, match=r"\['fc'\] name no layer.*\['l1', 'l2', 'l3'\]"
+      ValueError, match=r"'fc' names no layer.*\['l1', 'l2', 'l3'\]"
   ):
     sam_optax.layerwise_sam(loss_fn, layers=["l3", "fc"]).init(params)
   with pytest.raises(ValueError, match="predicate selects no layer"):

@@ -267,13 +267,19 @@ def test_scale_by_adagrad_matches_optax_scale_by_rss():
     np.testing.assert_allclose(o1["w"], o2["w"], rtol=1e-6)
 
 
-def _step(grads, params, rho=1.0, mask=None, normalize_over_region=False):
+def _step(grads, params, rho=1.0):
   return engine.Step(
       updates=grads, grads=grads, params=params, batch=None,
       count=jnp.zeros((), jnp.int32), rho=jnp.asarray(rho, jnp.float32),
-      mask=mask, axis_name=None, eps=1e-12, loss=None,
-      normalize_over_region=normalize_over_region,
+      axis_name=None, eps=1e-12, loss=None,
   )
+
+
+def _perturb(geo, st, grads, params, rho=1.0, mask=None, normalize=False):
+  """What the engine does with a geometry: perturb, then restrict."""
+  where = engine.Where(mask, normalize)
+  e, st = geo.perturb(_step(grads, params, rho), st, where)
+  return where.restrict(e), st
 
 
 def test_zero_gradient_and_underflowed_accumulator_stay_finite():
@@ -285,7 +291,7 @@ def test_zero_gradient_and_underflowed_accumulator_stay_finite():
     st = geo.init(params)
     # Exhausted accumulators (as after ~10^5 Adam steps on a dead unit).
     st = st._replace(accumulator=jax.tree.map(jnp.zeros_like, st.accumulator))
-    e, _ = geo.perturb(_step(zero, params), st)
+    e, _ = _perturb(geo, st, zero, params)
     np.testing.assert_array_equal(e["w"], 0.0)
   upd = lightsam_lib.scale_by_adam_no_bias_correction()
   st = upd.init(params)._replace(nu={"w": jnp.zeros(3)})
@@ -305,11 +311,11 @@ def test_perturbation_respects_a_mask():
       ("adam", 0.5 * 0.1 * s / np.sqrt(0.999 * EPS**2 + 0.001 * s * s)),
   ]:
     geo = sam_optax.parts.adaptive_perturbation(variant)
-    e, _ = geo.perturb(_step(g, params, 0.5, mask), geo.init(params))
+    e, _ = _perturb(geo, geo.init(params), g, params, 0.5, mask)
     np.testing.assert_allclose(flat(e), np.where(m, want, 0.0), rtol=1e-6)
   # adagrad_norm over the region only, when the region asks for it.
   geo = sam_optax.parts.adaptive_perturbation("adagrad_norm")
-  e, st = geo.perturb(_step(g, params, 0.5, mask, True), geo.init(params))
+  e, st = _perturb(geo, geo.init(params), g, params, 0.5, mask, True)
   sm = np.where(m, s, 0.0)
   np.testing.assert_allclose(flat(e), 0.5 * sm / np.sqrt(EPS**2 + sm @ sm),
                              rtol=1e-6)

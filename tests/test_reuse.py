@@ -368,11 +368,11 @@ def test_vsam_schedule_along_a_trajectory():
   )
 
 
-def _step(count):
-  """A Step carrying only what the vSAM gate reads in ``decide``."""
+def _step(count, grads=None):
+  """A Step carrying only what the vSAM gate reads."""
   return engine.Step(
-      updates=None, grads=None, params=None, batch=None,
-      count=jnp.asarray(count, jnp.int32), rho=jnp.float32(0.05), mask=None,
+      updates=grads, grads=grads, params=None, batch=None,
+      count=jnp.asarray(count, jnp.int32), rho=jnp.float32(0.05),
       axis_name=None, eps=EPS, loss=None,
   )
 
@@ -388,9 +388,9 @@ def _ring(seq, samples, window):
 
 RATE_GATE = parts.variation_sampling(
     warmup_steps=5, window=6, blocks=3, max_rate=1.0, gains=(0.13, 0.4),
-    initial_rate=1.0,
+    initial_rate=1.0, eps=EPS,
 )
-_rate_decide = jax.jit(lambda count, state: RATE_GATE.decide(_step(count), state))
+_prepare = jax.jit(RATE_GATE.prepare)
 
 
 @pytest.mark.parametrize(
@@ -416,40 +416,58 @@ def test_vsam_rate_update_from_hand_made_sequences(r_seq, v_seq, rate):
       taken=jnp.int32(4),
   )
   want = np_rate_update(rate, r_seq, v_seq, gate.gains, window)
+  prepared = _prepare(state)
+  np.testing.assert_allclose(prepared.next_rate, want, rtol=1e-5)
+  assert prepared.rate == np.float32(rate)  # the current window's, until it ends
+  assert int(np.sum(prepared.pattern)) == math.floor(want)  # exactly the quota
+  # The window's first step takes the new rate and resets the count taken.
   for count in (warmup, warmup + 3 * window):  # window boundaries
-    _, new = _rate_decide(count, state)
+    go, new = gate.decide(_step(count), prepared)
     np.testing.assert_allclose(new.rate, want, rtol=1e-5)
-    assert int(new.taken) <= 1  # reset at the boundary (1 if this one sampled)
-  _, new = _rate_decide(warmup + 2, state)  # inside a window
+    assert int(new.taken) == int(prepared.pattern[0]) and bool(go) == bool(
+        prepared.pattern[0]
+    )
+  _, new = gate.decide(_step(warmup + 2), prepared)  # inside a window
   assert new.rate == np.float32(rate) and int(new.taken) >= 4
-  _, new = _rate_decide(warmup - 1, state)  # warm-up
-  assert new.rate == np.float32(rate) and float(new.probability) == 1.0
+  go, new = gate.decide(_step(warmup - 1), state)  # warm-up: always sampled
+  assert bool(go) and float(new.probability) == 1.0
 
 
-def test_vsam_forced_sample_and_draw_probability():
+def np_window(key, rate, window):
+  """The window's decisions replayed step by step with the same draws."""
+  quota, taken, out = math.floor(rate), 0, []
+  for pos in range(window):
+    key, sub = jax.random.split(key)
+    u = float(jax.random.uniform(sub))
+    go = (taken < quota and u < np.float32(rate) / window) or (
+        window - pos <= quota - taken
+    )
+    taken += int(go)
+    out.append(go)
+  return out, key
+
+
+def test_vsam_window_pattern_replays_the_per_step_draws():
   window, warmup = 5, 2
   gate = parts.variation_sampling(
       warmup_steps=warmup, window=window, blocks=1, max_rate=1.0,
       initial_rate=3.0,
   )
-  state = gate.init(mlp_params())._replace(rate=jnp.float32(3.0))
+  state = gate.init(mlp_params())
+  for seed in range(5):
+    key = jax.random.PRNGKey(seed)
+    prepared = gate.prepare(state._replace(key=key))
+    want, key_after = np_window(key, 3.0, window)
+    assert [bool(x) for x in prepared.pattern] == want
+    np.testing.assert_array_equal(prepared.key, key_after)
   keys = jax.random.split(jax.random.PRNGKey(7), 4000)
-
-  @jax.jit
-  def decisions(pos, taken):
-    f = lambda key: gate.decide(  # noqa: E731
-        _step(warmup + window + pos),
-        state._replace(key=key, taken=taken),
-    )[0]
-    return jax.vmap(f)(keys)
-
-  go = lambda pos, taken: np.asarray(decisions(pos, jnp.int32(taken)))  # noqa
-  assert go(2, 0).all()  # 3 steps left, 3 to take: forced
-  assert go(4, 2).all()  # last step, 1 to take: forced
-  assert not go(1, 3).any()  # quota taken: never
-  share = go(2, 1).mean()  # free draw with probability rate / window
-  assert abs(share - 3.0 / window) < 0.03, share
-  share = go(0, 2).mean()  # at a boundary: taken resets, rate 3 stays (no stats)
+  patterns = np.asarray(
+      jax.jit(jax.vmap(lambda k: gate.prepare(state._replace(key=k)).pattern))(
+          keys
+      )
+  )
+  assert (patterns.sum(axis=1) == 3).all()  # the quota, always
+  share = patterns[:, 0].mean()  # the first step: a free draw, rate / window
   assert abs(share - 3.0 / window) < 0.03, share
 
 
@@ -464,8 +482,7 @@ def test_vsam_observe_records_r_p_v_and_stat_leaves():
       lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params
   )
   second = jax.tree.map(lambda a, b: a + b, g, d)
-  step = _step(0)
-  step.grads = g
+  step = _step(0, g)
   p_prev = [0.5, 0.7, 0.1, 0.9, 0.3, 0.2]
   for stat_leaves, sel in [
       (None, lambda path: True),

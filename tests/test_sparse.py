@@ -17,7 +17,9 @@ import pytest
 
 import sam_optax
 from sam_optax import parts
-from sam_optax._src import sparse
+from sam_optax._src import fisher as fisher_lib
+from sam_optax._src import region as region_lib
+from sam_optax._src import topk
 
 RHO = 0.05
 EPS = 1e-12
@@ -122,7 +124,7 @@ def test_top_k_mask_exact_count_and_ties_match_reference():
   rng = np.random.default_rng(0)
   shapes = [(3, 4), (), (5,), (2, 1, 3)]
   n = sum(int(np.prod(s)) for s in shapes)
-  f = jax.jit(sparse.top_k_mask)
+  f = jax.jit(topk.top_k_mask)
   for trial in range(12):
     # Small integers: many ties; also NaN, +-inf, -0.0 and +0.0.
     vals = rng.integers(-3, 4, size=n).astype(np.float32)
@@ -143,15 +145,15 @@ def test_top_k_mask_exact_count_and_ties_match_reference():
 
 
 def test_num_kept_is_exact_floor():
-  assert sparse.num_kept(100, 0.29) == 71  # 100 * (1 - 0.29) == 70.999... in float
-  assert sparse.num_kept(10, 0.7) == 3
-  assert sparse.num_kept(26, 0.5) == 13
-  assert sparse.num_kept(7, 0.5) == 3
-  assert sparse.num_kept(26, 0.0) == 26 and sparse.num_kept(26, 1.0) == 0
+  assert topk.num_kept(100, 0.29) == 71  # 100 * (1 - 0.29) == 70.999... in float
+  assert topk.num_kept(10, 0.7) == 3
+  assert topk.num_kept(26, 0.5) == 13
+  assert topk.num_kept(7, 0.5) == 3
+  assert topk.num_kept(26, 0.0) == 26 and topk.num_kept(26, 1.0) == 0
   for n in (1, 13, 1000, 25_557_032):
     for s in (0.1, 0.25, 0.33, 0.5, 0.9, 0.99):
       exact = (n * (1000 - round(s * 1000))) // 1000
-      assert sparse.num_kept(n, s) == exact
+      assert topk.num_kept(n, s) == exact
 
 
 # --------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def test_fisher_scores_match_per_example_gradients():
   # 5 examples in chunks of 2: a loop over 2 chunks and a remainder of 1.
   got = jax.jit(
       functools.partial(
-          sparse.fisher_scores, mlp_loss, num_samples=5, chunk_size=2
+          fisher_lib.fisher_scores, mlp_loss, num_samples=5, chunk_size=2
       )
   )(params, batch)
   np.testing.assert_allclose(flat(got), want, rtol=1e-5, atol=1e-9)
@@ -173,14 +175,14 @@ def test_fisher_scores_match_per_example_gradients():
   scaled = lambda p, b: b["s"] * mlp_loss(p, {"x": b["x"], "y": b["y"]})
   got = jax.jit(
       functools.partial(
-          sparse.fisher_scores, scaled, num_samples=5, chunk_size=8,
+          fisher_lib.fisher_scores, scaled, num_samples=5, chunk_size=8,
           batch_axes={"x": 0, "y": 0, "s": None},
       )
   )(params, dict(batch, s=jnp.float32(3.0)))
   np.testing.assert_allclose(flat(got), 9.0 * want, rtol=1e-5, atol=1e-9)
   # Model state left batched by mistake: the error names the leaves.
   with pytest.raises(ValueError, match=r"'state/mean': 5.*batch_axes"):
-    sparse.fisher_scores(mlp_loss, params, dict(batch, state={"mean": jnp.ones(5)}), 2)
+    fisher_lib.fisher_scores(mlp_loss, params, dict(batch, state={"mean": jnp.ones(5)}), 2)
 
 
 # --------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def test_fisher_scores_match_per_example_gradients():
 def test_ssam_fisher_steps_mask_output_counts_no_retrace():
   params = make_params()
   n = n_params(params)
-  k = sparse.num_kept(n, 0.5)
+  k = topk.num_kept(n, 0.5)
   tx = sam_optax.ssam_fisher(
       mlp_loss_aux, RHO, 0.5, num_samples=5, update_every=2, chunk_size=2,
       has_aux=True, eps=EPS,
@@ -304,7 +306,7 @@ def test_sparsity_one_returns_clean_gradient_and_evaluates_nothing():
 def test_cosine_drop_rate_schedule():
   for count in (0, 1, 7, 25, 50, 99, 100, 150):
     want = 0.5 * (1 + math.cos(math.pi * min(count / 100, 1.0))) / 2
-    got = float(sparse.cosine_drop_rate(jnp.int32(count), 0.5, 100))
+    got = float(region_lib.cosine_drop_rate(jnp.int32(count), 0.5, 100))
     assert got == pytest.approx(want, abs=1e-7), count
 
 
@@ -312,7 +314,7 @@ def test_cosine_drop_rate_schedule():
 def test_dynamic_counts(exact):
   for n, s, dr in [(26, 0.5, 0.3), (26, 0.5, 0.25), (1000, 0.1, 0.9),
                    (1000, 0.5, 0.5), (101, 0.3, 0.1), (101, 0.3, 0.0)]:
-    k = sparse.num_kept(n, s)
+    k = topk.num_kept(n, s)
     f32 = np.float32  # the counts are defined in float32 arithmetic
     floor_keep = math.floor(f32(k) * (f32(1) - f32(dr)))
     if exact:
@@ -321,7 +323,7 @@ def test_dynamic_counts(exact):
     else:
       keep = floor_keep
       grow = math.floor(min(f32(k) * f32(dr), f32(n) * f32(s)))
-    got = sparse.dynamic_counts(jnp.float32(dr), n, k, k, s, exact)
+    got = region_lib.dynamic_counts(jnp.float32(dr), n, k, k, s, exact)
     assert (int(got[0]), int(got[1])) == (keep, grow), (n, s, dr)
     if exact:
       assert keep + grow == k
@@ -336,7 +338,7 @@ def test_dynamic_init_exact_count_and_seed_determinism():
         mlp_loss, RHO, 0.3, update_every=1, total_steps=10, seed=seed
     )
     m = flat(tx.init(params).region.mask).astype(bool)
-    assert m.sum() == sparse.num_kept(n, 0.3)
+    assert m.sum() == topk.num_kept(n, 0.3)
     masks.setdefault(seed, []).append(m)
   np.testing.assert_array_equal(masks[0][0], masks[0][1])
   assert (masks[0][0] != masks[1][0]).any()
@@ -376,7 +378,7 @@ def test_dynamic_refresh_weight_drop_gradient_grow_matches_reference():
   params = make_params()
   n = n_params(params)
   s, drop_rate, total, every = 0.5, 0.5, 8, 2
-  k = sparse.num_kept(n, s)
+  k = topk.num_kept(n, s)
   tx = sam_optax.ssam_dynamic(
       mlp_loss, RHO, s, drop_rate=drop_rate, update_every=every,
       total_steps=total, drop_criterion="weight", grow_criterion="gradient",
@@ -404,7 +406,7 @@ def test_dynamic_refresh_default_criteria_counts_and_determinism():
   params = make_params()
   n = n_params(params)
   s, total, every = 0.5, 6, 1
-  k = sparse.num_kept(n, s)
+  k = topk.num_kept(n, s)
 
   def build(seed):
     return sam_optax.ssam_dynamic(
@@ -442,7 +444,7 @@ def test_dynamic_refresh_default_criteria_counts_and_determinism():
 def test_dynamic_authors_counts_mode():
   params = make_params()
   n = n_params(params)
-  k = sparse.num_kept(n, 0.5)  # 13
+  k = topk.num_kept(n, 0.5)  # 13
   tx = sam_optax.ssam_dynamic(
       mlp_loss, RHO, 0.5, drop_rate=0.6, update_every=1, total_steps=1000,
       exact_count=False,
@@ -464,7 +466,7 @@ def test_pmap_masks_agree_and_match_global_fisher():
   assert ndev == 8
   params = make_params()
   n = n_params(params)
-  k = sparse.num_kept(n, 0.5)
+  k = topk.num_kept(n, 0.5)
   global_batch = make_batch(10, size=4 * ndev)
   # Host-side copies (NumPy: no eager XLA compiles), then one trivial pmap so
   # that every input already has the layout the step's outputs will have.

@@ -1,14 +1,25 @@
-"""Combinations: how the output is formed from the clean and second gradients."""
+"""Combinations: how the output is formed from the clean and second gradients.
+
+* :class:`Replace` (SAM): the second gradient.
+* :class:`Mix` (GNP, layer-wise SAM): ``(1 - alpha) g + alpha h``.
+* :class:`OrthogonalReuse` (LookSAM) and :class:`DecayedReuse` (vSAM): on a
+  computed step they store part of the second gradient; on a skipped step
+  they add it back to the clean gradient, so a skipped step still moves
+  along the sharpness-aware direction at about SGD's cost.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from sam_optax._src import base
 from sam_optax._src import engine
+
+PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,3 +54,191 @@ def replace() -> Replace:
 def mix(alpha: base.ScalarOrSchedule = 0.8) -> Mix:
   base.check_scalar_or_schedule("alpha", alpha, 0.0, high=1.0)
   return Mix(alpha=alpha)
+
+
+# --------------------------------------------------------------------------
+# LookSAM: orthogonal-component reuse.
+# --------------------------------------------------------------------------
+
+
+class OrthogonalReuseState(NamedTuple):
+  """LookSAM's memory.
+
+  Attributes:
+    gv: the component of the last SAM gradient orthogonal to the clean
+      gradient of that step (params' dtypes).
+    since: steps since the last computed second gradient (int32; 0 on a
+      computed step).
+  """
+
+  gv: PyTree
+  since: jax.Array
+
+  def stats(self) -> dict[str, jax.Array]:
+    return {"steps_since_sample": self.since}
+
+
+@dataclasses.dataclass(frozen=True)
+class OrthogonalReuse(engine.Combine):
+  r"""LookSAM's combination (Liu et al., CVPR 2022, arXiv 2203.02714).
+
+  On a computed step, with ``gs`` the second gradient::
+
+      gv  = gs - (<gs, g> / (‖g‖² + eps)) * g        (stored)
+      out = gs
+
+  On a skipped step::
+
+      out = g + alpha * (‖g‖ / (‖gv‖ + eps)) * gv
+
+  Norms and inner products are global over all leaves, or per parameter
+  tensor with ``per_leaf=True``; float32 whatever the dtype. ``alpha`` is a
+  float or a schedule of the step count.
+  """
+
+  alpha: Any = 0.7
+  per_leaf: bool = False
+
+  def init(self, params):
+    return OrthogonalReuseState(
+        gv=jax.tree.map(jnp.zeros_like, params),
+        since=jnp.zeros((), jnp.int32),
+    )
+
+  def computed(self, step, second, state):
+    g = base.tree_f32(step.grads)
+    gs = base.tree_f32(second)
+    if self.per_leaf:
+      gv = jax.tree.map(
+          lambda a, b: a - (jnp.vdot(a, b) / (jnp.vdot(b, b) + step.eps)) * b,
+          gs,
+          g,
+      )
+    else:
+      coef = base.tree_vdot(gs, g) / (base.tree_sq_norm(g) + step.eps)
+      gv = jax.tree.map(lambda a, b: a - coef * b, gs, g)
+    new_state = OrthogonalReuseState(
+        gv=base.tree_cast_like(gv, state.gv), since=jnp.zeros((), jnp.int32)
+    )
+    return base.tree_cast_like(second, step.grads), new_state
+
+  def skipped(self, step, state):
+    alpha = base.resolve(self.alpha, step.count)
+    g = base.tree_f32(step.grads)
+    gv = base.tree_f32(state.gv)
+    if self.per_leaf:
+      out = jax.tree.map(
+          lambda a, v: a
+          + alpha * (base.tree_norm(a) / (base.tree_norm(v) + step.eps)) * v,
+          g,
+          gv,
+      )
+    else:
+      scale = alpha * base.tree_norm(g) / (base.tree_norm(gv) + step.eps)
+      out = jax.tree.map(lambda a, v: a + scale * v, g, gv)
+    new_state = state._replace(since=state.since + 1)
+    return base.tree_cast_like(out, step.grads), new_state
+
+
+def orthogonal_reuse(
+    alpha: base.ScalarOrSchedule = 0.7, *, per_leaf: bool = False
+) -> OrthogonalReuse:
+  """LookSAM's reuse combination (see :class:`OrthogonalReuse`)."""
+  base.check_scalar_or_schedule("alpha", alpha, 0.0)
+  if not isinstance(per_leaf, bool):
+    raise ValueError(f"per_leaf must be a bool, got {per_leaf!r}")
+  return OrthogonalReuse(alpha=alpha, per_leaf=per_leaf)
+
+
+# --------------------------------------------------------------------------
+# vSAM: decayed reuse of the PSF.
+# --------------------------------------------------------------------------
+
+
+class DecayedReuseState(NamedTuple):
+  """vSAM's memory of the last sampled step.
+
+  Attributes:
+    psf: ``gs - g`` of the last computed step (params' dtypes).
+    lam: the weight applied to ``psf`` at the last step (1 on a computed
+      step, ``decay**n`` on the n-th reuse, 0 once expired), float32.
+    since: steps since the last computed step (int32).
+  """
+
+  psf: PyTree
+  lam: jax.Array
+  since: jax.Array
+
+  def stats(self) -> dict[str, jax.Array]:
+    return {"reuse_weight": self.lam}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecayedReuse(engine.Combine):
+  r"""vSAM's combination (Deng et al., arXiv 2403.08821).
+
+  On a computed step, with ``gs`` the second gradient::
+
+      psf = gs - g   (stored);   lam = 1;   out = gs
+
+  On the n-th skipped step after it::
+
+      out = g + decay**n * psf    for n <= max_reuse
+      out = g                     afterwards
+
+  This is the authors' ``lam = lam * decay while lam > decay**max_reuse``,
+  counted in integers so the cut-off does not depend on rounding.
+  """
+
+  decay: float = 0.7
+  max_reuse: int = 6
+
+  def init(self, params):
+    return DecayedReuseState(
+        psf=jax.tree.map(jnp.zeros_like, params),
+        lam=jnp.zeros((), jnp.float32),
+        since=jnp.zeros((), jnp.int32),
+    )
+
+  def computed(self, step, second, state):
+    psf = jax.tree.map(
+        lambda h, g: h.astype(jnp.float32) - g.astype(jnp.float32),
+        second,
+        step.grads,
+    )
+    new_state = DecayedReuseState(
+        psf=base.tree_cast_like(psf, state.psf),
+        lam=jnp.ones((), jnp.float32),
+        since=jnp.zeros((), jnp.int32),
+    )
+    return base.tree_cast_like(second, step.grads), new_state
+
+  def skipped(self, step, state):
+    since = state.since + 1
+    active = since <= self.max_reuse
+    lam = jnp.where(
+        active,
+        jnp.power(
+            jnp.asarray(self.decay, jnp.float32), since.astype(jnp.float32)
+        ),
+        jnp.zeros((), jnp.float32),
+    )
+    out = jax.tree.map(
+        lambda g, p: jnp.where(
+            active,
+            (g.astype(jnp.float32) + lam * p.astype(jnp.float32)).astype(
+                g.dtype
+            ),
+            g,
+        ),
+        step.grads,
+        state.psf,
+    )
+    return out, DecayedReuseState(psf=state.psf, lam=lam, since=since)
+
+
+def decayed_reuse(decay: float = 0.7, max_reuse: int = 6) -> DecayedReuse:
+  """vSAM's reuse combination (see :class:`DecayedReuse`)."""
+  base.check_range("decay", decay, 0.0, 1.0, low_open=True, high_open=True)
+  max_reuse = base.int_or_traced("max_reuse", max_reuse, 0)
+  return DecayedReuse(decay=decay, max_reuse=max_reuse)

@@ -1,28 +1,38 @@
 """The one engine behind every method.
 
-Every sharpness-aware method in this library is the same loop::
+Every sharpness-aware method in this library is the same step::
 
-    mask      = region.select(step)                # where the perturbation applies
-    go        = gate.decide(step)                  # is the second gradient computed?
-    if go:                                         # a ``lax.cond``, not a blend
-        e     = geometry.perturb(step)             # rho-sized step uphill
-        h     = grad loss_fn(w + e)                # the second gradient
-        out   = combine.computed(step, h)          # e.g. h, or (1-a) g + a h
+    where     = region.select(step)              # where the perturbation applies
+    go        = gate.decide(step)                # is the second gradient computed?
+    if go:                                       # static, or one ``lax.cond``
+        e     = where.restrict(geometry.perturb(step, where))
+        h     = grad loss_fn(w + e)              # the second gradient
+        out   = combine.computed(step, h)        # e.g. h, or (1-a) g + a h
         gate.observe(step, h)
     else:
-        out   = combine.skipped(step)              # reuse what was stored, or g
+        out   = combine.skipped(step)            # reuse what was stored, or g
+    gate.after(step)                             # per-step bookkeeping
 
-The four components are small objects holding static configuration only;
-whatever they remember lives in their own slot of :class:`SharpnessAwareState`
-as arrays. A paper's method is a choice of four components (see
-``presets.py``); a combination no paper has is built the same way with
-:func:`sharpness_aware`.
+The four parts are small frozen objects holding static configuration; what
+they remember lives in their slot of :class:`SharpnessAwareState`, as arrays.
+A paper's method is a choice of four parts (``alias.py``); a combination no
+paper has is built the same way with :func:`sharpness_aware`.
+
+Every decision (the radius reaching zero, the gate, a region's refresh or
+selection) is taken in one of three ways, in this order:
+
+1. statically, when it is known at construction (``rho=0``, a gate whose
+   ``schedule`` is ``"always"`` or ``"never"``): no conditional is traced;
+2. from a *plan* (:class:`Plan`, made on the host by :mod:`planner`) passed
+   as ``update(..., plan=plan)``: the compiled program holds only that
+   step's work, with no conditional;
+3. on the device, by a ``lax.cond`` (the default, ``plan=None``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Hashable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +43,9 @@ from sam_optax._src import base
 from sam_optax._src import canonical_conv
 
 PyTree = Any
+
+#: The values of :attr:`Gate.schedule`.
+SCHEDULES = ("always", "never", "dynamic")
 
 
 class SharpnessAwareState(NamedTuple):
@@ -65,9 +78,9 @@ class SharpnessAwareState(NamedTuple):
     return out
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Step:
-  """Everything a component may read during one ``update`` call.
+  """What every part may read during one ``update`` call (built once).
 
   Attributes:
     updates: the incoming clean gradient, as the caller passed it (per-device
@@ -78,11 +91,9 @@ class Step:
     batch: the batch ``loss_fn`` takes.
     count: the step number (int32 scalar).
     rho: the perturbation radius at this step (float32 scalar).
-    mask: where the perturbation applies (None: everywhere), set by the region.
     axis_name: the pmap/shard_map axis, or None.
     eps: the guard added to norms that divide.
     loss: ``loss(params, batch) -> scalar`` with any aux dropped.
-    normalize_over_region: take the perturbation norm over the mask only.
   """
 
   updates: PyTree
@@ -91,21 +102,87 @@ class Step:
   batch: Any
   count: jax.Array
   rho: jax.Array
-  mask: Optional[PyTree]
   axis_name: Optional[str]
   eps: float
-  loss: Callable[[PyTree, Any], jax.Array]
-  normalize_over_region: bool = False
+  loss: Optional[Callable[[PyTree, Any], jax.Array]]
 
 
 # --------------------------------------------------------------------------
-# Component bases. Each has a static configuration and an ``init`` that
-# returns its state (arrays only). The defaults are the plain-SAM behaviour.
+# Masks: the region's answer, classified once.
+# --------------------------------------------------------------------------
+
+
+def is_static_mask(mask: Any) -> bool:
+  """True when ``mask`` is a non-empty pytree of Python (or NumPy) bools."""
+  leaves = jax.tree.leaves(mask)
+  return bool(leaves) and all(isinstance(x, (bool, np.bool_)) for x in leaves)
+
+
+def _mask_leaf(x: jax.Array, m: Any) -> jax.Array:
+  """``x`` where the mask holds, zero elsewhere; a bool leaf is static."""
+  if m is True or m is np.True_:
+    return x
+  if m is False or m is np.False_:
+    return jnp.zeros_like(x)
+  return jnp.where(m, x, jnp.zeros_like(x))
+
+
+def apply_mask(tree: PyTree, mask: Optional[PyTree]) -> PyTree:
+  """Zeroes ``tree`` outside ``mask`` (None: no mask)."""
+  if mask is None:
+    return tree
+  return jax.tree.map(_mask_leaf, tree, mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Where:
+  """Where the perturbation applies this step.
+
+  Attributes:
+    mask: None (everywhere), a pytree of Python bools (a static set of
+      leaves, known at trace time) or a pytree of boolean arrays (an
+      element-wise or per-leaf mask, usually kept in state).
+    normalize: take perturbation norms over the mask only (layer-wise SAM)
+      rather than over the whole gradient (Sparse SAM).
+    static: ``mask`` is a pytree of Python bools. Then the second gradient
+      differentiates only the selected leaves; the others enter ``loss_fn``
+      as the very same arrays.
+  """
+
+  mask: Optional[PyTree] = None
+  normalize: bool = False
+
+  @property
+  def static(self) -> bool:
+    return self.mask is not None and is_static_mask(self.mask)
+
+  def restrict(self, tree: PyTree) -> PyTree:
+    """``tree`` zeroed outside the mask."""
+    return apply_mask(tree, self.mask)
+
+  def norm_domain(self, tree: PyTree) -> PyTree:
+    """What a perturbation norm is taken over: the region or everything."""
+    return self.restrict(tree) if self.normalize else tree
+
+  def outside(self, inside: PyTree, outside: PyTree) -> PyTree:
+    """``inside`` in the mask, ``outside`` elsewhere (leaf by leaf)."""
+    if self.mask is None:
+      return inside
+    if self.static:
+      return jax.tree.map(
+          lambda m, a, b: a if m else b, self.mask, inside, outside
+      )
+    return base.tree_where(self.mask, inside, outside)
+
+
+# --------------------------------------------------------------------------
+# Part protocols. Each part has a static configuration and an ``init`` that
+# returns its state (arrays only).
 # --------------------------------------------------------------------------
 
 
 class Component:
-  """Base: a component with no state."""
+  """Base: a part with no state."""
 
   def init(self, params: PyTree) -> PyTree:
     del params
@@ -113,21 +190,35 @@ class Component:
 
 
 class Geometry(Component):
-  """Builds the perturbation ``e`` from the clean gradient."""
+  """Builds the perturbation ``e`` from the clean gradient.
 
-  def perturb(self, step: Step, state: PyTree) -> tuple[PyTree, PyTree]:
+  ``perturb(step, state, where)`` returns ``(e, new_state)``. Norms that
+  normalise ``e`` are taken over ``where.norm_domain(...)``. The engine
+  zeroes ``e`` outside the region afterwards, so a geometry cannot perturb
+  outside it.
+  """
+
+  def perturb(
+      self, step: Step, state: PyTree, where: Where
+  ) -> tuple[PyTree, PyTree]:
     raise NotImplementedError
 
 
 class Region(Component):
   """Where the perturbation applies.
 
-  ``select`` returns the mask for this step: None (everywhere), a pytree of
-  boolean arrays (an element-wise or per-leaf mask, usually kept in state), or
-  a pytree of Python bools (a static set of leaves, known at trace time). With
-  Python bools the second gradient is taken with respect to the selected
-  leaves only, the others enter it as the very same arrays, and no
-  backpropagation below the lowest selected layer happens.
+  ``select(step, state)`` returns ``(mask, new_state, evals)``: the mask for
+  this step (None, a pytree of Python bools, or a pytree of boolean arrays;
+  see :class:`Where`), the region's new state, and the gradient evaluations
+  it spent (int32).
+
+  Planning: ``plan(count, read, memo)`` runs on the host before step
+  ``count`` and returns a hashable value fixing the region's decision for
+  that step (None: nothing to plan); ``select_planned(step, state, plan)``
+  then takes that step with no conditional. ``read()`` returns this part's
+  state as NumPy arrays (a device read; use it only when the decision
+  depends on device state); ``memo`` is a dict the planner keeps for this
+  part between calls.
 
   Attributes:
     normalize_over_region: the perturbation norm is taken over the region only
@@ -142,29 +233,106 @@ class Region(Component):
   def select(
       self, step: Step, state: PyTree
   ) -> tuple[Optional[PyTree], PyTree, jax.Array]:
-    """Returns (mask or None, new state, gradient evaluations spent)."""
     del step
     return None, state, jnp.zeros((), jnp.int32)
+
+  def plan(self, count: int, read: Callable[[], PyTree], memo: dict) -> Hashable:
+    del count, read, memo
+    return None
+
+  def select_planned(
+      self, step: Step, state: PyTree, plan: Hashable
+  ) -> tuple[Optional[PyTree], PyTree, jax.Array]:
+    del plan
+    return self.select(step, state)
 
 
 class Gate(Component):
   """Decides whether the second gradient is computed this step.
 
-  ``always`` / ``never`` are static shortcuts: the engine then emits no
-  ``lax.cond`` at all.
+  ``schedule`` says how the engine runs the gate, and is checked when the
+  transform is built:
+
+  * ``"always"``: every step computes the second gradient; ``decide`` is
+    never called (and must not be overridden).
+  * ``"never"``: no step does (likewise).
+  * ``"dynamic"`` (the default): ``decide(step, state) -> (go, new_state)``
+    is called every step and must be implemented; ``go`` is a boolean
+    scalar, and the second gradient runs under a ``lax.cond``.
+
+  Planning (optional): ``plan(count, read, memo)`` runs on the host before
+  step ``count`` and returns the decision as a Python bool (None: decide on
+  the device); with a plan, ``advance(step, state, go)`` replaces ``decide``
+  and must return the state ``decide`` would have returned with that
+  decision. ``observe(step, second, state)`` runs on computed steps only,
+  with the averaged second gradient; ``after(step, state)`` runs on every
+  step, last.
   """
 
-  always: bool = True
-  never: bool = False
+  schedule: str = "dynamic"
 
   def decide(self, step: Step, state: PyTree) -> tuple[jax.Array, PyTree]:
-    del step
-    return jnp.array(True), state
+    raise NotImplementedError(
+        f"{type(self).__name__} has schedule='dynamic' and must implement "
+        "decide(step, state) -> (go, new_state)"
+    )
+
+  def plan(
+      self, count: int, read: Callable[[], PyTree], memo: dict
+  ) -> Optional[bool]:
+    del count, read, memo
+    if self.schedule == "always":
+      return True
+    if self.schedule == "never":
+      return False
+    return None
+
+  def advance(self, step: Step, state: PyTree, go: bool) -> PyTree:
+    del go
+    if self.schedule != "dynamic":
+      return state
+    return self.decide(step, state)[1]
 
   def observe(self, step: Step, second: PyTree, state: PyTree) -> PyTree:
-    """Called in the computed branch only, with the averaged second gradient."""
     del step, second
     return state
+
+  def after(
+      self, step: Step, state: PyTree, planned: Hashable = None
+  ) -> PyTree:
+    """Per-step bookkeeping, last. ``planned``: :meth:`plan_after`'s value
+    for this step, or None without a plan."""
+    del step, planned
+    return state
+
+  def plan_after(self, count: int) -> Hashable:
+    """Host-side: the static value :meth:`after` gets at step ``count``."""
+    del count
+    return None
+
+
+def check_gate(gate: Gate) -> None:
+  """Rejects a gate whose ``schedule`` and ``decide`` contradict each other."""
+  if not isinstance(gate, Gate):
+    raise ValueError(f"gate must be a sam_optax Gate, got {gate!r}")
+  schedule = getattr(gate, "schedule", None)
+  if schedule not in SCHEDULES:
+    raise ValueError(
+        f"gate.schedule must be one of {SCHEDULES}, got {schedule!r} "
+        f"({type(gate).__name__})"
+    )
+  overrides = type(gate).decide is not Gate.decide
+  if schedule != "dynamic" and overrides:
+    raise ValueError(
+        f"{type(gate).__name__} overrides decide() but has schedule="
+        f"{schedule!r}, so decide() would never be called; set "
+        "schedule='dynamic' for a gate that decides"
+    )
+  if schedule == "dynamic" and not overrides:
+    raise ValueError(
+        f"{type(gate).__name__} has schedule='dynamic' but does not "
+        "implement decide(step, state) -> (go, new_state)"
+    )
 
 
 class Combine(Component):
@@ -180,29 +348,302 @@ class Combine(Component):
     return step.grads, state
 
 
+# --------------------------------------------------------------------------
+# Plans.
+# --------------------------------------------------------------------------
+
+
+class Plan(NamedTuple):
+  """The static structure of one step, made on the host (see ``planner``).
+
+  Hashable, so it can be a static argument of ``jax.jit``. A field left None
+  is decided on the device, as without a plan.
+
+  Attributes:
+    rho_zero: the radius is exactly zero at this step (no second gradient;
+      the output is the clean gradient).
+    second: the gate's decision.
+    gate_after: the gate's end-of-step work (e.g. vSAM: draw the next
+      window), see :meth:`Gate.plan_after`.
+    region: the region's plan (e.g. refresh the mask or not; the selected
+      layers).
+  """
+
+  rho_zero: Optional[bool] = None
+  second: Optional[bool] = None
+  gate_after: Hashable = None
+  region: Hashable = None
+
+
+def _check_plan(plan: Any) -> Optional[Plan]:
+  if plan is None or isinstance(plan, Plan):
+    return plan
+  raise ValueError(
+      "plan must be None or the value sam_optax.planner(tx)(count, opt_state) "
+      f"returns (a sam_optax Plan), got {plan!r}"
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What the planner needs to know about a transform (static only)."""
+
+  rho: Any
+  static_rho: Optional[float]
+  region: Region
+  gate: Gate
+
+
+_SPEC_ATTR = "_sam_optax_spec"
+
+
+def attach_spec(tx: optax.GradientTransformation, spec: Spec):
+  """``tx`` with an update function that carries ``spec`` (for the planner)."""
+  inner = tx.update
+
+  def update_fn(*args, **kwargs):
+    return inner(*args, **kwargs)
+
+  setattr(update_fn, _SPEC_ATTR, spec)
+  return tx._replace(update=update_fn)
+
+
+def spec_of(tx: Any) -> Optional[Spec]:
+  return getattr(getattr(tx, "update", None), _SPEC_ATTR, None)
+
+
+# --------------------------------------------------------------------------
+# The engine.
+# --------------------------------------------------------------------------
+
 _MISSING = object()
 
 
-def _mask_leaf(x: jax.Array, m: Any) -> jax.Array:
-  """``x`` where the mask holds, zero elsewhere; a bool leaf is static."""
-  if m is True:
-    return x
-  if m is False:
-    return jnp.zeros_like(x)
-  return jnp.where(m, x, jnp.zeros_like(x))
+def _require_call_arguments(params, batch) -> None:
+  if params is None:
+    raise ValueError(
+        "sam_optax transforms need `params`: call "
+        "tx.update(grads, opt_state, params, batch=batch)"
+    )
+  if batch is _MISSING:
+    raise ValueError(
+        "sam_optax transforms need the keyword argument `batch` (the batch "
+        "loss_fn(params, batch) takes): call "
+        "tx.update(grads, opt_state, params, batch=batch)"
+    )
+  if any(
+      isinstance(x, optax.MaskedNode)
+      for x in jax.tree.leaves(
+          params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+      )
+  ):
+    raise ValueError(
+        "sam_optax transforms cannot run inside optax.masked or "
+        "optax.multi_transform: loss_fn would receive MaskedNode leaves "
+        "instead of the frozen parameters. Put the SAM transform outside "
+        "the mask (chain it before optax.masked / multi_transform, which then "
+        "freeze or split the base optimizer); see the README section "
+        "'Frozen parameters'"
+    )
 
 
-def is_static_mask(mask: Any) -> bool:
-  """True when ``mask`` is a non-empty pytree of Python (or NumPy) bools."""
-  leaves = jax.tree.leaves(mask)
-  return bool(leaves) and all(isinstance(x, (bool, np.bool_)) for x in leaves)
+def _scalar_loss(loss_fn: Callable, has_aux: bool) -> Callable:
+  """``loss(params, batch) -> scalar``, with a clear error for a bad aux."""
+
+  def loss(params, batch):
+    out = loss_fn(params, batch)
+    if has_aux:
+      if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError(
+            "has_aux=True: loss_fn must return (loss, aux), got "
+            f"{type(out).__name__}; use has_aux=False for a scalar loss"
+        )
+      out = out[0]
+    elif isinstance(out, (tuple, list)):
+      raise ValueError(
+          "loss_fn returned a tuple: pass has_aux=True when it returns "
+          "(loss, aux)"
+      )
+    if jnp.shape(out) != ():
+      raise ValueError(
+          f"loss_fn must return a scalar loss, got shape {jnp.shape(out)}"
+      )
+    return out
+
+  return loss
 
 
-def apply_mask(tree: PyTree, mask: Optional[PyTree]) -> PyTree:
-  """Zeroes ``tree`` outside ``mask`` (None: no mask)."""
-  if mask is None:
-    return tree
-  return jax.tree.map(_mask_leaf, tree, mask)
+@dataclasses.dataclass(frozen=True)
+class _Engine:
+  """One configured transform: its parts and settings (static only).
+
+  ``update`` is the step of the module docstring, in named pieces.
+  """
+
+  loss: Callable[[PyTree, Any], jax.Array]
+  rho: Any
+  static_rho: Optional[float]  # None: a schedule or an injected value
+  geometry: Geometry
+  region: Region
+  gate: Gate
+  combine: Combine
+  axis_name: Optional[str]
+  eps: float
+
+  def init(self, params: PyTree) -> SharpnessAwareState:
+    return SharpnessAwareState(
+        count=jnp.zeros((), jnp.int32),
+        grad_evals=jnp.zeros((), jnp.int32),
+        geometry=self.geometry.init(params),
+        region=self.region.init(params),
+        gate=self.gate.init(params),
+        combine=self.combine.init(params),
+    )
+
+  def update(
+      self, updates, state, params=None, *, batch=_MISSING, plan=None, **extra
+  ):
+    del extra  # other extra arguments are for other transforms in the chain
+    _require_call_arguments(params, batch)
+    plan = _check_plan(plan)
+    step = self.make_step(updates, state, params, batch)
+    if self.static_rho == 0.0:  # rho = 0: nothing is ever evaluated
+      out = base.tree_cast_like(step.grads, updates)
+      return out, state._replace(count=optax.safe_increment(state.count))
+    positive = self.rho_positive(step, plan)
+    where, region_state, region_evals = self.run_region(step, state, plan)
+    go, gate_state = self.run_gate(step, state, plan, positive)
+    computed, skipped = self.branches(step, state, where, gate_state, go)
+    if go is True:
+      ending = computed(None)
+    elif go is False:
+      ending = skipped(None)
+    else:
+      ending = jax.lax.cond(go, computed, skipped, None)
+    out, geometry_state, combine_state, gate_state, evals = ending
+    planned_after = None if plan is None else plan.gate_after
+    gate_state = self.gate.after(step, gate_state, planned_after)
+    out = self.finish_output(step, where, positive, out)
+    new_state = SharpnessAwareState(
+        count=optax.safe_increment(state.count),
+        grad_evals=state.grad_evals + evals + region_evals,
+        geometry=geometry_state,
+        region=region_state,
+        gate=gate_state,
+        combine=combine_state,
+    )
+    return base.tree_cast_like(out, updates), new_state
+
+  def make_step(self, updates, state, params, batch) -> Step:
+    return Step(
+        updates=updates,
+        grads=base.pmean(updates, self.axis_name),
+        params=params,
+        batch=batch,
+        count=state.count,
+        rho=base.resolve(self.rho, state.count),
+        axis_name=self.axis_name,
+        eps=self.eps,
+        loss=self.loss,
+    )
+
+  def rho_positive(self, step: Step, plan: Optional[Plan]):
+    """True / False when known before tracing, else a traced boolean."""
+    if self.static_rho is not None:
+      return self.static_rho > 0
+    if plan is not None and plan.rho_zero is not None:
+      return not plan.rho_zero
+    return step.rho > 0
+
+  def run_region(self, step, state, plan):
+    if plan is not None and plan.region is not None:
+      mask, new, evals = self.region.select_planned(
+          step, state.region, plan.region
+      )
+    else:
+      mask, new, evals = self.region.select(step, state.region)
+    return Where(mask, self.region.normalize_over_region), new, evals
+
+  def run_gate(self, step, state, plan, positive):
+    """(go: a Python bool or a traced boolean, the gate's new state)."""
+    gate = self.gate
+    if plan is not None and plan.second is not None:
+      go, new = plan.second, gate.advance(step, state.gate, plan.second)
+    elif gate.schedule == "always":
+      go, new = True, state.gate
+    elif gate.schedule == "never":
+      go, new = False, state.gate
+    else:
+      go, new = gate.decide(step, state.gate)
+    if positive is False or go is False:
+      return False, new
+    if positive is True:
+      return go, new
+    return (positive if go is True else jnp.logical_and(go, positive)), new
+
+  def branches(self, step, state, where, gate_state, go):
+    """The two ways a step ends: (out, geometry, combine, gate, evals)."""
+    nested = not isinstance(go, bool)  # the branch runs inside a lax.cond
+
+    def computed(_):
+      e, geometry_state = self.geometry.perturb(step, state.geometry, where)
+      second = self.second_gradient(step, where.restrict(e), where, nested)
+      out, combine_state = self.combine.computed(step, second, state.combine)
+      new_gate = self.gate.observe(step, second, gate_state)
+      one = jnp.ones((), jnp.int32)
+      return out, geometry_state, combine_state, new_gate, one
+
+    def skipped(_):
+      out, combine_state = self.combine.skipped(step, state.combine)
+      zero = jnp.zeros((), jnp.int32)
+      return out, state.geometry, combine_state, gate_state, zero
+
+    return computed, skipped
+
+  def second_gradient(self, step: Step, e: PyTree, where: Where, nested: bool):
+    """grad loss(w + e), averaged over devices, shaped like params.
+
+    With a static region only the selected leaves are differentiated; the
+    others are passed through as the very same arrays and their entry in
+    the result is the clean gradient.
+    """
+    # Inside a lax.cond XLA:CPU skips its convolution canonicalization;
+    # canonical_conv.grad does it up front.
+    grad = canonical_conv.grad if nested else jax.grad
+    if not where.static:
+      perturbed = jax.tree.map(
+          lambda w, d: w + d.astype(w.dtype), step.params, e
+      )
+      h = grad(lambda p: step.loss(p, step.batch))(perturbed)
+      return base.pmean(h, self.axis_name)
+    leaves, treedef = jax.tree.flatten(step.params)
+    chosen = [i for i, m in enumerate(treedef.flatten_up_to(where.mask)) if m]
+    e_leaves = treedef.flatten_up_to(e)
+
+    def partial_loss(selected):
+      full = list(leaves)
+      for j, i in enumerate(chosen):
+        full[i] = selected[j] + e_leaves[i].astype(selected[j].dtype)
+      return step.loss(jax.tree.unflatten(treedef, full), step.batch)
+
+    h = grad(partial_loss)([leaves[i] for i in chosen])
+    h = base.pmean(h, self.axis_name)
+    out = list(treedef.flatten_up_to(step.grads))
+    for j, i in enumerate(chosen):
+      out[i] = h[j]
+    return jax.tree.unflatten(treedef, out)
+
+  def finish_output(self, step, where, positive, out):
+    """Clean gradient outside the region (if asked) and at rho = 0."""
+    if self.region.clean_outside:
+      out = where.outside(out, step.grads)
+    if positive is False:
+      return step.grads
+    if positive is True:
+      return out
+    return jax.tree.map(
+        lambda o, g: jnp.where(positive, o, g.astype(o.dtype)), out, step.grads
+    )
 
 
 def sharpness_aware(
@@ -224,7 +665,10 @@ def sharpness_aware(
       aux)`` when ``has_aux`` is True (the aux of perturbed evaluations is
       discarded).
     rho: perturbation radius, a float or a schedule of the step count.
-    geometry: how the perturbation is built (see ``geometry.py``).
+      ``rho=0`` gives the clean gradient and evaluates nothing; a schedule
+      (or an injected value) that is 0 at a step makes that step a skipped
+      one whose output is the clean gradient exactly.
+    geometry: how the perturbation is built (``parts.global_norm()``, ...).
     region: where it applies (default: everywhere).
     gate: when the second gradient is computed (default: every step).
     combine: how the output is formed (default: the second gradient, SAM).
@@ -234,7 +678,22 @@ def sharpness_aware(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
-    clean gradient as ``updates`` and requires ``params`` and ``batch=``.
+    clean gradient as ``updates`` and requires ``params`` and ``batch=``;
+    ``plan=`` (from :func:`sam_optax.planner`) is optional.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> from sam_optax import parts
+    >>> loss_fn = lambda w, b: jnp.sum((w * b) ** 2)
+    >>> tx = sam_optax.sharpness_aware(
+    ...     loss_fn, 0.05, geometry=parts.global_norm(),
+    ...     gate=parts.every_k(2), combine=parts.mix(0.5))
+    >>> w, b = jnp.ones(3), jnp.arange(3.0)
+    >>> state = tx.init(w)
+    >>> for _ in range(4):
+    ...   u, state = tx.update(jax.grad(loss_fn)(w, b), state, w, batch=b)
+    >>> int(state.grad_evals)
+    2
   """
   if not callable(loss_fn):
     raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
@@ -243,158 +702,26 @@ def sharpness_aware(
   if axis_name is not None and not isinstance(axis_name, str):
     raise ValueError(f"axis_name must be a string or None, got {axis_name!r}")
   region = Region() if region is None else region
-  gate = Gate() if gate is None else gate
+  gate = _every_step() if gate is None else gate
   combine = Combine() if combine is None else combine
-
-  # rho known to be exactly zero before tracing: nothing is ever evaluated.
+  for name, part, kind in [
+      ("geometry", geometry, Geometry), ("region", region, Region),
+      ("combine", combine, Combine),
+  ]:
+    if not isinstance(part, kind):
+      raise ValueError(f"{name} must be a sam_optax {kind.__name__}, got {part!r}")
+  check_gate(gate)
   static_rho = None if callable(rho) else base._concrete_float(rho)  # pylint: disable=protected-access
-  rho_is_zero = static_rho == 0.0
-  rho_may_be_zero = static_rho is None  # a schedule or a traced value
+  engine = _Engine(
+      loss=_scalar_loss(loss_fn, has_aux), rho=rho, static_rho=static_rho,
+      geometry=geometry, region=region, gate=gate, combine=combine,
+      axis_name=axis_name, eps=eps,
+  )
+  tx = optax.GradientTransformationExtraArgs(engine.init, engine.update)
+  return attach_spec(tx, Spec(rho, static_rho, region, gate))
 
-  def scalar_loss(params, batch):
-    out = loss_fn(params, batch)
-    return out[0] if has_aux else out
 
-  def init_fn(params):
-    return SharpnessAwareState(
-        count=jnp.zeros((), jnp.int32),
-        grad_evals=jnp.zeros((), jnp.int32),
-        geometry=geometry.init(params),
-        region=region.init(params),
-        gate=gate.init(params),
-        combine=combine.init(params),
-    )
+def _every_step() -> Gate:
+  from sam_optax._src import gate as gate_lib  # pylint: disable=g-import-not-at-top
 
-  # Inside a lax.cond (a gate, or a rho that may be zero) XLA:CPU skips its
-  # convolution canonicalization; canonical_conv.grad does it up front.
-  nested = rho_may_be_zero or not (gate.always or gate.never)
-  grad_fn = canonical_conv.grad if nested else jax.grad
-
-  def second_gradient(
-      step: Step, e: PyTree, smask: Optional[PyTree]
-  ) -> PyTree:
-    """grad loss(w + e), averaged over devices, shaped like params.
-
-    With a static region only the selected leaves are differentiated; the
-    others are passed through as the very same arrays and their entry in the
-    result is the clean gradient.
-    """
-    if smask is None:
-      perturbed = jax.tree.map(
-          lambda w, d: (w + d.astype(w.dtype)), step.params, e
-      )
-      h = grad_fn(lambda p: scalar_loss(p, step.batch))(perturbed)
-      return base.pmean(h, axis_name)
-
-    sel_leaves, treedef = jax.tree.flatten(step.params)
-    mask_leaves = treedef.flatten_up_to(smask)
-    e_leaves = treedef.flatten_up_to(e)
-    idx = [i for i, m in enumerate(mask_leaves) if m]
-
-    def partial_loss(selected):
-      leaves = list(sel_leaves)
-      for j, i in enumerate(idx):
-        leaves[i] = selected[j] + e_leaves[i].astype(selected[j].dtype)
-      return scalar_loss(jax.tree.unflatten(treedef, leaves), step.batch)
-
-    h = grad_fn(partial_loss)([sel_leaves[i] for i in idx])
-    h = base.pmean(h, axis_name)
-    out = list(treedef.flatten_up_to(step.grads))
-    for j, i in enumerate(idx):
-      out[i] = h[j]
-    return jax.tree.unflatten(treedef, out)
-
-  def update_fn(updates, state, params=None, *, batch=_MISSING, **extra):
-    del extra  # other extra arguments are for other transforms in the chain
-    if params is None:
-      raise ValueError(
-          "sam_optax transforms need `params`: call "
-          "tx.update(grads, opt_state, params, batch=batch)"
-      )
-    if batch is _MISSING:
-      raise ValueError(
-          "sam_optax transforms need the keyword argument `batch` (the batch "
-          "loss_fn(params, batch) takes): call "
-          "tx.update(grads, opt_state, params, batch=batch)"
-      )
-    count = state.count
-    rho_t = base.resolve(rho, count)
-    grads = base.pmean(updates, axis_name)
-    step = Step(
-        updates=updates,
-        grads=grads,
-        params=params,
-        batch=batch,
-        count=count,
-        rho=rho_t,
-        mask=None,
-        axis_name=axis_name,
-        eps=eps,
-        loss=scalar_loss,
-        normalize_over_region=region.normalize_over_region,
-    )
-    mask, region_state, region_evals = region.select(step, state.region)
-    step.mask = mask
-    static_mask = mask if mask is not None and is_static_mask(mask) else None
-    go, gate_state = gate.decide(step, state.gate)
-
-    def computed(_):
-      e, geometry_state = geometry.perturb(step, state.geometry)
-      if rho_may_be_zero:
-        positive = rho_t > 0
-        second = jax.lax.cond(
-            positive,
-            lambda: second_gradient(step, e, static_mask),
-            lambda: step.grads,
-        )
-        evals = positive.astype(jnp.int32)
-      else:
-        second = second_gradient(step, e, static_mask)
-        evals = jnp.ones((), jnp.int32)
-      out, combine_state = combine.computed(step, second, state.combine)
-      new_gate = gate.observe(step, second, gate_state)
-      return out, geometry_state, combine_state, new_gate, evals
-
-    def skipped(_):
-      out, combine_state = combine.skipped(step, state.combine)
-      return (
-          out,
-          state.geometry,
-          combine_state,
-          gate_state,
-          jnp.zeros((), jnp.int32),
-      )
-
-    if rho_is_zero or gate.never:
-      branch = skipped(None)
-      if rho_is_zero:
-        branch = (step.grads,) + branch[1:]
-    elif gate.always:
-      branch = computed(None)
-    else:
-      branch = jax.lax.cond(go, computed, skipped, None)
-    out, geometry_state, combine_state, gate_state, evals = branch
-
-    if region.clean_outside and mask is not None:
-      if static_mask is not None:
-        out = jax.tree.map(
-            lambda m, o, g: o if m else g, static_mask, out, grads
-        )
-      else:
-        out = base.tree_where(mask, out, grads)
-    if rho_may_be_zero:
-      out = jax.tree.map(
-          lambda o, g: jnp.where(rho_t > 0, o, g), out, grads
-      )
-    out = base.tree_cast_like(out, updates)
-    new_state = SharpnessAwareState(
-        count=optax.safe_increment(count),
-        grad_evals=state.grad_evals + evals + region_evals,
-        geometry=geometry_state,
-        region=region_state,
-        gate=gate_state,
-        combine=combine_state,
-    )
-    return out, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return gate_lib.EveryStep()

@@ -1,34 +1,47 @@
 """Gates: when the second gradient is really computed.
 
-A gate that is not ``always`` makes the engine emit a ``lax.cond``: on a
-skipped step the branch that calls ``loss_fn`` does not run at all.
+* :class:`EveryStep` (SAM, ASAM, GNP, ...): ``schedule="always"``.
+* :class:`Never`: ``schedule="never"`` (Sparse SAM with ``sparsity=1``).
+* :class:`EveryK` (LookSAM): steps with ``count % k == 0``.
+* :class:`VariationSampling` (vSAM): adaptive sampling from the variation of
+  statistics of the sampled steps.
+
+A gate with ``schedule="dynamic"`` makes the engine emit a ``lax.cond`` (on a
+skipped step the branch that calls ``loss_fn`` does not run), unless a plan
+fixes the decision on the host (see :func:`sam_optax.planner`). Every gate
+here can be planned: EveryK from the count alone, VariationSampling from one
+read of its state per window.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional, Union
 
+import jax
 import jax.numpy as jnp
 
 from sam_optax._src import base
 from sam_optax._src import engine
+
+PyTree = Any
+LeafSelection = Union[None, Callable[[str], bool], Sequence[str]]
 
 
 @dataclasses.dataclass(frozen=True)
 class EveryStep(engine.Gate):
   """The second gradient every step (SAM, ASAM, GNP)."""
 
+  schedule: str = "always"
+
 
 @dataclasses.dataclass(frozen=True)
 class Never(engine.Gate):
   """Never a second gradient (e.g. Sparse SAM with ``sparsity=1``)."""
 
-  always: bool = False
-  never: bool = True
-
-  def decide(self, step, state):
-    del step
-    return jnp.array(False), state
+  schedule: str = "never"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +49,17 @@ class EveryK(engine.Gate):
   """The second gradient on steps with ``count % k == 0`` (step 0 included)."""
 
   k: int = 1
-  always: bool = False
 
   def decide(self, step, state):
     return step.count % self.k == 0, state
+
+  def plan(self, count, read, memo):
+    del read, memo
+    return count % self.k == 0
+
+  def advance(self, step, state, go):
+    del step, go
+    return state
 
 
 def every_step() -> EveryStep:
@@ -52,5 +72,386 @@ def never() -> Never:
 
 def every_k(k: int) -> engine.Gate:
   """Every k-th step; ``k=1`` is every step, with no ``lax.cond`` emitted."""
-  k = base.check_int("k", k, 1)
+  k = base.static_int("k", k, 1)
   return EveryStep() if k == 1 else EveryK(k=k)
+
+
+# --------------------------------------------------------------------------
+# vSAM's variation-based sampling.
+# --------------------------------------------------------------------------
+
+
+class VariationSamplingState(NamedTuple):
+  """vSAM's schedule and statistics (all arrays, identical on every device).
+
+  Attributes:
+    rate: expected second gradients per window in the current window (the
+      authors' ``base_sr``), float32; the quota of a window is
+      ``floor(rate)``.
+    next_rate: the rate of the next window, set when it is prepared.
+    pattern: bool ``[window]``: which steps of the current (or, once the
+      last step of a window is done, the next) window are sampled, drawn
+      when the window is prepared.
+    taken: second gradients taken in the current window (int32).
+    probability: the probability of a sampled step at the last decision (1
+      during warm-up, ``rate / window`` after), float32.
+    since: steps since the last sampled step (int32).
+    samples: sampled steps recorded so far (int32); the ring buffers' write
+      position is ``samples % window``.
+    key: PRNG key of the random draws (advanced once per warm-up step, and
+      by a whole window when a window is prepared).
+    ratio: ring buffer of ``R = ‖psf‖ / ‖g‖`` over the last ``window`` samples.
+    norm: ring buffer of ``P = ‖psf‖``.
+    variance: ring buffer of ``V``, the mean block variance of ``sort(P)``.
+  """
+
+  rate: jax.Array
+  next_rate: jax.Array
+  pattern: jax.Array
+  taken: jax.Array
+  probability: jax.Array
+  since: jax.Array
+  samples: jax.Array
+  key: jax.Array
+  ratio: jax.Array
+  norm: jax.Array
+  variance: jax.Array
+
+  def stats(self) -> dict[str, jax.Array]:
+    return {
+        "sampling_rate": self.probability,
+        "samples_per_window": self.rate,
+        "steps_since_sample": self.since,
+    }
+
+
+def select_leaves(paths: list[str], stat_leaves: LeafSelection) -> list[bool]:
+  """Which leaf paths a selection (None, predicate, path prefixes) keeps."""
+  if stat_leaves is None:
+    return [True] * len(paths)
+  if callable(stat_leaves):
+    return [bool(stat_leaves(p)) for p in paths]
+  return [
+      any(p == s or p.startswith(s.rstrip("/") + "/") for s in stat_leaves)
+      for p in paths
+  ]
+
+
+def chronological(buffer: jax.Array, samples: jax.Array) -> jax.Array:
+  """A ring buffer, oldest entry first (never-written entries come first)."""
+  size = buffer.shape[0]
+  return jnp.roll(buffer, -(samples % size))
+
+
+def mean_relative_change(
+    values: jax.Array, valid: jax.Array, eps: float
+) -> jax.Array:
+  """Mean of ``(x[i+1] - x[i]) / (x[i] + eps)`` over pairs of valid entries.
+
+  ``values`` in chronological order; ``valid`` marks the recorded entries.
+  Zero when fewer than two entries are valid.
+  """
+  x0, x1 = values[:-1], values[1:]
+  pair = valid[:-1] & valid[1:]
+  change = jnp.where(pair, (x1 - x0) / (x0 + eps), 0.0)
+  n = jnp.sum(pair.astype(jnp.float32))
+  return jnp.where(n > 0, jnp.sum(change) / jnp.maximum(n, 1.0), 0.0)
+
+
+def block_variance(norms: jax.Array, blocks: int) -> jax.Array:
+  """``V``: mean over ``blocks`` equal blocks of the variance of ``sort(P)``.
+
+  The unbiased variance (``ddof=1``), as ``torch.var`` in the authors' code.
+  """
+  s = jnp.sort(norms).reshape(blocks, -1)
+  return jnp.mean(jnp.var(s, axis=1, ddof=1))
+
+
+def _concrete_int(value: Any) -> Optional[int]:
+  v = base._concrete_float(value)  # pylint: disable=protected-access
+  return None if v is None else int(v)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VariationSampling(engine.Gate):
+  r"""vSAM's sampling gate (Deng, Pang, Zhang, Wang, arXiv 2403.08821).
+
+  During the first ``warmup_steps`` steps every step is sampled. Then the
+  steps are cut into windows of ``window`` steps, the first one starting at
+  step ``warmup_steps``. Each window's rate (expected samples per window)
+  comes from the statistics of the last ``window`` samples::
+
+      dR   = clip(mean relative change of consecutive R values, -1, 1)
+      dV   = clip(mean relative change of consecutive V values, -1, 1)
+      rate = clip(rate * (1 + gains[0] * dR + gains[1] * dV),
+                  1, floor(window * max_rate))
+
+  and within the window a step is sampled with probability ``rate / window``
+  while fewer than ``floor(rate)`` were taken, and forced when the steps left
+  in the window (this one included) are no more than the quota left, so
+  every window takes exactly ``floor(rate)`` samples.
+
+  The whole window is drawn at once, on the device, when the step before it
+  ends (:meth:`prepare`): the new rate from the statistics known then, and
+  the window's decisions with the draws of a key split once per step, the
+  same draws as deciding step by step. A step then reads its decision from
+  the stored pattern, and a planner reads the pattern once per window.
+
+  On every sampled step (warm-up included), with ``psf = gs - g`` over the
+  leaves chosen by ``stat_leaves``: ``R = ‖psf‖ / (‖g‖ + eps)``,
+  ``P = ‖psf‖`` go into ring buffers of length ``window``, then
+  ``V = mean_b var(block_b(sort(P buffer)))`` over ``blocks`` equal blocks.
+  """
+
+  warmup_steps: int = 100
+  window: int = 50
+  blocks: int = 5
+  max_rate: float = 0.8
+  gains: tuple[float, float] = (0.13, 0.13)
+  initial_rate: float = 1.0
+  seed: int = 0
+  stat_leaves: LeafSelection = None
+  eps: float = base.DEFAULT_EPS
+
+  @property
+  def max_quota(self) -> Union[int, jax.Array]:
+    """``floor(window * max_rate)``: the most samples a window may take."""
+    mr = base._concrete_float(self.max_rate)  # pylint: disable=protected-access
+    if mr is None:  # injected by optax.inject_hyperparams
+      return jnp.floor(self.window * jnp.asarray(self.max_rate, jnp.float32))
+    return int(math.floor(self.window * mr))
+
+  def _check_stat_leaves(self, params):
+    paths = base.leaf_paths(params)
+    if self.stat_leaves is None:
+      return
+    if not callable(self.stat_leaves):
+      unknown = [
+          s for s in self.stat_leaves if not any(select_leaves(paths, [s]))
+      ]
+      if unknown:
+        raise ValueError(
+            f"stat_leaves names paths that are not in params: {unknown}; "
+            f"params have the leaf paths {paths}"
+        )
+    if not any(select_leaves(paths, self.stat_leaves)):
+      raise ValueError(
+          "stat_leaves selects no leaf of params; params have the leaf "
+          f"paths {paths}"
+      )
+
+  def init(self, params):
+    self._check_stat_leaves(params)
+    # Three separate buffers: one array in two slots cannot be donated.
+    zeros = lambda: jnp.zeros((self.window,), jnp.float32)  # noqa: E731
+    rate = lambda: jnp.asarray(self.initial_rate, jnp.float32)  # noqa: E731
+    state = VariationSamplingState(
+        rate=rate(),
+        next_rate=rate(),
+        pattern=jnp.zeros((self.window,), bool),
+        taken=jnp.zeros((), jnp.int32),
+        probability=jnp.ones((), jnp.float32),
+        since=jnp.zeros((), jnp.int32),
+        samples=jnp.zeros((), jnp.int32),
+        key=jax.random.PRNGKey(self.seed),
+        ratio=zeros(),
+        norm=zeros(),
+        variance=zeros(),
+    )
+    # Without warm-up the first window starts at step 0: prepare it now.
+    warmup = _concrete_int(self.warmup_steps)
+    if warmup is not None:
+      return self.prepare(state) if warmup == 0 else state
+    return _where(jnp.asarray(self.warmup_steps) == 0, self.prepare(state), state)
+
+  def updated_rate(self, state: VariationSamplingState):
+    """The next window's rate, from the state's ring buffers."""
+    idx = jnp.arange(self.window)
+    valid = idx >= self.window - jnp.minimum(state.samples, self.window)
+    d_r = mean_relative_change(
+        chronological(state.ratio, state.samples), valid, self.eps
+    )
+    d_v = mean_relative_change(
+        chronological(state.variance, state.samples), valid, self.eps
+    )
+    d_r = jnp.clip(d_r, -1.0, 1.0)
+    d_v = jnp.clip(d_v, -1.0, 1.0)
+    rate = state.rate * (1.0 + self.gains[0] * d_r + self.gains[1] * d_v)
+    return jnp.clip(rate, 1.0, jnp.asarray(self.max_quota, jnp.float32))
+
+  def prepare(self, state: VariationSamplingState) -> VariationSamplingState:
+    """Draws the next window: its rate and which of its steps are sampled.
+
+    Step ``pos`` of the window splits the key once and samples when
+    ``taken < quota and uniform < rate / window``, or when the steps left
+    (``window - pos``) are no more than the quota left. The steps are
+    unrolled (no loop on the device).
+    """
+    rate = self.updated_rate(state)
+    quota = jnp.floor(rate).astype(jnp.int32)
+    prob = rate / self.window
+    key, taken, pattern = state.key, jnp.zeros((), jnp.int32), []
+    for pos in range(self.window):
+      key, sub = jax.random.split(key)
+      draw = (taken < quota) & (jax.random.uniform(sub) < prob)
+      go = draw | ((self.window - pos) <= (quota - taken))
+      taken = taken + go.astype(jnp.int32)
+      pattern.append(go)
+    return state._replace(next_rate=rate, pattern=jnp.stack(pattern), key=key)
+
+  def _position(self, count):
+    warm = count < self.warmup_steps
+    pos = jnp.maximum(count - self.warmup_steps, 0) % self.window
+    return warm, pos
+
+  def decide(self, step, state):
+    warm, pos = self._position(step.count)
+    go = warm | state.pattern[pos]
+    return go, self.advance(step, state, go)
+
+  def advance(self, step, state, go):
+    warm, pos = self._position(step.count)
+    boundary = ~warm & (pos == 0)
+    go = jnp.asarray(go)
+    rate = jnp.where(boundary, state.next_rate, state.rate)
+    # Warm-up steps split the key once each (the draws are unused), so the
+    # first window's draws do not depend on how the warm-up was run.
+    key = jnp.where(warm, jax.random.split(state.key)[0], state.key)
+    taken = jnp.where(boundary, 0, state.taken)
+    return state._replace(
+        rate=rate,
+        key=key,
+        taken=taken + (go & ~warm).astype(jnp.int32),
+        probability=jnp.where(warm, 1.0, rate / self.window).astype(
+            jnp.float32
+        ),
+        since=jnp.where(go, 0, state.since + 1).astype(jnp.int32),
+    )
+
+  def observe(self, step, second, state):
+    flat_g, _ = jax.tree_util.tree_flatten_with_path(step.grads)
+    flat_h = jax.tree.leaves(second)
+    paths = [base.path_str(p) for p, _ in flat_g]
+    keep = select_leaves(paths, self.stat_leaves)
+    g = [x for (_, x), k in zip(flat_g, keep) if k]
+    psf = [
+        h.astype(jnp.float32) - x.astype(jnp.float32)
+        for (_, x), h, k in zip(flat_g, flat_h, keep)
+        if k
+    ]
+    p_now = base.tree_norm(psf)
+    r_now = p_now / (base.tree_norm(g) + step.eps)
+    i = state.samples % self.window
+    norm = state.norm.at[i].set(p_now)
+    ratio = state.ratio.at[i].set(r_now)
+    variance = state.variance.at[i].set(block_variance(norm, self.blocks))
+    return state._replace(
+        samples=state.samples + 1, ratio=ratio, norm=norm, variance=variance
+    )
+
+  def prepares_after(self, count):
+    """Whether the step ``count`` is the last before a window starts."""
+    nxt = count + 1
+    return (nxt >= self.warmup_steps) & (
+        (nxt - self.warmup_steps) % self.window == 0
+    )
+
+  def after(self, step, state, planned=None):
+    if planned is None:
+      return jax.lax.cond(
+          self.prepares_after(step.count), self.prepare, lambda s: s, state
+      )
+    return self.prepare(state) if planned else state
+
+  def plan_after(self, count: int) -> Optional[bool]:
+    if _concrete_int(self.warmup_steps) is None:
+      return None
+    return bool(self.prepares_after(count))
+
+  def plan(self, count, read, memo):
+    warmup = _concrete_int(self.warmup_steps)
+    if warmup is None:  # injected: decided on the device
+      return None
+    if count < warmup:
+      return True
+    w, pos = divmod(count - warmup, self.window)
+    if memo.get("window") != w:
+      memo["window"] = w
+      memo["pattern"] = tuple(bool(x) for x in read().pattern)
+    return memo["pattern"][pos]
+
+
+def _where(pred, a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def variation_sampling(
+    *,
+    warmup_steps: int = 100,
+    window: int = 50,
+    blocks: int = 5,
+    max_rate: float = 0.8,
+    gains: tuple[float, float] = (0.13, 0.13),
+    initial_rate: float = 1.0,
+    seed: int = 0,
+    stat_leaves: LeafSelection = None,
+    eps: float = base.DEFAULT_EPS,
+) -> VariationSampling:
+  """vSAM's sampling gate (see :class:`VariationSampling`), with checks."""
+  warmup_steps = base.int_or_traced("warmup_steps", warmup_steps, 0)
+  window = base.static_int("window", window, 2)
+  blocks = base.static_int("blocks", blocks, 1)
+  if window < blocks or window % blocks or window // blocks < 2:
+    raise ValueError(
+        "window must be a multiple of blocks with at least 2 values per block "
+        f"(window >= 2 * blocks, window % blocks == 0); got window={window}, "
+        f"blocks={blocks}"
+    )
+  # max_rate, initial_rate and seed may arrive as arrays (inject_hyperparams
+  # injects every numeric argument): checked when concrete.
+  base.check_range("max_rate", max_rate, 0.0, 1.0, low_open=True)
+  concrete = base._concrete_float  # pylint: disable=protected-access
+  max_quota = window
+  if concrete(max_rate) is not None:
+    max_rate = concrete(max_rate)
+    max_quota = int(math.floor(window * max_rate))
+    if max_quota < 1:
+      raise ValueError(
+          "max_rate must allow at least one sample per window: "
+          f"floor(window * max_rate) = floor({window} * {max_rate}) = "
+          f"{max_quota}; max_rate must be in [1/window, 1] = "
+          f"[{1 / window:g}, 1]"
+      )
+  try:
+    gains = tuple(float(x) for x in gains)
+  except TypeError:
+    raise ValueError(f"gains must be a pair of floats, got {gains!r}") from None
+  if len(gains) != 2 or not all(math.isfinite(x) and x >= 0 for x in gains):
+    raise ValueError(
+        f"gains must be two finite floats in [0, inf), got {gains!r}"
+    )
+  base.check_range("initial_rate", initial_rate, 1.0, float(max_quota))
+  if concrete(initial_rate) is not None:
+    initial_rate = concrete(initial_rate)
+  seed = base.int_or_traced("seed", seed, None)
+  if stat_leaves is not None and not callable(stat_leaves):
+    if isinstance(stat_leaves, str):
+      stat_leaves = (stat_leaves,)
+    stat_leaves = tuple(stat_leaves)
+    if not stat_leaves or not all(isinstance(s, str) for s in stat_leaves):
+      raise ValueError(
+          "stat_leaves must be None, a predicate on the '/'-joined leaf path, "
+          f"or a non-empty sequence of leaf paths or path prefixes; got "
+          f"{stat_leaves!r}"
+      )
+  return VariationSampling(
+      warmup_steps=warmup_steps,
+      window=window,
+      blocks=blocks,
+      max_rate=max_rate,
+      gains=gains,
+      initial_rate=initial_rate,
+      seed=seed,
+      stat_leaves=stat_leaves,
+      eps=eps,
+  )

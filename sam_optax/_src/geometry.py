@@ -1,10 +1,10 @@
 """Perturbation geometries: how the step uphill is built from the gradient.
 
 A geometry turns the clean gradient ``g`` into the perturbation ``e`` that the
-second gradient is evaluated at (``w + e``). The region's mask, when there is
-one, is applied here: either after normalising by the full gradient norm
-(Sparse SAM: ``‖e‖ <= rho``) or with the norm taken over the region only
-(layer-wise SAM: ``‖e‖ = rho``).
+second gradient is evaluated at (``w + e``). Its norms are taken over
+``where.norm_domain(...)``: the whole gradient (Sparse SAM: ``‖e‖ <= rho``)
+or the region only (layer-wise SAM: ``‖e‖ = rho``). The engine zeroes ``e``
+outside the region afterwards.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ class NormBall(engine.Geometry):
 
       e = rho * T² ⊙ g / (‖T ⊙ g‖ + eps)
 
-  Norms are global over all leaves (and over the region only when the region
+  Norms are global over all leaves (over the region only when the region
   asks for it), accumulated in float32. A zero gradient gives ``e = 0``.
   """
 
   eta: Any = None
 
-  def perturb(self, step: engine.Step, state):
+  def perturb(self, step: engine.Step, state, where: engine.Where):
     g = step.updates
     if self.eta is None:
       num = arg = jax.tree.map(lambda x: x.astype(jnp.float32), g)
@@ -48,13 +48,9 @@ class NormBall(engine.Geometry):
       )
       arg = jax.tree.map(lambda t, x: t * x.astype(jnp.float32), scale, g)
       num = jax.tree.map(lambda t, a: t * a, scale, arg)
-    mask = step.mask
-    if mask is not None and step.normalize_over_region:
-      arg = engine.apply_mask(arg, mask)
-    norm = base.tree_norm(arg)
+    norm = base.tree_norm(where.norm_domain(arg))
     factor = step.rho / (norm + step.eps)
-    e = jax.tree.map(lambda n: factor * n, engine.apply_mask(num, mask))
-    return e, state
+    return jax.tree.map(lambda n: factor * n, num), state
 
 
 def global_norm() -> NormBall:

@@ -14,7 +14,7 @@ transform chained after the engine). Three variants share one template::
 
 with ``s`` the clean gradient, ``gs = ∇L_B(w + e)`` on the same batch,
 accumulators ``u, v`` starting at ``eps²``, moments ``r, m`` at zero and no
-bias correction (ALGORITHMS.md §8).
+bias correction (see :func:`lightsam` for the sources).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ VARIANTS = ("adagrad_norm", "adagrad", "adam")
 #: Default rho per variant, chosen on the benchmark problem (see lightsam()).
 DEFAULT_RHO = {"adagrad_norm": 0.1, "adagrad": 0.003, "adam": 3e-4}
 
-#: Default eps: accumulators start at eps² (ALGORITHMS.md §8).
+#: Default eps: accumulators start at eps² (the LightSAM rule).
 DEFAULT_EPS = 1e-8
 
 
@@ -248,8 +248,8 @@ class AdaptivePerturbation(engine.Geometry):
   a per-device perturbation (m-sharpness), a ``pmean``-ed one the global
   step; without ``axis_name`` both are the same.
 
-  With a region mask, ``e`` is zero outside it; adagrad_norm takes ``‖s‖``
-  over the region when the region asks to normalise over itself.
+  With a region, the engine zeroes ``e`` outside it; adagrad_norm takes
+  ``‖s‖`` over the region when the region asks to normalise over itself.
   """
 
   variant: str = "adagrad_norm"
@@ -265,16 +265,14 @@ class AdaptivePerturbation(engine.Geometry):
     momentum = base.zeros_like_f32(params) if self.variant == "adam" else ()
     return AdaptivePerturbationState(momentum=momentum, accumulator=acc)
 
-  def perturb(self, step: engine.Step, state: AdaptivePerturbationState):
+  def perturb(
+      self, step: engine.Step, state: AdaptivePerturbationState, where
+  ):
     s = base.tree_f32(step.grads)  # identical on every device: drives the state
     s_num = base.tree_f32(step.updates)  # as passed: drives the numerator
-    mask = step.mask
     rho = step.rho
     if self.variant == "adagrad_norm":
-      arg = s
-      if mask is not None and step.normalize_over_region:
-        arg = engine.apply_mask(s, mask)
-      u = state.accumulator + base.tree_sq_norm(arg)
+      u = state.accumulator + base.tree_sq_norm(where.norm_domain(s))
       e = jax.tree.map(lambda x: rho * _safe_div_sqrt(x, u), s_num)
       new = AdaptivePerturbationState(momentum=(), accumulator=u)
     elif self.variant == "adagrad":
@@ -294,7 +292,7 @@ class AdaptivePerturbation(engine.Geometry):
       )
       e = jax.tree.map(lambda x, a: rho * _safe_div_sqrt(x, a), r_num, u)
       new = AdaptivePerturbationState(momentum=r, accumulator=u)
-    return engine.apply_mask(e, mask), new
+    return e, new
 
 
 def adaptive_perturbation(
@@ -431,14 +429,12 @@ def lightsam(
   base.check_scalar_or_schedule("learning_rate", learning_rate, 0.0,
                                 low_open=True)
   geometry = adaptive_perturbation(variant, b1=b1, b2=b2, eps=eps)
-  return optax.chain(
-      engine.sharpness_aware(
-          loss_fn,
-          rho,
-          geometry=geometry,
-          has_aux=has_aux,
-          axis_name=axis_name,
-      ),
+  ascent = engine.sharpness_aware(
+      loss_fn, rho, geometry=geometry, has_aux=has_aux, axis_name=axis_name
+  )
+  tx = optax.chain(
+      ascent,
       _adaptive_update(variant, b1, b2, eps),
       optax.scale_by_learning_rate(learning_rate),
   )
+  return engine.attach_spec(tx, engine.spec_of(ascent))  # for the planner

@@ -1,15 +1,26 @@
 """Regions: where the perturbation applies.
 
-A region yields a mask each step: None (everywhere), a pytree of Python bools
-known before tracing (a static set of leaves: the engine then differentiates
-only those), or a pytree of boolean arrays kept in state (a sparse mask,
-refreshed or fixed).
+A region yields a mask each step (see :class:`engine.Where`): None
+(everywhere), a pytree of Python bools known before tracing (a static set of
+leaves: the engine then differentiates only those), or a pytree of boolean
+arrays kept in state (a sparse mask, refreshed or fixed).
+
+* :class:`Everywhere`, :class:`FixedMask`: no decision to take.
+* :class:`FisherMask` (SSAM-F) and :class:`DynamicMask` (SSAM-D): a mask of
+  exactly ``K = floor(N (1 - sparsity))`` entries kept in state, refreshed on
+  a step schedule (a ``lax.cond`` on the count, or a plan).
+* :class:`FixedLayers` and :class:`TopLayers` (layer-wise SAM): a set of
+  layers, fixed (static) or re-chosen at run time (in state; static under a
+  plan, so only the chosen layers are differentiated).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +28,20 @@ import numpy as np
 
 from sam_optax._src import base
 from sam_optax._src import engine
+from sam_optax._src import fisher as fisher_lib
+from sam_optax._src import layers as layers_lib
+from sam_optax._src import topk
+
+PyTree = Any
+GroupFn = Callable[[str], str]
+LayerSpec = Union[str, Sequence[str], Callable[[str], bool]]
+
+CRITERIA = ("gradient", "weight", "random")
+
+
+# --------------------------------------------------------------------------
+# Everywhere and fixed masks.
+# --------------------------------------------------------------------------
 
 
 class MaskState(NamedTuple):
@@ -40,9 +65,6 @@ def mask_density(mask) -> jax.Array:
   return jnp.asarray(kept, jnp.float32) / max(total, 1)
 
 
-is_static_mask = engine.is_static_mask
-
-
 @dataclasses.dataclass(frozen=True)
 class Everywhere(engine.Region):
   """The perturbation applies to every leaf (no mask)."""
@@ -64,14 +86,18 @@ class FixedMask(engine.Region):
   @property
   def static_mask(self):
     """The mask when it is a pytree of Python bools (a static set), else None."""
-    return self.mask if is_static_mask(self.mask) else None
+    return self.mask if engine.is_static_mask(self.mask) else None
 
   def init(self, params):
     base.check_same_structure(self.mask, params, "mask")
     if self.static_mask is not None:
       return engine.Component.init(self, params)
+    # A copy: the state must not alias the caller's arrays (a train step
+    # that donates its state would otherwise delete the user's mask).
     arrays = jax.tree.map(
-        lambda m, p: jnp.broadcast_to(jnp.asarray(m, bool), jnp.shape(p)),
+        lambda m, p: jnp.array(
+            jnp.broadcast_to(jnp.asarray(m, bool), jnp.shape(p)), copy=True
+        ),
         self.mask,
         params,
     )
@@ -107,4 +133,602 @@ def fixed_mask(
       mask=mask,
       normalize_over_region=normalize_over_region,
       clean_outside=clean_outside,
+  )
+
+
+# --------------------------------------------------------------------------
+# Sparse SAM masks.
+# --------------------------------------------------------------------------
+
+
+class DynamicMaskState(NamedTuple):
+  """SSAM-D mask, refresh count and the PRNG key (raw uint32 key data)."""
+
+  mask: Any
+  refreshes: jax.Array
+  key: jax.Array
+
+  def stats(self):
+    return {
+        "mask_density": mask_density(self.mask),
+        "mask_refreshes": self.refreshes,
+    }
+
+
+def _full_mask(params, value) -> PyTree:
+  return jax.tree.map(
+      lambda p: jnp.full(jnp.shape(p), value, bool), params
+  )
+
+
+def static_sparsity(sparsity: Any) -> Optional[float]:
+  """The sparsity as a Python float when it is a plain number, else None.
+
+  A plain number fixes K at trace time, exactly (:func:`num_kept`), and lets
+  ``sparsity`` 0 and 1 take their shortcuts (no mask / no second gradient).
+  An array (as ``optax.inject_hyperparams`` passes it) or a schedule is read
+  at every refresh; K is then ``floor(N (1 - s))`` in float32.
+  """
+  if isinstance(sparsity, (bool, np.bool_)):
+    return None
+  if isinstance(sparsity, (numbers.Real, np.floating, np.integer)):
+    return float(sparsity)
+  return None
+
+
+def keep_count(sparsity: Any, n: int, count: Any) -> Any:
+  """K for ``n`` entries at step ``count``: a Python int or an int32 array."""
+  s = static_sparsity(sparsity)
+  if s is not None:
+    return topk.num_kept(n, s)
+  st = jnp.clip(base.resolve(sparsity, count), 0.0, 1.0)
+  k = jnp.floor(jnp.float32(n) * (1.0 - st)).astype(jnp.int32)
+  return jnp.clip(k, 0, n)
+
+
+class RefreshedMask(engine.Region):
+  """A mask of ``K = floor(N (1 - sparsity))`` entries kept in state and
+  recomputed on the steps where :meth:`refresh_at` holds.
+
+  Subclasses give ``refresh_at(count)`` (a function of the count alone, so a
+  planner knows it without reading the device), ``refreshed(step, state,
+  k)`` (the state after a refresh) and ``refresh_evals()``. Without a plan a
+  refresh runs under a ``lax.cond``; with one, a step holds the refresh or
+  not, with no conditional. A plain-number ``sparsity`` of 0 yields no mask
+  (plain SAM) and of 1 an empty one, with no refresh work.
+  """
+
+  sparsity: Any = 0.5
+
+  def refresh_at(self, count):
+    raise NotImplementedError
+
+  def refreshed(self, step, state, k):
+    raise NotImplementedError
+
+  def refresh_evals(self) -> int:
+    return 0
+
+  def _shortcut(self, step, state):
+    """The (mask, state, evals) answer when K is 0 or N, else None."""
+    n = topk.num_params(step.params)
+    k = keep_count(self.sparsity, n, step.count)
+    zero = jnp.zeros((), jnp.int32)
+    if isinstance(k, int) and k == n:  # sparsity 0: no mask, exactly SAM
+      return (None, state, zero), k
+    if isinstance(k, int) and k == 0:  # sparsity 1 (or a too small model)
+      return (state.mask, state, zero), k
+    return None, k
+
+  def select(self, step, state):
+    short, k = self._shortcut(step, state)
+    if short is not None:
+      return short
+    refresh = self.refresh_at(step.count)
+    state = jax.lax.cond(
+        refresh, lambda s: self.refreshed(step, s, k), lambda s: s, state
+    )
+    evals = jnp.where(refresh, jnp.int32(self.refresh_evals()), 0)
+    return state.mask, state, evals.astype(jnp.int32)
+
+  def plan(self, count, read, memo):
+    del read, memo
+    return bool(self.refresh_at(count))
+
+  def select_planned(self, step, state, plan):
+    short, k = self._shortcut(step, state)
+    if short is not None:
+      return short
+    evals = jnp.int32(self.refresh_evals() if plan else 0)
+    if plan:
+      state = self.refreshed(step, state, k)
+    return state.mask, state, evals
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FisherMask(RefreshedMask):
+  """SSAM-F region: top-K of the empirical Fisher, refreshed on a schedule.
+
+  On every step with ``count % update_every == 0`` (step 0 included), before
+  the perturbation, ``F = fisher_lib.fisher_scores(...)`` (the first ``num_samples``
+  examples of the batch; of the global batch under ``axis_name``) is summed
+  over ``axis_name``, so every device holds the same mask, and the mask
+  becomes the top ``K = floor(N * (1 - sparsity))`` entries of ``F``
+  (:func:`top_k_mask`). Other steps reuse the stored mask. A refresh counts
+  ``num_samples`` gradient evaluations (per-example gradients count one
+  each; under ``axis_name`` they are shared among the devices that hold those
+  examples). A plain-number ``sparsity = 0`` yields no mask (plain SAM, no
+  Fisher work); ``sparsity = 1`` an empty one. State:
+  :class:`region.MaskState` (``stats()``: ``mask_density``,
+  ``mask_refreshes``); the mask is all False before the first update.
+  """
+
+  sparsity: Any = 0.5
+  num_samples: int = 16
+  update_every: int = 1
+  chunk_size: int = 8
+  batch_axes: Any = 0
+
+  def init(self, params):
+    return MaskState(
+        mask=_full_mask(params, static_sparsity(self.sparsity) == 0.0),
+        refreshes=jnp.zeros((), jnp.int32),
+    )
+
+  def refresh_at(self, count):
+    return count % self.update_every == 0
+
+  def refreshed(self, step, state, k):
+    f = fisher_lib.fisher_scores(
+        step.loss,
+        step.params,
+        step.batch,
+        self.num_samples,
+        chunk_size=self.chunk_size,
+        batch_axes=self.batch_axes,
+        axis_name=step.axis_name,
+    )
+    mask = topk.top_k_mask(base.psum(f, step.axis_name), k)
+    return MaskState(mask=mask, refreshes=state.refreshes + 1)
+
+  def refresh_evals(self):
+    return self.num_samples
+
+
+def cosine_drop_rate(count: Any, drop_rate: Any, total_steps: int) -> jax.Array:
+  """``drop_rate * (1 + cos(pi * min(count / total_steps, 1))) / 2`` (float32).
+
+  Past ``total_steps`` the rate stays 0 (the authors' schedule ends there).
+  """
+  frac = jnp.clip(
+      jnp.asarray(count, jnp.float32) / jnp.float32(total_steps), 0.0, 1.0
+  )
+  return jnp.asarray(drop_rate, jnp.float32) * (1.0 + jnp.cos(jnp.pi * frac)) / 2.0
+
+
+def dynamic_counts(
+    dr: Any, n: int, k: Any, alive: Any, sparsity: Any, exact_count: bool
+) -> tuple[jax.Array, jax.Array]:
+  """(entries kept, entries grown) at drop rate ``dr`` (int32 scalars).
+
+  ``n`` entries, ``k`` the target count, ``alive`` the count in the current
+  mask (equal to ``k`` unless ``sparsity`` changed or the authors' rounding
+  lost entries).
+
+  ``exact_count=True`` [ours]::
+
+      keep0 = min(floor(alive (1 - dr)), K)
+      grow  = min(K - keep0, N - alive)        # no more than the dead entries
+      keep  = K - grow                         # so keep + grow == K always
+
+  With ``alive == K`` this is the paper's ``keep = floor(K (1 - dr))`` and
+  ``grow = K - keep`` whenever enough dead entries exist to regrow.
+  ``exact_count=False`` follows the authors' code: ``keep = floor(K (1 -
+  dr))``, ``grow = floor(min(K dr, N s))``, which can lose one entry per
+  refresh to rounding (more when ``K dr > N s``). The products are taken in
+  float32 (``dr`` is a float32 array), so one that is an integer in exact
+  arithmetic may round to either side of it.
+  """
+  dr = jnp.asarray(dr, jnp.float32)
+  kf = jnp.asarray(k, jnp.float32)
+  k = jnp.asarray(k, jnp.int32)
+  alive = jnp.asarray(alive, jnp.int32)
+  if exact_count:
+    keep0 = jnp.floor(alive.astype(jnp.float32) * (1.0 - dr)).astype(jnp.int32)
+    keep0 = jnp.minimum(keep0, k)
+    grow = jnp.minimum(k - keep0, jnp.int32(n) - alive)
+    return k - grow, grow
+  keep = jnp.floor(kf * (1.0 - dr)).astype(jnp.int32)
+  s = jnp.asarray(sparsity, jnp.float32)
+  grow = jnp.floor(jnp.minimum(kf * dr, jnp.float32(n) * s)).astype(jnp.int32)
+  return jnp.minimum(keep, alive), grow
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DynamicMask(RefreshedMask):
+  """SSAM-D region: random initial mask, periodic drop and grow.
+
+  ``init`` draws a mask with exactly ``K = floor(N (1 - sparsity))`` entries
+  (top-K of uniform scores from ``seed``). On every step with ``count > 0``
+  and ``count % update_every == 0``, before the perturbation::
+
+      dr    = drop_rate * (1 + cos(pi * count / total_steps)) / 2
+      keep  = the `keep` alive entries with the largest drop score
+      grow  = the `grow` dead entries with the largest grow score
+      mask  = keep ∪ grow
+
+  with the counts of :func:`dynamic_counts` and scores ``|g|``
+  ("gradient": the clean gradient averaged over ``axis_name``), ``|w|``
+  ("weight") or uniform noise ("random", from the key in state, identical
+  on every device). Ties go to the lowest flat index. State:
+  :class:`DynamicMaskState`. A plain-number ``sparsity = 0`` yields no mask
+  (plain SAM).
+  """
+
+  sparsity: Any = 0.5
+  drop_rate: Any = 0.5
+  update_every: int = 1
+  total_steps: int = 1
+  drop_criterion: str = "gradient"
+  grow_criterion: str = "random"
+  seed: int = 0
+  exact_count: bool = True
+
+  def init(self, params):
+    n = topk.num_params(params)
+    k = keep_count(self.sparsity, n, jnp.zeros((), jnp.int32))
+    if isinstance(k, int) and k in (0, n):
+      _, key = jax.random.split(jax.random.key(self.seed))
+      return DynamicMaskState(
+          mask=_full_mask(params, k == n),
+          refreshes=jnp.zeros((), jnp.int32),
+          key=jax.random.key_data(key),
+      )
+    return _random_mask_state(
+        jnp.asarray(self.seed, jnp.uint32), params, jnp.asarray(k, jnp.int32)
+    )
+
+  def _scores(self, criterion, step, key):
+    if criterion == "gradient":
+      return jax.tree.map(lambda g: jnp.abs(g.astype(jnp.float32)), step.grads)
+    if criterion == "weight":
+      return jax.tree.map(lambda w: jnp.abs(w.astype(jnp.float32)), step.params)
+    return _uniform_like(key, step.params)
+
+  def refresh_at(self, count):
+    return (count % self.update_every == 0) & (count > 0)
+
+  def refreshed(self, step, state, k):
+    n = topk.num_params(step.params)
+    key = jax.random.wrap_key_data(state.key)
+    key, drop_key, grow_key = jax.random.split(key, 3)
+    dr = cosine_drop_rate(step.count, self.drop_rate, self.total_steps)
+    alive = state.mask
+    n_alive = sum(jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(alive))
+    s_t = (
+        base.resolve(self.sparsity, step.count)
+        if callable(self.sparsity)
+        else self.sparsity
+    )
+    n_keep, n_grow = dynamic_counts(dr, n, k, n_alive, s_t, self.exact_count)
+    dead = jax.tree.map(jnp.logical_not, alive)
+    keep = topk.top_k_mask(
+        self._scores(self.drop_criterion, step, drop_key),
+        n_keep,
+        eligible=alive,
+    )
+    grow = topk.top_k_mask(
+        self._scores(self.grow_criterion, step, grow_key),
+        n_grow,
+        eligible=dead,
+    )
+    return DynamicMaskState(
+        mask=jax.tree.map(jnp.logical_or, keep, grow),
+        refreshes=state.refreshes + 1,
+        key=jax.random.key_data(key),
+    )
+
+
+@jax.jit
+def _random_mask_state(seed, params, k) -> DynamicMaskState:
+  """SSAM-D's initial state: top-k of uniform noise, and the next key.
+
+  Compiled once per parameter structure (seed and k are traced).
+  """
+  init_key, key = jax.random.split(jax.random.key(seed))
+  return DynamicMaskState(
+      mask=topk.top_k_mask(_uniform_like(init_key, params), k),
+      refreshes=jnp.zeros((), jnp.int32),
+      key=jax.random.key_data(key),
+  )
+
+
+def _uniform_like(key, params) -> PyTree:
+  """Uniform [0, 1) float32 noise shaped like ``params``, one key per leaf."""
+  leaves, treedef = jax.tree.flatten(params)
+  out = [
+      jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x), jnp.float32)
+      for i, x in enumerate(leaves)
+  ]
+  return jax.tree.unflatten(treedef, out)
+
+
+
+def _check_fraction(name: str, value: Any) -> Any:
+  """A float, array or schedule; a concrete value must lie in [0, 1]."""
+  if isinstance(value, (bool, np.bool_)) or isinstance(value, str):
+    raise ValueError(f"{name} must be a number in [0, 1] or a schedule, "
+                     f"got {value!r}")
+  base.check_scalar_or_schedule(name, value, 0.0, high=1.0)
+  return value
+
+
+def fisher_mask(
+    sparsity: Any = 0.5,
+    *,
+    num_samples: int = 16,
+    update_every: int,
+    chunk_size: int = 8,
+    batch_axes: Any = 0,
+) -> FisherMask:
+  """A checked :class:`FisherMask` (SSAM-F's region)."""
+  sparsity = _check_fraction("sparsity", sparsity)
+  num_samples = base.static_int("num_samples", num_samples, 1)
+  update_every = base.static_int("update_every", update_every, 1)
+  chunk_size = base.static_int("chunk_size", chunk_size, 1)
+  for ax in jax.tree.leaves(batch_axes, is_leaf=lambda x: x is None):
+    if ax not in (0, None) or isinstance(ax, bool):
+      raise ValueError(f"batch_axes leaves must be 0 or None, got {ax!r}")
+  return FisherMask(
+      sparsity=sparsity,
+      num_samples=num_samples,
+      update_every=update_every,
+      chunk_size=chunk_size,
+      batch_axes=batch_axes,
+  )
+
+
+def dynamic_mask(
+    sparsity: Any = 0.5,
+    *,
+    drop_rate: Any = 0.5,
+    update_every: int,
+    total_steps: int,
+    drop_criterion: str = "gradient",
+    grow_criterion: str = "random",
+    seed: int = 0,
+    exact_count: bool = True,
+) -> DynamicMask:
+  """A checked :class:`DynamicMask` (SSAM-D's region)."""
+  sparsity = _check_fraction("sparsity", sparsity)
+  if callable(drop_rate):
+    raise ValueError(
+        "drop_rate must be a number in [0, 1] (its decay is the built-in "
+        f"cosine over total_steps), got {drop_rate!r}"
+    )
+  drop_rate = _check_fraction("drop_rate", drop_rate)
+  update_every = base.static_int("update_every", update_every, 1)
+  total_steps = base.static_int("total_steps", total_steps, 1)
+  base.check_choice("drop_criterion", drop_criterion, CRITERIA)
+  base.check_choice("grow_criterion", grow_criterion, CRITERIA)
+  seed = base.static_int("seed", seed, None)
+  if not isinstance(exact_count, (bool, np.bool_)):
+    raise ValueError(f"exact_count must be a bool, got {exact_count!r}")
+  return DynamicMask(
+      sparsity=sparsity,
+      drop_rate=drop_rate,
+      update_every=update_every,
+      total_steps=total_steps,
+      drop_criterion=drop_criterion,
+      grow_criterion=grow_criterion,
+      seed=seed,
+      exact_count=bool(exact_count),
+  )
+
+
+# --------------------------------------------------------------------------
+# Layer sets.
+# --------------------------------------------------------------------------
+
+
+class LayerSelection(NamedTuple):
+  """The selected layers (indices into :func:`layer_paths`).
+
+  Attributes:
+    selected: int32 ``[n]``, the selected layer indices; for a runtime
+      selection in decreasing order of gradient norm (-1 before the first).
+    refreshes: how many times the selection was (re)computed; None for a
+      fixed selection.
+  """
+
+  selected: jax.Array
+  refreshes: Optional[jax.Array] = None
+
+  def stats(self):
+    out = {"selected_layers": self.selected}
+    if self.refreshes is not None:
+      out["layer_refreshes"] = self.refreshes
+    return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FixedLayers(engine.Region):
+  """A fixed set of layers, known before tracing (the fast path).
+
+  ``layers`` is a layer path, a sequence of them (each matched on a path
+  suffix: ``"head"`` finds ``"params/head"`` in a Flax linen variables
+  dict; see :func:`layers.match_layers`), or a predicate ``layer_path ->
+  bool``. ``select`` builds, at trace time from the params' structure, a
+  pytree of Python bools: the engine then differentiates the selected leaves
+  only and passes the others to ``loss_fn`` as the very same arrays, so
+  nothing below the lowest selected layer is backpropagated.
+  """
+
+  layers: Any = ()
+  group_fn: Optional[GroupFn] = None
+  normalize_over_region: bool = True
+  clean_outside: bool = True
+
+  def selected_indices(self, params: PyTree) -> list[int]:
+    """Indices (into :func:`layer_paths`) of the selected layers."""
+    names, _ = layers_lib.leaf_layers(params, self.group_fn)
+    if not callable(self.layers):
+      return layers_lib.match_layers(names, self.layers)
+    chosen = []
+    for i, n in enumerate(names):
+      keep = self.layers(n)
+      if not isinstance(keep, (bool, np.bool_)):
+        raise ValueError(
+            "layers, as a predicate, must return a Python bool for every "
+            f"layer path; got {keep!r} for {n!r}"
+        )
+      if keep:
+        chosen.append(i)
+    if not chosen:
+      raise ValueError(
+          f"layers: the predicate selects no layer; valid paths: {names}"
+      )
+    return chosen
+
+  def init(self, params):
+    idx = self.selected_indices(params)
+    return LayerSelection(selected=jnp.asarray(idx, jnp.int32))
+
+  def select(self, step, state):
+    mask = static_layer_mask(
+        step.params, self.group_fn, self.selected_indices(step.params)
+    )
+    return mask, state, jnp.zeros((), jnp.int32)
+
+
+def static_layer_mask(params, group_fn, chosen) -> PyTree:
+  """The pytree of Python bools marking the leaves of the ``chosen`` layers
+  (all layers when ``chosen`` is empty)."""
+  _, ids = layers_lib.leaf_layers(params, group_fn)
+  chosen = set(chosen)
+  treedef = jax.tree.structure(params)
+  return jax.tree.unflatten(treedef, [not chosen or i in chosen for i in ids])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TopLayers(engine.Region):
+  """The ``num_layers`` layers with the largest clean-gradient norm, chosen
+  from the clean gradient of an earlier step.
+
+  Every step perturbs the selection held in state. At the end of every step
+  with ``count % select_every == 0`` (step 0 included) the selection becomes
+  the ``num_layers`` layers with the largest norm of *that step's* clean
+  gradient (averaged over ``axis_name``, so every device chooses the same),
+  used from the next step on. So step ``t >= 1`` uses the ranking of step
+  ``t - 1`` with ``select_every = 1``, of the last multiple of
+  ``select_every`` before ``t`` otherwise: a lag of one step, which lets a
+  planner know the selection before the step runs. Step 0, before any
+  ranking, perturbs every layer. Ties go to the
+  layer with the lower index (``lax.top_k`` order); a NaN norm ranks last.
+
+  Without a plan the mask is an array (one boolean per leaf) and the second
+  gradient is a full one. With a plan the selection is static: only the
+  selected layers are differentiated, like :class:`FixedLayers`, and one
+  program is compiled per distinct selection. The planner reads the
+  selection from the device once per re-selection.
+  """
+
+  num_layers: int = 2
+  select_every: int = 1
+  group_fn: Optional[GroupFn] = None
+  normalize_over_region: bool = True
+  clean_outside: bool = True
+
+  def _layers(self, params):
+    names, ids = layers_lib.leaf_layers(params, self.group_fn)
+    if self.num_layers > len(names):
+      raise ValueError(
+          f"num_layers must be an integer in [1, {len(names)}] (the number "
+          f"of layers of params: {names}), got {self.num_layers}"
+      )
+    return names, ids
+
+  def init(self, params):
+    self._layers(params)
+    return LayerSelection(
+        selected=jnp.full((self.num_layers,), -1, jnp.int32),
+        refreshes=jnp.zeros((), jnp.int32),
+    )
+
+  def reselects_after(self, count):
+    """Whether the end of step ``count`` makes a new selection."""
+    return count % self.select_every == 0
+
+  def next_state(self, step, state):
+    """The state after this step: re-ranked from its clean gradient if due."""
+    names, ids = self._layers(step.params)
+    norms = layers_lib.layer_sq_norms(step.grads, ids, len(names))
+    norms = jnp.where(jnp.isnan(norms), -jnp.inf, norms)
+    _, top = jax.lax.top_k(norms, self.num_layers)
+    due = self.reselects_after(step.count)
+    return LayerSelection(
+        selected=jnp.where(due, top.astype(jnp.int32), state.selected),
+        refreshes=state.refreshes + due.astype(jnp.int32),
+    )
+
+  def select(self, step, state):
+    names, ids = self._layers(step.params)
+    sel = state.selected
+    chosen = jnp.zeros((len(names),), bool).at[jnp.maximum(sel, 0)].set(True)
+    chosen = jnp.where(sel[0] < 0, True, chosen)  # before the first ranking
+    mask = jax.tree.unflatten(
+        jax.tree.structure(step.params), [chosen[i] for i in ids]
+    )
+    return mask, self.next_state(step, state), jnp.zeros((), jnp.int32)
+
+  def plan(self, count, read, memo):
+    if count == 0:
+      return ()  # every layer
+    # The last step, before this one, that made a selection.
+    made = (count - 1) // self.select_every * self.select_every
+    if memo.get("made") != made:
+      memo["made"] = made
+      memo["selection"] = tuple(sorted(int(i) for i in read().selected))
+    return memo["selection"]
+
+  def select_planned(self, step, state, plan):
+    mask = static_layer_mask(step.params, self.group_fn, plan)
+    return mask, self.next_state(step, state), jnp.zeros((), jnp.int32)
+
+
+def fixed_layers(
+    layers: LayerSpec, *, group_fn: Optional[GroupFn] = None
+) -> FixedLayers:
+  """A fixed layer region (see :class:`FixedLayers`); paths checked at init."""
+  layers_lib.check_group_fn(group_fn)
+  if isinstance(layers, str):
+    layers = (layers,)
+  if callable(layers):
+    return FixedLayers(layers=layers, group_fn=group_fn)
+  try:
+    layers = tuple(layers)
+  except TypeError:
+    layers = None
+  if layers is None or not all(isinstance(p, str) for p in layers):
+    raise ValueError(
+        "layers must be None, a layer path (str), a sequence of layer paths "
+        f"or a predicate on the path; got {layers!r}"
+    )
+  if not layers:
+    raise ValueError("layers must name at least one layer; got an empty list")
+  return FixedLayers(layers=layers, group_fn=group_fn)
+
+
+def top_layers(
+    num_layers: int = 2,
+    *,
+    select_every: int = 1,
+    group_fn: Optional[GroupFn] = None,
+) -> TopLayers:
+  """A runtime layer selection (see :class:`TopLayers`)."""
+  num_layers = base.static_int("num_layers", num_layers, 1)
+  select_every = base.static_int("select_every", select_every, 1)
+  layers_lib.check_group_fn(group_fn)
+  return TopLayers(
+      num_layers=num_layers, select_every=select_every, group_fn=group_fn
   )

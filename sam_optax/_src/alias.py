@@ -1,0 +1,797 @@
+"""Every method of the library, each a short composition of engine parts.
+
+As optax keeps its optimizers in ``alias.py``, this module holds every
+paper's method as a choice of the four parts of :func:`sharpness_aware`:
+
+==================  ==============  ===============  ==============  ==================
+method              geometry        region           gate            combine
+==================  ==============  ===============  ==============  ==================
+sam                 global_norm     everywhere       every step      replace
+asam                adaptive(eta)   everywhere       every step      replace
+gnp                 global_norm     everywhere       every step      mix(alpha)
+layerwise_sam       global_norm     layers           every step      mix(alpha)
+ssam_fisher         global_norm     fisher_mask      every step      replace
+ssam_dynamic        global_norm     dynamic_mask     every step      replace
+ssam                global_norm     fixed_mask       every step      replace
+looksam             global_norm     everywhere       every_k(k)      orthogonal_reuse
+vsam                global_norm     everywhere       variation       decayed_reuse
+lightsam            adaptive accum. everywhere       every step      replace, then an
+                                                                     adaptive update
+==================  ==============  ===============  ==============  ==================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+import optax
+
+from sam_optax._src import base
+from sam_optax._src import combine as combine_lib
+from sam_optax._src import engine
+from sam_optax._src import gate as gate_lib
+from sam_optax._src import geometry as geometry_lib
+from sam_optax._src import layers as layers_lib
+from sam_optax._src import region as region_lib
+
+PyTree = Any
+LayerSpec = region_lib.LayerSpec
+GroupFn = region_lib.GroupFn
+LeafSelection = gate_lib.LeafSelection
+
+
+# --------------------------------------------------------------------------
+# SAM, ASAM, GNP.
+# --------------------------------------------------------------------------
+
+
+def sam(
+    loss_fn: Callable,
+    rho: base.ScalarOrSchedule = 0.05,
+    *,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+    eps: float = base.DEFAULT_EPS,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv 2010.01412).
+
+  Takes the clean gradient ``g = ∇L_B(w)`` and returns the gradient at the
+  worst point of an L2 ball of radius ``rho``, to first order::
+
+      e   = rho * g / (‖g‖ + eps)
+      out = ∇L_B(w + e)
+
+  Cost: one extra gradient per step. ``rho = 0`` returns ``g`` exactly.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with
+      ``has_aux=True``).
+    rho: radius, float or schedule; default 0.05 (the paper's CIFAR value).
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; perturbed aux is discarded.
+    axis_name: ``pmap``/``shard_map`` axis: the output (and every statistic)
+      is averaged over it. The perturbation uses ``updates`` as passed: a
+      per-device gradient gives m-sharpness (the original SAM code), a
+      ``pmean``-ed one gives the global SAM step.
+    eps: guard added to ``‖g‖``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; chain a base optimizer after
+    it.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss_fn = lambda w, b: jnp.sum((w * b) ** 2)
+    >>> tx = optax.chain(sam_optax.sam(loss_fn, rho=0.05), optax.sgd(0.1))
+    >>> w = jnp.ones(3); state = tx.init(w)
+    >>> g = jax.grad(loss_fn)(w, jnp.arange(3.0))
+    >>> u, state = tx.update(g, state, w, batch=jnp.arange(3.0))
+    >>> int(sam_optax.stats(state)["grad_evals"])
+    1
+  """
+  return engine.sharpness_aware(
+      loss_fn,
+      rho,
+      geometry=geometry_lib.global_norm(),
+      combine=combine_lib.replace(),
+      has_aux=has_aux,
+      axis_name=axis_name,
+      eps=eps,
+  )
+
+
+def asam(
+    loss_fn: Callable,
+    rho: base.ScalarOrSchedule = 0.5,
+    eta: base.ScalarOrSchedule = 0.01,
+    *,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+    eps: float = base.DEFAULT_EPS,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adaptive SAM (Kwon et al., ICML 2021, arXiv 2102.11600).
+
+  The ball is scaled element-wise by ``T = |w| + eta``, which makes the
+  sharpness measure invariant to rescaling of the weights::
+
+      e   = rho * T² ⊙ g / (‖T ⊙ g‖ + eps)
+      out = ∇L_B(w + e)
+
+  Defaults ``rho=0.5``, ``eta=0.01`` come from the authors' code
+  (SamsungLabs/ASAM). Cost: one extra gradient per step.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)``.
+    rho: radius, float or schedule.
+    eta: offset that keeps zero weights perturbable; must be > 0.
+    has_aux, axis_name, eps: as in :func:`sam`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sam_optax
+    >>> tx = optax.chain(sam_optax.asam(lambda w, b: jnp.sum(w * b)),
+    ...                  optax.sgd(0.1))
+  """
+  return engine.sharpness_aware(
+      loss_fn,
+      rho,
+      geometry=geometry_lib.adaptive(eta),
+      combine=combine_lib.replace(),
+      has_aux=has_aux,
+      axis_name=axis_name,
+      eps=eps,
+  )
+
+
+def gnp(
+    loss_fn: Callable,
+    rho: base.ScalarOrSchedule = 0.1,
+    alpha: base.ScalarOrSchedule = 0.8,
+    *,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+    eps: float = base.DEFAULT_EPS,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Gradient-norm penalty, "generalized SAM" (Zhao, Zhang, Hu, ICML 2022,
+  arXiv 2202.03599).
+
+  Penalizing ``‖∇L‖`` with a finite-difference Hessian-vector product gives::
+
+      e   = rho * g / (‖g‖ + eps)
+      out = (1 - alpha) * g + alpha * ∇L_B(w + e)
+
+  ``alpha = 1`` is SAM. Defaults ``rho`` (the paper's r) 0.1 and ``alpha``
+  0.8 come from the authors' CIFAR recipes (zhaoyang-0204/gnp). Cost: one
+  extra gradient per step.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)``.
+    rho: finite-difference radius, float or schedule.
+    alpha: mixing weight in [0, 1], float or schedule.
+    has_aux, axis_name, eps: as in :func:`sam`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sam_optax
+    >>> tx = optax.chain(sam_optax.gnp(lambda w, b: jnp.sum(w * b)),
+    ...                  optax.sgd(0.1))
+  """
+  return engine.sharpness_aware(
+      loss_fn,
+      rho,
+      geometry=geometry_lib.global_norm(),
+      combine=combine_lib.mix(alpha),
+      has_aux=has_aux,
+      axis_name=axis_name,
+      eps=eps,
+  )
+
+
+# --------------------------------------------------------------------------
+# Layer-wise SAM.
+# --------------------------------------------------------------------------
+
+
+def layerwise_sam(
+    loss_fn: Callable,
+    rho: base.ScalarOrSchedule = 0.1,
+    alpha: base.ScalarOrSchedule = 0.8,
+    *,
+    num_layers: int = 2,
+    select_every: int = 1,
+    layers: Optional[LayerSpec] = None,
+    group_fn: Optional[GroupFn] = None,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+    eps: float = base.DEFAULT_EPS,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Layer-wise SAM (Lee, KDD 2024, arXiv 2503.14205).
+
+  A gradient-norm penalty over a few critical layers ``S`` only::
+
+      e_l   = rho * g_l / (sqrt(Σ_{j∈S} ‖g_j‖²) + eps)   for l ∈ S, else 0
+      h_S   = ∇_{w_S} L_B(w + e)
+      out_l = (1 - alpha) * g_l + alpha * h_l            for l ∈ S
+      out_l = g_l                                        otherwise (exactly)
+
+  ``S`` is either
+
+  * fixed, ``layers=``: layer paths or a predicate on the path. The second
+    evaluation differentiates the selected leaves only; the other leaves enter
+    it as the very same arrays, so XLA shares the forward pass below ``S``
+    with the caller's clean pass and backpropagates nothing below the lowest
+    selected layer. This is the fast path: a step costs SGD plus the
+    forward/backward of the layers from the lowest selected one up. Pick the
+    set once from data with :func:`rank_layers`.
+  * runtime (``layers=None``): the ``num_layers`` layers with the largest
+    clean-gradient norm, ranked at the end of every step with ``count %
+    select_every == 0`` and used from the next step on (a lag of one step;
+    step 0 perturbs every layer); ties go to the lower layer index. Without
+    a plan the choice is an array on the device, so the second gradient is
+    a full one (about what :func:`sam_optax.gnp` costs). With planned steps
+    (:func:`sam_optax.planner`) the selection is part of the plan: only the
+    selected layers are differentiated, as on the fixed path, with one
+    compiled program per distinct selection, and the planner reads the
+    selection once per re-selection.
+
+  A layer is by default the innermost mapping holding arrays (a Flax module's
+  ``{kernel, bias}``), named by its keys joined by "/"; see
+  :func:`layer_paths`. With every layer selected and ``alpha = 1`` this is
+  SAM with radius ``rho``.
+
+  The paper's algorithm box was not available to us; the rule above is ours,
+  consistent with the paper's description and the
+  author's GNP code. Defaults ``rho`` 0.1, ``alpha`` 0.8 (the GNP recipe),
+  ``num_layers`` 2, ``select_every`` 1 [ours].
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)``.
+    rho: radius, float or schedule.
+    alpha: mixing weight in [0, 1], float or schedule.
+    num_layers: runtime selection: how many layers, in [1, number of
+      layers] (the upper bound is checked at ``init``).
+    select_every: runtime selection: re-choose on steps with
+      ``count % select_every == 0``; >= 1.
+    layers: a fixed selection: a layer path, a sequence of paths, or a
+      predicate ``path -> bool``; paths that name no layer fail at ``init``
+      with the list of valid ones. ``num_layers`` and ``select_every`` are
+      then unused.
+    group_fn: ``leaf_path -> layer_name``, replacing the default grouping.
+    has_aux, axis_name, eps: as in :func:`sam_optax.sam`. Under
+      ``axis_name`` the layer norms come from the averaged gradient, so all
+      devices select the same layers.
+
+  Under ``optax.inject_hyperparams``, ``rho`` and ``alpha`` may be injected;
+  the structural arguments must be static: ``static_args=("loss_fn",
+  "num_layers", "select_every", "layers", "group_fn")``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. ``sam_optax.stats`` reports
+    ``selected_layers`` (indices into :func:`layer_paths`), ``grad_evals``
+    and, for a runtime selection, ``layer_refreshes``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> def loss_fn(p, x):
+    ...   h = jnp.tanh(x @ p["fc"]["kernel"] + p["fc"]["bias"])
+    ...   return jnp.sum((h @ p["head"]["kernel"]) ** 2)
+    >>> p = {"fc": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)},
+    ...      "head": {"kernel": jnp.ones((4, 1))}}
+    >>> tx = optax.chain(sam_optax.layerwise_sam(loss_fn, layers=["head"]),
+    ...                  optax.sgd(0.1))
+    >>> state = tx.init(p)
+    >>> x = jnp.ones((2, 3))
+    >>> u, state = tx.update(jax.grad(loss_fn)(p, x), state, p, batch=x)
+    >>> sam_optax.stats(state)["selected_layers"].tolist()
+    [1]
+  """
+  num_layers = base.static_int("num_layers", num_layers, 1)
+  select_every = base.static_int("select_every", select_every, 1)
+  layers_lib.check_group_fn(group_fn)
+  if layers is None:
+    region = region_lib.top_layers(
+        num_layers, select_every=select_every, group_fn=group_fn
+    )
+  else:
+    region = region_lib.fixed_layers(layers, group_fn=group_fn)
+  return engine.sharpness_aware(
+      loss_fn,
+      rho,
+      geometry=geometry_lib.global_norm(),
+      region=region,
+      combine=combine_lib.mix(alpha),
+      has_aux=has_aux,
+      axis_name=axis_name,
+      eps=eps,
+  )
+
+
+# --------------------------------------------------------------------------
+# Sparse SAM.
+# --------------------------------------------------------------------------
+
+
+def _ssam_engine(loss_fn, rho, region, skip, has_aux, axis_name, eps):
+  return engine.sharpness_aware(
+      loss_fn,
+      rho,
+      geometry=geometry_lib.global_norm(),
+      region=region,
+      gate=gate_lib.never() if skip else None,
+      combine=combine_lib.replace(),
+      has_aux=has_aux,
+      axis_name=axis_name,
+      eps=eps,
+  )
+
+
+def ssam_fisher(
+    loss_fn: Callable,
+    rho: base.ScalarOrSchedule = 0.05,
+    sparsity: base.ScalarOrSchedule = 0.5,
+    *,
+    num_samples: int = 16,
+    update_every: int,
+    chunk_size: int = 8,
+    batch_axes: Any = 0,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+    eps: float = base.DEFAULT_EPS,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Sparse SAM with a Fisher mask, SSAM-F (Mi et al., NeurIPS 2022,
+  arXiv 2210.05177).
+
+  Only the entries with the largest empirical Fisher information are
+  perturbed; the update is the dense gradient at the perturbed point::
+
+      F   = Σ_{i=1..num_samples} (∇ℓ_i(w))²        # on refresh steps
+      m   = top floor(N (1 - sparsity)) entries of F, over the whole model
+      e   = rho * (g / (‖g‖ + eps)) ⊙ m            # full ‖g‖: ‖e‖ <= rho
+      out = ∇L_B(w + e)
+
+  The mask is refreshed inside the compiled step (``lax.cond``) on steps with
+  ``count % update_every == 0``, step 0 included, before perturbing; the
+  authors refresh once per epoch, so pass the number of steps per epoch.
+  [ours] The examples are the first ``num_samples`` of the current batch
+  (the authors draw them from a separate shuffled loader; both estimate the
+  same empirical Fisher). Per-example gradients are taken ``chunk_size`` at a
+  time (at most that many gradient copies in memory). Exact count: ties at the
+  threshold go to the lowest flat index (see :func:`top_k_mask`).
+
+  Cost: one second gradient per step, plus ``num_samples`` per-example
+  gradients on a refresh step (counted in ``grad_evals``, one each).
+  ``sparsity=0`` is SAM exactly (no Fisher work); ``sparsity=1`` returns
+  ``g`` and evaluates nothing. ``stats()`` reports ``mask_density`` and
+  ``mask_refreshes``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)``; for the Fisher it is called on
+      one-example batches (leading axis of size 1).
+    rho: radius, float or schedule; default 0.05 (the authors' CIFAR value).
+    sparsity: share of entries NOT perturbed, in [0, 1]; default 0.5. A
+      plain number fixes ``K`` exactly at trace time (and 0 / 1 take the
+      shortcuts above); an array (``optax.inject_hyperparams``) or a schedule
+      of the step count is read at each refresh, with ``K`` in float32.
+    num_samples: examples for the Fisher, >= 1 and at most the batch size
+      (checked when the step is traced); default 16 (the authors' CIFAR-10
+      run; 128 on ImageNet).
+    update_every: refresh period in steps, >= 1 (required).
+    chunk_size: per-example gradients computed together, >= 1; default 8.
+    batch_axes: 0 when every batch leaf is batched on its leading axis
+      (default); otherwise a prefix pytree of the batch with 0 (sliced) or
+      None (passed whole: model state, a PRNG key) per leaf.
+    has_aux, axis_name, eps: as in :func:`sam`. Under ``axis_name`` the
+      examples are the first ``num_samples`` of the global batch, which is
+      taken to be split contiguously over the axis (``pmap`` over a reshaped
+      batch, ``shard_map`` with ``P(axis)``): each device computes the
+      per-example gradients of its own examples among them, and the Fisher
+      is summed over the axis before the top-k, so every device holds the
+      same mask, the one a single-device run would compute.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss_fn = lambda w, b: jnp.mean((b[:, :3] @ w - b[:, 3]) ** 2)
+    >>> tx = optax.chain(
+    ...     sam_optax.ssam_fisher(loss_fn, 0.05, 0.5, num_samples=4,
+    ...                           update_every=10),
+    ...     optax.sgd(0.1))
+    >>> w = jnp.ones(3); batch = jnp.arange(32.0).reshape(8, 4) / 32
+    >>> state = tx.init(w)
+    >>> g = jax.grad(loss_fn)(w, batch)
+    >>> u, state = tx.update(g, state, w, batch=batch)
+    >>> s = sam_optax.stats(state)
+    >>> int(s["grad_evals"]), int(s["mask_refreshes"]), float(s["mask_density"])
+    (5, 1, 0.3333333432674408)
+  """
+  region = region_lib.fisher_mask(
+      sparsity,
+      num_samples=num_samples,
+      update_every=update_every,
+      chunk_size=chunk_size,
+      batch_axes=batch_axes,
+  )
+  return _ssam_engine(
+      loss_fn,
+      rho,
+      region,
+      region_lib.static_sparsity(region.sparsity) == 1.0,
+      has_aux,
+      axis_name,
+      eps,
+  )
+
+
+def ssam_dynamic(
+    loss_fn: Callable,
+    rho: base.ScalarOrSchedule = 0.05,
+    sparsity: base.ScalarOrSchedule = 0.5,
+    *,
+    drop_rate: float = 0.5,
+    update_every: int,
+    total_steps: int,
+    drop_criterion: str = "gradient",
+    grow_criterion: str = "random",
+    seed: int = 0,
+    exact_count: bool = True,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+    eps: float = base.DEFAULT_EPS,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Sparse SAM with a dynamic mask, SSAM-D (Mi et al., NeurIPS 2022,
+  arXiv 2210.05177).
+
+  A random mask with exactly ``K = floor(N (1 - sparsity))`` entries evolves
+  by drop and grow, as in dynamic sparse training::
+
+      on steps count > 0 with count % update_every == 0, before perturbing:
+      dr    = drop_rate * (1 + cos(pi * count / total_steps)) / 2
+      keep  = the floor(K (1 - dr)) alive entries with the largest |g|
+      grow  = K - keep dead entries chosen at random
+      m     = keep ∪ grow
+      e     = rho * (g / (‖g‖ + eps)) ⊙ m
+      out   = ∇L_B(w + e)
+
+  Defaults from the authors' code: ``drop_rate=0.5``, drop by ``|g|``
+  (``drop_criterion="gradient"``), grow at random (``grow_criterion=
+  "random"``); "gradient", "weight" and "random" are accepted for both
+  (largest ``|g|``, largest ``|w|``, uniform noise). [ours]
+  ``exact_count=True`` regrows as many entries as were dropped so the mask
+  keeps exactly K entries (when fewer than ``K - keep`` dead entries exist,
+  all of them grow and ``keep`` rises to match); ``exact_count=False`` uses
+  the authors' counts ``grow = floor(min(K dr, N sparsity))``, which can lose
+  entries to rounding. [ours] The cosine stops at 0 after ``total_steps``;
+  the refreshed mask applies to the refresh step itself (the authors' code
+  applies it from the next step). The random key lives in the state (from
+  ``seed``), identical on every device; ``|g|`` is the gradient averaged over
+  ``axis_name``, so all devices hold the same mask. Ties go to the lowest flat
+  index.
+
+  Cost: one second gradient per step; a refresh costs two top-k selections
+  (no gradient evaluations). ``sparsity=0`` is SAM exactly; ``sparsity=1``
+  returns ``g`` and evaluates nothing. ``stats()`` reports ``mask_density``
+  and ``mask_refreshes``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)``.
+    rho: radius, float or schedule; default 0.05.
+    sparsity: share of entries NOT perturbed, in [0, 1]; a plain number
+      (exact ``K``, shortcuts for 0 and 1), an array or a schedule (``K`` in
+      float32 at each refresh; when it changes, the next refresh moves the
+      mask to the new size: :func:`dynamic_counts`).
+    drop_rate: initial drop rate in [0, 1] (a number or an array); default
+      0.5.
+    update_every: refresh period in steps, >= 1 (required; the authors
+      refresh once per epoch).
+    total_steps: length of the cosine decay in steps, >= 1 (required).
+    drop_criterion, grow_criterion: "gradient", "weight" or "random".
+    seed: integer seed of the initial mask and the random choices.
+    exact_count: keep exactly K entries (default) or follow the authors'
+      rounding.
+    has_aux, axis_name, eps: as in :func:`sam`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss_fn = lambda w, b: jnp.sum((w * b) ** 2)
+    >>> tx = optax.chain(
+    ...     sam_optax.ssam_dynamic(loss_fn, 0.05, 0.5, update_every=2,
+    ...                            total_steps=100, seed=0),
+    ...     optax.sgd(0.1))
+    >>> w = jnp.ones(10); state = tx.init(w)
+    >>> float(sam_optax.stats(state)["mask_density"])
+    0.5
+  """
+  region = region_lib.dynamic_mask(
+      sparsity,
+      drop_rate=drop_rate,
+      update_every=update_every,
+      total_steps=total_steps,
+      drop_criterion=drop_criterion,
+      grow_criterion=grow_criterion,
+      seed=seed,
+      exact_count=exact_count,
+  )
+  return _ssam_engine(
+      loss_fn,
+      rho,
+      region,
+      region_lib.static_sparsity(region.sparsity) == 1.0,
+      has_aux,
+      axis_name,
+      eps,
+  )
+
+
+def ssam(
+    loss_fn: Callable,
+    rho: base.ScalarOrSchedule = 0.05,
+    *,
+    mask: PyTree,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+    eps: float = base.DEFAULT_EPS,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Sparse SAM with a fixed, user-given mask (Mi et al., arXiv 2210.05177).
+
+  ::
+
+      e   = rho * (g / (‖g‖ + eps)) ⊙ mask
+      out = ∇L_B(w + e)                 # dense: every leaf's gradient at w + e
+
+  ``mask`` has the structure of the params; each leaf is a boolean array of
+  the parameter's shape, or a single bool for the whole tensor. A mismatch
+  fails at ``init`` with the paths that differ. A mask known at construction
+  to hold no True at all returns ``g`` with no second gradient. Use it to
+  freeze a mask found earlier, e.g. the one in a :func:`ssam_fisher` state
+  (``opt_state[0].region.mask`` in ``optax.chain(ssam_fisher(...), ...)``).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)``.
+    rho: radius, float or schedule; default 0.05.
+    mask: pytree of bools shaped like the params (keyword-only, required).
+    has_aux, axis_name, eps: as in :func:`sam`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    >>> mask = {"a": jnp.array([True, False, True]), "b": False}
+    >>> tx = sam_optax.ssam(lambda w, x: jnp.sum(w["a"] ** 2) * x, mask=mask)
+    >>> float(sam_optax.stats(tx.init(params))["mask_density"])
+    0.4000000059604645
+  """
+  region_lib.fixed_mask(mask)  # checks that every leaf is boolean
+  # Always an element-wise (array) mask, never the engine's static leaf set:
+  # a leaf outside the mask still gets its gradient at the perturbed point
+  # (the dense output of Sparse SAM), not the clean one.
+  arrays = jax.tree.map(
+      lambda m: m if isinstance(m, jax.Array) else np.asarray(m, bool), mask
+  )
+  concrete = not any(
+      isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(arrays)
+  )
+  skip = concrete and not any(np.any(m) for m in jax.tree.leaves(arrays))
+  return _ssam_engine(
+      loss_fn, rho, region_lib.FixedMask(mask=arrays), skip, has_aux,
+      axis_name, eps,
+  )
+
+
+# --------------------------------------------------------------------------
+# Reuse: LookSAM and vSAM.
+# --------------------------------------------------------------------------
+
+
+def looksam(
+    loss_fn: Callable,
+    rho: base.ScalarOrSchedule = 0.1,
+    *,
+    k: int = 5,
+    alpha: base.ScalarOrSchedule = 0.7,
+    per_leaf: bool = False,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+    eps: float = base.DEFAULT_EPS,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LookSAM (Liu, Mai, Chen, Hsieh, You, CVPR 2022, arXiv 2203.02714).
+
+  Every ``k``-th step (``count % k == 0``, step 0 included) is a full SAM step
+  that also stores the part of the SAM gradient orthogonal to ``g``::
+
+      gs  = ∇L_B(w + rho * g / (‖g‖ + eps))
+      gv  = gs - (<gs, g> / (‖g‖² + eps)) * g
+      out = gs
+
+  The other steps compute no second gradient and reuse ``gv``, rescaled to
+  the current gradient's norm::
+
+      out = g + alpha * (‖g‖ / (‖gv‖ + eps)) * gv
+
+  The choice is a ``lax.cond`` in the compiled step: a reuse step evaluates
+  ``loss_fn`` once less than SAM. Cost on average ``(k + 1) / k`` gradients
+  per step. ``k = 1`` is SAM.
+
+  Defaults ``k=5``, ``alpha=0.7``, ``rho=0.1`` are the common public choices
+  (the paper's own values were not available to us). Norms and the
+  projection are global by default; ``per_leaf=True`` does both per
+  parameter tensor, as some public versions do.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with
+      ``has_aux=True``).
+    rho: radius, float or schedule.
+    k: period of the SAM steps, an integer >= 1.
+    alpha: weight of the reused component, >= 0, float or schedule.
+    per_leaf: projection and norms per parameter tensor instead of global.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; perturbed aux is discarded.
+    axis_name: ``pmap``/``shard_map`` axis: the output, the stored ``gv`` and
+      every norm are built from gradients averaged over it, so every device
+      keeps the same state. The perturbation uses ``updates`` as passed
+      (per-device: m-sharpness; ``pmean``-ed: global SAM).
+    eps: guard added to every norm that divides.
+
+  ``sam_optax.stats`` reports ``count``, ``grad_evals`` and
+  ``steps_since_sample``. Under ``optax.inject_hyperparams``, ``rho`` and
+  ``alpha`` may be injected; ``k`` and ``per_leaf`` go in ``static_args``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss_fn = lambda w, b: jnp.sum((w * b) ** 2)
+    >>> tx = optax.chain(sam_optax.looksam(loss_fn, k=5), optax.sgd(0.1))
+    >>> w = jnp.ones(3); state = tx.init(w); b = jnp.arange(3.0)
+    >>> for _ in range(10):
+    ...   u, state = tx.update(jax.grad(loss_fn)(w, b), state, w, batch=b)
+    >>> int(sam_optax.stats(state)["grad_evals"])
+    2
+  """
+  k = base.static_int("k", k, 1)
+  return engine.sharpness_aware(
+      loss_fn,
+      rho,
+      geometry=geometry_lib.global_norm(),
+      gate=gate_lib.every_k(k),
+      combine=combine_lib.orthogonal_reuse(alpha, per_leaf=per_leaf),
+      has_aux=has_aux,
+      axis_name=axis_name,
+      eps=eps,
+  )
+
+
+def vsam(
+    loss_fn: Callable,
+    rho: base.ScalarOrSchedule = 0.05,
+    *,
+    warmup_steps: Optional[int] = None,
+    window: int = 50,
+    blocks: int = 5,
+    max_rate: float = 0.8,
+    gains: tuple[float, float] = (0.13, 0.13),
+    decay: float = 0.7,
+    max_reuse: int = 6,
+    initial_rate: float = 1.0,
+    seed: int = 0,
+    stat_leaves: LeafSelection = None,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+    eps: float = base.DEFAULT_EPS,
+) -> optax.GradientTransformationExtraArgs:
+  r"""vSAM, variation-based sampling SAM (Deng, Pang, Zhang, Wang,
+  arXiv 2403.08821).
+
+  The SAM gradient is the clean gradient plus PSF, the projection of the
+  second-order term onto the first-order gradient; PSF changes slowly early
+  in training and faster later. vSAM computes it (a full SAM step) on
+  adaptively sampled steps and reuses it, decayed, on the steps between::
+
+      sampled step:  gs  = ∇L_B(w + rho * g / (‖g‖ + eps))
+                     psf = gs - g  (stored);  out = gs
+                     record R = ‖psf‖/‖g‖, P = ‖psf‖ and
+                     V = mean over `blocks` blocks of var(sort(P buffer))
+                     in ring buffers of length `window`
+      n-th reuse:    out = g + decay**n * psf   for n <= max_reuse
+                     out = g                    afterwards
+
+  Schedule: the first ``warmup_steps`` steps are SAM steps. Then, at the
+  first step of every ``window``-step window (the first window starts at
+  step ``warmup_steps``)::
+
+      dR   = clip(mean_i (R[i+1] - R[i]) / R[i], -1, 1)   over the buffer
+      dV   = clip(mean_i (V[i+1] - V[i]) / V[i], -1, 1)
+      rate = clip(rate * (1 + gains[0]*dR + gains[1]*dV),
+                  1, floor(window * max_rate))
+
+  and in the window a step is sampled with probability ``rate / window``
+  while fewer than ``floor(rate)`` were taken, and forced when the steps left
+  (this one included) equal the quota left: every window takes exactly
+  ``floor(rate)`` second gradients. The draws come from a PRNG key in state
+  (``seed``), identical on every device. The choice is a ``lax.cond``: a
+  reuse step evaluates ``loss_fn`` once less than SAM.
+
+  Defaults (window 50, blocks 5, max_rate 0.8, gains (0.13, 0.13), decay 0.7,
+  max_reuse 6, rho 0.05, initial rate 1) are from the authors' code
+  (ajiaaa/vSAM, ``train_vsam.py`` and ``vsam/vsam.py``). Choices where the
+  paper and code leave a point open or where we depart from the code:
+
+  - ``warmup_steps`` default ``None`` means ``2 * window`` (100): the
+    fewest warm-up steps after which both ring buffers hold only real
+    statistics at the first rate update. The authors warm up 3 epochs; pass
+    ``3 * steps_per_epoch`` to match them.
+  - Relative changes are taken between consecutive *recorded* samples only
+    (the authors' buffers start as zeros, which would divide by zero with
+    a short warm-up); the divisor gets ``+ eps``. ``V`` uses the whole ``P``
+    buffer, zeros not yet overwritten included, as the authors' code does.
+  - The window count starts at step ``warmup_steps``, rate update first. (The
+    authors' counter starts at 1, which makes their first window after
+    warm-up one step short and free of samples.)
+  - ``R`` and ``P`` are over the whole model by default (the authors use the
+    last ``last_layer`` parameter tensors in module order; a pytree has no
+    such order): ``stat_leaves`` restricts them to a subset.
+  - The variance is the unbiased one (``torch.var``), so a block needs two
+    values: ``window >= 2 * blocks``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with
+      ``has_aux=True``).
+    rho: radius, float or schedule.
+    warmup_steps: integer >= 0 (None: ``2 * window``).
+    window: steps per window, a multiple of ``blocks``, >= ``2 * blocks``.
+    blocks: blocks of the sorted ``P`` buffer for ``V``, >= 1.
+    max_rate: share of a window that may be sampled, in (0, 1] with
+      ``floor(window * max_rate) >= 1``.
+    gains: weights of ``dR`` and ``dV`` in the rate update, >= 0.
+    decay: reuse weight decay, in (0, 1).
+    max_reuse: reuse steps after a sample that add the decayed PSF, >= 0.
+    initial_rate: samples per window before the first update, in
+      ``[1, floor(window * max_rate)]``.
+    seed: seed of the sampling key.
+    stat_leaves: leaves ``R`` and ``P`` are computed over: None (all), a
+      predicate on the '/'-joined leaf path (``"params/head/kernel"``), or a
+      sequence of leaf paths or path prefixes (``["params/head"]``); checked
+      against the params at ``init``.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; perturbed aux is discarded.
+    axis_name: ``pmap``/``shard_map`` axis. The output, PSF and every
+      statistic are built from gradients averaged over it and the draws from
+      a replicated key, so every device takes the same decision and keeps
+      the same state. The perturbation uses ``updates`` as passed.
+    eps: guard added to every norm that divides.
+
+  ``sam_optax.stats`` reports ``count``, ``grad_evals``, ``sampling_rate``
+  (probability of a sampled step at the last step: 1 in warm-up),
+  ``samples_per_window``, ``steps_since_sample`` and ``reuse_weight``.
+  Under ``optax.inject_hyperparams`` every numeric argument may be injected
+  (``rho``, ``decay``, ``max_rate``, ``warmup_steps``, ``max_reuse``, ...)
+  except ``window`` and ``blocks``, which fix buffer shapes: list them in
+  ``static_args`` (a clear error says so otherwise).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss_fn = lambda w, b: jnp.sum((w * b) ** 2)
+    >>> tx = optax.chain(sam_optax.vsam(loss_fn, warmup_steps=4, window=10,
+    ...                                 blocks=5), optax.sgd(0.1))
+    >>> w = jnp.ones(3); state = tx.init(w); b = jnp.arange(3.0)
+    >>> for _ in range(24):
+    ...   u, state = tx.update(jax.grad(loss_fn)(w, b), state, w, batch=b)
+    >>> int(sam_optax.stats(state)["grad_evals"])  # 4 warm-up + 1 per window
+    6
+  """
+  window = base.static_int("window", window, 2)
+  if warmup_steps is None:
+    warmup_steps = 2 * window
+  gate = gate_lib.variation_sampling(
+      warmup_steps=warmup_steps,
+      window=window,
+      blocks=blocks,
+      max_rate=max_rate,
+      gains=gains,
+      initial_rate=initial_rate,
+      seed=seed,
+      stat_leaves=stat_leaves,
+      eps=eps,
+  )
+  return engine.sharpness_aware(
+      loss_fn,
+      rho,
+      geometry=geometry_lib.global_norm(),
+      gate=gate,
+      combine=combine_lib.decayed_reuse(decay, max_reuse),
+      has_aux=has_aux,
+      axis_name=axis_name,
+      eps=eps,
+  )

@@ -1,0 +1,159 @@
+"""The empirical Fisher diagonal from per-example gradients (Sparse SAM-F).
+
+Per-example gradients are computed in chunks (``vmap`` inside a
+``fori_loop``), so at most ``chunk_size`` gradient copies exist at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_optax._src import base
+
+PyTree = Any
+
+
+def _expand_axes(batch_axes: Any, batch: Any) -> PyTree:
+  """``batch_axes`` (0/None, a prefix of ``batch``) broadcast to every leaf."""
+  try:
+    return jax.tree.map(
+        lambda ax, sub: jax.tree.map(lambda _: ax, sub),
+        batch_axes,
+        batch,
+        is_leaf=lambda x: x is None,
+    )
+  except ValueError as err:
+    raise ValueError(
+        "batch_axes must be 0, None, or a prefix of the batch's structure "
+        f"with 0/None leaves: {err}"
+    ) from None
+
+
+def fisher_scores(
+    loss: Callable[[PyTree, Any], jax.Array],
+    params: PyTree,
+    batch: Any,
+    num_samples: int,
+    *,
+    chunk_size: int = 8,
+    batch_axes: Any = 0,
+    axis_name: Optional[str] = None,
+) -> PyTree:
+  """Empirical Fisher diagonal ``F = Σ_{i<num_samples} (∇ℓ_i(w))²``, float32.
+
+  Example ``i`` is the batch with every leaf whose axis is 0 sliced to
+  ``[i:i+1]`` (leaves whose ``batch_axes`` entry is None, such as model state
+  or a PRNG key, are passed whole). Per-example gradients are computed
+  ``chunk_size`` at a time (``vmap`` inside a ``fori_loop`` that accumulates
+  the squares), so at most ``chunk_size`` gradient copies exist at once.
+
+  Under ``axis_name`` the examples are the first ``num_samples`` of the
+  GLOBAL batch, taken to be split contiguously over the axis (device ``d``
+  holds examples ``[d*b, (d+1)*b)``, as with ``pmap`` over a reshaped batch
+  or ``shard_map`` with ``P(axis)``): each device computes ``min(num_samples,
+  b)`` per-example gradients of its own examples and weights by 0 those past
+  ``num_samples``. The result is this device's part; ``psum`` it over the
+  axis for the Fisher of the single-device run.
+
+  Args:
+    loss: ``loss(params, batch) -> scalar``.
+    params: where the gradients are taken.
+    batch: the batch; the first ``num_samples`` examples are used.
+    num_samples: how many examples (static, at most the (global) batch size).
+    chunk_size: per-example gradients computed together.
+    batch_axes: 0 (every leaf is batched on its leading axis), None, or a
+      prefix pytree of the batch with 0/None per leaf.
+    axis_name: the ``pmap``/``shard_map`` axis the batch is split over.
+  """
+  axes = _expand_axes(batch_axes, batch)
+  leaves, treedef = jax.tree.flatten(batch)
+  ax_leaves = treedef.flatten_up_to(axes)
+  for x, ax in zip(leaves, ax_leaves):
+    if ax not in (0, None):
+      raise ValueError(f"batch_axes entries must be 0 or None, got {ax!r}")
+  sizes = {int(np.shape(x)[0]) for x, ax in zip(leaves, ax_leaves)
+           if ax == 0 and np.ndim(x) > 0}
+  if any(ax == 0 and np.ndim(x) == 0 for x, ax in zip(leaves, ax_leaves)):
+    raise ValueError(
+        "a batch leaf marked as batched (batch_axes 0) is a scalar; mark it "
+        "None in batch_axes"
+    )
+  if not sizes:
+    raise ValueError(
+        "per-example gradients need at least one batched leaf in the batch "
+        "(batch_axes 0)"
+    )
+  if len(sizes) > 1:
+    paths = base.leaf_paths(batch)
+    found = {
+        path: int(np.shape(x)[0])
+        for path, x, ax in zip(paths, leaves, ax_leaves)
+        if ax == 0 and np.ndim(x) > 0
+    }
+    raise ValueError(
+        "per-example gradients slice every batch leaf marked 0 in batch_axes "
+        f"on its leading axis, but their sizes differ: {found}; mark the "
+        "leaves that are not per example (model state, a PRNG key) None in "
+        "batch_axes, e.g. batch_axes={'x': 0, 'y': 0, 'state': None}"
+    )
+  local = sizes.pop()
+  devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  if num_samples > local * devices:
+    where = "" if devices == 1 else f" = {devices} devices x {local}"
+    raise ValueError(
+        f"num_samples must be in [1, batch size{where} = {local * devices}], "
+        f"got {num_samples}"
+    )
+  per_device = min(num_samples, local)
+  chunk = min(chunk_size, per_device)
+  first = (
+      jnp.int32(0)
+      if axis_name is None
+      else jax.lax.axis_index(axis_name).astype(jnp.int32) * local
+  )
+
+  def example_grad(*example_leaves):
+    ex = [
+        x[None] if ax == 0 else x for x, ax in zip(example_leaves, ax_leaves)
+    ]
+    return jax.grad(loss)(params, jax.tree.unflatten(treedef, ex))
+
+  in_axes = tuple(ax_leaves)
+
+  def sq_sum(start, size):
+    part = [
+        jax.lax.dynamic_slice_in_dim(x, start, size, 0) if ax == 0 else x
+        for x, ax in zip(leaves, ax_leaves)
+    ]
+    g = jax.vmap(example_grad, in_axes=in_axes)(*part)
+    if axis_name is None:
+      return jax.tree.map(
+          lambda y: jnp.sum(jnp.square(y.astype(jnp.float32)), axis=0), g
+      )
+    # Global index of each example; those past num_samples weigh 0.
+    weight = (first + start + jnp.arange(size) < num_samples).astype(
+        jnp.float32
+    )
+    return jax.tree.map(
+        lambda y: jnp.tensordot(weight, jnp.square(y.astype(jnp.float32)), 1),
+        g,
+    )
+
+  acc = base.zeros_like_f32(params)
+  full, rest = divmod(per_device, chunk)
+  if full == 1:
+    acc = sq_sum(0, chunk)
+  elif full > 1:
+    acc = jax.lax.fori_loop(
+        0,
+        full,
+        lambda i, a: jax.tree.map(jnp.add, a, sq_sum(i * chunk, chunk)),
+        acc,
+    )
+  if rest:
+    acc = jax.tree.map(jnp.add, acc, sq_sum(full * chunk, rest))
+  return acc

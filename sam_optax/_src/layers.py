@@ -1,0 +1,188 @@
+"""Layers: how leaves group into layers, and a data-driven ranking of them.
+
+A *layer* is a group of leaves. By default it is the innermost mapping that
+holds the leaf (a Flax module's ``{kernel, bias}``), named by the keys from
+the root joined by "/" (``"fc"`` for ``variables["params"]``,
+``"params/fc"`` for the whole variables dict, ``"layers/0"`` for an NNX
+``nnx.List``). ``group_fn(leaf_path) -> layer_name`` replaces that grouping.
+Layers are numbered in order of first appearance in ``jax.tree.leaves`` order
+(:func:`layer_paths`); ``stats()`` reports a selection as those indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_optax._src import base
+
+PyTree = Any
+GroupFn = Callable[[str], str]
+
+
+def _default_layer(path: tuple[Any, ...]) -> str:
+  """The path of the innermost mapping holding the leaf at ``path``.
+
+  The leaf's own entry is the last mapping key on its path; whatever follows
+  it (an NNX ``Variable``'s ``.value``) belongs to the leaf. A leaf reached
+  through sequences and attributes only belongs to its immediate container.
+  """
+  last = None
+  for i, k in enumerate(path):
+    if isinstance(k, jax.tree_util.DictKey):
+      last = i
+  if last is None:
+    return base.path_str(path[:-1])
+  return base.path_str(path[:last])
+
+
+def leaf_layers(params: PyTree, group_fn: Optional[GroupFn]):
+  """(layer names in order of first appearance, layer index of every leaf)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  names: list[str] = []
+  index: dict[str, int] = {}
+  ids: list[int] = []
+  for path, _ in flat:
+    if group_fn is None:
+      name = _default_layer(path)
+    else:
+      name = group_fn(base.path_str(path))
+      if not isinstance(name, str):
+        raise ValueError(
+            "group_fn must return a layer name (str) for every leaf path; got "
+            f"{name!r} for {base.path_str(path)!r}"
+        )
+    if name not in index:
+      index[name] = len(names)
+      names.append(name)
+    ids.append(index[name])
+  if not names:
+    raise ValueError("params has no leaves: there is no layer to select")
+  return names, ids
+
+
+def layer_paths(
+    params: PyTree, *, group_fn: Optional[GroupFn] = None
+) -> list[str]:
+  """The layer names of a params tree, in the order ``stats()`` indexes them.
+
+  A layer is the innermost mapping holding arrays (a Flax module's ``{kernel,
+  bias}``), named by its keys from the root joined by "/"; ``group_fn`` maps
+  a leaf's "/"-joined path to its layer name instead.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> p = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+    ...      "head": {"kernel": jnp.ones((2, 1)), "bias": jnp.ones(1)}}
+    >>> sam_optax.layer_paths(p)
+    ['fc', 'head']
+    >>> sam_optax.layer_paths(p, group_fn=lambda path: path.split("/")[-1])
+    ['bias', 'kernel']
+  """
+  check_group_fn(group_fn)
+  return leaf_layers(params, group_fn)[0]
+
+
+def check_group_fn(group_fn):
+  if group_fn is not None and not callable(group_fn):
+    raise ValueError(
+        "group_fn must be a callable (leaf path str -> layer name str) or "
+        f"None, got {group_fn!r}"
+    )
+
+
+
+def rank_layers(
+    loss_fn: Callable,
+    params: PyTree,
+    batches: Iterable[Any],
+    *,
+    has_aux: bool = False,
+    group_fn: Optional[GroupFn] = None,
+) -> list[tuple[str, float]]:
+  """Layers ranked by clean-gradient norm, averaged over a few batches.
+
+  For each batch, ``n_l = ‖∇_{w_l} L_B(w)‖`` (float32); the result is every
+  layer with the mean of its ``n_l`` over the batches, largest first (ties:
+  lower layer index first). Use it to choose a fixed set for
+  :func:`layerwise_sam`'s ``layers=``. One compiled gradient serves every
+  batch of the same shapes.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)``.
+    params: the parameters to rank at (e.g. after a short warm-up).
+    batches: an iterable of batches (at least one).
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    group_fn: as in :func:`layer_paths`.
+
+  Returns:
+    ``[(layer_path, mean_norm), ...]`` sorted by decreasing norm.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> loss_fn = lambda p, x: jnp.sum(x @ p["a"]["w"] + 3 * x @ p["b"]["w"])
+    >>> p = {"a": {"w": jnp.ones(2)}, "b": {"w": jnp.ones(2)}}
+    >>> [n for n, _ in sam_optax.rank_layers(loss_fn, p, [jnp.ones((1, 2))])]
+    ['b', 'a']
+  """
+  if not callable(loss_fn):
+    raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
+  check_group_fn(group_fn)
+  names, ids = leaf_layers(params, group_fn)
+
+  @jax.jit
+  def layer_norms(p, batch):
+    g = jax.grad(loss_fn, has_aux=has_aux)(p, batch)
+    if has_aux:
+      g = g[0]
+    return jnp.sqrt(layer_sq_norms(g, ids, len(names)))
+
+  total = np.zeros(len(names), np.float64)
+  count = 0
+  for batch in batches:
+    total += np.asarray(layer_norms(params, batch), np.float64)
+    count += 1
+  if count == 0:
+    raise ValueError("batches must hold at least one batch, got none")
+  mean = total / count
+  order = sorted(range(len(names)), key=lambda i: (-mean[i], i))
+  return [(names[i], float(mean[i])) for i in order]
+
+
+def layer_sq_norms(tree: PyTree, ids: list[int], num: int) -> jax.Array:
+  """float32 ``[num]``: the squared norm of each layer's leaves in ``tree``."""
+  sq = [jnp.zeros((), jnp.float32) for _ in range(num)]
+  for i, x in zip(ids, jax.tree.leaves(tree)):
+    sq[i] = sq[i] + jnp.sum(jnp.square(x.astype(jnp.float32)))
+  return jnp.stack(sq)
+
+
+def match_layers(names: list[str], wanted: Iterable[str]) -> list[int]:
+  """Indices of the layers named by ``wanted``, matched on a path suffix.
+
+  ``"head"`` names the layer ``"head"`` and also ``"params/head"`` (a Flax
+  linen variables dict) or ``"model/head"``: every layer path equal to it
+  or ending in ``"/head"``. A name matching no layer, or more than one,
+  raises a ValueError listing the layer paths.
+  """
+  chosen = set()
+  for w in wanted:
+    hits = [i for i, n in enumerate(names) if n == w or n.endswith("/" + w)]
+    exact = [i for i in hits if names[i] == w]
+    if exact:
+      hits = exact
+    if not hits:
+      raise ValueError(
+          f"layers: {w!r} names no layer of params; valid paths: {names}"
+      )
+    if len(hits) > 1:
+      raise ValueError(
+          f"layers: {w!r} matches several layers {[names[i] for i in hits]}; "
+          "give a longer path to choose one"
+      )
+    chosen.add(hits[0])
+  return sorted(chosen)
