@@ -33,6 +33,43 @@ def _expand_axes(batch_axes: Any, batch: Any) -> PyTree:
     ) from None
 
 
+def _batched_leaves(batch: Any, batch_axes: Any):
+  """(leaves, treedef, axis per leaf, per-example count), with clear errors
+  for batch leaves that cannot be sliced per example."""
+  axes = _expand_axes(batch_axes, batch)
+  leaves, treedef = jax.tree.flatten(batch)
+  ax_leaves = treedef.flatten_up_to(axes)
+  for x, ax in zip(leaves, ax_leaves):
+    if ax not in (0, None):
+      raise ValueError(f"batch_axes entries must be 0 or None, got {ax!r}")
+  sizes = {int(np.shape(x)[0]) for x, ax in zip(leaves, ax_leaves)
+           if ax == 0 and np.ndim(x) > 0}
+  if any(ax == 0 and np.ndim(x) == 0 for x, ax in zip(leaves, ax_leaves)):
+    raise ValueError(
+        "a batch leaf marked as batched (batch_axes 0) is a scalar; mark it "
+        "None in batch_axes"
+    )
+  if not sizes:
+    raise ValueError(
+        "per-example gradients need at least one batched leaf in the batch "
+        "(batch_axes 0)"
+    )
+  if len(sizes) > 1:
+    paths = base.leaf_paths(batch)
+    found = {
+        path: int(np.shape(x)[0])
+        for path, x, ax in zip(paths, leaves, ax_leaves)
+        if ax == 0 and np.ndim(x) > 0
+    }
+    raise ValueError(
+        "per-example gradients slice every batch leaf marked 0 in batch_axes "
+        f"on its leading axis, but their sizes differ: {found}; mark the "
+        "leaves that are not per example (model state, a PRNG key) None in "
+        "batch_axes, e.g. batch_axes={'x': 0, 'y': 0, 'state': None}"
+    )
+  return leaves, treedef, ax_leaves, sizes.pop()
+
+
 def fisher_scores(
     loss: Callable[[PyTree, Any], jax.Array],
     params: PyTree,
@@ -69,38 +106,7 @@ def fisher_scores(
       prefix pytree of the batch with 0/None per leaf.
     axis_name: the ``pmap``/``shard_map`` axis the batch is split over.
   """
-  axes = _expand_axes(batch_axes, batch)
-  leaves, treedef = jax.tree.flatten(batch)
-  ax_leaves = treedef.flatten_up_to(axes)
-  for x, ax in zip(leaves, ax_leaves):
-    if ax not in (0, None):
-      raise ValueError(f"batch_axes entries must be 0 or None, got {ax!r}")
-  sizes = {int(np.shape(x)[0]) for x, ax in zip(leaves, ax_leaves)
-           if ax == 0 and np.ndim(x) > 0}
-  if any(ax == 0 and np.ndim(x) == 0 for x, ax in zip(leaves, ax_leaves)):
-    raise ValueError(
-        "a batch leaf marked as batched (batch_axes 0) is a scalar; mark it "
-        "None in batch_axes"
-    )
-  if not sizes:
-    raise ValueError(
-        "per-example gradients need at least one batched leaf in the batch "
-        "(batch_axes 0)"
-    )
-  if len(sizes) > 1:
-    paths = base.leaf_paths(batch)
-    found = {
-        path: int(np.shape(x)[0])
-        for path, x, ax in zip(paths, leaves, ax_leaves)
-        if ax == 0 and np.ndim(x) > 0
-    }
-    raise ValueError(
-        "per-example gradients slice every batch leaf marked 0 in batch_axes "
-        f"on its leading axis, but their sizes differ: {found}; mark the "
-        "leaves that are not per example (model state, a PRNG key) None in "
-        "batch_axes, e.g. batch_axes={'x': 0, 'y': 0, 'state': None}"
-    )
-  local = sizes.pop()
+  leaves, treedef, ax_leaves, local = _batched_leaves(batch, batch_axes)
   devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
   if num_samples > local * devices:
     where = "" if devices == 1 else f" = {devices} devices x {local}"
@@ -143,8 +149,13 @@ def fisher_scores(
         g,
     )
 
+  return _sum_in_chunks(sq_sum, params, per_device, chunk)
+
+
+def _sum_in_chunks(sq_sum, params, total: int, chunk: int) -> PyTree:
+  """``Σ sq_sum(start, size)`` over ``total`` examples, ``chunk`` at a time."""
   acc = base.zeros_like_f32(params)
-  full, rest = divmod(per_device, chunk)
+  full, rest = divmod(total, chunk)
   if full == 1:
     acc = sq_sum(0, chunk)
   elif full > 1:

@@ -385,6 +385,32 @@ def _where(pred, a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
+def _check_gains(gains: Any) -> tuple[float, float]:
+  try:
+    gains = tuple(float(x) for x in gains)
+  except TypeError:
+    raise ValueError(f"gains must be a pair of floats, got {gains!r}") from None
+  if len(gains) != 2 or not all(math.isfinite(x) and x >= 0 for x in gains):
+    raise ValueError(
+        f"gains must be two finite floats in [0, inf), got {gains!r}"
+    )
+  return gains
+
+
+def _check_stat_leaves_arg(stat_leaves: LeafSelection) -> LeafSelection:
+  if stat_leaves is not None and not callable(stat_leaves):
+    if isinstance(stat_leaves, str):
+      stat_leaves = (stat_leaves,)
+    stat_leaves = tuple(stat_leaves)
+    if not stat_leaves or not all(isinstance(s, str) for s in stat_leaves):
+      raise ValueError(
+          "stat_leaves must be None, a predicate on the '/'-joined leaf path, "
+          f"or a non-empty sequence of leaf paths or path prefixes; got "
+          f"{stat_leaves!r}"
+      )
+  return stat_leaves
+
+
 def variation_sampling(
     *,
     warmup_steps: int = 100,
@@ -422,28 +448,12 @@ def variation_sampling(
           f"{max_quota}; max_rate must be in [1/window, 1] = "
           f"[{1 / window:g}, 1]"
       )
-  try:
-    gains = tuple(float(x) for x in gains)
-  except TypeError:
-    raise ValueError(f"gains must be a pair of floats, got {gains!r}") from None
-  if len(gains) != 2 or not all(math.isfinite(x) and x >= 0 for x in gains):
-    raise ValueError(
-        f"gains must be two finite floats in [0, inf), got {gains!r}"
-    )
+  gains = _check_gains(gains)
   base.check_range("initial_rate", initial_rate, 1.0, float(max_quota))
   if concrete(initial_rate) is not None:
     initial_rate = concrete(initial_rate)
   seed = base.int_or_traced("seed", seed, None)
-  if stat_leaves is not None and not callable(stat_leaves):
-    if isinstance(stat_leaves, str):
-      stat_leaves = (stat_leaves,)
-    stat_leaves = tuple(stat_leaves)
-    if not stat_leaves or not all(isinstance(s, str) for s in stat_leaves):
-      raise ValueError(
-          "stat_leaves must be None, a predicate on the '/'-joined leaf path, "
-          f"or a non-empty sequence of leaf paths or path prefixes; got "
-          f"{stat_leaves!r}"
-      )
+  stat_leaves = _check_stat_leaves_arg(stat_leaves)
   return VariationSampling(
       warmup_steps=warmup_steps,
       window=window,

@@ -84,6 +84,7 @@ class Planner:
     self._spec = spec
     self._memo: dict[str, dict] = {"gate": {}, "region": {}}
     self.reads = 0
+    self._checked = False
 
   def _reader(self, opt_state: Any, part: str) -> Callable[[], PyTree]:
     def read():
@@ -111,6 +112,9 @@ class Planner:
     count = int(count)
     if count < 0:
       raise ValueError(f"count must be a step number >= 0, got {count}")
+    if not self._checked:  # once: a clear error for a wrong opt_state
+      find_state(opt_state)
+      self._checked = True
     spec = self._spec
     return engine.Plan(
         rho_zero=self.rho_zero(count),

@@ -64,6 +64,30 @@ def _block_size(n: int) -> int:
   return 1 << max(0, math.ceil(math.log2(max(n, 1)) / 2))
 
 
+def _blocked_keys(leaves, treedef, shapes, n, eligible):
+  """(uint32 keys as a (rows, B) array, rows, B): every score's order key,
+  0 for ineligible entries and the padding (never selected)."""
+  blk = _block_size(n)
+  rows = -(-n // blk)
+  pad = rows * blk - n
+  # One concatenation, then the key computation once on the flat array (the
+  # op count, hence compile time, hardly grows with the number of leaves).
+  flat_scores = jnp.concatenate(
+      [jnp.ravel(x).astype(jnp.float32) for x in leaves]
+      + [jnp.zeros((pad,), jnp.float32)]
+  )
+  keys = _order_key(flat_scores)
+  valid = jax.lax.broadcasted_iota(jnp.int32, (rows * blk,), 0) < n
+  if eligible is not None:
+    ok = treedef.flatten_up_to(eligible)
+    valid = valid & jnp.concatenate(
+        [jnp.ravel(jnp.broadcast_to(jnp.asarray(o, bool), s))
+         for o, s in zip(ok, shapes)]
+        + [jnp.zeros((pad,), bool)]
+    )
+  return jnp.where(valid, keys, jnp.uint32(0)).reshape(rows, blk), rows, blk
+
+
 def top_k_mask(
     scores: PyTree,
     k: Any,
@@ -110,27 +134,7 @@ def top_k_mask(
     return scores
   shapes = [jnp.shape(x) for x in leaves]
   sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-  n = sum(sizes)
-  blk = _block_size(n)
-  rows = -(-n // blk)
-  pad = rows * blk - n
-  # One concatenation, then the key computation once on the flat array (the
-  # op count, hence compile time, hardly grows with the number of leaves).
-  flat_scores = jnp.concatenate(
-      [jnp.ravel(x).astype(jnp.float32) for x in leaves]
-      + [jnp.zeros((pad,), jnp.float32)]
-  )
-  keys = _order_key(flat_scores)
-  valid = jax.lax.broadcasted_iota(jnp.int32, (rows * blk,), 0) < n
-  if eligible is not None:
-    ok = treedef.flatten_up_to(eligible)
-    valid = valid & jnp.concatenate(
-        [jnp.ravel(jnp.broadcast_to(jnp.asarray(o, bool), s))
-         for o, s in zip(ok, shapes)]
-        + [jnp.zeros((pad,), bool)]
-    )
-  # Ineligible entries and padding get key 0: never selected.
-  keys = jnp.where(valid, keys, jnp.uint32(0)).reshape(rows, blk)
+  keys, rows, blk = _blocked_keys(leaves, treedef, shapes, sum(sizes), eligible)
   k = jnp.asarray(k, jnp.int32)
 
   def decide_bit(i, t):

@@ -1,0 +1,265 @@
+"""Planned steps: every method, planned against unplanned.
+
+For every row of the shared method table (``tests/test_matrix.py``) plus a
+radius schedule that reaches 0 and a parts combination (Fisher mask with
+vSAM sampling): N planned steps give the same parameters and state as N
+unplanned ones; no planned lowering holds a conditional (``stablehlo.case``);
+a method has the expected handful of distinct plans, each traced once; the
+planner reads the device only where a decision depends on device state;
+plans agree across devices under pmap and sharded jit.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import sam_optax
+from sam_optax import parts
+from tests import test_matrix as tm
+from tests.test_core import mlp_loss, mlp_params
+
+STEPS = 12  # vSAM (warm-up 2, window 4): warm-up, two and a half windows
+
+
+def _rho_schedule(count):
+  """0 on steps 3 and 4, 0.1 elsewhere: a planned step knows it on the host."""
+  return jnp.where((count == 3) | (count == 4), 0.0, 0.1)
+
+
+# Extra rows beyond the method table.
+EXTRA = {
+    "looksam_rho_schedule": lambda: sam_optax.looksam(
+        mlp_loss, _rho_schedule, k=2
+    ),
+    "fisher_vsam_parts": lambda: sam_optax.sharpness_aware(
+        mlp_loss, 0.05,
+        geometry=parts.global_norm(),
+        region=parts.fisher_mask(0.5, num_samples=4, update_every=3),
+        gate=parts.variation_sampling(warmup_steps=2, window=4, blocks=2),
+        combine=parts.decayed_reuse(),
+    ),
+    "layerwise_select_every_1": lambda: sam_optax.layerwise_sam(
+        mlp_loss, 0.1, num_layers=1
+    ),
+}
+
+# Distinct plans over STEPS steps (the "handful" the README promises).
+EXPECTED_PLANS = {
+    "sam": 1, "asam": 1, "gnp": 1, "layerwise_sam_fixed": 1, "ssam_mask": 1,
+    "lightsam_adagrad_norm": 1, "lightsam_adagrad": 1, "lightsam_adam": 1,
+    "looksam": 2, "looksam_per_leaf": 2,  # SAM step, reuse step
+    "ssam_fisher": 2, "ssam_dynamic": 2,  # refresh or not
+    "vsam": 4,  # sampled or not x ends a window (draws the next) or not
+    "looksam_rho_schedule": 4,  # (SAM, reuse) x (rho > 0, rho = 0)
+}
+
+
+def build(name):
+  """(the SAM transform, the full optimizer) for a row."""
+  if name in EXTRA:
+    sam_tx = EXTRA[name]()
+    return sam_tx, optax.chain(sam_tx, optax.sgd(0.05, momentum=0.9))
+  ctor, kwargs = tm.METHODS[name]
+  sam_tx = getattr(sam_optax, ctor)(mlp_loss, **kwargs)
+  if name in tm.FULL_OPTIMIZERS:
+    return sam_tx, sam_tx
+  return sam_tx, optax.chain(sam_tx, optax.sgd(0.05, momentum=0.9))
+
+
+ROWS = tm.ALL + sorted(EXTRA)
+
+
+def _batches():
+  return tm.batches(n=STEPS)
+
+
+def _run(name, planned, traces=None):
+  sam_tx, tx = build(name)
+  plan_of = sam_optax.planner(sam_tx)
+
+  @functools.partial(jax.jit, static_argnames="plan")
+  def step(p, s, b, plan=None):
+    if traces is not None:
+      traces[plan] += 1
+    g = jax.grad(mlp_loss)(p, b)
+    u, s = tx.update(g, s, p, batch=b, plan=plan)
+    return optax.apply_updates(p, u), s
+
+  p = mlp_params()
+  s = tx.init(p)
+  plans = []
+  for count, b in enumerate(_batches()):
+    plan = plan_of(count, s) if planned else None
+    plans.append(plan)
+    p, s = step(p, s, b, plan=plan)
+  return p, s, plans, plan_of, step
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_planned_equals_unplanned_with_few_plans_each_traced_once(name):
+  p0, s0, _, _, _ = _run(name, planned=False)
+  traces = collections.Counter()
+  p1, s1, plans, plan_of, step = _run(name, planned=True, traces=traces)
+  chex.assert_trees_all_close(p1, p0, rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(
+      jax.tree.map(
+          lambda x: jax.random.key_data(x)
+          if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, s1,
+      ),
+      jax.tree.map(
+          lambda x: jax.random.key_data(x)
+          if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, s0,
+      ),
+      rtol=2e-5, atol=2e-6,
+  )
+  distinct = set(plans)
+  assert all(n == 1 for n in traces.values()), traces  # one trace per plan
+  assert set(traces) == distinct
+  if name in EXPECTED_PLANS:
+    assert len(distinct) == EXPECTED_PLANS[name], distinct
+  if name.startswith("layerwise_sam") and name != "layerwise_sam_fixed":
+    # One program per distinct selection, plus step 0 (every layer).
+    assert 2 <= len(distinct) <= 3, distinct
+  # No conditional in any planned program.
+  p = mlp_params()
+  _, tx = build(name)
+  s = tx.init(p)
+  b = _batches()[0]
+  for plan in distinct:
+    text = step.lower(p, s, b, plan=plan).as_text()
+    assert "stablehlo.case" not in text, (name, plan)
+  # Without a plan, a method with a decision keeps its lax.cond.
+  if len(distinct) > 1 and not name.startswith("layerwise"):
+    assert "stablehlo.case" in step.lower(p, s, b, plan=None).as_text()
+
+
+# Device reads per 1000 steps, as the README reports them.
+def _reads_per_1000(sam_tx, params):
+  tx = optax.chain(sam_tx, optax.sgd(0.1))
+  plan_of = sam_optax.planner(sam_tx)
+  s = tx.init(params)
+  b = tm.batches(n=1)[0]
+
+  @functools.partial(jax.jit, static_argnames="plan")
+  def step(p, s, plan=None):
+    g = jax.grad(mlp_loss)(p, b)
+    u, s = tx.update(g, s, p, batch=b, plan=plan)
+    return p, s  # params kept: only the plans are measured
+
+  for count in range(1000):
+    s = step(params, s, plan=plan_of(count, s))[1]
+  return plan_of.reads
+
+
+def test_planner_reads_the_device_only_where_it_must():
+  params = mlp_params()
+  count_only = [
+      sam_optax.sam(mlp_loss),
+      sam_optax.looksam(mlp_loss, k=5),
+      sam_optax.ssam_fisher(mlp_loss, num_samples=4, update_every=10),
+      sam_optax.ssam_dynamic(mlp_loss, update_every=10, total_steps=1000),
+      sam_optax.layerwise_sam(mlp_loss, layers=["l2"]),
+      sam_optax.sam(mlp_loss, optax.linear_schedule(0.0, 0.1, 100)),
+  ]
+  for tx in count_only:
+    assert _reads_per_1000(tx, params) == 0
+  # vSAM: once per window after warm-up (1000 - 100) / 50 = 18 windows.
+  assert _reads_per_1000(sam_optax.vsam(mlp_loss), params) == 18
+  # A runtime selection: once per re-selection (steps 1, 11, 21, ...).
+  lw = sam_optax.layerwise_sam(mlp_loss, num_layers=1, select_every=10)
+  assert _reads_per_1000(lw, params) == 100
+
+
+def test_plans_agree_across_pmap_devices_and_match_one_device():
+  """Under pmap the planner reads device 0's copy of a replicated state;
+  the planned pmap run equals the single-device run and its plans."""
+  if jax.device_count() < tm.NDEV:
+    pytest.skip("needs 8 devices")
+  for name in ["vsam", "layerwise_sam", "ssam_fisher"]:
+    _, s_one, plans_one, _, _ = _run(name, planned=True)
+    ctor, kwargs = tm.METHODS[name]
+    sam_tx = optax.chain(
+        getattr(sam_optax, ctor)(mlp_loss, axis_name="d", **kwargs),
+        optax.sgd(0.05, momentum=0.9),
+    )
+    plan_of = sam_optax.planner(
+        getattr(sam_optax, ctor)(mlp_loss, axis_name="d", **kwargs)
+    )
+
+    @functools.partial(
+        jax.pmap, axis_name="d", static_broadcasted_argnums=(3,)
+    )
+    def pstep(p, s, b, plan, tx=sam_tx):
+      g = jax.lax.pmean(jax.grad(mlp_loss)(p, b), "d")
+      u, s = tx.update(g, s, p, batch=b, plan=plan)
+      return optax.apply_updates(p, u), s
+
+    params = mlp_params()
+    pp, ps = tm._rep(params), tm._rep(sam_tx.init(params))  # pylint: disable=protected-access
+    plans = []
+    for count, b in enumerate(_batches()):
+      plan = plan_of(count, ps)
+      plans.append(plan)
+      pp, ps = pstep(pp, ps, tm._shard(b), plan)  # pylint: disable=protected-access
+    tm.tree_rows_equal(ps)
+    assert plans == plans_one, name
+    st_one = sam_optax.stats(s_one)
+    st_dev = sam_optax.stats(jax.tree.map(lambda x: x[0], ps))
+    assert int(st_dev["grad_evals"]) == int(st_one["grad_evals"])
+
+
+def test_plans_under_sharded_jit_match_one_device():
+  if jax.device_count() < tm.NDEV:
+    pytest.skip("needs 8 devices")
+  mesh = Mesh(np.array(jax.devices()[:tm.NDEV]), ("d",))
+  for name in ["vsam", "layerwise_sam"]:
+    p_one, _, plans_one, _, _ = _run(name, planned=True)
+    sam_tx, tx = build(name)
+    plan_of = sam_optax.planner(sam_tx)
+
+    @functools.partial(jax.jit, static_argnames="plan")
+    def step(p, s, b, plan=None, tx=tx):
+      u, s = tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b, plan=plan)
+      return optax.apply_updates(p, u), s
+
+    p = jax.device_put(mlp_params(), NamedSharding(mesh, P()))
+    s = tx.init(p)
+    plans = []
+    for count, b in enumerate(_batches()):
+      plan = plan_of(count, s)
+      plans.append(plan)
+      p, s = step(p, s, jax.device_put(b, NamedSharding(mesh, P("d"))), plan)
+    assert plans == plans_one, name
+    chex.assert_trees_all_close(p, p_one, rtol=1e-4, atol=1e-5)
+
+
+def test_planner_errors():
+  with pytest.raises(ValueError, match="built by sam_optax"):
+    sam_optax.planner(optax.sgd(0.1))
+  sam_tx = sam_optax.looksam(mlp_loss, k=2)
+  plan_of = sam_optax.planner(sam_tx)
+  with pytest.raises(ValueError, match="holds no sam_optax state"):
+    plan_of(0, optax.sgd(0.1).init(mlp_params()))
+  two = optax.chain(sam_tx, sam_optax.vsam(mlp_loss))
+  with pytest.raises(ValueError, match="holds 2 sam_optax states"):
+    sam_optax.planner(sam_tx)(3, two.init(mlp_params()))
+  with pytest.raises(ValueError, match="count must be"):
+    plan_of(-1, sam_tx.init(mlp_params()))
+  p = mlp_params()
+  g = jax.grad(mlp_loss)(p, tm.batches(n=1)[0])
+  with pytest.raises(ValueError, match="plan must be None or"):
+    sam_tx.update(g, sam_tx.init(p), p, batch=tm.batches(n=1)[0], plan=(1,))
+  # The planner finds the state inside inject_hyperparams' wrapper too.
+  inj = optax.inject_hyperparams(sam_optax.looksam, static_args=("loss_fn", "k"))(
+      loss_fn=mlp_loss, rho=0.1, k=2
+  )
+  assert sam_optax.planner(sam_tx)(1, inj.init(p)).second is False
