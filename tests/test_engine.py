@@ -15,6 +15,7 @@ import pytest
 
 import sam_optax
 from sam_optax import parts
+from sam_optax._src.planner import find_state
 from tests.test_core import flat, grad_np, make_batch, mlp_loss, mlp_params, unflat
 
 
@@ -173,3 +174,66 @@ def test_clear_errors_for_aux_and_masked_nodes():
   )
   with pytest.raises(ValueError, match="optax.masked or optax.multi_transform"):
     masked.update(g, masked.init(p), p, batch=b)
+
+
+# --------------------------------------------------------------------------
+# A non-finite step leaves every part's state as it was.
+# --------------------------------------------------------------------------
+
+
+def _poisoned_loss(p, b):
+  """The transform's loss: NaN (and NaN gradients) when b[2] is set, which
+  the caller's clean gradient (plain mlp_loss on b[:2]) never sees."""
+  x, y, poison = b
+  return mlp_loss(p, (x, y)) * jnp.where(jnp.mean(poison) > 0, jnp.nan, 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("tests.test_matrix", fromlist=["METHODS"]).METHODS))
+def test_non_finite_step_leaves_part_states_unchanged(name):
+  from tests import test_matrix as tm  # pylint: disable=g-import-not-at-top
+
+  ctor, kwargs = tm.METHODS[name]
+  tx = getattr(sam_optax, ctor)(_poisoned_loss, **kwargs)
+  p = mlp_params()
+  s = tx.init(p)
+
+  @jax.jit
+  def step(s, x, y, poison, g_scale):
+    g = jax.grad(mlp_loss)(p, (x, y))
+    g = jax.tree.map(lambda a: a * g_scale, g)
+    return tx.update(g, s, p, batch=(x, y, poison))
+
+  def sam_parts(state):
+    st = find_state(state)
+    return (st.geometry, st.region, st.gate, st.combine), st
+
+  bs = tm.batches(n=8)
+  clean = jnp.zeros(tm.BATCH)
+  for b in bs[:3]:
+    _, s = step(s, *b, clean, 1.0)
+  nan_x = bs[3][0].at[0, 0].set(jnp.nan)
+  for kind, args in {
+      "gradient": (*bs[3], clean, jnp.inf),
+      "batch": (nan_x, bs[3][1], clean, 1.0),
+      "perturbed point": (*bs[3], jnp.ones(tm.BATCH), 1.0),
+  }.items():
+    out, s2 = step(s, *args)
+    before, st = sam_parts(s)
+    after, st2 = sam_parts(s2)
+    if kind == "perturbed point" and int(st2.grad_evals) == int(st.grad_evals):
+      continue  # a reuse step never evaluates the perturbed point
+    for a, c in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+      a = jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a
+      c = jax.random.key_data(c) if jnp.issubdtype(c.dtype, jax.dtypes.prng_key) else c
+      np.testing.assert_array_equal(a, c, err_msg=f"{name}: {kind}")
+    assert int(st2.count) == int(st.count) + 1
+    carried = name not in tm.FULL_OPTIMIZERS  # LightSAM: the update's own rule
+    if carried:
+      # The output carries the non-finite value (apply_if_finite sees it).
+      assert not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out)), kind
+  # Then the run goes on, finite.
+  _, s3 = step(s, *bs[4], clean, 1.0)
+  assert all(
+      bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(sam_parts(s3)[0])
+      if jnp.issubdtype(x.dtype, jnp.floating)
+  )

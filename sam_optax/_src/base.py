@@ -269,3 +269,13 @@ def tree_f32(tree: PyTree) -> PyTree:
 
 def zeros_like_f32(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), tree)
+
+
+def tree_all_finite(tree: PyTree) -> Array:
+  """True when every entry of every floating leaf is finite (bool scalar)."""
+  flags = [
+      jnp.all(jnp.isfinite(x))
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+  ]
+  return jnp.stack(flags).all() if flags else jnp.ones((), bool)

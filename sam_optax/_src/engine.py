@@ -520,17 +520,21 @@ class _Engine:
       ending = skipped(None)
     else:
       ending = jax.lax.cond(go, computed, skipped, None)
-    out, geometry_state, combine_state, gate_state, evals = ending
+    out, geometry_state, combine_state, gate_state, evals, finite = ending
     planned_after = None if plan is None else plan.gate_after
     gate_state = self.gate.after(step, gate_state, planned_after)
     out = self.finish_output(step, where, positive, out)
+    # A non-finite clean or second gradient leaves every part's state as it
+    # was (the output still carries it, for apply_if_finite and loss scalers).
+    parts = _keep_if(
+        finite & base.tree_all_finite(step.grads),
+        (geometry_state, region_state, gate_state, combine_state),
+        (state.geometry, state.region, state.gate, state.combine),
+    )
     new_state = SharpnessAwareState(
-        count=optax.safe_increment(state.count),
-        grad_evals=state.grad_evals + evals + region_evals,
-        geometry=geometry_state,
-        region=region_state,
-        gate=gate_state,
-        combine=combine_state,
+        optax.safe_increment(state.count),
+        state.grad_evals + evals + region_evals,
+        *parts,
     )
     return base.tree_cast_like(out, updates), new_state
 
@@ -582,7 +586,8 @@ class _Engine:
     return (positive if go is True else jnp.logical_and(go, positive)), new
 
   def branches(self, step, state, where, gate_state, go):
-    """The two ways a step ends: (out, geometry, combine, gate, evals)."""
+    """The two ways a step ends: (out, geometry, combine, gate, evals,
+    whether the second gradient is finite)."""
     nested = not isinstance(go, bool)  # the branch runs inside a lax.cond
 
     def computed(_):
@@ -591,12 +596,14 @@ class _Engine:
       out, combine_state = self.combine.computed(step, second, state.combine)
       new_gate = self.gate.observe(step, second, gate_state)
       one = jnp.ones((), jnp.int32)
-      return out, geometry_state, combine_state, new_gate, one
+      finite = base.tree_all_finite(second)
+      return out, geometry_state, combine_state, new_gate, one, finite
 
     def skipped(_):
       out, combine_state = self.combine.skipped(step, state.combine)
       zero = jnp.zeros((), jnp.int32)
-      return out, state.geometry, combine_state, gate_state, zero
+      finite = jnp.ones((), bool)
+      return out, state.geometry, combine_state, gate_state, zero, finite
 
     return computed, skipped
 
@@ -719,6 +726,11 @@ def sharpness_aware(
   )
   tx = optax.GradientTransformationExtraArgs(engine.init, engine.update)
   return attach_spec(tx, Spec(rho, static_rho, region, gate))
+
+
+def _keep_if(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """``new`` where ``ok``, else ``old`` (a select, no conditional)."""
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def _every_step() -> Gate:
