@@ -200,6 +200,8 @@ def layerwise_sam(
     select_every: int = 1,
     layers: Optional[LayerSpec] = None,
     group_fn: Optional[GroupFn] = None,
+    normalize: str = "selection",
+    second: str = "selected",
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
@@ -256,6 +258,15 @@ def layerwise_sam(
       with the list of valid ones. ``num_layers`` and ``select_every`` are
       then unused.
     group_fn: ``leaf_path -> layer_name``, replacing the default grouping.
+    normalize: ``"selection"`` (default): ``e`` normalised over the
+      selected layers (``‖e‖ = rho``); ``"global"``: over the whole
+      gradient, i.e. SAM's perturbation restricted to the selection
+      (``‖e‖ <= rho``; the same as scaling rho by the selection's share
+      ``‖g_S‖ / ‖g‖`` of the gradient norm).
+    second: ``"selected"`` (default): the second gradient is taken and
+      mixed in on the selected layers only, the others keep ``g`` exactly;
+      ``"all"``: on every layer (the penalty's full gradient; a full
+      backward pass, like GNP).
     has_aux, axis_name, eps: as in :func:`sam_optax.sam`. Under
       ``axis_name`` the layer norms come from the averaged gradient, so all
       devices select the same layers.
@@ -287,12 +298,13 @@ def layerwise_sam(
   num_layers = base.static_int("num_layers", num_layers, 1)
   select_every = base.static_int("select_every", select_every, 1)
   layers_lib.check_group_fn(group_fn)
+  choices = {"group_fn": group_fn, "normalize": normalize, "second": second}
   if layers is None:
     region = region_lib.top_layers(
-        num_layers, select_every=select_every, group_fn=group_fn
+        num_layers, select_every=select_every, **choices
     )
   else:
-    region = region_lib.fixed_layers(layers, group_fn=group_fn)
+    region = region_lib.fixed_layers(layers, **choices)
   return engine.sharpness_aware(
       loss_fn,
       rho,

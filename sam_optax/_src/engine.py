@@ -144,17 +144,26 @@ class Where:
       element-wise or per-leaf mask, usually kept in state).
     normalize: take perturbation norms over the mask only (layer-wise SAM)
       rather than over the whole gradient (Sparse SAM).
-    static: ``mask`` is a pytree of Python bools. Then the second gradient
-      differentiates only the selected leaves; the others enter ``loss_fn``
-      as the very same arrays.
+    clean_outside: leaves outside the mask get the clean gradient in the
+      output (layer-wise SAM) rather than the gradient at the perturbed
+      point (Sparse SAM).
   """
 
   mask: Optional[PyTree] = None
   normalize: bool = False
+  clean_outside: bool = False
 
   @property
   def static(self) -> bool:
+    """``mask`` is a pytree of Python bools, known at trace time."""
     return self.mask is not None and is_static_mask(self.mask)
+
+  @property
+  def partial(self) -> bool:
+    """Only the masked leaves need a second gradient (a static mask whose
+    outside gets the clean gradient): the others enter ``loss_fn`` as the
+    very same arrays and nothing below them is backpropagated."""
+    return self.static and self.clean_outside
 
   def restrict(self, tree: PyTree) -> PyTree:
     """``tree`` zeroed outside the mask."""
@@ -566,7 +575,15 @@ class _Engine:
       )
     else:
       mask, new, evals = self.region.select(step, state.region)
-    return Where(mask, self.region.normalize_over_region), new, evals
+    return (
+        Where(
+            mask,
+            self.region.normalize_over_region,
+            self.region.clean_outside,
+        ),
+        new,
+        evals,
+    )
 
   def run_gate(self, step, state, plan, positive):
     """(go: a Python bool or a traced boolean, the gate's new state)."""
@@ -610,14 +627,14 @@ class _Engine:
   def second_gradient(self, step: Step, e: PyTree, where: Where, nested: bool):
     """grad loss(w + e), averaged over devices, shaped like params.
 
-    With a static region only the selected leaves are differentiated; the
-    others are passed through as the very same arrays and their entry in
-    the result is the clean gradient.
+    When only the region's leaves are needed (``where.partial``) only they
+    are differentiated; the others are passed through as the very same
+    arrays and their entry in the result is the clean gradient.
     """
     # Inside a lax.cond XLA:CPU skips its convolution canonicalization;
     # canonical_conv.grad does it up front.
     grad = canonical_conv.grad if nested else jax.grad
-    if not where.static:
+    if not where.partial:
       perturbed = jax.tree.map(
           lambda w, d: w + d.astype(w.dtype), step.params, e
       )
@@ -642,7 +659,7 @@ class _Engine:
 
   def finish_output(self, step, where, positive, out):
     """Clean gradient outside the region (if asked) and at rho = 0."""
-    if self.region.clean_outside:
+    if where.clean_outside:
       out = where.outside(out, step.grads)
     if positive is False:
       return step.grads

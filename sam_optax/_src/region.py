@@ -74,9 +74,13 @@ class Everywhere(engine.Region):
 class FixedMask(engine.Region):
   """A mask given by the user.
 
-  A pytree of Python bools (one per leaf) is a static set of leaves: only they
-  are differentiated in the second evaluation. A pytree of boolean arrays
-  shaped like the params is an element-wise mask, kept in state.
+  A pytree of boolean arrays shaped like the params (or one bool array per
+  leaf) is an element-wise mask, kept in state (a copy of it). A pytree of
+  Python bools (one per leaf) is a static set of leaves: with
+  ``clean_outside=True`` only those leaves are differentiated in the second
+  evaluation (the others keep their clean gradient); with the default
+  ``clean_outside=False`` every leaf gets its gradient at the perturbed
+  point, as in Sparse SAM.
   """
 
   mask: Any = None
@@ -696,15 +700,41 @@ class TopLayers(engine.Region):
     return mask, self.next_state(step, state), jnp.zeros((), jnp.int32)
 
 
+NORMALIZE = ("selection", "global")
+SECOND = ("selected", "all")
+
+
+def _layer_flags(normalize: str, second: str) -> dict:
+  """The region flags of layer-wise SAM's two documented choices."""
+  base.check_choice("normalize", normalize, NORMALIZE)
+  base.check_choice("second", second, SECOND)
+  return {
+      "normalize_over_region": normalize == "selection",
+      "clean_outside": second == "selected",
+  }
+
+
 def fixed_layers(
-    layers: LayerSpec, *, group_fn: Optional[GroupFn] = None
+    layers: LayerSpec,
+    *,
+    group_fn: Optional[GroupFn] = None,
+    normalize: str = "selection",
+    second: str = "selected",
 ) -> FixedLayers:
-  """A fixed layer region (see :class:`FixedLayers`); paths checked at init."""
+  """A fixed layer region (see :class:`FixedLayers`); paths checked at init.
+
+  ``normalize``: the perturbation norm over the selection ("selection") or
+  over the whole gradient ("global"). ``second``: the second gradient is
+  used on the selected layers only ("selected"; the others keep the clean
+  gradient and are not differentiated) or on every layer ("all": a full
+  backward pass).
+  """
   layers_lib.check_group_fn(group_fn)
+  flags = _layer_flags(normalize, second)
   if isinstance(layers, str):
     layers = (layers,)
   if callable(layers):
-    return FixedLayers(layers=layers, group_fn=group_fn)
+    return FixedLayers(layers=layers, group_fn=group_fn, **flags)
   try:
     layers = tuple(layers)
   except TypeError:
@@ -716,7 +746,7 @@ def fixed_layers(
     )
   if not layers:
     raise ValueError("layers must name at least one layer; got an empty list")
-  return FixedLayers(layers=layers, group_fn=group_fn)
+  return FixedLayers(layers=layers, group_fn=group_fn, **flags)
 
 
 def top_layers(
@@ -724,11 +754,17 @@ def top_layers(
     *,
     select_every: int = 1,
     group_fn: Optional[GroupFn] = None,
+    normalize: str = "selection",
+    second: str = "selected",
 ) -> TopLayers:
-  """A runtime layer selection (see :class:`TopLayers`)."""
+  """A runtime layer selection (see :class:`TopLayers`); ``normalize`` and
+  ``second`` as in :func:`fixed_layers`."""
   num_layers = base.static_int("num_layers", num_layers, 1)
   select_every = base.static_int("select_every", select_every, 1)
   layers_lib.check_group_fn(group_fn)
   return TopLayers(
-      num_layers=num_layers, select_every=select_every, group_fn=group_fn
+      num_layers=num_layers,
+      select_every=select_every,
+      group_fn=group_fn,
+      **_layer_flags(normalize, second),
   )
