@@ -19,14 +19,16 @@ method, host copies of the replicated arrays) and ``OUT/<phase>_p<I>.json``
 (``sam_optax.stats`` after every step). Nothing happens at import (pytest
 imports this file when it collects doctests).
 
-Planned steps (``sam_optax.planner``) slot in at :func:`run_steps`: compute
-``plan = planner(state.opt_state)`` before each step and pass it to a step
-jitted with ``static_argnames="plan"``.
+``--planned`` plans every step on the host (``sam_optax.planner``,
+``plan = planner(count, opt_state)``), passes the plan to a step jitted with
+``static_argnames="plan"`` and logs it beside the stats, so the test can
+require identical plans in both processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -60,6 +62,9 @@ def parse(argv):
   p.add_argument("--perturbations", default="global,per-device",
                  help="comma-separated: global and/or per-device")
   p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--planned", action="store_true",
+                 help="plan every step on the host (sam_optax.planner) and "
+                 "log the plans")
   p.add_argument("--checkpoint-perturbations", default="global",
                  help="the runs that write a checkpoint in phase train")
   return p.parse_args(argv)
@@ -86,20 +91,50 @@ def setup(args):
         heartbeat_timeout_seconds=30,
         shutdown_timeout_seconds=30,
     )
+    _pin_gloo_to_loopback(jax)
   assert jax.process_count() == args.num_processes
   assert jax.device_count() == args.local_devices * args.num_processes
   return jax
 
 
+def _pin_gloo_to_loopback(jax):
+  """Gloo listens on the address the host name resolves to; make it
+  127.0.0.1 whatever the host name (jax has no public flag for it, so this
+  replaces the CPU backend factory before the backend starts, where this
+  jax version allows)."""
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+
+    collectives = _jax.make_gloo_tcp_collectives(
+        distributed_client=distributed.global_state.client,
+        hostname="127.0.0.1")
+    xla_bridge.register_backend_factory(
+        "cpu", lambda: xla_bridge.make_cpu_client(collectives=collectives),
+        priority=0, fail_quietly=False)
+  except (ImportError, AttributeError, TypeError) as e:
+    import socket  # pylint: disable=g-import-not-at-top
+
+    addr = socket.gethostbyname(socket.gethostname())
+    assert addr.startswith("127."), (
+        f"cannot pin gloo to loopback ({e!r}) and the host name resolves "
+        f"to {addr}")
+  del jax
+
+
 def main(argv=None):
   args = parse(argv)
   jax = setup(args)
+  import sam_optax  # pylint: disable=g-import-not-at-top
+
+  if args.planned and not hasattr(sam_optax, "planner"):
+    raise SystemExit("--planned: this sam_optax has no planner yet")
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  import sam_optax  # pylint: disable=g-import-not-at-top
   from experiments import checkpoints  # pylint: disable=g-import-not-at-top
   from experiments import parallel  # pylint: disable=g-import-not-at-top
 
@@ -130,25 +165,40 @@ def main(argv=None):
     return parallel.host_to_global({"x": x, "y": y}, shard)
 
   def make_step(tx, per_device):
-    def step(params, opt_state, batch):
+    """``step(params, opt_state, batch, plan) -> (params, opt_state)``; one
+    compiled program per distinct ``plan`` (None: the lax.cond path)."""
+
+    def body(params, opt_state, batch, plan):
       grads = jax.grad(loss_fn)(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
+      extra = {} if plan is None else {"plan": plan}
+      updates, opt_state = tx.update(grads, opt_state, params, batch=batch,
+                                     **extra)
       return optax.apply_updates(params, updates), opt_state
 
-    if per_device:
-      step = jax.shard_map(step, mesh=mesh,
+    def step(params, opt_state, batch, plan=None):
+      fn = functools.partial(body, plan=plan)
+      if per_device:
+        fn = jax.shard_map(fn, mesh=mesh,
                            in_specs=(P(), P(), P(parallel.AXIS)),
                            out_specs=(P(), P()), check_vma=False)
-    return jax.jit(step, donate_argnums=(0, 1), out_shardings=repl)
+      return fn(params, opt_state, batch)
+
+    return jax.jit(step, static_argnames="plan", donate_argnums=(0, 1),
+                   out_shardings=repl)
 
   def host_stats(opt_state):
     return {k: np.asarray(v).tolist()
             for k, v in sam_optax.stats(opt_state).items()}
 
-  def run_steps(step, params, opt_state, start, stop, log, on_step=None):
+  def run_steps(step, params, opt_state, start, stop, log, on_step=None,
+                planner=None):
     for i in range(start, stop):
-      params, opt_state = step(params, opt_state, batch_at(i))
-      log.append(host_stats(opt_state))
+      # Planned steps: the host's plan of step i, from the step count and
+      # replicated state, so every process computes the same one.
+      plan = None if planner is None else planner(i, opt_state)
+      params, opt_state = step(params, opt_state, batch_at(i), plan=plan)
+      log.append(host_stats(opt_state) | (
+          {} if plan is None else {"plan": repr(plan)}))
       if on_step is not None:
         on_step(i + 1, params, opt_state)
     return params, opt_state
@@ -163,8 +213,9 @@ def main(argv=None):
     per_device = pert == "per-device"
     axis = parallel.AXIS if per_device else None
     ctor = getattr(sam_optax, name)
-    tx = optax.chain(ctor(loss_fn, axis_name=axis, **METHODS[name]),
-                     optax.sgd(0.1, momentum=0.9))
+    sam_tx = ctor(loss_fn, axis_name=axis, **METHODS[name])
+    tx = optax.chain(sam_tx, optax.sgd(0.1, momentum=0.9))
+    planner = sam_optax.planner(sam_tx) if args.planned else None
     params = parallel.host_to_global(init_params(), repl)
     opt_state = jax.jit(tx.init, out_shardings=repl)(params)
     step = make_step(tx, per_device)
@@ -180,12 +231,12 @@ def main(argv=None):
 
     if args.phase == "train":
       params, opt_state = run_steps(step, params, opt_state, 0, STEPS, log,
-                                    save)
+                                    save, planner)
     else:
       back = checkpoints.restore(
           manager, CKPT, {"params": params, "opt_state": opt_state})
       params, opt_state = run_steps(step, back["params"], back["opt_state"],
-                                    CKPT, STEPS, log)
+                                    CKPT, STEPS, log, planner=planner)
     manager.close()
     finals[label] = {"params": params, "opt_state": opt_state}
     print(f"{label}: {time.perf_counter() - t_run:.1f}s", flush=True)

@@ -17,6 +17,8 @@ import time
 import numpy as np
 import pytest
 
+import sam_optax
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 TIMEOUT_S = 120
@@ -42,38 +44,50 @@ def _env():
   return env
 
 
-def _start(out, *args):
-  return subprocess.Popen(
-      [sys.executable, WORKER, "--out", str(out), *map(str, args)],
-      env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
+def _start(out, *args, planned=False):
+  """A worker with its output in a file beside its results."""
+  flags = ["--planned"] if planned else []
+  log = open(os.path.join(out, f"log_{time.monotonic_ns()}.txt"), "w+")
+  proc = subprocess.Popen(
+      [sys.executable, WORKER, "--out", str(out), *map(str, args), *flags],
+      env=_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+  proc.log = log
+  return proc
 
 
 def _wait_all(procs, deadline):
-  """Waits for every process until ``deadline``; kills all on a failure or
-  a timeout, and fails with their output."""
-  outputs = [""] * len(procs)
-  try:
-    for i, p in enumerate(procs):
-      outputs[i] = p.communicate(timeout=max(1.0, deadline - time.time()))[0]
-      if p.returncode != 0:
-        raise RuntimeError(f"worker {i} exited with {p.returncode}")
-  except (RuntimeError, subprocess.TimeoutExpired) as e:
+  """Waits until every process has exited; at the first failure, or at
+  ``deadline``, kills them all and fails with their output."""
+  failure = None
+  while failure is None and any(p.poll() is None for p in procs):
+    if any(p.returncode not in (None, 0) for p in procs):
+      failure = "a worker failed"
+    elif time.time() > deadline:
+      failure = f"timed out after {TIMEOUT_S} s"
+    else:
+      time.sleep(0.2)
+  if failure is None and any(p.returncode != 0 for p in procs):
+    failure = "a worker failed"
+  if failure is not None:
     for p in procs:
       if p.poll() is None:
         p.kill()
+        p.wait()
+    outputs = []
     for i, p in enumerate(procs):
-      if not outputs[i]:
-        outputs[i] = p.communicate()[0] or ""
-    pytest.fail(f"{e}\n" + "\n".join(
-        f"--- worker {i} ---\n{o[-3000:]}" for i, o in enumerate(outputs)))
+      p.log.seek(0)
+      outputs.append(f"--- worker {i} (exit {p.returncode}) ---\n"
+                     + p.log.read()[-3000:])
+    pytest.fail(failure + "\n" + "\n".join(outputs))
+  for p in procs:
+    p.log.close()
 
 
-def _pair(out, phase, *args):
+def _pair(out, phase, *args, planned=False):
   port = _free_port()
   return [_start(out, "--phase", phase, "--local-devices", 4,
                  "--num-processes", 2, "--process-id", i, "--port", port,
-                 *args)
+                 *args, planned=planned)
           for i in range(2)]
 
 
@@ -97,15 +111,26 @@ def _assert_stats_equal(a, b, exact_floats=True):
                                      err_msg=f"{run} step {step} {k}")
 
 
-def test_two_processes_match_one_process_and_resume_exactly(tmp_path):
+@pytest.mark.parametrize("planned", [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(
+        not hasattr(sam_optax, "planner"),
+        reason="planned steps (sam_optax.planner) not in this sam_optax yet")),
+])
+def test_two_processes_match_one_process_and_resume_exactly(tmp_path,
+                                                            planned):
+  # With planned=True every step's plan is logged beside the stats, so the
+  # checks below also require the same plans in both processes, the same as
+  # one process's, and the same after a restore.
   t0 = time.time()
   deadline = t0 + TIMEOUT_S
   single, multi = tmp_path / "single", tmp_path / "multi"
   single.mkdir()
   multi.mkdir()
   # The one-process reference runs beside the pair.
-  procs = [_start(single, "--phase", "train", "--local-devices", 8)]
-  procs += _pair(multi, "train")
+  procs = [_start(single, "--phase", "train", "--local-devices", 8,
+                  planned=planned)]
+  procs += _pair(multi, "train", planned=planned)
   _wait_all(procs, deadline)
   t1 = time.time()
   ref, ref_stats = _load(single, "train", 0)
@@ -137,7 +162,8 @@ def test_two_processes_match_one_process_and_resume_exactly(tmp_path):
   # A fresh pair restores step 3 from the checkpoint both processes wrote
   # (the global-perturbation runs) and continues: the same final state and
   # decisions as the unbroken run.
-  _wait_all(_pair(multi, "resume", "--perturbations", "global"), deadline)
+  _wait_all(_pair(multi, "resume", "--perturbations", "global",
+                 planned=planned), deadline)
   for pid, (full, full_stats) in enumerate([(p0, stats0), (p1, stats1)]):
     back, back_stats = _load(multi, "resume", pid)
     assert len(back_stats) == 5 and back.keys() <= full.keys()
