@@ -525,6 +525,17 @@ def test_batch_size_must_divide_over_the_devices():
     train.main(["--batch-size", "12", "--epochs", "1", "--no-progress"])
 
 
+def test_distributed_flags_go_together_and_default_to_one_process(
+    monkeypatch):
+  from experiments import parallel
+
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  assert parallel.maybe_initialize() is False  # nothing asks for it
+  with pytest.raises(ValueError, match="--coordinator-address, "
+                     "--num-processes and --process-id go together"):
+    parallel.maybe_initialize(coordinator_address="127.0.0.1:1234")
+
+
 def test_checkpoint_roundtrip_keeps_prng_keys(tmp_path):
   state = {"key": jax.random.key(3), "w": jnp.arange(3.0),
            "count": jnp.int32(4)}
