@@ -4,8 +4,9 @@
     python -m experiments.bench --model resnet18      # ResNet-18-sized, for GPUs
     python -m experiments.bench --methods sgd,sam,looksam --rounds 7
 
-Every method is a jitted train step (clean value-and-grad, the method's
-transform, SGD with momentum, apply) on one fixed synthetic batch. Rounds are
+Every method is the training code's jitted train step
+(``experiments/steps.py``: clean value-and-grad, the method's transform, SGD
+with momentum, apply) on one fixed synthetic batch. Rounds are
 interleaved (round r runs every method in turn), so drifts of the machine hit
 every method alike. Each step is timed alone (dispatch to
 ``block_until_ready``) and classified from ``sam_optax.stats`` by what it did:
@@ -19,6 +20,14 @@ step (what a run costs on average), and the median of each kind of step, all
 as ratios to SGD's median step; the share of steps with a second gradient;
 and the same for ``optax.contrib.sam`` (opaque mode) as an anchor row.
 Results are printed as a markdown table and written as JSON (``--json``).
+
+Data-parallel (``--devices N``): one mesh over N devices, the batch sharded,
+the state replicated; each method runs with per-device (``shard_map``,
+m-sharpness) and global (sharded ``jit``) perturbation, rows
+``name@perturbation``, ratios to the first SGD row on the same mesh::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+        python -m experiments.bench --devices 8 --methods sgd,sam
 """
 
 from __future__ import annotations
@@ -28,16 +37,19 @@ import json
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 import sam_optax
 from experiments import methods as methods_lib
 from experiments import models
+from experiments import parallel
+from experiments import steps as steps_lib
 
 ANCHOR = "optax_contrib_sam"
 
@@ -50,92 +62,109 @@ FIXED_LAYERS = {
 }
 
 
-def make_problem(model_name: str, batch_size: int, seed: int = 0):
-  """(params, loss_fn, batch) for the benchmark model on a synthetic batch."""
+class Problem(NamedTuple):
+  """The benchmark model on one synthetic batch."""
+
+  params: Any
+  batch_stats: Any
+  batch: dict  # {"image", "label"}
+  forward: Callable  # steps.make_forward
+  loss_fn: Callable  # the method's loss_fn (steps.method_loss_fn)
+  has_bn: bool
+
+
+def make_problem(model_name: str, batch_size: int, seed: int = 0) -> Problem:
+  """The benchmark model and a synthetic CIFAR-shaped batch, with the loss
+  and forward pass of the training code (``experiments/steps.py``)."""
   rng = np.random.default_rng(seed)
   if model_name == "small":
     model = models.SmallCNN(num_classes=10)
-    shape = (batch_size, 32, 32, 3)
   elif model_name == "resnet18":
     model = models.ResNet(num_classes=10)  # ResNet-18, CIFAR variant
-    shape = (batch_size, 32, 32, 3)
   else:
     raise ValueError(f"--model must be 'small' or 'resnet18', got {model_name!r}")
+  shape = (batch_size, 32, 32, 3)
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
   variables = model.init(jax.random.PRNGKey(seed), x[:2], train=False)
-  params = variables["params"]
-  extra = {k: v for k, v in variables.items() if k != "params"}
+  batch_stats = variables.get("batch_stats", {})
+  has_bn = bool(jax.tree.leaves(batch_stats))
+  forward = steps_lib.make_forward(model, 10, 0.0, has_bn)
+  return Problem(variables["params"], batch_stats, {"image": x, "label": y},
+                 forward, steps_lib.method_loss_fn(forward, has_bn), has_bn)
 
-  if extra:  # BatchNorm models: statistics through has_aux.
 
-    def loss_fn(p, batch):
-      logits, new_state = model.apply(
-          {"params": p, **batch["state"]}, batch["x"], train=True,
-          mutable=list(batch["state"]),
-      )
-      loss = optax.softmax_cross_entropy_with_integer_labels(
-          logits, batch["y"]
-      ).mean()
-      return loss, new_state
+def _with_batch(tx: optax.GradientTransformation, loss_fn, has_aux: bool):
+  """``optax.contrib.sam`` (opaque mode) reading ``batch=`` like ours: its
+  ``grad_fn`` is the gradient of ``loss_fn`` on that batch."""
 
-    batch = {"x": x, "y": y, "state": extra}
-    has_aux = True
-  else:
+  def update(updates, state, params=None, *, batch, **extra):
+    del extra
+    grad = jax.grad(loss_fn, has_aux=has_aux)
+    adv = lambda p, _: grad(p, batch)[0] if has_aux else grad(p, batch)  # noqa: E731
+    return tx.update(updates, state, params, grad_fn=adv)
 
-    def loss_fn(p, batch):
-      logits = model.apply({"params": p}, batch["x"], train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, batch["y"]
-      ).mean()
-
-    batch = {"x": x, "y": y}
-    has_aux = False
-  return params, loss_fn, batch, has_aux
+  return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def build_steps(
-    names: list[str], loss_fn: Callable, has_aux: bool, lr: float, steps_per_epoch: int,
-    total_steps: int, model_name: str = "small",
-) -> dict[str, Callable]:
-  """A jitted ``(params, opt_state, batch) -> (params, opt_state)`` per method."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
-  steps = {}
+    names: list[str], problem: Problem, lr: float, steps_per_epoch: int,
+    total_steps: int, model_name: str = "small", mesh=None,
+    perturbation: str = "global",
+) -> dict[str, tuple[Callable, Callable]]:
+  """``name -> (init, step)``: ``init(params) -> TrainState`` and a jitted
+  ``step(state, batch) -> (state, (loss, correct))``, the training code's
+  step (``experiments/steps.py``).
 
-  def make(tx, opaque=False):
-    def step(params, opt_state, batch):
-      _, grads = grad_fn(params, batch)
-      if opaque:
-        adv_grad = lambda p, _: jax.grad(loss_fn, has_aux=has_aux)(p, batch)[0] if has_aux else jax.grad(loss_fn)(p, batch)  # noqa: E731
-        updates, opt_state = tx.update(grads, opt_state, params, grad_fn=adv_grad)
-      else:
-        updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
-      return optax.apply_updates(params, updates), opt_state
-
-    return tx, jax.jit(step, donate_argnums=(0, 1))
-
+  With ``mesh`` the step is data-parallel over its ``data`` axis:
+  ``perturbation="per-device"`` runs it under ``shard_map`` (each device
+  perturbs with its shard's gradient), ``"global"`` under sharded ``jit``;
+  the state is replicated, the batch sharded.
+  """
+  per_device = mesh is not None and perturbation == "per-device"
+  axis = parallel.AXIS if per_device else None
+  has_aux = problem.has_bn
+  out = {}
   base = lambda: optax.sgd(lr, momentum=0.9)  # noqa: E731
   for name in names:
     if name == ANCHOR:
-      tx = optax.contrib.sam(
+      tx = _with_batch(optax.contrib.sam(
           base(),
           optax.chain(optax.contrib.normalize(), optax.sgd(0.05)),
           sync_period=2,
           opaque_mode=True,
-      )
-      steps[name] = make(tx, opaque=True)
+          batch_axis_name=axis,
+      ), problem.loss_fn, has_aux)
     else:
       overrides = {}
       if name == "layerwise_sam_fixed":
         overrides["layers"] = FIXED_LAYERS[model_name]
       if name == "ssam_fisher" and has_aux:  # model state is not per example
-        overrides["batch_axes"] = {"x": 0, "y": 0, "state": None}
+        overrides["batch_axes"] = {"image": 0, "label": 0, "batch_stats": None}
       tx = methods_lib.build(
-          name, loss_fn, base(), steps_per_epoch=steps_per_epoch,
-          total_steps=total_steps, has_aux=has_aux, overrides=overrides,
+          name, problem.loss_fn, base(), steps_per_epoch=steps_per_epoch,
+          total_steps=total_steps, has_aux=has_aux, axis_name=axis,
+          overrides=overrides,
       )
-      steps[name] = make(tx)
-  return steps
+    step = steps_lib.make_train_step(
+        problem.forward, tx, problem.has_bn, axis_name=axis,
+        reduce_grads=name == "sgd",
+    )
+    if per_device:
+      step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.AXIS)),
+                           out_specs=(P(), P()), check_vma=False)
+    shardings = {}
+    if mesh is not None:
+      shardings["out_shardings"] = parallel.replicated(mesh)
+
+    def init(params, tx=tx):
+      state = steps_lib.TrainState(params, problem.batch_stats, tx.init(params))
+      if mesh is not None:
+        state = jax.device_put(state, parallel.replicated(mesh))
+      return state
+
+    out[name] = (init, jax.jit(step, donate_argnums=0, **shardings))
+  return out
 
 
 def _snapshot(opt_state) -> dict[str, float]:
@@ -149,7 +178,7 @@ def _snapshot(opt_state) -> dict[str, float]:
 
 
 def _kind(name: str, before: dict, after: dict) -> str:
-  if name == ANCHOR:  # optax.contrib.sam computes its second gradient every step
+  if name.split("@")[0] == ANCHOR:  # optax.contrib.sam computes its second gradient every step
     return "second"
   if any(
       k.endswith("_refreshes") and after.get(k, 0) > before.get(k, 0)
@@ -163,41 +192,52 @@ def _kind(name: str, before: dict, after: dict) -> str:
 
 
 def run(args) -> dict[str, Any]:
-  names = args.methods
-  params0, loss_fn, batch, has_aux = make_problem(args.model, args.batch_size)
+  problem = make_problem(args.model, args.batch_size)
   total = args.warmup + args.rounds * args.steps
-  steps = build_steps(
-      names, loss_fn, has_aux, args.lr, args.steps_per_epoch, total, args.model
-  )
+  batch = problem.batch
+  mesh = None
+  steps: dict[str, tuple[Callable, Callable]] = {}
+  if args.devices:
+    mesh = parallel.make_mesh(jax.devices()[: args.devices])
+    parallel.check_batch_size(args.batch_size, mesh)
+    batch = jax.device_put(batch, parallel.sharded(mesh))
+    for pert in args.perturbation:
+      built = build_steps(args.methods, problem, args.lr, args.steps_per_epoch,
+                          total, args.model, mesh=mesh, perturbation=pert)
+      steps.update({f"{n}@{pert}": v for n, v in built.items()})
+  else:
+    steps = build_steps(args.methods, problem, args.lr, args.steps_per_epoch,
+                        total, args.model)
+  names = list(steps)
+  reference = names[0]  # SGD (of the first perturbation on a mesh)
   copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731
 
   carry, times, kinds = {}, {n: [] for n in names}, {n: [] for n in names}
   compile_s = {}
   for name in names:
-    tx, step = steps[name]
-    p = copy(params0)
-    s = tx.init(p)
+    init, step = steps[name]
+    s = init(copy(problem.params))
     t0 = time.perf_counter()
     for _ in range(max(args.warmup, 1)):  # compile, and leave warm-up behind
-      p, s = step(p, s, batch)
-    jax.block_until_ready(p)
+      s, _ = step(s, batch)
+    jax.block_until_ready(s)
     compile_s[name] = time.perf_counter() - t0
-    carry[name] = (p, s)
+    carry[name] = s
 
   for _ in range(args.rounds):
     for name in names:
       _, step = steps[name]
-      p, s = carry[name]
+      s = carry[name]
       for _ in range(args.steps):
-        before = _snapshot(s)
+        before = _snapshot(s.opt_state)
         t0 = time.perf_counter()
-        p, s = step(p, s, batch)
-        jax.block_until_ready((p, s))
+        s, _ = step(s, batch)
+        jax.block_until_ready(s)
         times[name].append(time.perf_counter() - t0)
-        kinds[name].append(_kind(name, before, _snapshot(s)))
-      carry[name] = (p, s)
+        kinds[name].append(_kind(name, before, _snapshot(s.opt_state)))
+      carry[name] = s
 
-  sgd_med = statistics.median(times["sgd"])
+  sgd_med = statistics.median(times[reference])
   rows = {}
   for name in names:
     t = np.asarray(times[name])
@@ -209,7 +249,7 @@ def run(args) -> dict[str, Any]:
         "steps": int(t.size),
         "second_share": float(np.mean((k == "second") | (k == "refresh"))),
         "compile_s": compile_s[name],
-        "final_stats": _snapshot(carry[name][1]),
+        "final_stats": _snapshot(carry[name].opt_state),
     }
     for kind in ("second", "skip", "refresh"):
       sel = t[k == kind]
@@ -221,6 +261,7 @@ def run(args) -> dict[str, Any]:
           "model": args.model, "batch_size": args.batch_size, "rounds": args.rounds,
           "steps_per_round": args.steps, "warmup": args.warmup,
           "steps_per_epoch": args.steps_per_epoch,
+          "devices": args.devices or 1, "reference": reference,
           "device": str(jax.devices()[0]), "backend": jax.default_backend(),
           "machine": platform.machine(), "jax": jax.__version__, "optax": optax.__version__,
       },
@@ -268,6 +309,17 @@ def parse_args(argv=None):
       help="sets mask refresh periods and warm-ups that are given in epochs",
   )
   ap.add_argument("--lr", type=float, default=0.01)
+  ap.add_argument(
+      "--devices", type=int, default=0,
+      help="data-parallel over the first N devices (one mesh, batch sharded, "
+      "state replicated); 0: one device, no mesh. For CPU devices set "
+      "XLA_FLAGS=--xla_force_host_platform_device_count=N",
+  )
+  ap.add_argument(
+      "--perturbation", default="per-device,global",
+      help="with --devices: comma-separated per-device and/or global; each "
+      "method gets a row per perturbation (name@perturbation)",
+  )
   ap.add_argument("--json", default="bench_out/bench.json")
   args = ap.parse_args(argv)
   if args.methods is None:
@@ -283,6 +335,13 @@ def parse_args(argv=None):
   if missing:
     ap.error(f"methods not in this sam_optax yet: {missing}")
   args.methods = names
+  args.perturbation = [x.strip() for x in args.perturbation.split(",")
+                       if x.strip()]
+  bad = [x for x in args.perturbation if x not in parallel.PERTURBATIONS]
+  if bad:
+    ap.error(f"--perturbation: unknown {bad}; known {parallel.PERTURBATIONS}")
+  if args.devices > jax.device_count():
+    ap.error(f"--devices {args.devices}: only {jax.device_count()} visible")
   return args
 
 

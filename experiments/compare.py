@@ -47,7 +47,9 @@ import numpy as np
 
 from experiments import methods as methods_lib
 from experiments import plots
-from experiments import train as train_lib
+from experiments import checkpoints
+from experiments import config as config_lib
+from experiments import trainer as trainer_lib
 
 #: The base settings of each protocol (command-line flags override them).
 PROTOCOLS = {
@@ -80,7 +82,7 @@ def parse_methods(text: Optional[str]) -> list[tuple[str, dict]]:
       if not out:
         raise ValueError(f"--methods: {item!r} comes before any method name")
       k, v = item.split("=", 1)
-      out[-1][1][k.strip()] = train_lib.parse_value(v.strip())
+      out[-1][1][k.strip()] = config_lib.parse_value(v.strip())
       continue
     name, _, first = item.partition(":")
     name = name.strip()
@@ -99,7 +101,7 @@ def parse_methods(text: Optional[str]) -> list[tuple[str, dict]]:
       k, sep, v = first.partition("=")
       if not sep:
         raise ValueError(f"--methods: expected key=value after {name}:")
-      args[k.strip()] = train_lib.parse_value(v.strip())
+      args[k.strip()] = config_lib.parse_value(v.strip())
     out.append((name, args))
   return out
 
@@ -280,7 +282,7 @@ def findings(rows: list[dict]) -> list[str]:
 def write_outputs(out: str, meta: dict, runs: list[dict], rows: list[dict],
                   done: bool = True) -> None:
   os.makedirs(out, exist_ok=True)
-  train_lib._write_json(  # pylint: disable=protected-access
+  checkpoints.write_json(
       os.path.join(out, "results.json"),
       dict(meta, complete=done, summary=rows, runs=runs),
   )
@@ -336,7 +338,7 @@ def plan(argv: list[str]):
       prog="python -m experiments.compare",
       description="Train SGD and every method with the same base settings.",
   )
-  train_lib.add_base_arguments(p)
+  config_lib.add_base_arguments(p)
   # Protocol-dependent defaults are filled in below.
   for action in p._actions:  # pylint: disable=protected-access
     if action.dest in ("dataset", "model", "epochs", "batch_size", "lr",
@@ -390,7 +392,7 @@ def plan(argv: list[str]):
 def main(argv: Optional[list[str]] = None) -> dict:
   argv = sys.argv[1:] if argv is None else list(argv)
   args, out, specs, labels = plan(argv)
-  base = train_lib.config_from_args(args)
+  base = config_lib.config_from_args(args)
   meta = {
       "command": "python -m experiments.compare"
                  + ("" if not argv else " " + shlex.join(argv)),
@@ -408,7 +410,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
   print(f"compare: {len(specs)} methods x {args.seeds} seeds -> {out}",
         flush=True)
   t_start = time.perf_counter()
-  trainers: dict[str, train_lib.Trainer] = {}
+  trainers: dict[str, trainer_lib.Trainer] = {}
   runs: list[dict] = []
   bar = None
   if not args.no_progress:
@@ -427,10 +429,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
       run = {"label": lab, "method": name, "method_args": margs, "seed": seed}
       try:
         if lab not in trainers:
-          cfg = train_lib.Config(**dict(
+          cfg = config_lib.Config(**dict(
               base.to_dict(), method=name, method_args=margs, seed=0
           ))
-          trainers[lab] = train_lib.Trainer(cfg)
+          trainers[lab] = trainer_lib.Trainer(cfg)
         res = trainers[lab].run(
             seed,
             log=(lambda s, lab=lab, seed=seed: print(f"[{lab} s{seed}] {s}"))

@@ -92,6 +92,8 @@ class ArrayDataset:
     train_clean_labels: the training labels before noise.
     test_images, test_labels: the test set.
     num_classes: number of classes.
+    label_noise, seed: the symmetric noise applied to the training labels
+      (:meth:`with_seed` draws it again for another seed).
   """
 
   name: str
@@ -101,6 +103,20 @@ class ArrayDataset:
   test_images: np.ndarray
   test_labels: np.ndarray
   num_classes: int
+  label_noise: float = 0.0
+  seed: int = 0
+
+  def with_seed(self, seed: int) -> "ArrayDataset":
+    """The same data with the label noise of ``seed`` (the split is fixed)."""
+    if seed == self.seed:
+      return self
+    return dataclasses.replace(
+        self,
+        seed=seed,
+        train_labels=symmetric_label_noise(
+            self.train_clean_labels, self.label_noise, self.num_classes, seed
+        ),
+    )
 
   @property
   def image_shape(self) -> tuple[int, ...]:
@@ -142,6 +158,8 @@ def load_digits(label_noise: float = 0.0, seed: int = 0) -> ArrayDataset:
       test_images=x_test,
       test_labels=y_test,
       num_classes=10,
+      label_noise=label_noise,
+      seed=seed,
   )
 
 
@@ -256,7 +274,16 @@ class TfdsDataset:
   image_size: int
   label_noise: float = 0.0
   seed: int = 0
-  _noisy: Optional[np.ndarray] = None
+  _noisy: Optional[np.ndarray] = dataclasses.field(
+      default=None, init=False, repr=False, compare=False
+  )
+
+  def with_seed(self, seed: int) -> "TfdsDataset":
+    """The same sources with the label noise of ``seed`` (drawn on first
+    use); ``self`` is left as it is."""
+    if seed == self.seed:
+      return self
+    return dataclasses.replace(self, seed=seed)
 
   @property
   def image_shape(self) -> tuple[int, ...]:

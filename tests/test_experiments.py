@@ -1,5 +1,6 @@
 """Tests of the experiments: data, models, training (+ resume), comparison."""
 
+import functools
 import json
 import os
 import subprocess
@@ -17,7 +18,11 @@ from experiments import compare
 from experiments import data
 from experiments import methods
 from experiments import models
+from experiments import checkpoints
+from experiments import config
+from experiments import steps
 from experiments import train
+from experiments import trainer
 
 TINY_CNN = ["--model-arg", "widths=(4, 8, 8)", "--model-arg", "hidden=16"]
 
@@ -271,19 +276,19 @@ def test_tiny_variants_run_and_update_batch_stats():
 
 def test_config_rejects_bad_values():
   with pytest.raises(ValueError, match="dataset must be one of"):
-    train.Config(dataset="mnist")
+    config.Config(dataset="mnist")
   with pytest.raises(ValueError, match="method must be one of"):
-    train.Config(method="adamw")
+    config.Config(method="adamw")
   with pytest.raises(ValueError, match="label_smoothing must be in"):
-    train.Config(label_smoothing=1.0)
+    config.Config(label_smoothing=1.0)
   with pytest.raises(ValueError, match="label_noise must be in"):
-    train.Config(label_noise=-0.1)
+    config.Config(label_noise=-0.1)
   with pytest.raises(ValueError, match="epochs must be >= 1"):
-    train.Config(epochs=0)
-  assert train.Config().model == "digits_cnn"
-  assert train.Config(dataset="cifar10").model == "resnet18"
-  assert train.Config().noise == 0.3
-  assert train.Config(dataset="cifar10").noise == 0.0
+    config.Config(epochs=0)
+  assert config.Config().model == "digits_cnn"
+  assert config.Config(dataset="cifar10").model == "resnet18"
+  assert config.Config().noise == 0.3
+  assert config.Config(dataset="cifar10").noise == 0.0
 
 
 def test_label_smoothing_cross_entropy():
@@ -295,7 +300,7 @@ def test_label_smoothing_cross_entropy():
   target[np.arange(2), labels] += 1 - s
   expected = -(target * logp).sum(1).mean()
   np.testing.assert_allclose(
-      train.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), k, s),
+      steps.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), k, s),
       expected, rtol=1e-6)
 
 
@@ -306,10 +311,10 @@ def _sgd_momentum_reference(w, g, lr, wd):
 
 def test_train_step_is_sam_then_weight_decay_then_sgd():
   ds = data.load_digits(0.3, seed=0)
-  cfg = train.Config(method="sam", method_args={"rho": 0.2}, epochs=2,
-                     lr=0.1, weight_decay=1e-2,
+  cfg = config.Config(method="sam", method_args={"rho": 0.2}, epochs=2,
+                     lr=0.1, weight_decay=1e-2, perturbation="global",
                      model_args={"widths": (4, 8, 8), "hidden": 16})
-  tr = train.Trainer(cfg, ds)
+  tr = trainer.Trainer(cfg, ds)
   state = tr.init_state(0)
   batch = {"image": jnp.asarray(ds.train_images[:32]),
            "label": jnp.asarray(ds.train_labels[:32])}
@@ -335,16 +340,17 @@ def test_train_step_is_sam_then_weight_decay_then_sgd():
   chex.assert_trees_all_close(new_state.params, expected, atol=1e-6)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
   assert int(correct) == int(expected_correct)
-  assert train.grad_evals(new_state.opt_state) == 1
+  assert steps.grad_evals(new_state.opt_state) == 1
 
 
 def test_batch_norm_goes_through_has_aux_with_clean_statistics():
   ds = data.load_digits(0.0, seed=0)
-  cfg = train.Config(method="sam", method_args={"rho": 0.5}, epochs=1,
+  cfg = config.Config(method="sam", method_args={"rho": 0.5}, epochs=1,
                      lr=0.1, weight_decay=0.0, momentum=0.0,
+                     perturbation="global",
                      model="resnet18",
                      model_args={"stage_sizes": (1,), "width": 4})
-  tr = train.Trainer(cfg, ds)
+  tr = trainer.Trainer(cfg, ds)
   assert tr.has_bn
   state = tr.init_state(0)
   batch = {"image": jnp.asarray(ds.train_images[:16]),
@@ -426,14 +432,118 @@ def test_train_cli_on_mock_cifar10_with_resume(tmp_path):
     assert resumed["final_test_acc"] == full["final_test_acc"]
 
 
+def test_epoch_cpu_time_on_streamed_data_is_the_epochs_own(monkeypatch):
+  # The CPU time of a streamed epoch is measured from the epoch's start (it
+  # was once measured from the last batch's correct count, a number that the
+  # loop reused as its start time: the process's whole CPU time came out).
+  import tensorflow_datasets as tfds
+
+  cfg = config.Config(dataset="cifar10", model="small_cnn", method="sgd",
+                      epochs=2, batch_size=8, augment=False,
+                      model_args={"widths": (4, 8, 8), "hidden": 16})
+  with tfds.testing.mock_data(num_examples=24):
+    tr = trainer.Trainer(cfg)
+    state = tr.init_state(0)
+    state, _ = tr.train_epoch(state, 0, 0)  # compiles
+    # A large process CPU clock makes a wrong start time obvious.
+    real = trainer.time.process_time
+    monkeypatch.setattr(trainer.time, "process_time", lambda: real() + 1e4)
+    before = trainer.time.process_time()
+    state, m = tr.train_epoch(state, 1, 0)
+    spent = trainer.time.process_time() - before
+  assert 0.0 <= m["epoch_cpu_s"] <= spent, (m["epoch_cpu_s"], spent)
+  assert 0.0 < m["epoch_s"]
+
+
+def test_datasets_redraw_label_noise_through_with_seed():
+  import tensorflow_datasets as tfds
+
+  ds = data.load_digits(0.3, seed=0)
+  again = ds.with_seed(1)
+  assert ds.seed == 0 and again.seed == 1 and ds.with_seed(0) is ds
+  np.testing.assert_array_equal(again.train_labels,
+                                data.load_digits(0.3, seed=1).train_labels)
+  assert not np.array_equal(again.train_labels, ds.train_labels)
+  with tfds.testing.mock_data(num_examples=40):
+    t0 = data.load("cifar10", label_noise=0.5, seed=0)
+    t1 = t0.with_seed(1)
+    first = lambda d: next(d.batches("train", 40, seed=0))["label"]  # noqa: E731
+    assert t0.seed == 0 and t1.seed == 1
+    assert not np.array_equal(first(t0), first(t1))
+    np.testing.assert_array_equal(
+        first(t1), first(data.load("cifar10", label_noise=0.5, seed=1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _few_steps(perturbation, devices, method="sam", n=3):
+  """The state after ``n`` steps on ``devices`` (a tuple; None: all)."""
+  ds = data.load_digits(0.3, seed=0)
+  cfg = config.Config(method=method, epochs=1, batch_size=32,
+                      perturbation=perturbation,
+                      model_args={"widths": (4, 8, 8), "hidden": 16})
+  tr = trainer.Trainer(cfg, ds, devices=devices)
+  state = tr.init_state(0)
+  step = jax.jit(tr.step_fn)
+  for i in range(n):
+    batch = tr.shard({"image": ds.train_images[32 * i:32 * (i + 1)],
+                      "label": ds.train_labels[32 * i:32 * (i + 1)]})
+    state, _ = step(state, batch)
+  return jax.device_get(state)
+
+
+def test_per_device_perturbation_on_one_device_is_the_global_step():
+  one = tuple(jax.devices()[:1])
+  per = _few_steps("per-device", one)
+  glob = _few_steps("global", one)
+  chex.assert_trees_all_close(per.params, glob.params, atol=1e-6, rtol=1e-6)
+  chex.assert_trees_all_close(per.opt_state, glob.opt_state, atol=1e-6,
+                              rtol=1e-6)
+
+
+def test_per_device_perturbation_on_eight_devices_is_m_sharpness():
+  # Eight devices: the global step equals the one-device step (the same
+  # whole-batch computation), the per-device one differs (each device
+  # perturbed with its own 4 examples' gradient), and every device holds
+  # the same replicated result.
+  assert jax.device_count() == 8
+  glob8 = _few_steps("global", None)
+  glob1 = _few_steps("global", tuple(jax.devices()[:1]))
+  per8 = _few_steps("per-device", None)
+  chex.assert_trees_all_close(glob8.params, glob1.params, atol=2e-5, rtol=1e-4)
+  diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(per8.params), jax.tree.leaves(glob8.params)))
+  assert diff > 1e-5
+  assert steps.grad_evals(per8.opt_state) == 3
+
+
+def test_batch_size_must_divide_over_the_devices():
+  cfg = config.Config(method="sam", batch_size=12)
+  with pytest.raises(ValueError, match="--batch-size 12 is not divisible by "
+                     "the 8 devices"):
+    trainer.Trainer(cfg)
+  with pytest.raises(SystemExit):
+    train.main(["--batch-size", "12", "--epochs", "1", "--no-progress"])
+
+
+def test_distributed_flags_go_together_and_default_to_one_process(
+    monkeypatch):
+  from experiments import parallel
+
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  assert parallel.maybe_initialize() is False  # nothing asks for it
+  with pytest.raises(ValueError, match="--coordinator-address, "
+                     "--num-processes and --process-id go together"):
+    parallel.maybe_initialize(coordinator_address="127.0.0.1:1234")
+
+
 def test_checkpoint_roundtrip_keeps_prng_keys(tmp_path):
   state = {"key": jax.random.key(3), "w": jnp.arange(3.0),
            "count": jnp.int32(4)}
-  manager = train._checkpoint_manager(str(tmp_path))
-  train._save(manager, 1, state)
+  manager = checkpoints.checkpoint_manager(str(tmp_path))
+  checkpoints.save(manager, 1, state)
   template = {"key": jax.random.key(0), "w": jnp.zeros(3),
               "count": jnp.int32(0)}
-  back = train._restore(manager, 1, template)
+  back = checkpoints.restore(manager, 1, template)
   np.testing.assert_array_equal(jax.random.key_data(back["key"]),
                                 jax.random.key_data(state["key"]))
   np.testing.assert_array_equal(back["w"], state["w"])

@@ -1,0 +1,476 @@
+"""The trainer: one configuration's compiled functions, run for any seed.
+
+What a run does: SGD with momentum (the base optimizer; a full optimizer
+such as LightSAM replaces it), a cosine learning-rate schedule with optional
+linear warm-up, weight decay added to the method's output gradient
+(``add_decayed_weights``), optional label smoothing; the method from the
+registry (``experiments/methods.py``) with its published defaults, which the
+config's ``method_args`` override.
+
+It runs data-parallel over every device it sees (``experiments/parallel.py``):
+one global mesh with the batch sharded over its ``data`` axis, parameters and
+optimizer state replicated; the step is per-device (m-sharpness, a
+``shard_map``) or global (sharded ``jit``) as ``Config.perturbation`` says.
+
+Data that fits in memory (the digits) lives on the devices and a whole epoch
+is one jitted ``lax.scan``; TFDS data is streamed with grain and each step is
+one jitted call. Wall-clock times exclude compilation, which is timed
+separately (``compile_s``), and evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from experiments import checkpoints
+from experiments import data as data_lib
+from experiments import methods as methods_lib
+from experiments import models as models_lib
+from experiments import parallel
+from experiments import steps as steps_lib
+from experiments.config import Config
+from experiments.steps import TrainState
+
+
+def make_schedule(cfg: Config, steps_per_epoch: int) -> optax.Schedule:
+  total = cfg.epochs * steps_per_epoch
+  warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+  if warmup > 0:
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, total)
+  return optax.cosine_decay_schedule(cfg.lr, total)
+
+
+def make_optimizer(
+    cfg: Config,
+    loss_fn: Callable,
+    has_aux: bool,
+    steps_per_epoch: int,
+    axis_name: Optional[str] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """The method from the registry over SGD-momentum with weight decay.
+
+  ``chain(method, add_decayed_weights(wd), sgd(cosine, momentum))``: weight
+  decay is added to the method's output gradient, as in the papers' code. A
+  full optimizer (LightSAM) gets ``add_decayed_weights`` before it and the
+  cosine schedule as its ``learning_rate`` unless its registry entry fixes
+  one. ``axis_name`` goes to the method (per-device perturbation).
+  """
+  schedule = make_schedule(cfg, steps_per_epoch)
+  total = cfg.epochs * steps_per_epoch
+  spec = methods_lib.METHODS[cfg.method]
+  overrides = dict(cfg.method_args)
+  base = optax.chain(
+      optax.add_decayed_weights(cfg.weight_decay),
+      optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov),
+  )
+  if spec.full_optimizer:
+    if "learning_rate" not in spec.defaults:
+      overrides.setdefault("learning_rate", schedule)
+  tx = methods_lib.build(
+      cfg.method,
+      loss_fn,
+      base,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=total,
+      has_aux=has_aux,
+      axis_name=axis_name,
+      overrides=overrides,
+  )
+  if spec.full_optimizer and cfg.weight_decay:
+    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+  return tx
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_init(model, image_shape: tuple[int, ...], mesh):
+  """One compiled initialisation per model and mesh (shared by every
+  method): ``seed -> (params, batch_stats)``, replicated."""
+
+  def init(seed):
+    return models_lib.init(model, _key(seed), image_shape)
+
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_eval(model, num_classes: int, has_bn: bool, mesh):
+  """One compiled evaluation per model and mesh (shared by every Trainer)."""
+  return jax.jit(steps_lib.make_eval_step(model, num_classes, has_bn),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def _key(seed) -> jax.Array:
+  """The run's PRNG key: parameters and shuffling. ``rbg`` (XLA's
+  RngBitGenerator) because XLA:CPU compiles it several times faster than
+  threefry; the methods' own draws use their own keys."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def _cached(factory, *args):
+  try:
+    return factory(*args)
+  except TypeError:  # a model with unhashable fields (lists)
+    return factory.__wrapped__(*args)
+
+
+class Trainer:
+  """Builds and compiles a configuration's functions once for every seed.
+
+  ``Trainer(cfg)`` holds the model, the optimizer, the mesh and the jitted
+  (and, on first use, AOT-compiled) epoch/step and evaluation functions.
+  Runs that differ only in ``seed`` reuse them: :meth:`run` takes the seed,
+  and the compiled executables see only new array values (no retracing).
+  This is how ``experiments.compare`` trains 3 seeds per method with one
+  compile.
+
+  ``devices`` (default: ``jax.devices()``, every device of every process)
+  spans the mesh; ``cfg.batch_size`` must be a multiple of their number.
+  """
+
+  def __init__(self, cfg: Config, dataset=None, *, devices=None):
+    self.cfg = cfg
+    self.dataset = dataset if dataset is not None else _load(cfg, cfg.seed)
+    ds = self.dataset
+    self.in_memory = isinstance(ds, data_lib.ArrayDataset)
+    self.mesh = parallel.make_mesh(devices)
+    parallel.check_batch_size(cfg.batch_size, self.mesh)
+    self.model = models_lib.create(cfg.model, ds.num_classes, **cfg.model_args)
+    abstract = jax.eval_shape(
+        lambda k: models_lib.init(self.model, k, ds.image_shape),
+        jax.random.key(0),
+    )
+    self.has_bn = bool(jax.tree.leaves(abstract[1]))
+    self.steps_per_epoch = ds.num_train // cfg.batch_size
+    if self.steps_per_epoch < 1:
+      raise ValueError(
+          f"batch_size {cfg.batch_size} is larger than the training set "
+          f"({ds.num_train})"
+      )
+    self.total_steps = self.steps_per_epoch * cfg.epochs
+    self.forward = steps_lib.make_forward(
+        self.model, ds.num_classes, cfg.label_smoothing, self.has_bn
+    )
+    per_device = cfg.perturbation == "per-device"
+    axis = parallel.AXIS if per_device else None
+    self.tx = make_optimizer(
+        cfg,
+        steps_lib.method_loss_fn(self.forward, self.has_bn),
+        self.has_bn,
+        self.steps_per_epoch,
+        axis_name=axis,
+    )
+    body = steps_lib.make_train_step(
+        self.forward, self.tx, self.has_bn, axis_name=axis,
+        reduce_grads=methods_lib.METHODS[cfg.method].constructor is None,
+    )
+    if per_device:
+      body = jax.shard_map(
+          body, mesh=self.mesh, in_specs=(P(), P(parallel.AXIS)),
+          out_specs=(P(), P()), check_vma=False,
+      )
+    self.step_fn = body
+    self.eval_fn = _cached(
+        _jitted_eval, self.model, ds.num_classes, self.has_bn, self.mesh
+    )
+    self._compiled: Optional[Callable] = None
+    self.compile_s = 0.0
+    self.compile_cpu_s = 0.0
+
+  # -- placement ------------------------------------------------------------
+
+  def replicate(self, tree):
+    """Host data (the same in every process) -> replicated global arrays."""
+    return parallel.host_to_global(tree, parallel.replicated(self.mesh))
+
+  def shard(self, tree):
+    """A global batch (the same in every process) -> sharded over ``data``."""
+    return parallel.host_to_global(tree, parallel.sharded(self.mesh))
+
+  # -- state ----------------------------------------------------------------
+
+  def init_state(self, seed: int) -> TrainState:
+    """Fresh parameters and optimizer state for ``seed``, replicated."""
+    init = _cached(_jitted_init, self.model, self.dataset.image_shape,
+                   self.mesh)
+    params, batch_stats = init(self.replicate(np.uint32(seed)))
+    opt_state = jax.jit(
+        self.tx.init, out_shardings=parallel.replicated(self.mesh)
+    )(params)
+    return TrainState(params, batch_stats, opt_state)
+
+  # -- one epoch ------------------------------------------------------------
+
+  def _scan_epoch(self, state, images, labels, seed, epoch):
+    bs, spe = self.cfg.batch_size, self.steps_per_epoch
+    key = jax.random.fold_in(_key(seed), epoch)
+    perm = jax.random.permutation(key, images.shape[0])[: spe * bs]
+    perm = perm.reshape(spe, bs)
+    batch_sharding = parallel.sharded(self.mesh)
+
+    def body(st, idx):
+      batch = {"image": images[idx], "label": labels[idx]}
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+      return self.step_fn(st, batch)
+
+    state, (losses, correct) = jax.lax.scan(body, state, perm)
+    return state, jnp.mean(losses), jnp.sum(correct)
+
+  def _compile(self, *args):
+    t, c = time.perf_counter(), time.process_time()
+    fn = self._scan_epoch if self.in_memory else self.step_fn
+    self._compiled = jax.jit(
+        fn, donate_argnums=0, out_shardings=parallel.replicated(self.mesh)
+    ).lower(*args).compile()
+    self.compile_s = time.perf_counter() - t
+    self.compile_cpu_s = time.process_time() - c
+
+  def train_epoch(self, state, epoch: int, seed: int, arrays=None,
+                  progress: bool = False, dataset=None):
+    """One epoch; returns (state, metrics) with the epoch's wall time.
+
+    ``arrays``: the in-memory training set as replicated global arrays;
+    ``dataset``: the streamed dataset to read (default: ``self.dataset``).
+    """
+    cfg = self.cfg
+    n_images = self.steps_per_epoch * cfg.batch_size
+    if self.in_memory:
+      images, labels = arrays
+      seed_arr, epoch_arr = self.replicate((np.uint32(seed), np.uint32(epoch)))
+      if self._compiled is None:
+        self._compile(state, images, labels, seed_arr, epoch_arr)
+      t0, cpu0 = time.perf_counter(), time.process_time()
+      state, loss, correct = self._compiled(
+          state, images, labels, seed_arr, epoch_arr
+      )
+      loss, correct = float(loss), int(correct)  # blocks until done
+      elapsed = time.perf_counter() - t0
+      return state, {
+          "train_loss": loss,
+          "train_acc": correct / n_images,
+          "epoch_s": elapsed,
+          "epoch_cpu_s": time.process_time() - cpu0,
+          "images_per_s": n_images / elapsed,
+      }
+    augment = (
+        data_lib.Augment(cfg.padding, True, cfg.cutout) if cfg.augment else None
+    )
+    dataset = self.dataset if dataset is None else dataset
+    batches = dataset.batches(
+        "train", cfg.batch_size, epoch=epoch, seed=seed, augment=augment,
+        workers=cfg.workers,
+    )
+    # Wall time of the whole epoch, input pipeline included (steps are
+    # dispatched asynchronously), less the compilation on the first batch.
+    losses, counts, compile_s, compile_cpu_s = [], [], 0.0, 0.0
+    bar = _progress(self.steps_per_epoch, f"epoch {epoch + 1}", progress)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for i, batch in enumerate(batches):
+      if i >= self.steps_per_epoch:
+        break
+      batch = self.shard(batch)
+      if self._compiled is None:
+        self._compile(state, batch)
+        compile_s, compile_cpu_s = self.compile_s, self.compile_cpu_s
+      state, (loss, n_correct) = self._compiled(state, batch)
+      losses.append(loss)
+      counts.append(n_correct)
+      if bar is not None:
+        bar.update(1)
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - t0 - compile_s
+    cpu = time.process_time() - cpu0 - compile_cpu_s
+    if bar is not None:
+      bar.close()
+    return state, {
+        "train_loss": float(np.mean([float(x) for x in losses])),
+        "train_acc": sum(int(x) for x in counts) / n_images,
+        "epoch_s": elapsed,
+        "epoch_cpu_s": cpu,
+        "images_per_s": n_images / elapsed,
+    }
+
+  def evaluate(self, state: TrainState, test_arrays=None) -> dict:
+    """Test loss and accuracy (padding the last batch to a fixed shape).
+
+    ``test_arrays``: the in-memory test set as host arrays.
+    """
+    n_dev = self.mesh.size
+    bs = -(-max(self.cfg.batch_size, 256) // n_dev) * n_dev
+    if self.in_memory:
+      images, labels = test_arrays
+      chunks = (
+          (images[i : i + bs], labels[i : i + bs])
+          for i in range(0, images.shape[0], bs)
+      )
+    else:
+      chunks = (
+          (b["image"], b["label"])
+          for b in self.dataset.batches("test", bs, workers=self.cfg.workers)
+      )
+    total_loss, total_correct, n = 0.0, 0.0, 0
+    for x, y in chunks:
+      x, y = np.asarray(x), np.asarray(y)
+      k = x.shape[0]
+      w = np.zeros((bs,), np.float32)
+      w[:k] = 1.0
+      if k < bs:
+        x = np.concatenate([x, np.zeros((bs - k,) + x.shape[1:], x.dtype)])
+        y = np.concatenate([y, np.zeros((bs - k,), y.dtype)])
+      x, y, w = self.shard((x, y, w))
+      loss, correct = self.eval_fn(state.params, state.batch_stats, x, y, w)
+      total_loss += float(loss)
+      total_correct += float(correct)
+      n += k
+    return {"test_loss": total_loss / n, "test_acc": total_correct / n}
+
+  # -- a whole run ----------------------------------------------------------
+
+  def run(
+      self,
+      seed: Optional[int] = None,
+      *,
+      out: Optional[str] = None,
+      resume: bool = False,
+      log: Optional[Callable[[str], None]] = print,
+      progress: bool = True,
+      checkpoint_every: int = 1,
+      eval_every: int = 1,
+  ) -> dict:
+    """Trains ``cfg.epochs`` epochs for ``seed``; returns the results dict.
+
+    With ``out`` the results go to ``out/results.json`` (rewritten every
+    epoch, by process 0) and checkpoints to ``out/checkpoints`` every
+    ``checkpoint_every`` epochs (by every process); ``resume=True`` restarts
+    from the latest checkpoint there. Only process 0 logs.
+    """
+    cfg = self.cfg
+    seed = cfg.seed if seed is None else seed
+    lead = jax.process_index() == 0
+    log = log if lead else None
+    progress = progress and lead
+    ds = self.dataset
+    if seed != ds.seed and (cfg.noise > 0 or not self.in_memory):
+      ds = ds.with_seed(seed)  # the noisy labels depend on the seed
+    arrays = test_arrays = None
+    if self.in_memory:
+      arrays = self.replicate((ds.train_images, ds.train_labels))
+      test_arrays = (ds.test_images, ds.test_labels)
+
+    state = self.init_state(seed)
+    history: list[dict] = []
+    start = 0
+    manager = None
+    if out is not None:
+      os.makedirs(out, exist_ok=True)
+      manager = checkpoints.checkpoint_manager(os.path.join(out, "checkpoints"))
+      if resume and manager.latest_step() is not None:
+        start = int(manager.latest_step())
+        state = checkpoints.restore(manager, start, state)
+        history = checkpoints.load_history(out)[:start]
+        if log:
+          log(f"resumed from {out}/checkpoints at epoch {start}")
+
+    result = {
+        "config": dict(cfg.to_dict(), seed=seed),
+        "num_params": models_lib.num_params(state.params),
+        "steps_per_epoch": self.steps_per_epoch,
+        "devices": self.mesh.size,
+        "processes": jax.process_count(),
+        "history": history,
+    }
+    bar = _progress(cfg.epochs, cfg.method, progress and self.in_memory)
+    if bar is not None:
+      bar.update(start)
+    for epoch in range(start, cfg.epochs):
+      state, metrics = self.train_epoch(
+          state, epoch, seed, arrays, progress=progress, dataset=ds
+      )
+      last = epoch + 1 == cfg.epochs
+      if last or (epoch + 1) % eval_every == 0:
+        metrics.update(self.evaluate(state, test_arrays))
+      evals = steps_lib.grad_evals(state.opt_state)
+      steps = (epoch + 1) * self.steps_per_epoch
+      metrics.update(
+          epoch=epoch + 1,
+          steps=steps,
+          grad_evals=evals,
+          grads_per_step=1.0 + evals / steps,
+      )
+      history.append(metrics)
+      if log and bar is not None:
+        bar.write(format_metrics(metrics, cfg.epochs))  # above the bar
+      elif log:
+        log(format_metrics(metrics, cfg.epochs))
+      if bar is not None:
+        bar.set_postfix(test=f"{metrics.get('test_acc', float('nan')):.3f}")
+        bar.update(1)
+      if manager is not None and (last or (epoch + 1) % checkpoint_every == 0):
+        checkpoints.save(manager, epoch + 1, state)
+      result.update(_summary(history, self, state))
+      if out is not None and lead:
+        checkpoints.write_json(os.path.join(out, "results.json"), result)
+    if bar is not None:
+      bar.close()
+    if manager is not None:
+      manager.wait_until_finished()
+      manager.close()
+    result["state"] = state
+    return result
+
+
+def _summary(history: list[dict], trainer: Trainer, state: TrainState) -> dict:
+  last = history[-1]
+  return {
+      "final_test_acc": last.get("test_acc"),
+      "final_test_loss": last.get("test_loss"),
+      "final_train_acc": last["train_acc"],
+      "train_s": float(sum(h["epoch_s"] for h in history)),
+      "train_cpu_s": float(sum(h.get("epoch_cpu_s", 0.0) for h in history)),
+      "compile_s": trainer.compile_s,
+      "steps": last["steps"],
+      "grad_evals": last["grad_evals"],
+      "second_grads_per_step": last["grad_evals"] / last["steps"],
+      "grads_per_step": last["grads_per_step"],
+      "method_stats": steps_lib.scalar_stats(state.opt_state),
+  }
+
+
+def _load(cfg: Config, seed: int):
+  return data_lib.load(
+      cfg.dataset,
+      label_noise=cfg.noise,
+      seed=seed,
+      data_dir=cfg.data_dir,
+      image_size=cfg.image_size,
+  )
+
+
+def format_metrics(m: dict, epochs: int) -> str:
+  """One epoch's log line."""
+  test = (
+      f"  test loss {m['test_loss']:.4f} acc {100 * m['test_acc']:.2f}%"
+      if "test_acc" in m else ""
+  )
+  return (
+      f"epoch {m['epoch']:3d}/{epochs}  loss {m['train_loss']:.4f}  "
+      f"acc {100 * m['train_acc']:.2f}%{test}  "
+      f"{m['images_per_s']:.0f} img/s  grad_evals {m['grad_evals']} "
+      f"({m['grads_per_step']:.2f}/step)  {m['epoch_s']:.2f}s"
+  )
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+  return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
