@@ -54,6 +54,7 @@ def sam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv 2010.01412).
 
@@ -75,6 +76,12 @@ def sam(
       per-device gradient gives m-sharpness (the original SAM code), a
       ``pmean``-ed one gives the global SAM step.
     eps: guard added to ``‖g‖``.
+    trainable: the parameters the method applies to: None (all), a predicate
+      on the '/'-joined leaf path, or a pytree of Python bools like params.
+      Frozen leaves are not perturbed, not differentiated (no backward pass
+      below the lowest trainable layer) and not in any norm; their output is
+      the incoming gradient, for the base optimizer to freeze (README,
+      "Frozen parameters").
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; chain a base optimizer after
@@ -98,6 +105,7 @@ def sam(
       has_aux=has_aux,
       axis_name=axis_name,
       eps=eps,
+      trainable=trainable,
   )
 
 
@@ -109,6 +117,7 @@ def asam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM (Kwon et al., ICML 2021, arXiv 2102.11600).
 
@@ -125,7 +134,7 @@ def asam(
     loss_fn: ``loss_fn(params, batch)``.
     rho: radius, float or schedule.
     eta: offset that keeps zero weights perturbable; must be > 0.
-    has_aux, axis_name, eps: as in :func:`sam`.
+    has_aux, axis_name, eps, trainable: as in :func:`sam`.
 
   Example:
     >>> import jax.numpy as jnp, optax, sam_optax
@@ -140,6 +149,7 @@ def asam(
       has_aux=has_aux,
       axis_name=axis_name,
       eps=eps,
+      trainable=trainable,
   )
 
 
@@ -151,6 +161,7 @@ def gnp(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient-norm penalty, "generalized SAM" (Zhao, Zhang, Hu, ICML 2022,
   arXiv 2202.03599).
@@ -168,7 +179,7 @@ def gnp(
     loss_fn: ``loss_fn(params, batch)``.
     rho: finite-difference radius, float or schedule.
     alpha: mixing weight in [0, 1], float or schedule.
-    has_aux, axis_name, eps: as in :func:`sam`.
+    has_aux, axis_name, eps, trainable: as in :func:`sam`.
 
   Example:
     >>> import jax.numpy as jnp, optax, sam_optax
@@ -183,6 +194,7 @@ def gnp(
       has_aux=has_aux,
       axis_name=axis_name,
       eps=eps,
+      trainable=trainable,
   )
 
 
@@ -205,6 +217,7 @@ def layerwise_sam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Layer-wise SAM (Lee, KDD 2024, arXiv 2503.14205).
 
@@ -267,7 +280,7 @@ def layerwise_sam(
       mixed in on the selected layers only, the others keep ``g`` exactly;
       ``"all"``: on every layer (the penalty's full gradient; a full
       backward pass, like GNP).
-    has_aux, axis_name, eps: as in :func:`sam_optax.sam`. Under
+    has_aux, axis_name, eps, trainable: as in :func:`sam_optax.sam`. Under
       ``axis_name`` the layer norms come from the averaged gradient, so all
       devices select the same layers.
 
@@ -314,6 +327,7 @@ def layerwise_sam(
       has_aux=has_aux,
       axis_name=axis_name,
       eps=eps,
+      trainable=trainable,
   )
 
 
@@ -322,7 +336,9 @@ def layerwise_sam(
 # --------------------------------------------------------------------------
 
 
-def _ssam_engine(loss_fn, rho, region, skip, has_aux, axis_name, eps):
+def _ssam_engine(
+    loss_fn, rho, region, skip, has_aux, axis_name, eps, trainable
+):
   return engine.sharpness_aware(
       loss_fn,
       rho,
@@ -333,6 +349,7 @@ def _ssam_engine(loss_fn, rho, region, skip, has_aux, axis_name, eps):
       has_aux=has_aux,
       axis_name=axis_name,
       eps=eps,
+      trainable=trainable,
   )
 
 
@@ -348,6 +365,7 @@ def ssam_fisher(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sparse SAM with a Fisher mask, SSAM-F (Mi et al., NeurIPS 2022,
   arXiv 2210.05177).
@@ -391,7 +409,7 @@ def ssam_fisher(
     batch_axes: 0 when every batch leaf is batched on its leading axis
       (default); otherwise a prefix pytree of the batch with 0 (sliced) or
       None (passed whole: model state, a PRNG key) per leaf.
-    has_aux, axis_name, eps: as in :func:`sam`. Under ``axis_name`` the
+    has_aux, axis_name, eps, trainable: as in :func:`sam`. Under ``axis_name`` the
       examples are the first ``num_samples`` of the global batch, which is
       taken to be split contiguously over the axis (``pmap`` over a reshaped
       batch, ``shard_map`` with ``P(axis)``): each device computes the
@@ -429,6 +447,7 @@ def ssam_fisher(
       has_aux,
       axis_name,
       eps,
+      trainable,
   )
 
 
@@ -447,6 +466,7 @@ def ssam_dynamic(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sparse SAM with a dynamic mask, SSAM-D (Mi et al., NeurIPS 2022,
   arXiv 2210.05177).
@@ -498,7 +518,7 @@ def ssam_dynamic(
     seed: integer seed of the initial mask and the random choices.
     exact_count: keep exactly K entries (default) or follow the authors'
       rounding.
-    has_aux, axis_name, eps: as in :func:`sam`.
+    has_aux, axis_name, eps, trainable: as in :func:`sam`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -529,6 +549,7 @@ def ssam_dynamic(
       has_aux,
       axis_name,
       eps,
+      trainable,
   )
 
 
@@ -540,6 +561,7 @@ def ssam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sparse SAM with a fixed, user-given mask (Mi et al., arXiv 2210.05177).
 
@@ -559,7 +581,7 @@ def ssam(
     loss_fn: ``loss_fn(params, batch)``.
     rho: radius, float or schedule; default 0.05.
     mask: pytree of bools shaped like the params (keyword-only, required).
-    has_aux, axis_name, eps: as in :func:`sam`.
+    has_aux, axis_name, eps, trainable: as in :func:`sam`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -583,6 +605,7 @@ def ssam(
   return _ssam_engine(
       loss_fn, rho, region_lib.FixedMask(mask=arrays), skip, has_aux,
       axis_name, eps,
+      trainable,
   )
 
 
@@ -601,6 +624,7 @@ def looksam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM (Liu, Mai, Chen, Hsieh, You, CVPR 2022, arXiv 2203.02714).
 
@@ -638,6 +662,7 @@ def looksam(
       keeps the same state. The perturbation uses ``updates`` as passed
       (per-device: m-sharpness; ``pmean``-ed: global SAM).
     eps: guard added to every norm that divides.
+    trainable: as in :func:`sam`.
 
   ``sam_optax.stats`` reports ``count``, ``grad_evals`` and
   ``steps_since_sample``. Under ``optax.inject_hyperparams``, ``rho`` and
@@ -663,6 +688,7 @@ def looksam(
       has_aux=has_aux,
       axis_name=axis_name,
       eps=eps,
+      trainable=trainable,
   )
 
 
@@ -683,6 +709,7 @@ def vsam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""vSAM, variation-based sampling SAM (Deng, Pang, Zhang, Wang,
   arXiv 2403.08821).
@@ -763,6 +790,7 @@ def vsam(
       a replicated key, so every device takes the same decision and keeps
       the same state. The perturbation uses ``updates`` as passed.
     eps: guard added to every norm that divides.
+    trainable: as in :func:`sam`.
 
   ``sam_optax.stats`` reports ``count``, ``grad_evals``, ``sampling_rate``
   (probability of a sampled step at the last step: 1 in warm-up),
@@ -806,4 +834,5 @@ def vsam(
       has_aux=has_aux,
       axis_name=axis_name,
       eps=eps,
+      trainable=trainable,
   )

@@ -134,6 +134,13 @@ def apply_mask(tree: PyTree, mask: Optional[PyTree]) -> PyTree:
   return jax.tree.map(_mask_leaf, tree, mask)
 
 
+def _and_leaf(m: Any, t: bool) -> Any:
+  """A region mask leaf within a trainable flag (a Python bool)."""
+  if not t:
+    return False
+  return True if m is None else m
+
+
 @dataclasses.dataclass(frozen=True)
 class Where:
   """Where the perturbation applies this step.
@@ -141,47 +148,86 @@ class Where:
   Attributes:
     mask: None (everywhere), a pytree of Python bools (a static set of
       leaves, known at trace time) or a pytree of boolean arrays (an
-      element-wise or per-leaf mask, usually kept in state).
+      element-wise or per-leaf mask, usually kept in state); already
+      restricted to the trainable leaves.
     normalize: take perturbation norms over the mask only (layer-wise SAM)
-      rather than over the whole gradient (Sparse SAM).
+      rather than over the whole (trainable) gradient (Sparse SAM).
     clean_outside: leaves outside the mask get the clean gradient in the
       output (layer-wise SAM) rather than the gradient at the perturbed
       point (Sparse SAM).
+    trainable: None (every leaf), or a pytree of Python bools: frozen
+      leaves are never perturbed, never differentiated, excluded from every
+      norm, and get the clean gradient in the output.
   """
 
   mask: Optional[PyTree] = None
   normalize: bool = False
   clean_outside: bool = False
+  trainable: Optional[PyTree] = None
+
+  @classmethod
+  def make(cls, mask, normalize, clean_outside, trainable) -> "Where":
+    """The region's answer intersected with the trainable leaves."""
+    if trainable is not None:
+      if mask is None:
+        mask = trainable
+      else:
+        mask = jax.tree.map(
+            _and_leaf, mask, trainable, is_leaf=lambda x: x is None
+        )
+    return cls(mask, normalize, clean_outside, trainable)
 
   @property
   def static(self) -> bool:
     """``mask`` is a pytree of Python bools, known at trace time."""
     return self.mask is not None and is_static_mask(self.mask)
 
-  @property
-  def partial(self) -> bool:
-    """Only the masked leaves need a second gradient (a static mask whose
-    outside gets the clean gradient): the others enter ``loss_fn`` as the
-    very same arrays and nothing below them is backpropagated."""
-    return self.static and self.clean_outside
+  def differentiated(self) -> Optional[PyTree]:
+    """The static set of leaves the second gradient needs (None: all).
+
+    A static mask whose outside keeps the clean gradient needs only its own
+    leaves; otherwise every trainable leaf. The other leaves enter
+    ``loss_fn`` as the very same arrays, so nothing below them is
+    backpropagated.
+    """
+    if self.static and self.clean_outside:
+      return self.mask
+    return self.trainable
 
   def restrict(self, tree: PyTree) -> PyTree:
     """``tree`` zeroed outside the mask."""
     return apply_mask(tree, self.mask)
 
   def norm_domain(self, tree: PyTree) -> PyTree:
-    """What a perturbation norm is taken over: the region or everything."""
-    return self.restrict(tree) if self.normalize else tree
+    """What a perturbation norm is taken over: the region, or every
+    trainable leaf."""
+    return self.restrict(tree) if self.normalize else apply_mask(
+        tree, self.trainable
+    )
 
   def outside(self, inside: PyTree, outside: PyTree) -> PyTree:
     """``inside`` in the mask, ``outside`` elsewhere (leaf by leaf)."""
-    if self.mask is None:
-      return inside
-    if self.static:
-      return jax.tree.map(
-          lambda m, a, b: a if m else b, self.mask, inside, outside
-      )
-    return base.tree_where(self.mask, inside, outside)
+    return _select(self.mask, inside, outside)
+
+  def finish(self, out: PyTree, grads: PyTree) -> PyTree:
+    """The output: the clean gradient outside the region (if asked) and on
+    frozen leaves."""
+    if self.clean_outside:
+      out = self.outside(out, grads)
+    return _select(self.trainable, out, grads)
+
+
+def _select(mask: Optional[PyTree], a: PyTree, b: PyTree) -> PyTree:
+  """``a`` where ``mask`` (None: everywhere), else ``b``; bool leaves static."""
+  if mask is None:
+    return a
+
+  def leaf(m, x, y):
+    if isinstance(m, (bool, np.bool_)):
+      return x if m else y
+    return jnp.where(m, x, y)
+
+  return jax.tree.map(leaf, mask, a, b)
 
 
 # --------------------------------------------------------------------------
@@ -498,8 +544,10 @@ class _Engine:
   combine: Combine
   axis_name: Optional[str]
   eps: float
+  trainable: Any = None
 
   def init(self, params: PyTree) -> SharpnessAwareState:
+    trainable_mask(self.trainable, params)  # a mismatch fails here
     return SharpnessAwareState(
         count=jnp.zeros((), jnp.int32),
         grad_evals=jnp.zeros((), jnp.int32),
@@ -569,21 +617,28 @@ class _Engine:
     return step.rho > 0
 
   def run_region(self, step, state, plan):
+    """The region's choice, within the trainable leaves. The region sees
+    frozen leaves' gradients as zeros (a frozen layer ranks last)."""
+    trainable = trainable_mask(self.trainable, step.params)
+    if trainable is not None:
+      step = dataclasses.replace(
+          step,
+          updates=apply_mask(step.updates, trainable),
+          grads=apply_mask(step.grads, trainable),
+      )
     if plan is not None and plan.region is not None:
       mask, new, evals = self.region.select_planned(
           step, state.region, plan.region
       )
     else:
       mask, new, evals = self.region.select(step, state.region)
-    return (
-        Where(
-            mask,
-            self.region.normalize_over_region,
-            self.region.clean_outside,
-        ),
-        new,
-        evals,
+    where = Where.make(
+        mask,
+        self.region.normalize_over_region,
+        self.region.clean_outside,
+        trainable,
     )
+    return where, new, evals
 
   def run_gate(self, step, state, plan, positive):
     """(go: a Python bool or a traced boolean, the gate's new state)."""
@@ -627,21 +682,22 @@ class _Engine:
   def second_gradient(self, step: Step, e: PyTree, where: Where, nested: bool):
     """grad loss(w + e), averaged over devices, shaped like params.
 
-    When only the region's leaves are needed (``where.partial``) only they
-    are differentiated; the others are passed through as the very same
-    arrays and their entry in the result is the clean gradient.
+    Only the leaves ``where.differentiated()`` names are differentiated;
+    the others are passed through as the very same arrays and their entry
+    in the result is the clean gradient.
     """
     # Inside a lax.cond XLA:CPU skips its convolution canonicalization;
     # canonical_conv.grad does it up front.
     grad = canonical_conv.grad if nested else jax.grad
-    if not where.partial:
+    needed = where.differentiated()
+    if needed is None:
       perturbed = jax.tree.map(
           lambda w, d: w + d.astype(w.dtype), step.params, e
       )
       h = grad(lambda p: step.loss(p, step.batch))(perturbed)
       return base.pmean(h, self.axis_name)
     leaves, treedef = jax.tree.flatten(step.params)
-    chosen = [i for i, m in enumerate(treedef.flatten_up_to(where.mask)) if m]
+    chosen = [i for i, m in enumerate(treedef.flatten_up_to(needed)) if m]
     e_leaves = treedef.flatten_up_to(e)
 
     def partial_loss(selected):
@@ -659,8 +715,7 @@ class _Engine:
 
   def finish_output(self, step, where, positive, out):
     """Clean gradient outside the region (if asked) and at rho = 0."""
-    if where.clean_outside:
-      out = where.outside(out, step.grads)
+    out = where.finish(out, step.grads)
     if positive is False:
       return step.grads
     if positive is True:
@@ -681,6 +736,7 @@ def sharpness_aware(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The engine: a sharpness-aware gradient transformation from four parts.
 
@@ -699,6 +755,16 @@ def sharpness_aware(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     axis_name: the ``pmap`` / ``shard_map`` axis to average over, or None.
     eps: guard added to every norm that divides.
+    trainable: the parameters the method applies to (frozen ones: a
+      backbone, embeddings): None (all), a predicate on the '/'-joined leaf
+      path (``lambda p: p.startswith("head/")``), or a pytree of Python
+      bools with the structure of params. Frozen leaves are never perturbed
+      or differentiated (nothing below the lowest trainable layer is
+      backpropagated), are left out of every norm and of every mask or
+      layer ranking, and get the incoming gradient in the output: freeze
+      them in the base optimizer (e.g. ``optax.multi_transform`` with
+      ``optax.set_to_zero()`` chained after this transform). Use this
+      instead of wrapping the transform in ``optax.masked``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -739,10 +805,52 @@ def sharpness_aware(
   engine = _Engine(
       loss=_scalar_loss(loss_fn, has_aux), rho=rho, static_rho=static_rho,
       geometry=geometry, region=region, gate=gate, combine=combine,
-      axis_name=axis_name, eps=eps,
+      axis_name=axis_name, eps=eps, trainable=check_trainable(trainable),
   )
   tx = optax.GradientTransformationExtraArgs(engine.init, engine.update)
   return attach_spec(tx, Spec(rho, static_rho, region, gate))
+
+
+def check_trainable(trainable: Any) -> Any:
+  """Construction-time check of ``trainable`` (see :func:`sharpness_aware`)."""
+  if trainable is None or callable(trainable):
+    return trainable
+  bad = [x for x in jax.tree.leaves(trainable)
+         if not isinstance(x, (bool, np.bool_))]
+  if bad or not jax.tree.leaves(trainable):
+    raise ValueError(
+        "trainable must be None, a predicate on the '/'-joined leaf path, or "
+        "a pytree of Python bools with the structure of params (one per "
+        f"leaf); got {trainable!r}"
+    )
+  return trainable
+
+
+def trainable_mask(trainable: Any, params: PyTree) -> Optional[PyTree]:
+  """The trainable leaves as a pytree of Python bools (None: all of them)."""
+  if trainable is None:
+    return None
+  if callable(trainable):
+    paths = base.leaf_paths(params)
+    flags = []
+    for path in paths:
+      keep = trainable(path)
+      if not isinstance(keep, (bool, np.bool_)):
+        raise ValueError(
+            "trainable, as a predicate, must return a bool for every leaf "
+            f"path; got {keep!r} for {path!r}"
+        )
+      flags.append(bool(keep))
+    mask = jax.tree.unflatten(jax.tree.structure(params), flags)
+  else:
+    base.check_same_structure(trainable, params, "trainable", shapes=False)
+    mask = jax.tree.map(bool, trainable)
+  flags = jax.tree.leaves(mask)
+  if not any(flags):
+    raise ValueError(
+        f"trainable freezes every leaf of params {base.leaf_paths(params)}"
+    )
+  return None if all(flags) else mask
 
 
 def _keep_if(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:

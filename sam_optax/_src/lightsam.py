@@ -334,6 +334,7 @@ def lightsam(
     eps: float = DEFAULT_EPS,
     has_aux: bool = False,
     axis_name: Optional[str] = None,
+    trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LightSAM, parameter-agnostic SAM (Cheng, Shen, Sun, Yin, Cao, Chen,
   arXiv 2505.24399).
@@ -405,6 +406,10 @@ def lightsam(
       so all state stays identical on every device. The numerator of ``e``
       uses ``updates`` as passed: a per-device gradient gives m-sharpness,
       a ``pmean``-ed one the global step.
+    trainable: the parameters the ascent applies to, as in
+      :func:`sam_optax.sam`; the adaptive descent still updates every leaf
+      it receives (freeze leaves by chaining the optimizer inside
+      ``optax.multi_transform``, or by zeroing their gradients).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: ``update(grads, state,
@@ -430,7 +435,8 @@ def lightsam(
                                 low_open=True)
   geometry = adaptive_perturbation(variant, b1=b1, b2=b2, eps=eps)
   ascent = engine.sharpness_aware(
-      loss_fn, rho, geometry=geometry, has_aux=has_aux, axis_name=axis_name
+      loss_fn, rho, geometry=geometry, has_aux=has_aux, axis_name=axis_name,
+      trainable=trainable,
   )
   tx = optax.chain(
       ascent,
