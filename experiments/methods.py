@@ -1,9 +1,12 @@
 """The method registry shared by the benchmark, training and comparison.
 
-One entry per method: the sam_optax constructor, its defaults (from
-ALGORITHMS.md, the papers' or authors' code values), and the arguments that
-depend on the run's length (``steps_per_epoch``, ``total_steps``). ``build``
-turns an entry into a full optax optimizer over a base optimizer.
+One entry per method: the sam_optax constructor, its defaults (the papers'
+or the authors' code values, see each constructor's docstring), the
+arguments that depend on the run's length (``steps_per_epoch``,
+``total_steps``), and the short-run settings the test suite uses. ``build``
+turns an entry into a full optax optimizer over a base optimizer. This is the
+one method table: the benchmark, training, the comparison and the tests
+(``tests/helpers.py``) all read it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ class MethodSpec:
       depend on the run's length (mask refresh period, warm-up, ...).
     full_optimizer: the constructor returns the whole optimizer (LightSAM),
       so no base optimizer is chained after it.
+    short_run: the keyword arguments of the test suite's configuration: on
+      its tiny MLP (layers ``l1``, ``l2``) and 6-step runs of 32 examples,
+      they make every decision of the method happen (mask refreshes, reuse
+      steps, sampling windows, re-selections).
   """
 
   name: str
@@ -35,30 +42,45 @@ class MethodSpec:
   defaults: dict = dataclasses.field(default_factory=dict)
   run_args: Callable[[int, int], dict] = lambda spe, total: {}
   full_optimizer: bool = False
+  short_run: dict = dataclasses.field(default_factory=dict)
 
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in [
         MethodSpec("sgd", None),
-        MethodSpec("sam", "sam", {"rho": 0.05}),
-        MethodSpec("asam", "asam", {"rho": 0.5, "eta": 0.01}),
-        MethodSpec("gnp", "gnp", {"rho": 0.1, "alpha": 0.8}),
+        MethodSpec("sam", "sam", {"rho": 0.05}, short_run={"rho": 0.1}),
+        MethodSpec(
+            "asam", "asam", {"rho": 0.5, "eta": 0.01},
+            short_run={"rho": 0.5, "eta": 0.01},
+        ),
+        MethodSpec(
+            "gnp", "gnp", {"rho": 0.1, "alpha": 0.8},
+            short_run={"rho": 0.1, "alpha": 0.8},
+        ),
         MethodSpec(
             "layerwise_sam",
             "layerwise_sam",
             {"rho": 0.1, "alpha": 0.8, "num_layers": 2, "select_every": 1},
+            # 1 of the MLP's 2 layers, re-ranked every 2 steps
+            short_run={"rho": 0.1, "alpha": 0.8, "num_layers": 1,
+                       "select_every": 2},
         ),
         MethodSpec(  # the fast path: the benchmark CNN's two output layers
             "layerwise_sam_fixed",
             "layerwise_sam",
             {"rho": 0.1, "alpha": 0.8, "layers": ("fc", "head")},
+            # the static fast path: only the output layer is differentiated
+            short_run={"rho": 0.1, "alpha": 0.8, "layers": ("l2",)},
         ),
         MethodSpec(
             "ssam_fisher",
             "ssam_fisher",
             {"rho": 0.05, "sparsity": 0.5, "num_samples": 16},
             run_args=lambda spe, total: {"update_every": spe},
+            # Fisher of the first 8 examples, refreshed on steps 0, 2, 4
+            short_run={"rho": 0.05, "sparsity": 0.5, "num_samples": 8,
+                       "update_every": 2, "chunk_size": 4},
         ),
         MethodSpec(
             "ssam_dynamic",
@@ -68,13 +90,23 @@ METHODS: dict[str, MethodSpec] = {
                 "update_every": spe,
                 "total_steps": total,
             },
+            # random start, drop/grow on steps 2, 4
+            short_run={"rho": 0.05, "sparsity": 0.5, "update_every": 2,
+                       "total_steps": 6, "seed": 3},
         ),
-        MethodSpec("looksam", "looksam", {"rho": 0.1, "k": 5, "alpha": 0.7}),
+        MethodSpec(
+            "looksam", "looksam", {"rho": 0.1, "k": 5, "alpha": 0.7},
+            # SAM steps 0, 2, 4; reuse steps between
+            short_run={"rho": 0.1, "k": 2, "alpha": 0.7},
+        ),
         MethodSpec(
             "vsam",
             "vsam",
             {"rho": 0.05},
             run_args=lambda spe, total: {"warmup_steps": 3 * spe},
+            # 2 warm-up SAM steps, then windows of 4 with sampling and reuse
+            short_run={"rho": 0.05, "warmup_steps": 2, "window": 4,
+                       "blocks": 2, "max_reuse": 2},
         ),
         # LightSAM is a full optimizer (no base optimizer after it), so its
         # learning rate is part of its defaults; rho is the variant's default.
@@ -83,18 +115,21 @@ METHODS: dict[str, MethodSpec] = {
             "lightsam",
             {"variant": "adagrad_norm", "learning_rate": 1.0},
             full_optimizer=True,
+            short_run={"learning_rate": 0.05, "variant": "adagrad_norm"},
         ),
         MethodSpec(
             "lightsam_adagrad",
             "lightsam",
             {"variant": "adagrad", "learning_rate": 0.01},
             full_optimizer=True,
+            short_run={"learning_rate": 0.05, "variant": "adagrad"},
         ),
         MethodSpec(
             "lightsam_adam",
             "lightsam",
             {"variant": "adam", "learning_rate": 0.001},
             full_optimizer=True,
+            short_run={"learning_rate": 0.01, "variant": "adam"},
         ),
     ]
 }

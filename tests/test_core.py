@@ -10,84 +10,10 @@ import optax
 import pytest
 
 import sam_optax
-
-# --------------------------------------------------------------------------
-# A small MLP, its loss, and NumPy references of the three rules.
-# --------------------------------------------------------------------------
-
-
-def mlp_params(seed=0, din=5, hidden=7, dout=3):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  return {
-      "l1": {
-          "kernel": jax.random.normal(k1, (din, hidden)) * 0.5,
-          "bias": jnp.zeros(hidden),
-      },
-      "l2": {
-          "kernel": jax.random.normal(k2, (hidden, dout)) * 0.5,
-          "bias": jax.random.normal(k3, (dout,)) * 0.1,
-      },
-  }
-
-
-def mlp_loss(params, batch):
-  x, y = batch
-  h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"])
-  out = h @ params["l2"]["kernel"] + params["l2"]["bias"]
-  return jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
-
-
-def make_batch(seed=1, n=16, din=5, dout=3):
-  rng = np.random.default_rng(seed)
-  return (
-      jnp.asarray(rng.standard_normal((n, din)), jnp.float32),
-      jnp.asarray(rng.standard_normal((n, dout)), jnp.float32),
-  )
-
-
-def flat(tree):
-  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
-
-
-def unflat(vec, like):
-  leaves, treedef = jax.tree.flatten(like)
-  out, i = [], 0
-  for x in leaves:
-    out.append(jnp.asarray(vec[i:i + x.size].reshape(x.shape), jnp.float32))
-    i += x.size
-  return jax.tree.unflatten(treedef, out)
-
-
-def grad_np(params, batch):
-  return flat(jax.grad(mlp_loss)(params, batch))
-
-
-def ref_sam(params, batch, rho, eps=1e-12):
-  g = grad_np(params, batch)
-  e = rho * g / (np.linalg.norm(g) + eps)
-  return grad_np(unflat(flat(params) + e, params), batch)
-
-
-def ref_asam(params, batch, rho, eta, eps=1e-12):
-  g = grad_np(params, batch)
-  t = np.abs(flat(params)) + eta
-  e = rho * t * t * g / (np.linalg.norm(t * g) + eps)
-  return grad_np(unflat(flat(params) + e, params), batch)
-
-
-def ref_gnp(params, batch, rho, alpha):
-  g = grad_np(params, batch)
-  return (1 - alpha) * g + alpha * ref_sam(params, batch, rho)
-
-
-def one_update(tx, params, batch, jit=True):
-  g = jax.grad(mlp_loss)(params, batch)
-  state = tx.init(params)
-  fn = lambda g, s, p, b: tx.update(g, s, p, batch=b)  # noqa: E731
-  if jit:
-    fn = jax.jit(fn)
-  return fn(g, state, params, batch)
-
+from tests.helpers import (
+    flat, grad_np, make_batch, mlp_loss, mlp_params, one_update, ref_asam,
+    ref_gnp, ref_sam, unflat,
+)
 
 # --------------------------------------------------------------------------
 # Formulas.

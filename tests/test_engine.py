@@ -16,7 +16,7 @@ import pytest
 import sam_optax
 from sam_optax import parts
 from sam_optax._src.planner import find_state
-from tests.test_core import flat, grad_np, make_batch, mlp_loss, mlp_params, unflat
+from tests.helpers import flat, grad_np, make_batch, mlp_loss, mlp_params, unflat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,12 +188,11 @@ def _poisoned_loss(p, b):
   return mlp_loss(p, (x, y)) * jnp.where(jnp.mean(poison) > 0, jnp.nan, 1.0)
 
 
-@pytest.mark.parametrize("name", sorted(__import__("tests.test_matrix", fromlist=["METHODS"]).METHODS))
+@pytest.mark.parametrize("name", sorted(__import__("tests.helpers", fromlist=["METHODS"]).METHODS))
 def test_non_finite_step_leaves_part_states_unchanged(name):
-  from tests import test_matrix as tm  # pylint: disable=g-import-not-at-top
+  from tests import helpers as tm  # pylint: disable=g-import-not-at-top
 
-  ctor, kwargs = tm.METHODS[name]
-  tx = getattr(sam_optax, ctor)(_poisoned_loss, **kwargs)
+  tx = tm.sam_transform(name, loss=_poisoned_loss)
   p = mlp_params()
   s = tx.init(p)
 

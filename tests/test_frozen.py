@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import sam_optax
-from tests import test_matrix as tm
-from tests.test_core import flat, grad_np, make_batch, mlp_loss, mlp_params, unflat
+from tests import helpers as tm
+from tests.helpers import flat, grad_np, make_batch, mlp_loss, mlp_params, unflat
 
 HEAD_ONLY = {"l1": {"kernel": False, "bias": False},
              "l2": {"kernel": True, "bias": True}}
@@ -61,10 +61,7 @@ def test_no_backward_pass_into_the_frozen_backbone():
 
 @pytest.mark.parametrize("name", tm.ALL)
 def test_every_method_leaves_frozen_leaves_alone(name):
-  ctor, kwargs = tm.METHODS[name]
-  if name == "layerwise_sam_fixed":
-    kwargs = dict(kwargs, layers=("l2",))
-  tx = getattr(sam_optax, ctor)(mlp_loss, trainable=HEAD_ONLY, **kwargs)
+  tx = tm.sam_transform(name, trainable=HEAD_ONLY)
   p = mlp_params()
   s = tx.init(p)
   step = jax.jit(lambda g, s, b: tx.update(g, s, p, batch=b))

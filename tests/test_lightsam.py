@@ -5,7 +5,10 @@ update rules in float64 NumPy, with gradients from plain ``jax.grad`` of the
 loss at the points the rule names.
 """
 
+import functools
+
 import chex
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +18,7 @@ import pytest
 import sam_optax
 from sam_optax._src import engine
 from sam_optax._src import lightsam as lightsam_lib
+from tests import helpers
 
 VARIANTS = ("adagrad_norm", "adagrad", "adam")
 EPS = 1e-8
@@ -25,25 +29,11 @@ EPS = 1e-8
 # --------------------------------------------------------------------------
 
 
-def mlp_params(seed=0, din=3, hidden=5, dout=2):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  return {
-      "hidden": {
-          "kernel": jax.random.normal(k1, (din, hidden)) * 0.7,
-          "bias": jnp.zeros(hidden),
-      },
-      "out": {
-          "kernel": jax.random.normal(k2, (hidden, dout)) * 0.7,
-          "bias": jax.random.normal(k3, (dout,)) * 0.1,
-      },
-  }
-
-
-def mlp_loss(params, batch):
-  x, y = batch
-  h = jnp.tanh(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
-  out = h @ params["out"]["kernel"] + params["out"]["bias"]
-  return jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+mlp_params = functools.partial(
+    helpers.mlp_params, din=3, hidden=5, dout=2, scale=0.7,
+    names=("hidden", "out"),
+)
+mlp_loss = helpers.mlp_loss
 
 
 def make_batch(seed, n=8, din=3, dout=2):
@@ -51,19 +41,7 @@ def make_batch(seed, n=8, din=3, dout=2):
   return (jax.random.normal(kx, (n, din)), jax.random.normal(ky, (n, dout)))
 
 
-def flat(tree):
-  return np.concatenate(
-      [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)]
-  )
-
-
-def unflat(vec, like):
-  leaves, treedef = jax.tree.flatten(like)
-  out, i = [], 0
-  for x in leaves:
-    out.append(jnp.asarray(vec[i:i + x.size].reshape(x.shape), x.dtype))
-    i += x.size
-  return jax.tree.unflatten(treedef, out)
+flat, unflat = helpers.flat, helpers.unflat
 
 
 def grad64(w, like, batch):

@@ -29,103 +29,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sam_optax
-from tests.test_core import make_batch, mlp_loss, mlp_params
-
-NDEV = 8
-STEPS = 6
-BATCH = 32
-
-# name -> kwargs builder; every entry is a sam_optax constructor called as
-# ctor(mlp_loss, **kwargs, axis_name=...). Settings make a 6-step run refresh,
-# reuse and re-select.
-METHODS: dict[str, tuple[str, dict]] = {
-    "sam": ("sam", {"rho": 0.1}),
-    "asam": ("asam", {"rho": 0.5, "eta": 0.01}),
-    "gnp": ("gnp", {"rho": 0.1, "alpha": 0.8}),
-    # runtime selection of 1 of the MLP's 2 layers, re-chosen every 2 steps
-    "layerwise_sam": ("layerwise_sam", {"rho": 0.1, "alpha": 0.8, "num_layers": 1, "select_every": 2}),
-    # the static fast path: only the output layer is differentiated
-    "layerwise_sam_fixed": ("layerwise_sam", {"rho": 0.1, "alpha": 0.8, "layers": ("l2",)}),
-    # Fisher mask of the first 8 examples (of the global batch under pmap),
-    # refreshed on steps 0, 2, 4
-    "ssam_fisher": ("ssam_fisher", {"rho": 0.05, "sparsity": 0.5, "num_samples": 8, "update_every": 2, "chunk_size": 4}),
-    # random start, drop/grow on steps 2, 4
-    "ssam_dynamic": ("ssam_dynamic", {"rho": 0.05, "sparsity": 0.5, "update_every": 2, "total_steps": STEPS, "seed": 3}),
-    # a fixed element-wise mask given by the user
-    "ssam_mask": ("ssam", {"rho": 0.05, "mask": jax.tree.map(
-        lambda x: np.random.default_rng(x.size).random(x.shape) < 0.5, mlp_params())}),
-    # SAM steps 0, 2, 4; reuse steps between
-    "looksam": ("looksam", {"rho": 0.1, "k": 2, "alpha": 0.7}),
-    "looksam_per_leaf": ("looksam", {"rho": 0.1, "k": 2, "alpha": 0.7, "per_leaf": True}),
-    # 2 warm-up SAM steps, then windows of 4 with sampling and decayed reuse
-    "vsam": ("vsam", {"rho": 0.05, "warmup_steps": 2, "window": 4, "blocks": 2, "max_reuse": 2}),
-    "lightsam_adagrad_norm": ("lightsam", {"learning_rate": 0.05, "variant": "adagrad_norm"}),
-    "lightsam_adagrad": ("lightsam", {"learning_rate": 0.05, "variant": "adagrad"}),
-    "lightsam_adam": ("lightsam", {"learning_rate": 0.01, "variant": "adam"}),
-}
-# constructors that return the whole optimizer (no base optimizer after them)
-FULL_OPTIMIZERS = {"lightsam_adagrad_norm", "lightsam_adagrad", "lightsam_adam"}
-
-
-def build(name: str, *, axis_name=None, base=None, **over):
-  ctor, kwargs = METHODS[name]
-  kwargs = {**kwargs, **over}
-  tx = getattr(sam_optax, ctor)(mlp_loss, axis_name=axis_name, **kwargs)
-  if name in FULL_OPTIMIZERS:
-    return tx
-  return optax.chain(tx, base or optax.sgd(0.05, momentum=0.9))
-
-
-def batches(n=STEPS, size=BATCH, dtype=jnp.float32):
-  return [
-      jax.tree.map(lambda x: x.astype(dtype), make_batch(seed=100 + i, n=size))
-      for i in range(n)
-  ]
-
-
-def train_step(tx):
-  def step(p, s, b):
-    g = jax.grad(mlp_loss)(p, b)
-    u, s = tx.update(g, s, p, batch=b)
-    return optax.apply_updates(p, u), s
-
-  return step
-
-
-def run_single(name, bs, params=None, **over):
-  tx = build(name, **over)
-  p = mlp_params() if params is None else params
-  s = tx.init(p)
-  step = jax.jit(train_step(tx))
-  for b in bs:
-    p, s = step(p, s, b)
-  return p, s
-
-
-ALL = sorted(METHODS)
-
-
-def tree_rows_equal(tree):
-  """Every device's copy (leading axis) equals device 0's, bit for bit."""
-  for x in jax.tree.leaves(tree):
-    x = np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
-    assert all(np.array_equal(x[0], x[d]) for d in range(1, x.shape[0]))
-
-
-# --------------------------------------------------------------------------
-# Devices.
-# --------------------------------------------------------------------------
-
-needs8 = pytest.mark.skipif(jax.device_count() < NDEV, reason="needs 8 devices")
-
-
-def _shard(tree):
-  return jax.tree.map(lambda x: x.reshape((NDEV, -1) + x.shape[1:]), tree)
-
-
-def _rep(tree):
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (NDEV,) + x.shape), tree)
-
+from tests.helpers import (
+    ALL, BATCH, FULL_OPTIMIZERS, METHODS, NDEV, STEPS, batches, build,
+    make_batch, mlp_loss, mlp_params, needs8, ref_sam, replicate as _rep,
+    run_single, shard as _shard, train_step, tree_rows_equal, flat,
+)
 
 @needs8
 @pytest.mark.parametrize("name", ALL)
@@ -154,6 +62,29 @@ def test_pmap_matches_single_device_and_devices_agree(name):
   st1 = sam_optax.stats(s1)
   stp = sam_optax.stats(jax.tree.map(lambda x: x[0], ps))
   assert int(stp["grad_evals"]) == int(st1["grad_evals"])
+
+
+@needs8
+def test_pmap_per_device_gradient_is_m_sharpness():
+  """Per-device clean gradients as ``updates``: each device perturbs with
+  its own shard's gradient; the output is the mean of the per-shard SAM
+  gradients (the original SAM code's m-sharpness)."""
+  params, batch, rho = mlp_params(), make_batch(n=32), 0.1
+  tx = sam_optax.sam(mlp_loss, rho=rho, axis_name="d")
+
+  @functools.partial(jax.pmap, axis_name="d")
+  def pupdate(p, s, b):
+    g = jax.grad(mlp_loss)(p, b)  # per-device gradient: m-sharpness
+    return tx.update(g, s, p, batch=b)[0]
+
+  out = pupdate(_rep(params), _rep(tx.init(params)), _shard(batch))
+  shards = [jax.tree.map(lambda x: x[d * 4:(d + 1) * 4], batch)
+            for d in range(NDEV)]
+  expected = np.mean([ref_sam(params, b, rho) for b in shards], axis=0)
+  for d in range(NDEV):
+    np.testing.assert_allclose(
+        flat(jax.tree.map(lambda x: x[d], out)), expected, rtol=2e-5, atol=2e-6
+    )
 
 
 @needs8
@@ -369,7 +300,7 @@ import os, sys, json
 os.environ["XLA_FLAGS"] = ""
 sys.path.insert(0, {root!r})
 import jax, numpy as np, orbax.checkpoint as ocp
-from tests import test_matrix as tm
+from tests import helpers as tm
 out = {{}}
 for name in {names!r}:
     tx = tm.build(name)

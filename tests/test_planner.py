@@ -1,6 +1,6 @@
 """Planned steps: every method, planned against unplanned.
 
-For every row of the shared method table (``tests/test_matrix.py``) plus a
+For every row of the shared method table (``tests/helpers.py``) plus a
 radius schedule that reaches 0 and a parts combination (Fisher mask with
 vSAM sampling): N planned steps give the same parameters and state as N
 unplanned ones; no planned lowering holds a conditional (``stablehlo.case``);
@@ -24,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sam_optax
 from sam_optax import parts
-from tests import test_matrix as tm
-from tests.test_core import mlp_loss, mlp_params
+from tests import helpers as tm
+from tests.helpers import mlp_loss, mlp_params
 
 STEPS = 12  # vSAM (warm-up 2, window 4): warm-up, two and a half windows
 
@@ -55,7 +55,7 @@ EXTRA = {
 # Distinct plans over STEPS steps (the "handful" the README promises).
 EXPECTED_PLANS = {
     "sam": 1, "asam": 1, "gnp": 1, "layerwise_sam_fixed": 1, "ssam_mask": 1,
-    "lightsam_adagrad_norm": 1, "lightsam_adagrad": 1, "lightsam_adam": 1,
+    "lightsam": 1, "lightsam_adagrad": 1, "lightsam_adam": 1,
     "looksam": 2, "looksam_per_leaf": 2,  # SAM step, reuse step
     "ssam_fisher": 2, "ssam_dynamic": 2,  # refresh or not
     "vsam": 4,  # sampled or not x ends a window (draws the next) or not
@@ -68,8 +68,7 @@ def build(name):
   if name in EXTRA:
     sam_tx = EXTRA[name]()
     return sam_tx, optax.chain(sam_tx, optax.sgd(0.05, momentum=0.9))
-  ctor, kwargs = tm.METHODS[name]
-  sam_tx = getattr(sam_optax, ctor)(mlp_loss, **kwargs)
+  sam_tx = tm.sam_transform(name)
   if name in tm.FULL_OPTIMIZERS:
     return sam_tx, sam_tx
   return sam_tx, optax.chain(sam_tx, optax.sgd(0.05, momentum=0.9))
@@ -186,14 +185,8 @@ def test_plans_agree_across_pmap_devices_and_match_one_device():
     pytest.skip("needs 8 devices")
   for name in ["vsam", "layerwise_sam", "ssam_fisher"]:
     _, s_one, plans_one, _, _ = _run(name, planned=True)
-    ctor, kwargs = tm.METHODS[name]
-    sam_tx = optax.chain(
-        getattr(sam_optax, ctor)(mlp_loss, axis_name="d", **kwargs),
-        optax.sgd(0.05, momentum=0.9),
-    )
-    plan_of = sam_optax.planner(
-        getattr(sam_optax, ctor)(mlp_loss, axis_name="d", **kwargs)
-    )
+    plan_of = sam_optax.planner(tm.sam_transform(name, axis_name="d"))
+    sam_tx = tm.build(name, axis_name="d")
 
     @functools.partial(
         jax.pmap, axis_name="d", static_broadcasted_argnums=(3,)
@@ -204,12 +197,12 @@ def test_plans_agree_across_pmap_devices_and_match_one_device():
       return optax.apply_updates(p, u), s
 
     params = mlp_params()
-    pp, ps = tm._rep(params), tm._rep(sam_tx.init(params))  # pylint: disable=protected-access
+    pp, ps = tm.replicate(params), tm.replicate(sam_tx.init(params))
     plans = []
     for count, b in enumerate(_batches()):
       plan = plan_of(count, ps)
       plans.append(plan)
-      pp, ps = pstep(pp, ps, tm._shard(b), plan)  # pylint: disable=protected-access
+      pp, ps = pstep(pp, ps, tm.shard(b), plan)
     tm.tree_rows_equal(ps)
     assert plans == plans_one, name
     st_one = sam_optax.stats(s_one)

@@ -18,6 +18,7 @@ import pytest
 import sam_optax
 from sam_optax import parts
 from sam_optax._src import engine
+from tests import helpers
 
 EPS = 1e-12
 
@@ -26,34 +27,12 @@ EPS = 1e-12
 # --------------------------------------------------------------------------
 
 
-def mlp_params(seed=0, din=4, hidden=6, dout=3, dtype=jnp.float32):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  p = {
-      "dense1": {
-          "kernel": jax.random.normal(k1, (din, hidden)) * 0.6,
-          "bias": jnp.zeros(hidden),
-      },
-      "head": {
-          "kernel": jax.random.normal(k2, (hidden, dout)) * 0.6,
-          "bias": jax.random.normal(k3, (dout,)) * 0.1,
-      },
-  }
-  return jax.tree.map(lambda x: x.astype(dtype), p)
-
-
-def mlp_loss(params, batch):
-  x, y = batch
-  h = jnp.tanh(x @ params["dense1"]["kernel"] + params["dense1"]["bias"])
-  out = h @ params["head"]["kernel"] + params["head"]["bias"]
-  return jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
-
-
-def make_batch(seed, n=16, din=4, dout=3):
-  rng = np.random.default_rng(seed)
-  return (
-      jnp.asarray(rng.standard_normal((n, din)), jnp.float32),
-      jnp.asarray(rng.standard_normal((n, dout)), jnp.float32),
-  )
+mlp_params = functools.partial(
+    helpers.mlp_params, din=4, hidden=6, dout=3, scale=0.6,
+    names=("dense1", "head"),
+)
+mlp_loss = helpers.mlp_loss
+make_batch = functools.partial(helpers.make_batch, n=16, din=4, dout=3)
 
 
 BATCHES = [make_batch(s) for s in range(7)]
@@ -63,10 +42,7 @@ def batch_at(t):
   return BATCHES[t % len(BATCHES)]
 
 
-def flat(tree):
-  return np.concatenate(
-      [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)]
-  )
+flat = helpers.flat
 
 
 grad_fn = jax.jit(jax.grad(mlp_loss))
