@@ -68,8 +68,8 @@ def _safe_div(x: jax.Array, root: jax.Array) -> jax.Array:
   rule; it only keeps a coordinate that never saw a gradient finite once an
   exponential average (Adam, ``b2^t eps²``) underflows to zero.
   """
-  pos = root > 0
-  return jnp.where(pos, x / jnp.where(pos, root, 1.0), 0.0)
+  zero = root == 0  # only the exact zero: a NaN root must stay visible
+  return jnp.where(zero, 0.0, x / jnp.where(zero, 1.0, root))
 
 
 def _keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
