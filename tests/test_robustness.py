@@ -12,6 +12,7 @@ Tests that need an engine-side change (the lead's) are marked
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 
@@ -286,11 +287,18 @@ def test_lightsam_nan_at_the_perturbed_point_spares_the_descent():
       _assert_same_tree(new[1], st[1])
 
 
+@functools.lru_cache(maxsize=None)
+def _lightsam_jitted(variant):
+  """One transform and one compiled update per variant, shared by the runs
+  that are compared (the same program on both sides)."""
+  tx = sam_optax.lightsam(_trap_loss, 0.05, variant=variant)
+  return tx, jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
+
+
 def _lightsam_run_kw(variant, inject, k=2, steps=5):
   params = mlp_params()
-  tx = sam_optax.lightsam(_trap_loss, 0.05, variant=variant)
+  tx, upd = _lightsam_jitted(variant)
   st = tx.init(params)
-  upd = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
   for t in range(steps):
     xy = make_batch(seed=t)
     poison = 0.0
@@ -575,9 +583,10 @@ def test_multisteps_counts_micro_steps():
                    .gradient_transformation())
   params = mlp_params()
   st = tx.init(params)
+  update = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
   for t in range(6):
     batch = make_batch(seed=t)
-    u, st = tx.update(jax.grad(mlp_loss)(params, batch), st, params, batch=batch)
+    u, st = update(jax.grad(mlp_loss)(params, batch), st, params, batch)
     params = optax.apply_updates(params, u)
   s = sam_optax.stats(st)
   assert int(s["count"]) == 6            # micro-steps, not the 2 updates

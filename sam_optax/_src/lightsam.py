@@ -436,7 +436,10 @@ def lightsam(
   ``u, v`` start at ``eps²``, ``r, m`` at 0, no bias correction; there is no
   ``eps`` in the denominators (the only guard returns 0 where an accumulator
   is exactly 0, which the rule never reaches since it starts at ``eps² >
-  0``; see ``_safe_div_sqrt``). It is built as::
+  0``; see ``_safe_div``). The accumulators are stored as their roots,
+  grown with an overflow-safe ``hypot``, and a step whose clean or perturbed
+  gradient has a NaN or inf entry leaves them unchanged while its output
+  carries the non-finite value (module docstring). It is built as::
 
       optax.chain(sharpness_aware(loss_fn, rho, geometry=adaptive_perturbation(variant)),
                   <matching adaptive update>,      # scale_by_adagrad_norm, ...
