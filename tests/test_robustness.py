@@ -591,3 +591,27 @@ def test_multisteps_counts_micro_steps():
   s = sam_optax.stats(st)
   assert int(s["count"]) == 6            # micro-steps, not the 2 updates
   assert int(s["grad_evals"]) == 3       # every 2nd micro-step
+
+
+@pytest.mark.xfail(strict=False, reason=ENGINE + ": reuse.py OrthogonalReuse."
+                   "computed must use base.tree_projection_coef (‖g‖² of a 1e20 "
+                   "gradient is inf, so the reuse step is NaN)")
+def test_looksam_reuse_steps_with_huge_gradients():
+  """LookSAM on a cubic scaled by 1e20: outputs scale with the loss (a
+  loss whose perturbed gradient is not parallel to the clean one, so that
+  the stored orthogonal part is not rounding noise)."""
+  x = jnp.array([1.0, -2.0, 0.5])
+  outs = []
+  for scale in (1.0, 1e20):
+    def loss_fn(w, b, s=scale):
+      return s * (jnp.sum((w["w"] - b) ** 2) + jnp.sum(w["w"] ** 3))
+    tx = sam_optax.looksam(loss_fn, rho=0.1, k=2)
+    w = {"w": jnp.array([0.3, -0.1, 0.2])}
+    st = tx.init(w)
+    run = []
+    for _ in range(4):
+      u, st = tx.update(jax.grad(loss_fn)(w, x), st, w, batch=x)
+      run.append(np.asarray(u["w"], np.float64) / scale)
+    outs.append(np.stack(run))
+  assert np.all(np.isfinite(outs[1]))
+  np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-6)
