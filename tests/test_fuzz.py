@@ -329,4 +329,5 @@ def test_report_case_counts(capsys):
     for c, v in per_method.items():
       print(f"[fuzz]   {c}: {v}, recovered after the non-finite step: "
             f"{sum(RECOVERY[c])}/{len(RECOVERY[c])}")
-  assert total >= 15 * len(SPECS)
+  if total:  # the argument tests ran (not deselected with -k)
+    assert total >= 15 * len(SPECS)
