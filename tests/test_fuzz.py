@@ -147,7 +147,7 @@ def _step(tx):
 @pytest.mark.parametrize("ctor", sorted(SPECS))
 def test_constructor_arguments_fuzzed(ctor):
   @settings(
-      max_examples=20, deadline=None, derandomize=True,
+      max_examples=16, deadline=None, derandomize=True,
       suppress_health_check=list(HealthCheck),
   )
   @given(cases(ctor))
