@@ -268,11 +268,11 @@ def test_zero_gradient_and_underflowed_accumulator_stay_finite():
     geo = sam_optax.parts.adaptive_perturbation(variant)
     st = geo.init(params)
     # Exhausted accumulators (as after ~10^5 Adam steps on a dead unit).
-    st = st._replace(accumulator=jax.tree.map(jnp.zeros_like, st.accumulator))
+    st = st._replace(root_accumulator=jax.tree.map(jnp.zeros_like, st.root_accumulator))
     e, _ = _perturb(geo, st, zero, params)
     np.testing.assert_array_equal(e["w"], 0.0)
   upd = lightsam_lib.scale_by_adam_no_bias_correction()
-  st = upd.init(params)._replace(nu={"w": jnp.zeros(3)})
+  st = upd.init(params)._replace(nu_root={"w": jnp.zeros(3)})
   out, _ = upd.update(zero, st)
   np.testing.assert_array_equal(out["w"], 0.0)
 

@@ -31,13 +31,25 @@ DEFAULT_EPS = 1e-12
 
 
 def _concrete_float(value: Any) -> Optional[float]:
-  """The value as a Python float, or None when it is traced or a schedule."""
+  """The value as a Python float, or None when it is traced or a schedule.
+
+  Raises ValueError (the caller adds the argument's name) for what is not a
+  real number: a complex number, a string, None, a list.
+  """
   if callable(value) or isinstance(value, jax.core.Tracer):
     return None
   try:
     arr = np.asarray(value)
   except Exception:  # pylint: disable=broad-except
-    return None
+    raise ValueError(
+        f"expected a real number or a schedule, got {value!r}"
+    ) from None
+  if arr.dtype.kind == "c":
+    raise ValueError(f"expected a real number, got the complex {value!r}")
+  if arr.dtype.kind not in "biuf" and not jnp.issubdtype(arr.dtype, jnp.floating):
+    raise ValueError(
+        f"expected a real number or a schedule, got {value!r}"
+    )
   if arr.shape != ():
     raise ValueError(f"expected a scalar, got an array of shape {arr.shape}")
   return float(arr)
@@ -55,7 +67,10 @@ def check_range(
   """Raises ValueError naming ``name`` unless ``value`` lies in the range.
 
   The range is written the usual way in the message, e.g. ``rho must be in
-  [0, inf), got -1.0``. Traced values and schedules are accepted unchecked.
+  [0, inf), got -1.0``. The value must be finite: ``inf`` and ``nan`` are
+  outside every range (an unbounded side is written open). A complex number,
+  a string or None is refused naming ``name``. Traced values and schedules
+  are accepted unchecked.
   """
   try:
     v = _concrete_float(value)
@@ -63,13 +78,13 @@ def check_range(
     raise ValueError(f"{name}: {err}") from None
   if v is None:
     return
-  lo_s = "(" if low_open else "["
+  lo_s = "(" if low_open or low is None else "["
   hi_s = ")" if high_open or high is None else "]"
   rng = (
       f"{lo_s}{'-inf' if low is None else format(low, 'g')}, "
       f"{'inf' if high is None else format(high, 'g')}{hi_s}"
   )
-  ok = not np.isnan(v)
+  ok = bool(np.isfinite(v))
   if low is not None:
     ok &= v > low if low_open else v >= low
   if high is not None:
@@ -146,6 +161,89 @@ def check_scalar_or_schedule(
   check_range(name, value, low, **kw)
 
 
+#: Seeds are 32-bit: ``jax.random.PRNGKey`` takes an unsigned 32-bit integer.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(name: str, value: Any) -> Any:
+  """A random seed: an integer in [0, 2**32 - 1], checked at construction.
+
+  A traced value (``optax.inject_hyperparams``) passes unchecked; a concrete
+  JAX integer array is checked and returned as it is; a Python or NumPy
+  integer is returned as a Python int.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return value
+  if isinstance(value, jax.Array):
+    arr = np.asarray(value)
+    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.integer):
+      raise ValueError(
+          f"{name} must be an integer in [0, {SEED_MAX}], got an array "
+          f"of dtype {arr.dtype} and shape {arr.shape}"
+      )
+    check_int(name, int(arr), 0, SEED_MAX)
+    return value
+  if (
+      isinstance(value, (np.ndarray, np.generic))
+      and np.ndim(value) == 0
+      and np.issubdtype(np.asarray(value).dtype, np.integer)
+  ):
+    value = int(value)
+  return check_int(name, value, 0, SEED_MAX)
+
+
+def _leaf_dtype(x: Any) -> Any:
+  dtype = getattr(x, "dtype", None)
+  return np.dtype(dtype) if dtype is not None else np.result_type(x)
+
+
+def check_params(params: PyTree, name: str = "params") -> None:
+  """Raises ValueError naming the leaves of ``params`` that are not real floats.
+
+  Every leaf is perturbed and differentiated, so it must be a floating-point
+  array (float16, bfloat16, float32, float64). Refused, with the paths and
+  dtypes of the offending leaves:
+
+  - complex leaves: the perturbation geometry is real (a norm ball in
+    ``R^n``); keep a complex weight as two real leaves (real and imaginary
+    parts) and rebuild it inside ``loss_fn``;
+  - integer and boolean leaves (step counters, embeddings' index tables, the
+    gradient of ``jax.grad(..., allow_int=True)``): they cannot be
+    perturbed. Freeze them: keep them out of the params the optimizer sees
+    (put them in ``batch``, or split the model so that only float leaves are
+    trained).
+
+  Empty and zero-size leaves and ``None`` (no leaf) are fine.
+  """
+  complex_leaves, other_leaves = [], []
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    try:
+      dtype = _leaf_dtype(x)
+    except Exception:  # pylint: disable=broad-except
+      other_leaves.append(f"{path_str(path) or '<root>'} ({type(x).__name__})")
+      continue
+    where = f"{path_str(path) or '<root>'} ({dtype})"
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      complex_leaves.append(where)
+    elif not jnp.issubdtype(dtype, jnp.floating):
+      other_leaves.append(where)
+  if complex_leaves:
+    raise ValueError(
+        f"{name} has complex leaves, which sam_optax does not support (the "
+        f"perturbation is built in a real geometry): {complex_leaves}. Keep "
+        f"each complex weight as two real leaves (real and imaginary parts) "
+        f"and combine them inside loss_fn."
+    )
+  if other_leaves:
+    raise ValueError(
+        f"{name} has leaves that are not floating point: {other_leaves}. "
+        f"Integer and boolean leaves cannot be perturbed or differentiated: "
+        f"freeze them, i.e. keep them out of the params the optimizer sees "
+        f"(pass them in batch, or split the model so that only the float "
+        f"leaves are trained)."
+    )
+
+
 def resolve(value: ScalarOrSchedule, count: Array) -> Array:
   """The value of a hyperparameter at step ``count``, as float32."""
   if callable(value):
@@ -215,16 +313,90 @@ def check_same_structure(
 
 
 def tree_sq_norm(tree: PyTree) -> Array:
-  """Sum of squares over all leaves, accumulated in float32."""
+  """Sum of squares over all leaves, accumulated in float32.
+
+  Cheap, and right whenever the result is representable, but the true value
+  of a gradient with entries of 1e19 or more exceeds float32's range and
+  this returns ``inf`` (and entries below ~1e-19 square to 0). Anything that
+  only needs the norm, a ratio of norms or a projection must use the
+  overflow-safe forms: :func:`tree_norm`, :func:`tree_projection_coef`,
+  or scale by :func:`tree_scale` first.
+  """
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
 
 
+def tree_max_abs(tree: PyTree) -> Array:
+  """Largest absolute entry over all leaves, float32 (NaN if any is NaN;
+  0 for a tree without entries)."""
+  parts = [
+      jnp.max(jnp.abs(x.astype(jnp.float32)))
+      for x in jax.tree.leaves(tree)
+      if np.size(x)
+  ]
+  if not parts:
+    return jnp.zeros((), jnp.float32)
+  return parts[0] if len(parts) == 1 else jnp.max(jnp.stack(parts))
+
+
+def pow2_scale(m: Array) -> Array:
+  """A power of two ``s`` with ``m * s`` in [0.5, 1) (float32).
+
+  Multiplying by a power of two is exact, so a tree scaled by ``s`` has the
+  very same digits, only an exponent that cannot overflow or underflow when
+  squared. ``s = 1`` for ``m`` zero or non-finite (so that NaN and inf
+  propagate as they are); the exponent is clamped to float32's normal range.
+  """
+  m = jnp.asarray(m, jnp.float32)
+  ok = jnp.isfinite(m) & (m > 0)
+  _, ex = jnp.frexp(jnp.where(ok, m, 1.0))
+  ex = jnp.clip(jnp.where(ok, ex, 0), -125, 125)
+  return jnp.ldexp(jnp.ones((), jnp.float32), -ex)
+
+
+def tree_scale(tree: PyTree) -> Array:
+  """``pow2_scale(tree_max_abs(tree))``: the exact rescaling of a whole tree
+  that keeps its squared norm in float32's range."""
+  return pow2_scale(tree_max_abs(tree))
+
+
 def tree_norm(tree: PyTree) -> Array:
-  """Global L2 norm over all leaves, in float32."""
-  return jnp.sqrt(tree_sq_norm(tree))
+  """Global L2 norm over all leaves, in float32, overflow-safe.
+
+  The tree is scaled by a power of two (:func:`tree_scale`, one extra
+  max-reduction) before squaring, so gradients of 1e19 to 1e38 and of 1e-20
+  give their true norm instead of ``inf`` or 0. For ordinary magnitudes the
+  result is the plain ``sqrt(sum(x**2))`` bit for bit up to the order of
+  summation (the scaling is exact). A zero or empty tree gives 0; a NaN entry
+  gives NaN; an infinite entry (and no NaN) gives ``inf``.
+  """
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  m = tree_max_abs(leaves)
+  s = pow2_scale(m)
+  sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32) * s)) for x in leaves)
+  norm = jnp.sqrt(sq) / s
+  return jnp.where(jnp.isinf(m), m, norm)
+
+
+def tree_projection_coef(a: PyTree, b: PyTree, eps: float = 0.0) -> Array:
+  """``<a, b> / (‖b‖² + eps)``, overflow-safe (float32).
+
+  Numerator and denominator are both computed on trees scaled by the power
+  of two ``s = tree_scale(b)`` (the ratio is unchanged: ``<as, bs> / (‖bs‖² +
+  eps s²)``), so ``b`` of 1e19 or more gives the right coefficient instead
+  of ``x / inf = 0`` or ``inf / inf = NaN``. A zero ``b`` with ``eps = 0``
+  gives 0, not NaN.
+  """
+  s = tree_scale(b)
+  a_s = jax.tree.map(lambda x: x.astype(jnp.float32) * s, a)
+  b_s = jax.tree.map(lambda x: x.astype(jnp.float32) * s, b)
+  den = tree_sq_norm(b_s) + jnp.asarray(eps, jnp.float32) * s * s
+  num = tree_vdot(a_s, b_s)
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), num * 0.0)
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> Array:

@@ -110,12 +110,12 @@ class OrthogonalReuse(engine.Combine):
     gs = base.tree_f32(second)
     if self.per_leaf:
       gv = jax.tree.map(
-          lambda a, b: a - (jnp.vdot(a, b) / (jnp.vdot(b, b) + step.eps)) * b,
+          lambda a, b: a - base.tree_projection_coef(a, b, step.eps) * b,
           gs,
           g,
       )
     else:
-      coef = base.tree_vdot(gs, g) / (base.tree_sq_norm(g) + step.eps)
+      coef = base.tree_projection_coef(gs, g, step.eps)
       gv = jax.tree.map(lambda a, b: a - coef * b, gs, g)
     new_state = OrthogonalReuseState(
         gv=base.tree_cast_like(gv, state.gv), since=jnp.zeros((), jnp.int32)

@@ -52,7 +52,9 @@ class SharpnessAwareState(NamedTuple):
   """State of every transform built by :func:`sharpness_aware`.
 
   Attributes:
-    count: number of ``update`` calls seen (int32).
+    count: number of ``update`` calls with a finite clean and second
+      gradient (int32): the step number every schedule reads. A step with a
+      NaN or inf leaves the whole state as it was, ``count`` included.
     grad_evals: gradient evaluations of ``loss_fn`` made inside the transform
       (int32). A second gradient counts 1; per-example gradients count 1 per
       example (see the method's docstring). The clean gradient the caller
@@ -547,6 +549,7 @@ class _Engine:
   trainable: Any = None
 
   def init(self, params: PyTree) -> SharpnessAwareState:
+    base.check_params(params)
     trainable_mask(self.trainable, params)  # a mismatch fails here
     return SharpnessAwareState(
         count=jnp.zeros((), jnp.int32),
@@ -566,7 +569,12 @@ class _Engine:
     step = self.make_step(updates, state, params, batch)
     if self.static_rho == 0.0:  # rho = 0: nothing is ever evaluated
       out = base.tree_cast_like(step.grads, updates)
-      return out, state._replace(count=optax.safe_increment(state.count))
+      count = jnp.where(
+          base.tree_all_finite(step.grads),
+          optax.safe_increment(state.count),
+          state.count,
+      )
+      return out, state._replace(count=count)
     positive = self.rho_positive(step, plan)
     where, region_state, region_evals = self.run_region(step, state, plan)
     go, gate_state = self.run_gate(step, state, plan, positive)
@@ -581,17 +589,19 @@ class _Engine:
     planned_after = None if plan is None else plan.gate_after
     gate_state = self.gate.after(step, gate_state, planned_after)
     out = self.finish_output(step, where, positive, out)
-    # A non-finite clean or second gradient leaves every part's state as it
-    # was (the output still carries it, for apply_if_finite and loss scalers).
-    parts = _keep_if(
-        finite & base.tree_all_finite(step.grads),
-        (geometry_state, region_state, gate_state, combine_state),
-        (state.geometry, state.region, state.gate, state.combine),
+    # A non-finite clean or second gradient: the state is as if the step
+    # never happened (count and every part; the work done is still counted
+    # in grad_evals), and the output carries the non-finite value for
+    # apply_if_finite and loss scalers.
+    ok = finite & base.tree_all_finite(step.grads)
+    kept = _keep_if(
+        ok,
+        (optax.safe_increment(state.count), geometry_state, region_state,
+         gate_state, combine_state),
+        (state.count, state.geometry, state.region, state.gate, state.combine),
     )
     new_state = SharpnessAwareState(
-        optax.safe_increment(state.count),
-        state.grad_evals + evals + region_evals,
-        *parts,
+        kept[0], state.grad_evals + evals + region_evals, *kept[1:]
     )
     return base.tree_cast_like(out, updates), new_state
 

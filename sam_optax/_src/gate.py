@@ -452,7 +452,7 @@ def variation_sampling(
   base.check_range("initial_rate", initial_rate, 1.0, float(max_quota))
   if concrete(initial_rate) is not None:
     initial_rate = concrete(initial_rate)
-  seed = base.int_or_traced("seed", seed, None)
+  seed = base.check_seed("seed", seed)
   stat_leaves = _check_stat_leaves_arg(stat_leaves)
   return VariationSampling(
       warmup_steps=warmup_steps,

@@ -139,7 +139,8 @@ def rank_layers(
     g = jax.grad(loss_fn, has_aux=has_aux)(p, batch)
     if has_aux:
       g = g[0]
-    return jnp.sqrt(layer_sq_norms(g, ids, len(names)))
+    scale = base.tree_scale(g)  # a power of two: exact, no overflow
+    return jnp.sqrt(layer_sq_norms(g, ids, len(names), scale)) / scale
 
   total = np.zeros(len(names), np.float64)
   count = 0
@@ -153,11 +154,16 @@ def rank_layers(
   return [(names[i], float(mean[i])) for i in order]
 
 
-def layer_sq_norms(tree: PyTree, ids: list[int], num: int) -> jax.Array:
-  """float32 ``[num]``: the squared norm of each layer's leaves in ``tree``."""
+def layer_sq_norms(
+    tree: PyTree, ids: list[int], num: int, scale: Any = None
+) -> jax.Array:
+  """float32 ``[num]``: the squared norm of each layer's leaves of ``tree``
+  times ``scale`` (default: :func:`base.tree_scale`, a power of two that keeps
+  the squares of 1e20 gradients finite and the order of the layers)."""
+  scale = base.tree_scale(tree) if scale is None else scale
   sq = [jnp.zeros((), jnp.float32) for _ in range(num)]
   for i, x in zip(ids, jax.tree.leaves(tree)):
-    sq[i] = sq[i] + jnp.sum(jnp.square(x.astype(jnp.float32)))
+    sq[i] = sq[i] + jnp.sum(jnp.square(x.astype(jnp.float32) * scale))
   return jnp.stack(sq)
 
 

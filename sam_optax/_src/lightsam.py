@@ -15,11 +15,29 @@ transform chained after the engine). Three variants share one template::
 with ``s`` the clean gradient, ``gs = ∇L_B(w + e)`` on the same batch,
 accumulators ``u, v`` starting at ``eps²``, moments ``r, m`` at zero and no
 bias correction (see :func:`lightsam` for the sources).
+
+Two numerical guards, neither of which changes the rule on ordinary input:
+
+- **Overflow.** The accumulators are stored as their square roots
+  (``sqrt(u)``, ``sqrt(v)``) and grown with an overflow-safe ``hypot``
+  (``sqrt(u + ‖s‖²) = hypot(sqrt(u), ‖s‖)``, ``‖s‖`` from the scaled
+  :func:`base.tree_norm`), so a gradient of 1e19 to 1e30 gives the rule's
+  step instead of squaring to ``inf`` and making every later step 0. The
+  states expose the squared values for reading (``sum_of_squares``,
+  ``accumulator``, ``nu``; ``inf`` once they exceed float32's range).
+- **Non-finite steps.** When the incoming gradient (the clean one for the
+  ascent, the perturbed one for the descent) has a NaN or inf entry anywhere
+  in the tree, every accumulator keeps its previous value (a ``jnp.where``
+  select, no ``lax.cond``), while the step's output still carries the
+  non-finite value so that ``optax.apply_if_finite`` and loss scalers see
+  it. A run with one such step then continues exactly as a run in which that
+  step never happened.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -43,15 +61,30 @@ DEFAULT_EPS = 1e-8
 # --------------------------------------------------------------------------
 
 
-def _safe_div_sqrt(x: jax.Array, acc: jax.Array) -> jax.Array:
-  """``x / sqrt(acc)``, and 0 where ``acc == 0``.
+def _safe_div(x: jax.Array, root: jax.Array) -> jax.Array:
+  """``x / root`` (``root = sqrt(acc)``), and 0 where ``root == 0``.
 
-  ``acc`` starts at ``eps² > 0``, so the guard never changes a value of the
+  ``root`` starts at ``eps > 0``, so the guard never changes a value of the
   rule; it only keeps a coordinate that never saw a gradient finite once an
   exponential average (Adam, ``b2^t eps²``) underflows to zero.
   """
-  pos = acc > 0
-  return jnp.where(pos, x / jnp.sqrt(jnp.where(pos, acc, 1.0)), 0.0)
+  zero = root == 0  # only the exact zero: a NaN root must stay visible
+  return jnp.where(zero, 0.0, x / jnp.where(zero, 1.0, root))
+
+
+def _keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``finite`` (a scalar bool) holds, else ``old``, leaf by leaf."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def _decayed_hypot(decay: Any, root: jax.Array, x: jax.Array) -> jax.Array:
+  """``sqrt(decay * root² + (1 - decay) * x²)`` without squaring (Adam's
+  second moment kept as its root)."""
+  if isinstance(decay, (int, float)):  # in float64: 1 - 0.999 in float32 is off by 5e-5
+    keep, add = math.sqrt(decay), math.sqrt(1.0 - decay)
+  else:  # traced (inject_hyperparams)
+    keep, add = jnp.sqrt(decay), jnp.sqrt(1.0 - decay)
+  return jnp.hypot(keep * root, add * x)
 
 
 def _check_eps(eps: Any) -> None:
@@ -68,9 +101,17 @@ def _check_beta(name: str, value: Any) -> None:
 
 
 class ScaleByAdagradNormState(NamedTuple):
-  """``sum_of_squares``: ``eps² + Σ_t ‖g_t‖²`` (float32 scalar)."""
+  """``root_sum_of_squares``: ``sqrt(eps² + Σ_t ‖g_t‖²)`` (float32 scalar).
 
-  sum_of_squares: jax.Array
+  Kept as the root so that it cannot overflow; ``sum_of_squares`` reads the
+  squared value (``inf`` past float32's range).
+  """
+
+  root_sum_of_squares: jax.Array
+
+  @property
+  def sum_of_squares(self) -> jax.Array:
+    return jnp.square(self.root_sum_of_squares)
 
 
 def scale_by_adagrad_norm(
@@ -89,8 +130,11 @@ def scale_by_adagrad_norm(
   Chain ``optax.scale_by_learning_rate(lr)`` after it for ``-lr * out``. The
   first output has global norm just under 1 whatever the gradient's scale,
   which is what makes the step size agnostic to it. Norms accumulate in
-  float32; the output has the dtype of the incoming updates. Under ``pmap``
-  pass it the device-averaged gradient, as for any optax optimizer.
+  float32, overflow-safe (the state keeps ``sqrt(v_t)``, grown with
+  ``hypot``); the output has the dtype of the incoming updates. A gradient
+  with a NaN or inf entry leaves the state as it was and its output carries
+  the non-finite value. Under ``pmap`` pass it the device-averaged gradient,
+  as for any optax optimizer.
 
   Args:
     eps: the accumulator starts at ``eps²``; must be > 0 (default 1e-8, the
@@ -113,25 +157,32 @@ def scale_by_adagrad_norm(
   def init_fn(params):
     del params
     return ScaleByAdagradNormState(
-        sum_of_squares=jnp.asarray(eps, jnp.float32) ** 2
+        root_sum_of_squares=jnp.asarray(eps, jnp.float32)
     )
 
   def update_fn(updates, state, params=None):
     del params
-    v = state.sum_of_squares + base.tree_sq_norm(updates)
+    norm = base.tree_norm(updates)  # NaN or inf when an entry is
+    root = jnp.hypot(state.root_sum_of_squares, norm)
     out = jax.tree.map(
-        lambda g: _safe_div_sqrt(g.astype(jnp.float32), v).astype(g.dtype),
+        lambda g: _safe_div(g.astype(jnp.float32), root).astype(g.dtype),
         updates,
     )
-    return out, ScaleByAdagradNormState(sum_of_squares=v)
+    root = jnp.where(jnp.isfinite(norm), root, state.root_sum_of_squares)
+    return out, ScaleByAdagradNormState(root_sum_of_squares=root)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 class ScaleByAdagradState(NamedTuple):
-  """``sum_of_squares``: ``eps² + Σ_t g_t²`` per coordinate (float32)."""
+  """``root_sum_of_squares``: ``sqrt(eps² + Σ_t g_t²)`` per coordinate
+  (float32); ``sum_of_squares`` reads the squared values."""
 
-  sum_of_squares: Any
+  root_sum_of_squares: Any
+
+  @property
+  def sum_of_squares(self) -> Any:
+    return jax.tree.map(jnp.square, self.root_sum_of_squares)
 
 
 def scale_by_adagrad(eps: float = DEFAULT_EPS) -> optax.GradientTransformation:
@@ -142,39 +193,49 @@ def scale_by_adagrad(eps: float = DEFAULT_EPS) -> optax.GradientTransformation:
   The update of LightSAM-II. It is ``optax.scale_by_rss(
   initial_accumulator_value=eps**2, eps=0.0)`` in exact arithmetic; this one
   keeps the accumulator in float32 whatever the param dtype (scale_by_rss
-  keeps it in the param dtype) and returns the incoming dtype.
+  keeps it in the param dtype), as its root grown with ``hypot`` (no
+  overflow for gradients of 1e19 and more), and returns the incoming dtype.
+  A gradient with a NaN or inf entry anywhere leaves the state as it was;
+  its output carries the non-finite value.
   """
   _check_eps(eps)
 
   def init_fn(params):
     return ScaleByAdagradState(
-        sum_of_squares=jax.tree.map(
-            lambda p: jnp.full(jnp.shape(p), eps**2, jnp.float32), params
+        root_sum_of_squares=jax.tree.map(
+            lambda p: jnp.full(jnp.shape(p), eps, jnp.float32), params
         )
     )
 
   def update_fn(updates, state, params=None):
     del params
-    v = jax.tree.map(
-        lambda g, t: t + jnp.square(g.astype(jnp.float32)),
+    root = jax.tree.map(
+        lambda g, t: jnp.hypot(t, g.astype(jnp.float32)),
         updates,
-        state.sum_of_squares,
+        state.root_sum_of_squares,
     )
     out = jax.tree.map(
-        lambda g, t: _safe_div_sqrt(g.astype(jnp.float32), t).astype(g.dtype),
+        lambda g, t: _safe_div(g.astype(jnp.float32), t).astype(g.dtype),
         updates,
-        v,
+        root,
     )
-    return out, ScaleByAdagradState(sum_of_squares=v)
+    root = _keep_if(base.tree_all_finite(updates), root,
+                    state.root_sum_of_squares)
+    return out, ScaleByAdagradState(root_sum_of_squares=root)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 class ScaleByAdamNoBiasState(NamedTuple):
-  """First moment ``mu`` (from 0) and second moment ``nu`` (from eps²)."""
+  """First moment ``mu`` (from 0) and the root of the second moment
+  ``nu_root = sqrt(nu)`` (from eps); ``nu`` reads the squared values."""
 
   mu: Any
-  nu: Any
+  nu_root: Any
+
+  @property
+  def nu(self) -> Any:
+    return jax.tree.map(jnp.square, self.nu_root)
 
 
 def scale_by_adam_no_bias_correction(
@@ -188,7 +249,9 @@ def scale_by_adam_no_bias_correction(
 
   Unlike ``optax.scale_by_adam`` there is no ``eps`` added to ``sqrt(v)`` and
   no bias correction, so the first step is ``(1-b1)/sqrt(1-b2) ≈ 3.16`` times
-  ``sign(g)``. Moments in float32; the output has the incoming dtype.
+  ``sign(g)``. Moments in float32 (the second as its root, overflow-safe);
+  the output has the incoming dtype. A gradient with a NaN or inf entry
+  anywhere leaves both moments as they were; its output carries it.
   """
   _check_beta("b1", b1)
   _check_beta("b2", b2)
@@ -197,8 +260,8 @@ def scale_by_adam_no_bias_correction(
   def init_fn(params):
     return ScaleByAdamNoBiasState(
         mu=base.zeros_like_f32(params),
-        nu=jax.tree.map(
-            lambda p: jnp.full(jnp.shape(p), eps**2, jnp.float32), params
+        nu_root=jax.tree.map(
+            lambda p: jnp.full(jnp.shape(p), eps, jnp.float32), params
         ),
     )
 
@@ -206,13 +269,14 @@ def scale_by_adam_no_bias_correction(
     del params
     g32 = base.tree_f32(updates)
     mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, g32)
-    nu = jax.tree.map(
-        lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g), state.nu, g32
+    nu_root = jax.tree.map(
+        lambda r, g: _decayed_hypot(b2, r, g), state.nu_root, g32
     )
     out = jax.tree.map(
-        lambda m, v, g: _safe_div_sqrt(m, v).astype(g.dtype), mu, nu, updates
+        lambda m, r, g: _safe_div(m, r).astype(g.dtype), mu, nu_root, updates
     )
-    return out, ScaleByAdamNoBiasState(mu=mu, nu=nu)
+    new = ScaleByAdamNoBiasState(mu=mu, nu_root=nu_root)
+    return out, _keep_if(base.tree_all_finite(updates), new, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -228,12 +292,18 @@ class AdaptivePerturbationState(NamedTuple):
   Attributes:
     momentum: ``r``, the first moment of the clean gradient (Adam variant; an
       empty tuple otherwise), float32, starts at 0.
-    accumulator: ``u``: a float32 scalar (adagrad_norm) or a float32 pytree
-      shaped like the params (adagrad, adam); starts at ``eps²``.
+    root_accumulator: ``sqrt(u)``: a float32 scalar (adagrad_norm) or a
+      float32 pytree shaped like the params (adagrad, adam); starts at
+      ``eps``. Kept as the root so that it cannot overflow; ``accumulator``
+      reads ``u`` itself.
   """
 
   momentum: Any
-  accumulator: Any
+  root_accumulator: Any
+
+  @property
+  def accumulator(self) -> Any:
+    return jax.tree.map(jnp.square, self.root_accumulator)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +320,13 @@ class AdaptivePerturbation(engine.Geometry):
 
   With a region, the engine zeroes ``e`` outside it; adagrad_norm takes
   ``‖s‖`` over the region when the region asks to normalise over itself.
+
+  Accumulators are kept as roots and grown with ``hypot`` (overflow-safe).
+  When the clean gradient has a NaN or inf entry anywhere, the state is
+  returned unchanged (a ``jnp.where`` select) and ``e`` carries the
+  non-finite value. A NaN that appears only at the perturbed point cannot be
+  seen here (``perturb`` runs before the second gradient); the engine
+  discards the geometry's new state on such a step.
   """
 
   variant: str = "adagrad_norm"
@@ -258,27 +335,29 @@ class AdaptivePerturbation(engine.Geometry):
   eps: float = DEFAULT_EPS
 
   def init(self, params):
-    eps2 = jnp.asarray(self.eps, jnp.float32) ** 2
+    eps = jnp.asarray(self.eps, jnp.float32)
     if self.variant == "adagrad_norm":
-      return AdaptivePerturbationState(momentum=(), accumulator=eps2)
-    acc = jax.tree.map(lambda p: jnp.full(jnp.shape(p), eps2), params)
+      return AdaptivePerturbationState(momentum=(), root_accumulator=eps)
+    acc = jax.tree.map(lambda p: jnp.full(jnp.shape(p), eps), params)
     momentum = base.zeros_like_f32(params) if self.variant == "adam" else ()
-    return AdaptivePerturbationState(momentum=momentum, accumulator=acc)
+    return AdaptivePerturbationState(momentum=momentum, root_accumulator=acc)
 
   def perturb(
       self, step: engine.Step, state: AdaptivePerturbationState, where
   ):
     s = base.tree_f32(step.grads)  # identical on every device: drives the state
     s_num = base.tree_f32(step.updates)  # as passed: drives the numerator
+    finite = base.tree_all_finite(s)
     rho = step.rho
     if self.variant == "adagrad_norm":
-      u = state.accumulator + base.tree_sq_norm(where.norm_domain(s))
-      e = jax.tree.map(lambda x: rho * _safe_div_sqrt(x, u), s_num)
-      new = AdaptivePerturbationState(momentum=(), accumulator=u)
+      u = jnp.hypot(state.root_accumulator, base.tree_norm(where.norm_domain(s)))
+      e = jax.tree.map(lambda x: rho * _safe_div(x, u), s_num)
+      new = AdaptivePerturbationState(momentum=(), root_accumulator=u)
+      finite = finite & jnp.isfinite(u)  # ‖s‖ past float32's range (~3e38)
     elif self.variant == "adagrad":
-      u = jax.tree.map(lambda a, x: a + jnp.square(x), state.accumulator, s)
-      e = jax.tree.map(lambda x, a: rho * _safe_div_sqrt(x, a), s_num, u)
-      new = AdaptivePerturbationState(momentum=(), accumulator=u)
+      u = jax.tree.map(jnp.hypot, state.root_accumulator, s)
+      e = jax.tree.map(lambda x, a: rho * _safe_div(x, a), s_num, u)
+      new = AdaptivePerturbationState(momentum=(), root_accumulator=u)
     else:  # adam
       b1, b2 = self.b1, self.b2
       r = jax.tree.map(lambda m, x: b1 * m + (1.0 - b1) * x, state.momentum, s)
@@ -286,13 +365,11 @@ class AdaptivePerturbation(engine.Geometry):
           lambda m, x: b1 * m + (1.0 - b1) * x, state.momentum, s_num
       )
       u = jax.tree.map(
-          lambda a, x: b2 * a + (1.0 - b2) * jnp.square(x),
-          state.accumulator,
-          s,
+          lambda a, x: _decayed_hypot(b2, a, x), state.root_accumulator, s
       )
-      e = jax.tree.map(lambda x, a: rho * _safe_div_sqrt(x, a), r_num, u)
-      new = AdaptivePerturbationState(momentum=r, accumulator=u)
-    return e, new
+      e = jax.tree.map(lambda x, a: rho * _safe_div(x, a), r_num, u)
+      new = AdaptivePerturbationState(momentum=r, root_accumulator=u)
+    return e, _keep_if(finite, new, state)
 
 
 def adaptive_perturbation(
@@ -358,7 +435,10 @@ def lightsam(
   ``u, v`` start at ``eps²``, ``r, m`` at 0, no bias correction; there is no
   ``eps`` in the denominators (the only guard returns 0 where an accumulator
   is exactly 0, which the rule never reaches since it starts at ``eps² >
-  0``; see ``_safe_div_sqrt``). It is built as::
+  0``; see ``_safe_div``). The accumulators are stored as their roots,
+  grown with an overflow-safe ``hypot``, and a step whose clean or perturbed
+  gradient has a NaN or inf entry leaves them unchanged while its output
+  carries the non-finite value (module docstring). It is built as::
 
       optax.chain(sharpness_aware(loss_fn, rho, geometry=adaptive_perturbation(variant)),
                   <matching adaptive update>,      # scale_by_adagrad_norm, ...

@@ -107,8 +107,17 @@ class Planner:
       return float(rho(np.int32(count))) == 0.0
 
   def __call__(self, count: Any, opt_state: Any) -> engine.Plan:
-    """The plan of step ``count`` (the host's step number, equal to the
-    count in ``opt_state``: the state before that step)."""
+    """The plan of step ``count``: the count in ``opt_state`` (the state
+    before that step), which the host knows without asking the device as
+    long as every step is finite (it counts the steps it ran). A step with
+    a NaN or inf does not advance the state's count: after one, count the
+    finite steps (e.g. from the loss scaler's finite flag), or pass
+    ``count=None`` to read it from the device (one read per call)."""
+    if count is None:
+      state = find_state(opt_state)
+      device_axis = np.ndim(state.count) == 1
+      self.reads += 1
+      count = _host(state.count, device_axis)
     count = int(count)
     if count < 0:
       raise ValueError(f"count must be a step number >= 0, got {count}")

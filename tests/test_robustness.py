@@ -1,0 +1,689 @@
+"""Issue 13, the parts that live in base.py, lightsam.py and stats.py.
+
+- overflow-safe norms against NumPy float64;
+- LightSAM: a NaN or inf step leaves every accumulator as it was;
+- argument errors: ValueError at construction naming the argument;
+- ``stats()`` under pmap and under ``nnx.Optimizer``;
+- the README's recipes, run as written.
+
+With the engine's side (check_params at init, the non-finite state guard,
+the overflow-safe projection and layer norms), every test here is a plain
+test.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sam_optax
+from sam_optax._src import base
+from sam_optax._src import engine
+from sam_optax._src import lightsam as lightsam_lib
+from tests.test_core import make_batch, mlp_loss, mlp_params
+
+NAN, INF = float("nan"), float("inf")
+
+
+def f64_norm(tree):
+  return float(np.sqrt(sum(
+      np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)
+  )))
+
+
+def f64_vdot(a, b):
+  return float(sum(
+      np.sum(np.asarray(x, np.float64) * np.asarray(y, np.float64))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  ))
+
+
+# --------------------------------------------------------------------------
+# 1. Overflow-safe norms.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-3, 1.0, 1e3, 1e19, 1e25, 1e30])
+def test_tree_norm_matches_float64_at_every_scale(scale):
+  rng = np.random.default_rng(0)
+  tree = {
+      "a": jnp.asarray(rng.standard_normal((4, 3)) * scale, jnp.float32),
+      "b": [jnp.asarray(rng.standard_normal(5) * scale, jnp.float32),
+            jnp.zeros((0, 2), jnp.float32)],
+      "c": None,
+  }
+  want = f64_norm(tree)
+  np.testing.assert_allclose(float(base.tree_norm(tree)), want, rtol=1e-6)
+  other = jax.tree.map(lambda x: x * 0.5 + scale * 0.1, tree)
+  np.testing.assert_allclose(
+      float(base.tree_projection_coef(other, tree)),
+      f64_vdot(other, tree) / want**2, rtol=1e-5)
+  if scale >= 1e19:  # the plain squared sum overflows: why the scaled form exists
+    assert not np.isfinite(float(base.tree_sq_norm(tree))) or scale < 1e20
+
+
+def test_tree_norm_is_the_plain_norm_for_ordinary_values():
+  rng = np.random.default_rng(1)
+  tree = {"a": jnp.asarray(rng.standard_normal(1000), jnp.float32),
+          "b": jnp.asarray(rng.standard_normal((7, 9)), jnp.bfloat16),
+          "h": jnp.asarray(rng.standard_normal(3), jnp.float16)}
+  plain = jnp.sqrt(base.tree_sq_norm(tree))
+  np.testing.assert_allclose(float(base.tree_norm(tree)), float(plain), rtol=1e-6)
+  np.testing.assert_allclose(float(base.tree_norm(tree)), f64_norm(tree), rtol=1e-5)
+
+
+def test_tree_norm_zero_empty_nan_inf():
+  assert float(base.tree_norm({"a": jnp.zeros(3)})) == 0.0
+  assert float(base.tree_norm({})) == 0.0
+  assert float(base.tree_norm({"a": jnp.zeros((0,))})) == 0.0
+  assert np.isnan(float(base.tree_norm({"a": jnp.array([1.0, NAN])})))
+  assert np.isnan(float(base.tree_norm({"a": jnp.array([INF, NAN])})))
+  assert float(base.tree_norm({"a": jnp.array([1.0, -INF])})) == INF
+  assert float(base.tree_projection_coef({"a": jnp.ones(2)}, {"a": jnp.zeros(2)})) == 0.0
+  assert np.isnan(float(base.tree_projection_coef({"a": jnp.ones(2)},
+                                                  {"a": jnp.array([1.0, NAN])})))
+  # Under jit too, and cheap: one max and one sum reduction per leaf.
+  np.testing.assert_allclose(
+      float(jax.jit(base.tree_norm)({"a": jnp.full(4, 1e20)})), 2e20, rtol=1e-6)
+
+
+def test_sam_perturbation_has_radius_rho_for_huge_gradients():
+  """SAM's NormBall uses base.tree_norm: a 1e20 gradient is no longer e = 0."""
+  params = {"w": jnp.zeros(3)}
+  for scale in (1e-20, 1.0, 1e20, 1e30):
+    g = {"w": jnp.array([1.0, -2.0, 2.0]) * scale}
+    step = engine.Step(updates=g, grads=g, params=params, batch=None,
+                       count=jnp.zeros((), jnp.int32), rho=jnp.float32(0.05),
+                       axis_name=None, eps=1e-12, loss=None)
+    e, _ = sam_optax.parts.global_norm().perturb(step, None, engine.Where())
+    want = 0.05 * np.array([1.0, -2.0, 2.0]) / 3.0
+    if scale < 1e-12:  # the eps guard dominates a tiny gradient, as documented
+      continue
+    np.testing.assert_allclose(np.asarray(e["w"]), want, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# 2. LightSAM: non-finite steps and overflow.
+# --------------------------------------------------------------------------
+
+UPDATES = {
+    "adagrad_norm": lightsam_lib.scale_by_adagrad_norm,
+    "adagrad": lightsam_lib.scale_by_adagrad,
+    "adam": lightsam_lib.scale_by_adam_no_bias_correction,
+}
+VARIANTS = tuple(UPDATES)
+
+
+def _grads(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [{"a": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
+           "b": jnp.asarray(rng.standard_normal(4), jnp.bfloat16)}
+          for _ in range(n)]
+
+
+def _poison(g, value):
+  return {"a": g["a"].at[1, 0].set(value), "b": g["b"]}
+
+
+def _assert_same_tree(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+@pytest.mark.parametrize("jit", [False, True])
+def test_descent_state_ignores_a_non_finite_gradient(variant, bad, jit):
+  tx = UPDATES[variant]()
+  update = jax.jit(tx.update) if jit else tx.update
+  gs = _grads(6)
+  k = 2
+  st_bad = st_ref = tx.init(gs[0])
+  for t, g in enumerate(gs):
+    if t == k:
+      out, st_bad = update(_poison(g, bad), st_bad)
+      assert not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+      continue  # the reference run never saw step k
+    out_bad, st_bad = update(g, st_bad)
+    out_ref, st_ref = update(g, st_ref)
+    _assert_same_tree(out_bad, out_ref)
+    _assert_same_tree(st_bad, st_ref)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out_bad))
+
+
+def _step(g, params, rho=0.3):
+  return engine.Step(updates=g, grads=g, params=params, batch=None,
+                     count=jnp.zeros((), jnp.int32), rho=jnp.float32(rho),
+                     axis_name=None, eps=1e-12, loss=None)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_ascent_state_ignores_a_non_finite_gradient(variant, bad):
+  geo = sam_optax.parts.adaptive_perturbation(variant)
+  gs = [jax.tree.map(lambda x: x.astype(jnp.float32), g) for g in _grads(5, 1)]
+  params = jax.tree.map(jnp.zeros_like, gs[0])
+  st_bad = st_ref = geo.init(params)
+  for t, g in enumerate(gs):
+    if t == 1:
+      e, st_bad = geo.perturb(_step(_poison(g, bad), params), st_bad, engine.Where())
+      assert not bool(jnp.all(jnp.isfinite(e["a"])))  # carried, not hidden
+      continue
+    e_bad, st_bad = geo.perturb(_step(g, params), st_bad, engine.Where())
+    e_ref, st_ref = geo.perturb(_step(g, params), st_ref, engine.Where())
+    _assert_same_tree(e_bad, e_ref)
+    _assert_same_tree(st_bad, st_ref)
+
+
+def test_exhausted_accumulators_stay_finite():
+  """Roots that underflowed to 0 (Adam after ~1e5 steps on a dead unit)."""
+  params, zero = {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}
+  for variant in VARIANTS:
+    geo = sam_optax.parts.adaptive_perturbation(variant)
+    st = geo.init(params)
+    st = st._replace(root_accumulator=jax.tree.map(jnp.zeros_like, st.root_accumulator))
+    e, _ = geo.perturb(_step(zero, params), st, engine.Where())
+    np.testing.assert_array_equal(e["w"], 0.0)
+  upd = lightsam_lib.scale_by_adam_no_bias_correction()
+  st = upd.init(params)._replace(nu_root={"w": jnp.zeros(3)})
+  out, _ = upd.update(zero, st)
+  np.testing.assert_array_equal(out["w"], 0.0)
+
+
+def test_squared_accumulators_are_readable():
+  tx = sam_optax.scale_by_adagrad_norm(eps=1e-3)
+  g = {"a": jnp.array([3.0, 4.0])}
+  _, st = tx.update(g, tx.init(g))
+  np.testing.assert_allclose(float(st.sum_of_squares), 1e-6 + 25.0, rtol=1e-6)
+  st2 = lightsam_lib.scale_by_adam_no_bias_correction(eps=1e-3).init(g)
+  np.testing.assert_allclose(np.asarray(st2.nu["a"]), 1e-6, rtol=1e-6)
+
+
+def _linear_loss(scale):
+  def loss_fn(w, x):
+    return scale * jnp.sum(w["w"] * x)
+  return loss_fn
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("scale", [1e19, 1e25, 1e30])
+def test_lightsam_is_scale_free_for_huge_gradients(variant, scale):
+  """A 1e19+ gradient used to square to inf and make every later update 0.
+
+  On a linear loss the AdaGrad rules are invariant to the loss's scale
+  (eps is negligible against both), so the huge run matches the unit one.
+  """
+  x = jnp.array([1.0, -2.0, 0.5])
+  runs = []
+  for s in (1.0, scale):
+    loss_fn = _linear_loss(s)
+    tx = sam_optax.lightsam(loss_fn, 0.1, 0.05, variant=variant)
+    w = {"w": jnp.zeros(3)}
+    st = tx.init(w)
+    outs = []
+    for _ in range(4):
+      g = jax.grad(loss_fn)(w, x)
+      u, st = tx.update(g, st, w, batch=x)
+      w = optax.apply_updates(w, u)
+      outs.append(np.asarray(u["w"]))
+    runs.append(np.stack(outs))
+  assert np.all(np.isfinite(runs[1])) and np.all(np.abs(runs[1][-1]) > 0)
+  np.testing.assert_allclose(runs[1], runs[0], rtol=1e-4)
+
+
+def _trap_loss(params, batch):
+  """Finite with a finite gradient at the clean point ``batch["w0"]``; its
+  gradient is NaN anywhere else (the perturbed point) when ``poison``."""
+  x, y = batch["xy"]
+  base_loss = mlp_loss(params, (x, y))
+  same = jnp.all(jnp.stack([jnp.all(p == q) for p, q in zip(
+      jax.tree.leaves(params), jax.tree.leaves(batch["w0"]))]))
+  k = jax.lax.stop_gradient(jnp.where(same, 0.0, batch["poison"]))
+  return base_loss + k * sum(jnp.sum(p) for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("where", ["grad", "batch"])
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_lightsam_non_finite_step_leaves_accumulators(variant, where, bad):
+  ref = _lightsam_run_kw(variant, None)
+  got = _lightsam_run_kw(variant, (where, bad))
+  _assert_same_tree(got, ref)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lightsam_nan_only_at_the_perturbed_point(variant):
+  ref = _lightsam_run_kw(variant, None)
+  got = _lightsam_run_kw(variant, ("perturbed", NAN))
+  _assert_same_tree(got, ref)
+
+
+def test_lightsam_nan_at_the_perturbed_point_spares_the_descent():
+  """What lightsam.py controls already holds: the descent half's state is
+  untouched by a step whose only NaN is the perturbed gradient."""
+  params = mlp_params()
+  for variant in VARIANTS:
+    tx = sam_optax.lightsam(_trap_loss, 0.05, variant=variant)
+    st = tx.init(params)
+    for poison in (0.0, NAN):
+      batch = {"xy": make_batch(), "w0": params, "poison": jnp.float32(poison)}
+      g = jax.grad(_trap_loss)(params, batch)
+      assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(g))
+      u, new = tx.update(g, st, params, batch=batch)
+      if poison == 0.0:
+        st = new
+        continue
+      assert not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(u))
+      _assert_same_tree(new[1], st[1])
+
+
+@functools.lru_cache(maxsize=None)
+def _lightsam_jitted(variant):
+  """One transform and one compiled update per variant, shared by the runs
+  that are compared (the same program on both sides)."""
+  tx = sam_optax.lightsam(_trap_loss, 0.05, variant=variant)
+  return tx, jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
+
+
+def _lightsam_run_kw(variant, inject, k=2, steps=5):
+  params = mlp_params()
+  tx, upd = _lightsam_jitted(variant)
+  st = tx.init(params)
+  for t in range(steps):
+    xy = make_batch(seed=t)
+    poison = 0.0
+    if t == k:
+      if inject is None:
+        continue
+      where, value = inject
+      if where == "batch":
+        xy = (xy[0].at[0, 0].set(value), xy[1])
+      elif where == "perturbed":
+        poison = value
+    batch = {"xy": xy, "w0": params, "poison": jnp.float32(poison)}
+    g = jax.grad(_trap_loss)(params, batch)
+    if t == k and inject[0] == "grad":
+      g = jax.tree.map(lambda a: a.at[(0,) * a.ndim].set(inject[1]), g)
+    u, st = upd(g, st, params, batch)
+    if t == k:
+      assert not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(u))
+      continue  # the user's check (apply_if_finite) drops the update
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(u))
+    params = optax.apply_updates(params, u)
+  sam_state, descent, _ = st
+  return sam_state.geometry, descent, params
+
+
+# --------------------------------------------------------------------------
+# 3. Argument errors.
+# --------------------------------------------------------------------------
+
+CONSTRUCTORS = {
+    "sam": {}, "asam": {}, "gnp": {}, "layerwise_sam": {},
+    "ssam_fisher": {"update_every": 1}, "ssam_dynamic": {"update_every": 1, "total_steps": 10},
+    "looksam": {}, "vsam": {}, "lightsam": {"learning_rate": 0.1},
+}
+
+
+@pytest.mark.parametrize("ctor", sorted(CONSTRUCTORS))
+@pytest.mark.parametrize("rho", [INF, -INF, NAN, 1j, 1 + 0j, "0.1", None, [0.1]])
+def test_rho_must_be_a_finite_real(ctor, rho):
+  if rho is None and ctor == "lightsam":
+    pytest.skip("lightsam's rho=None takes the variant's default")
+  with pytest.raises(ValueError, match="rho"):
+    getattr(sam_optax, ctor)(mlp_loss, rho=rho, **CONSTRUCTORS[ctor])
+
+
+def test_ssam_fixed_mask_rho_checked():
+  mask = jax.tree.map(lambda x: jnp.ones(x.shape, bool), mlp_params())
+  for rho in (INF, 1j):
+    with pytest.raises(ValueError, match="rho"):
+      sam_optax.ssam(mlp_loss, rho=rho, mask=mask)
+
+
+@pytest.mark.parametrize("lr", [None, "0.1", 1j, INF, NAN, 0.0])
+def test_lightsam_learning_rate(lr):
+  with pytest.raises(ValueError, match="learning_rate"):
+    sam_optax.lightsam(mlp_loss, learning_rate=lr)
+
+
+def test_schedules_and_traced_values_still_pass():
+  sam_optax.sam(mlp_loss, rho=optax.linear_schedule(0.0, 0.1, 10))
+  sam_optax.lightsam(mlp_loss, learning_rate=optax.cosine_decay_schedule(1.0, 10))
+  jax.jit(lambda r: sam_optax.sam(mlp_loss, rho=r).init(mlp_params()).count)(0.1)
+
+
+def test_check_seed():
+  for ok in (0, 7, 2**32 - 1, np.int64(5), np.uint32(2**32 - 1), jnp.asarray(3)):
+    base.check_seed("seed", ok)
+  for bad in (-1, 2**32, 2**40, 1.5, "0", None, True, jnp.ones(2, jnp.int32)):
+    with pytest.raises(ValueError, match="seed"):
+      base.check_seed("seed", bad)
+  jax.jit(lambda s: base.check_seed("seed", s))(3)  # traced: unchecked
+
+
+@pytest.mark.parametrize("ctor", ["vsam", "ssam_dynamic"])
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_out_of_range_rejected_at_construction(ctor, seed):
+  with pytest.raises(ValueError, match="seed"):
+    getattr(sam_optax, ctor)(mlp_loss, seed=seed, **CONSTRUCTORS[ctor])
+
+
+def test_check_params():
+  ok = {"a": jnp.ones(2), "b": jnp.ones(2, jnp.bfloat16), "c": jnp.ones(0, jnp.float16),
+        "d": None, "e": 1.0, "f": []}
+  base.check_params(ok)
+  with pytest.raises(ValueError, match=r"params has complex leaves.*'?z/0 \(complex64\)"):
+    base.check_params({"z": [jnp.ones(2, jnp.complex64)], "a": jnp.ones(2)})
+  with pytest.raises(ValueError, match=r"not floating point.*step \(int32\).*freeze"):
+    base.check_params({"step": jnp.zeros((), jnp.int32), "a": jnp.ones(2)})
+  with pytest.raises(ValueError, match=r"mask \(bool\)"):
+    base.check_params({"mask": jnp.zeros(3, bool)})
+  with pytest.raises(ValueError, match=r"^weights has"):
+    base.check_params({"i": 3}, name="weights")
+
+
+def test_lightsam_init_rejects_integer_and_complex_leaves():
+  tx = sam_optax.lightsam(mlp_loss, 0.1)
+  with pytest.raises(ValueError, match=r"table \(int32\)"):
+    tx.init({**mlp_params(), "table": jnp.arange(3)})
+  with pytest.raises(ValueError, match=r"complex"):
+    tx.init({"w": jnp.ones(3, jnp.complex64)})
+
+
+@pytest.mark.parametrize("ctor", sorted(set(CONSTRUCTORS) - {"lightsam"}))
+def test_every_method_rejects_integer_and_complex_leaves_at_init(ctor):
+  tx = getattr(sam_optax, ctor)(mlp_loss, **CONSTRUCTORS[ctor])
+  with pytest.raises(ValueError, match=r"table \(int32\)"):
+    tx.init({**mlp_params(), "table": jnp.arange(3)})
+  with pytest.raises(ValueError, match=r"complex"):
+    tx.init({"w": jnp.ones(3, jnp.complex64)})
+
+
+# --------------------------------------------------------------------------
+# 4. stats() under pmap and nnx.
+# --------------------------------------------------------------------------
+
+
+def test_stats_keep_the_device_axis_under_pmap():
+  n = jax.local_device_count()
+  assert n > 1  # conftest forces 8 CPU devices
+  loss_fn = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)  # noqa: E731
+  sam_tx = sam_optax.ssam_dynamic(loss_fn, sparsity=0.5, update_every=1,
+                                  total_steps=10, axis_name="d")
+  tx = optax.chain(sam_tx, optax.sgd(0.1))
+  params = jnp.ones((4, 1))
+  state = jax.pmap(tx.init)(jnp.broadcast_to(params, (n, 4, 1)))
+  st = sam_optax.stats(state)
+  assert set(st) >= {"count", "grad_evals", "mask_density", "mask_refreshes"}
+  for k, v in st.items():
+    assert v.shape[0] == n, (k, v.shape)
+  single = sam_optax.stats(tx.init(params))
+  for k in single:
+    np.testing.assert_allclose(np.asarray(st[k][0]), np.asarray(single[k]))
+  # Inside the compiled step the values are the device's own (no axis).
+  inner = jax.pmap(lambda s: sam_optax.stats(s)["mask_density"], axis_name="d")(state)
+  np.testing.assert_allclose(np.asarray(inner), np.asarray(st["mask_density"]))
+
+
+def test_stats_unwraps_nnx_optimizer_state():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  graphdef, _ = nnx.split(model)
+
+  def loss_fn(params, batch):
+    return jnp.mean(nnx.merge(graphdef, params, copy=True)(batch) ** 2)
+
+  tx = optax.chain(sam_optax.ssam_dynamic(loss_fn, update_every=1, total_steps=5),
+                   optax.sgd(0.1))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.ones((4, 3))
+  grads = jax.grad(loss_fn)(nnx.state(model, nnx.Param), x)
+  opt.update(model, grads, batch=x)
+  st = sam_optax.stats(opt.opt_state)
+  assert int(st["count"]) == 1 and int(st["grad_evals"]) == 1
+  for k, v in st.items():
+    assert isinstance(v, jax.Array), (k, type(v))
+  assert 0.0 < float(st["mask_density"]) <= 1.0
+
+
+# --------------------------------------------------------------------------
+# 5. The README recipes, run as written.
+# --------------------------------------------------------------------------
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _example(name):
+  found = dict(re.findall(r"<!-- example: (\w+) -->\s*```python\n(.*?)```",
+                          README.read_text(), re.S))
+  return found[name]
+
+
+def _run(name):
+  scope: dict = {}
+  exec(compile(_example(name), f"README:{name}", "exec"), scope)  # noqa: S102
+  return scope
+
+
+def test_readme_trainstate_recipe():
+  scope = _run("trainstate")
+  assert float(scope["loss"]) < 1e-2
+  st = sam_optax.stats(scope["opt_state"])
+  assert int(st["count"]) == int(st["grad_evals"]) == 100
+
+
+def test_plain_trainstate_apply_gradients_is_the_reported_failure():
+  """Why the recipe exists: Flax sends ``batch`` to .replace, not tx.update."""
+  from flax.training import train_state
+  params = mlp_params()
+  state = train_state.TrainState.create(
+      apply_fn=None, params=params,
+      tx=optax.chain(sam_optax.sam(mlp_loss), optax.sgd(0.1)))
+  g = jax.grad(mlp_loss)(params, make_batch())
+  with pytest.raises(ValueError, match="batch"):
+    state.apply_gradients(grads=g, batch=make_batch())
+
+
+def test_readme_nnx_optimizer_recipe():
+  scope = _run("nnx_optimizer")
+  assert float(scope["loss"]) < 1e-2
+  st = sam_optax.stats(scope["opt_state"])
+  assert int(st["count"]) == int(st["grad_evals"]) == 100
+  assert all(isinstance(v, jax.Array) for v in st.values())
+
+
+def test_readme_equinox_recipe():
+  pytest.importorskip("equinox")
+  scope = _run("equinox")
+  assert float(scope["loss"]) < 0.05
+  st = sam_optax.stats(scope["opt_state"])
+  assert int(st["grad_evals"]) == 100
+
+
+def test_readme_pmap_stats_recipe():
+  scope = _run("pmap_stats")
+  n = jax.local_device_count()
+  for k, v in scope["stats"].items():
+    assert v.shape == (n,), k
+  assert int(scope["stats"]["count"][0]) == 5
+
+
+def test_readme_apply_if_finite_recipe():
+  scope = _run("apply_if_finite")
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(scope["params"]))
+
+
+@pytest.mark.parametrize("placement", ["outside", "inside"])
+def test_apply_if_finite_placement(placement):
+  """NaN only at the perturbed point: only the inner placement catches it."""
+  sam_tx = sam_optax.sam(_trap_loss, rho=0.05)
+  if placement == "outside":
+    tx = optax.apply_if_finite(optax.chain(sam_tx, optax.sgd(0.1)), 5)
+  else:
+    tx = optax.chain(sam_tx, optax.apply_if_finite(optax.sgd(0.1), 5))
+  params = mlp_params()
+  st = tx.init(params)
+  batch = {"xy": make_batch(), "w0": params, "poison": jnp.float32(NAN)}
+  g = jax.grad(_trap_loss)(params, batch)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+  u, st = tx.update(g, st, params, batch=batch)
+  finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+  assert finite == (placement == "inside")
+
+
+def test_readme_lightsam_accumulation_recipe():
+  scope = _run("lightsam_accumulation")
+  assert float(scope["loss"]) < 0.5
+  st = sam_optax.stats(scope["opt_state"])
+  assert int(st["count"]) == 40  # micro-steps
+  assert int(st["grad_evals"]) == 40
+
+
+def test_lightsam_accumulation_chain_is_lightsam_at_k1():
+  """The recipe's chain with every_k_schedule=1 is lightsam itself."""
+  params = mlp_params()
+  a = sam_optax.lightsam(mlp_loss, 0.3, 0.1)
+  b = optax.chain(
+      sam_optax.sharpness_aware(mlp_loss, rho=0.1,
+                                geometry=sam_optax.parts.adaptive_perturbation("adagrad_norm")),
+      optax.MultiSteps(optax.chain(sam_optax.scale_by_adagrad_norm(),
+                                   optax.scale_by_learning_rate(0.3)),
+                       every_k_schedule=1).gradient_transformation())
+  sa, sb = a.init(params), b.init(params)
+  pa = pb = params
+  for t in range(3):
+    batch = make_batch(seed=t)
+    ua, sa = a.update(jax.grad(mlp_loss)(pa, batch), sa, pa, batch=batch)
+    ub, sb = b.update(jax.grad(mlp_loss)(pb, batch), sb, pb, batch=batch)
+    pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
+  chex_close = lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)  # noqa: E731
+  jax.tree.map(chex_close, pa, pb)
+
+
+def test_multisteps_counts_micro_steps():
+  """looksam(k=2) under 3 micro-steps per update: the gate counts micro-steps."""
+  k_micro = 3
+  tx = optax.chain(sam_optax.looksam(mlp_loss, k=2),
+                   optax.MultiSteps(optax.sgd(0.1), every_k_schedule=k_micro)
+                   .gradient_transformation())
+  params = mlp_params()
+  st = tx.init(params)
+  update = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
+  for t in range(6):
+    batch = make_batch(seed=t)
+    u, st = update(jax.grad(mlp_loss)(params, batch), st, params, batch)
+    params = optax.apply_updates(params, u)
+  s = sam_optax.stats(st)
+  assert int(s["count"]) == 6            # micro-steps, not the 2 updates
+  assert int(s["grad_evals"]) == 3       # every 2nd micro-step
+
+
+def test_looksam_reuse_steps_with_huge_gradients():
+  """LookSAM on a cubic scaled by 1e20: outputs scale with the loss (a
+  loss whose perturbed gradient is not parallel to the clean one, so that
+  the stored orthogonal part is not rounding noise)."""
+  x = jnp.array([1.0, -2.0, 0.5])
+  outs = []
+  for scale in (1.0, 1e20):
+    def loss_fn(w, b, s=scale):
+      return s * (jnp.sum((w["w"] - b) ** 2) + jnp.sum(w["w"] ** 3))
+    tx = sam_optax.looksam(loss_fn, rho=0.1, k=2)
+    w = {"w": jnp.array([0.3, -0.1, 0.2])}
+    st = tx.init(w)
+    run = []
+    for _ in range(4):
+      u, st = tx.update(jax.grad(loss_fn)(w, x), st, w, batch=x)
+      run.append(np.asarray(u["w"], np.float64) / scale)
+    outs.append(np.stack(run))
+  assert np.all(np.isfinite(outs[1]))
+  np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# The issue's target for every method: a non-finite step is as if it never
+# happened (the engine's guard keeps count and every part's state).
+# --------------------------------------------------------------------------
+
+METHODS = {
+    "sam": {}, "asam": {}, "gnp": {}, "layerwise_sam": {},
+    "ssam_fisher": {"update_every": 2, "num_samples": 4,
+                    "batch_axes": {"xy": 0, "w0": None, "poison": None}},
+    "ssam_dynamic": {"update_every": 2, "total_steps": 10},
+    # vsam: step 2 (the injected one) is a warm-up step, so the perturbed
+    # point is evaluated there (a reuse step never evaluates it)
+    "looksam": {"k": 2}, "vsam": {"window": 4, "blocks": 2, "warmup_steps": 3},
+    "lightsam": {"learning_rate": 0.05},
+}
+@functools.lru_cache(maxsize=None)
+def _method_jitted(name):
+  tx = getattr(sam_optax, name)(_trap_loss, **METHODS[name])
+  return tx, jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
+
+
+def _method_run(name, inject, k=2, steps=5):
+  tx, upd = _method_jitted(name)
+  params = mlp_params()
+  st = tx.init(params)
+  for t in range(steps):
+    xy = make_batch(seed=t)
+    poison = 0.0
+    if t == k:
+      if inject is None:
+        continue
+      where, value = inject
+      if where == "batch":
+        xy = (xy[0].at[0, 0].set(value), xy[1])
+      elif where == "perturbed":
+        poison = value
+    batch = {"xy": xy, "w0": params, "poison": jnp.float32(poison)}
+    g = jax.grad(_trap_loss)(params, batch)
+    if t == k and inject[0] == "grad":
+      g = jax.tree.map(lambda a: a.at[(0,) * a.ndim].set(inject[1]), g)
+    u, st = upd(g, st, params, batch)
+    if t == k:
+      assert not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(u))
+      continue
+    params = optax.apply_updates(params, u)
+  # count and grad_evals are the step's bookkeeping, not its values
+  stats = {k: v for k, v in sam_optax.stats(st).items()
+           if k not in ("count", "grad_evals")}
+  return params, stats, jax.tree.leaves(st)
+
+
+def _cases():
+  for name in sorted(METHODS):
+    for where in ("grad", "batch", "perturbed"):
+      yield pytest.param(name, where, id=f"{name}-{where}")
+
+
+@pytest.mark.parametrize("name,where", list(_cases()))
+def test_non_finite_step_is_as_if_it_never_happened(name, where):
+  ref_params, ref_stats, _ = _method_run(name, None)
+  for value in (NAN, INF):
+    params, stats, _ = _method_run(name, (where, value))
+    _assert_same_tree(params, ref_params)
+    _assert_same_tree(stats, ref_stats)
+
+
+def test_layerwise_selection_with_huge_gradients():
+  """The layer with the larger gradient is chosen whatever the scale."""
+  params = {"a": {"kernel": jnp.ones((2, 2))}, "b": {"kernel": jnp.ones((2, 2))}}
+  for scale in (1.0, 1e20):
+    def loss_fn(p, x, s=scale):
+      return s * (jnp.sum(p["a"]["kernel"] * x) + 3.0 * jnp.sum(p["b"]["kernel"] * x))
+    tx = sam_optax.layerwise_sam(loss_fn, num_layers=1)
+    x = jnp.ones((2, 2))
+    st = tx.init(params)
+    _, st = tx.update(jax.grad(loss_fn)(params, x), st, params, batch=x)
+    names = sam_optax.layer_paths(params)
+    assert names[int(sam_optax.stats(st)["selected_layers"][0])] == "b", scale
+    ranked = sam_optax.rank_layers(loss_fn, params, [x])
+    assert ranked[0][0] == "b" and np.isfinite(ranked[0][1]), (scale, ranked)
