@@ -61,10 +61,18 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "layerwise_sam",
             "layerwise_sam",
-            {"rho": 0.1, "alpha": 0.8, "num_layers": 2, "select_every": 1},
+            # the output side, found from the graph (static: the fast path)
+            {"rho": 0.1, "alpha": 0.8, "num_layers": 2},
+            short_run={"rho": 0.1, "alpha": 0.8, "num_layers": 1},
+        ),
+        MethodSpec(  # the runtime selection by gradient norm
+            "layerwise_sam_runtime",
+            "layerwise_sam",
+            {"rho": 0.1, "alpha": 0.8, "num_layers": 2, "select_every": 1,
+             "select_by": "gradient"},
             # 1 of the MLP's 2 layers, re-ranked every 2 steps
             short_run={"rho": 0.1, "alpha": 0.8, "num_layers": 1,
-                       "select_every": 2},
+                       "select_every": 2, "select_by": "gradient"},
         ),
         MethodSpec(  # the fast path: the benchmark CNN's two output layers
             "layerwise_sam_fixed",

@@ -43,6 +43,7 @@ from sam_optax._src.region import FixedLayers
 from sam_optax._src.region import FixedMask
 from sam_optax._src.region import LayerSelection
 from sam_optax._src.region import MaskState
+from sam_optax._src.region import OutputLayers
 from sam_optax._src.region import RefreshedMask
 from sam_optax._src.region import TopLayers
 from sam_optax._src.region import cosine_drop_rate
@@ -52,6 +53,7 @@ from sam_optax._src.region import fisher_mask
 from sam_optax._src.region import fixed_layers
 from sam_optax._src.region import fixed_mask
 from sam_optax._src.region import mask_density
+from sam_optax._src.region import output_layers
 from sam_optax._src.region import top_layers
 
 # Gates.

@@ -47,7 +47,7 @@ METHODS = {
     "ssam_fisher": {"rho": 0.05, "sparsity": 0.5, "num_samples": 4,
                     "update_every": 2},
     "layerwise_sam": {"rho": 0.1, "alpha": 0.8, "num_layers": 1,
-                      "select_every": 2},
+                      "select_every": 2, "select_by": "gradient"},
 }
 
 

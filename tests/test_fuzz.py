@@ -61,6 +61,8 @@ SPECS: dict[str, dict[str, tuple]] = {
         # the test MLP has 2 layers
         "num_layers": (st.integers(1, 2), st.one_of(st.integers(-3, 0), st.integers(3, 50))),
         "select_every": (st.integers(1, 100), st.integers(-3, 0)),
+        "select_by": (st.sampled_from(["depth", "gradient"]),
+                      st.sampled_from(["norm", "", None])),
         "layers": (st.sampled_from([None, "l2", ("l1",), ("l1", "l2")]),
                    st.sampled_from(["l3", ("l1", "nope"), ()])),
     },

@@ -1,5 +1,7 @@
 """Layer-wise SAM (issue 5) against references computed in the test."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,16 @@ def loss_fn(p, batch):
   return (fit + pen).astype(jnp.float32)
 
 
+
+def lw(*args, **kwargs):
+  """layerwise_sam with the rule these references compute: the perturbation
+  normalised over the selection and, without ``layers=``, the runtime
+  selection by gradient norm (the defaults are tested below)."""
+  kwargs.setdefault("normalize", "selection")
+  if kwargs.get("layers") is None:
+    kwargs.setdefault("select_by", "gradient")
+  return sam_optax.layerwise_sam(*args, **kwargs)
+
 grad_fn = jax.jit(jax.grad(loss_fn))
 
 
@@ -74,11 +86,14 @@ def top_k(norms, k):
   return list(np.argsort(-norms, kind="stable")[:k])
 
 
-def reference(params, batch, selected, rho, alpha, eps=1e-12):
-  """The rule of ALGORITHMS.md §4, in NumPy plus plain jax.grad."""
+def reference(params, batch, selected, rho, alpha, eps=1e-12, normalize="selection"):
+  """The layer-wise rule in NumPy plus plain jax.grad: the perturbation on
+  the selected layers, its norm over them ("selection") or over the whole
+  gradient ("global"); the mix on the selected layers, g elsewhere."""
   g = np_tree(grad_fn(params, batch))
   names = [LAYERS[i] for i in selected]
-  norm = np.sqrt(sum(np.sum(v**2) for n in names for v in g[n].values()))
+  over = names if normalize == "selection" else list(g)
+  norm = np.sqrt(sum(np.sum(v**2) for n in over for v in g[n].values()))
   scale = rho / (norm + eps)
   perturbed = {
       n: {
@@ -161,7 +176,7 @@ def test_layer_paths_flax_nnx_state():
 )
 def test_fixed_selection_matches_reference(layers):
   params, batch = mlp_params(), make_batch()
-  tx = sam_optax.layerwise_sam(loss_fn, rho=0.3, alpha=0.7, layers=layers)
+  tx = lw(loss_fn, rho=0.3, alpha=0.7, layers=layers)
   g, out, state = one_update(tx, params, batch)
   sel = [1] if layers == "l2" else [1, 2]
   assert_close(out, reference(params, batch, sel, 0.3, 0.7))
@@ -176,7 +191,7 @@ def test_runtime_selection_reference_select_every_and_no_retrace():
   """Top-2 by norm of the clean gradient of steps 0, 2, 4, used from the
   next step on; step 0 perturbs every layer; one trace for all steps."""
   params = mlp_params()
-  tx = sam_optax.layerwise_sam(
+  tx = lw(
       loss_fn, rho=0.2, alpha=0.8, num_layers=2, select_every=2
   )
   state = tx.init(params)
@@ -220,7 +235,7 @@ def test_runtime_ties_go_to_the_lower_layer_index():
   w = {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}
   params = {"a": w, "b": w, "c": w}
   lf = lambda p, x: sum(jnp.sum(jnp.sin(x @ p[k]["kernel"])) for k in p)
-  tx = sam_optax.layerwise_sam(lf, num_layers=2)
+  tx = lw(lf, num_layers=2)
   x = jnp.ones((3, 2))
   _, _, state = one_update(tx, params, x, loss=lf)
   assert sam_optax.stats(state)["selected_layers"].tolist() == [0, 1]
@@ -230,10 +245,10 @@ def test_all_layers_with_alpha_one_is_sam():
   params, batch = mlp_params(), make_batch(pen=(0.1, 0.2, 0.0))
   _, ref, _ = one_update(sam_optax.sam(loss_fn, rho=0.05), params, batch)
   for tx in [
-      sam_optax.layerwise_sam(
+      lw(
           loss_fn, rho=0.05, alpha=1.0, layers=lambda path: True
       ),
-      sam_optax.layerwise_sam(loss_fn, rho=0.05, alpha=1.0, num_layers=3),
+      lw(loss_fn, rho=0.05, alpha=1.0, num_layers=3),
   ]:
     _, out, _ = one_update(tx, params, batch)
     chex.assert_trees_all_close(out, ref, atol=1e-6, rtol=1e-6)
@@ -249,15 +264,15 @@ def test_has_aux_bf16_and_rho_zero():
     g = grad_fn(params, batch)
     res = []
     for layers in [None, ("l3",)]:
-      tx = sam_optax.layerwise_sam(loss_fn, layers=layers)
-      tx_aux = sam_optax.layerwise_sam(aux_loss, layers=layers, has_aux=True)
-      tx0 = sam_optax.layerwise_sam(loss_fn, rho=0.0, layers=layers)
+      tx = lw(loss_fn, layers=layers)
+      tx_aux = lw(aux_loss, layers=layers, has_aux=True)
+      tx0 = lw(loss_fn, rho=0.0, layers=layers)
       out, _ = tx.update(g, tx.init(params), params, batch=batch)
       out_aux, _ = tx_aux.update(g, tx_aux.init(params), params, batch=batch)
       out0, st0 = tx0.update(g, tx0.init(params), params, batch=batch)
       res.append((out, out_aux, out0, st0.grad_evals))
     g16 = grad_fn(p16, batch)
-    tx = sam_optax.layerwise_sam(loss_fn, num_layers=2)
+    tx = lw(loss_fn, num_layers=2)
     out16, _ = tx.update(g16, tx.init(p16), p16, batch=batch)
     return g, res, out16
 
@@ -279,7 +294,7 @@ def test_parts_compose_with_a_gate():
       loss_fn,
       0.3,
       geometry=parts.global_norm(),
-      region=parts.fixed_layers(["l2", "l3"]),
+      region=functools.partial(parts.fixed_layers, normalize="selection")(["l2", "l3"]),
       gate=parts.every_k(2),
       combine=parts.mix(0.5),
   )
@@ -299,9 +314,11 @@ def test_parts_compose_with_a_gate():
 def test_inject_hyperparams_rho_schedule_and_alpha():
   params = mlp_params()
   sched = optax.piecewise_constant_schedule(0.05, {1: 4.0})  # 0.05, then 0.2
-  static = ("loss_fn", "num_layers", "select_every", "layers", "group_fn")
+  static = ("loss_fn", "num_layers", "select_every", "layers", "group_fn",
+            "normalize")
   tx = optax.inject_hyperparams(sam_optax.layerwise_sam, static_args=static)(
-      loss_fn, rho=sched, alpha=0.6, layers=lambda path: path != "l1"
+      loss_fn, rho=sched, alpha=0.6, layers=lambda path: path != "l1",
+      normalize="selection",
   )
   state = tx.init(params)
   step = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
@@ -331,7 +348,7 @@ def test_pmap_selection_agreement_and_reference():
   pens = [(10.0, 0, 0), (10.0, 0, 0), (0, 0, 12.0), (0, 3.0, 0)]
   batches = [make_batch(seed=10 + d, pen=pens[d]) for d in range(n)]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
-  tx = sam_optax.layerwise_sam(loss_fn, rho=0.2, alpha=0.6, axis_name="d")
+  tx = lw(loss_fn, rho=0.2, alpha=0.6, axis_name="d")
   rep = jax.tree.map(lambda x: jnp.stack([x] * n), params)
   state = jax.pmap(tx.init)(rep)
 
@@ -408,13 +425,13 @@ def test_fixed_layers_drop_backward_below_the_selection():
   # SAM: 3 forward convs + 3 kernel cotangents + 2 input cotangents.
   assert convs_in_update(sam_optax.sam(cnn_loss)) == 8
   # Runtime selection is data-dependent: a full second gradient.
-  assert convs_in_update(sam_optax.layerwise_sam(cnn_loss)) == 8
+  assert convs_in_update(lw(cnn_loss)) == 8
   # fc + head: the three forward convs only, no conv is differentiated.
-  fixed = sam_optax.layerwise_sam(cnn_loss, layers=("fc", "head"))
+  fixed = lw(cnn_loss, layers=("fc", "head"))
   assert convs_in_update(fixed) == 3
   # conv3 + head: one kernel cotangent more, still nothing below conv3.
   assert convs_in_update(
-      sam_optax.layerwise_sam(cnn_loss, layers=("conv3", "head"))
+      lw(cnn_loss, layers=("conv3", "head"))
   ) == 4
 
   # In the compiled train step, the second evaluation's forward convs are
@@ -475,7 +492,7 @@ def test_rank_layers_against_numpy():
 )
 def test_construction_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    sam_optax.layerwise_sam(loss_fn, **kwargs)
+    lw(loss_fn, **kwargs)
 
 
 def test_init_errors_name_the_valid_layers():
@@ -483,14 +500,63 @@ def test_init_errors_name_the_valid_layers():
   with pytest.raises(
       ValueError, match=r"num_layers must be an integer in \[1, 3\].*'l1'"
   ):
-    sam_optax.layerwise_sam(loss_fn, num_layers=4).init(params)
+    lw(loss_fn, num_layers=4).init(params)
   with pytest.raises(
       ValueError, match=r"'fc' names no layer.*\['l1', 'l2', 'l3'\]"
   ):
-    sam_optax.layerwise_sam(loss_fn, layers=["l3", "fc"]).init(params)
+    lw(loss_fn, layers=["l3", "fc"]).init(params)
   with pytest.raises(ValueError, match="predicate selects no layer"):
-    sam_optax.layerwise_sam(loss_fn, layers=lambda p: False).init(params)
+    lw(loss_fn, layers=lambda p: False).init(params)
   with pytest.raises(ValueError, match="group_fn must return a layer name"):
-    sam_optax.layerwise_sam(loss_fn, group_fn=lambda p: 1).init(params)
+    lw(loss_fn, group_fn=lambda p: 1).init(params)
   with pytest.raises(ValueError, match="at least one batch"):
     sam_optax.rank_layers(loss_fn, params, [])
+
+
+# --------------------------------------------------------------------------
+# The defaults: the output side from the graph, the global norm.
+# --------------------------------------------------------------------------
+
+
+def test_default_is_the_output_side_with_the_global_norm():
+  params = mlp_params()
+  batch = make_batch(seed=3, pen=(1.0, 0.0, 0.0))  # l1 has the largest gradient
+  out, state = jax.jit(
+      lambda g, s: sam_optax.layerwise_sam(loss_fn, rho=0.3, alpha=0.7).update(
+          g, s, params, batch=batch)
+  )(grad_fn(params, batch), sam_optax.layerwise_sam(loss_fn).init(params))
+  assert sam_optax.stats(state)["selected_layers"].tolist() == [1, 2]
+  assert_close(out, reference(params, batch, [1, 2], 0.3, 0.7,
+                              normalize="global"))
+  chex.assert_trees_all_equal(out["l1"], grad_fn(params, batch)["l1"])
+
+
+def test_output_side_of_a_cnn_is_found_from_the_graph_and_costs_no_conv():
+  params, batch, cnn_loss = _cnn()
+  tx = sam_optax.layerwise_sam(cnn_loss)
+  _, state = tx.update(jax.grad(cnn_loss)(params, batch), tx.init(params),
+                       params, batch=batch)
+  names = sam_optax.layer_paths(params)
+  chosen = [names[i] for i in sam_optax.stats(state)["selected_layers"].tolist()]
+  assert chosen == ["fc", "head"]
+  jaxpr = jax.make_jaxpr(lambda g, s, p, b: tx.update(g, s, p, batch=b))(
+      params, tx.init(params), params, batch
+  )
+  assert str(jaxpr).count("conv_general_dilated") == 3  # the forward only
+
+
+def test_layer_paths_match_a_suffix_in_a_linen_variables_dict():
+  params = {"params": mlp_params()}
+
+  def lf(v, b):
+    return loss_fn(v["params"], b)
+
+  batch = make_batch(seed=1)
+  tx = sam_optax.layerwise_sam(lf, layers=("l2", "l3"), normalize="selection")
+  out, state = tx.update(jax.grad(lf)(params, batch), tx.init(params),
+                         params, batch=batch)
+  assert sam_optax.stats(state)["selected_layers"].tolist() == [1, 2]
+  assert_close(out["params"], reference(params["params"], batch, [1, 2], 0.1, 0.8))
+  two = {"a": {"head": mlp_params()["l1"]}, "b": {"head": mlp_params()["l2"]}}
+  with pytest.raises(ValueError, match=r"'head' matches several layers.*'a/head'.*'b/head'"):
+    sam_optax.layerwise_sam(lambda p, b: 0.0, layers="head").init(two)

@@ -48,13 +48,14 @@ EXTRA = {
         combine=parts.decayed_reuse(),
     ),
     "layerwise_select_every_1": lambda: sam_optax.layerwise_sam(
-        mlp_loss, 0.1, num_layers=1
+        mlp_loss, 0.1, num_layers=1, select_by="gradient"
     ),
 }
 
 # Distinct plans over STEPS steps (the "handful" the README promises).
 EXPECTED_PLANS = {
-    "sam": 1, "asam": 1, "gnp": 1, "layerwise_sam_fixed": 1, "ssam_mask": 1,
+    "sam": 1, "asam": 1, "gnp": 1, "layerwise_sam": 1,
+    "layerwise_sam_fixed": 1, "ssam_mask": 1,
     "lightsam": 1, "lightsam_adagrad": 1, "lightsam_adam": 1,
     "looksam": 2, "looksam_per_leaf": 2,  # SAM step, reuse step
     "ssam_fisher": 2, "ssam_dynamic": 2,  # refresh or not
@@ -125,7 +126,7 @@ def test_planned_equals_unplanned_with_few_plans_each_traced_once(name):
   assert set(traces) == distinct
   if name in EXPECTED_PLANS:
     assert len(distinct) == EXPECTED_PLANS[name], distinct
-  if name.startswith("layerwise_sam") and name != "layerwise_sam_fixed":
+  if name in ("layerwise_sam_runtime", "layerwise_select_every_1"):
     # One program per distinct selection, plus step 0 (every layer).
     assert 2 <= len(distinct) <= 3, distinct
   # No conditional in any planned program.
@@ -137,7 +138,8 @@ def test_planned_equals_unplanned_with_few_plans_each_traced_once(name):
     text = step.lower(p, s, b, plan=plan).as_text()
     assert "stablehlo.case" not in text, (name, plan)
   # Without a plan, a method with a decision keeps its lax.cond.
-  if len(distinct) > 1 and not name.startswith("layerwise"):
+  if len(distinct) > 1 and name not in (
+      "layerwise_sam_runtime", "layerwise_select_every_1"):
     assert "stablehlo.case" in step.lower(p, s, b, plan=None).as_text()
 
 
@@ -174,7 +176,9 @@ def test_planner_reads_the_device_only_where_it_must():
   # vSAM: once per window after warm-up (1000 - 100) / 50 = 18 windows.
   assert _reads_per_1000(sam_optax.vsam(mlp_loss), params) == 18
   # A runtime selection: once per re-selection (steps 1, 11, 21, ...).
-  lw = sam_optax.layerwise_sam(mlp_loss, num_layers=1, select_every=10)
+  lw = sam_optax.layerwise_sam(
+      mlp_loss, num_layers=1, select_every=10, select_by="gradient"
+  )
   assert _reads_per_1000(lw, params) == 100
 
 
@@ -183,7 +187,7 @@ def test_plans_agree_across_pmap_devices_and_match_one_device():
   the planned pmap run equals the single-device run and its plans."""
   if jax.device_count() < tm.NDEV:
     pytest.skip("needs 8 devices")
-  for name in ["vsam", "layerwise_sam", "ssam_fisher"]:
+  for name in ["vsam", "layerwise_sam_runtime", "ssam_fisher"]:
     _, s_one, plans_one, _, _ = _run(name, planned=True)
     plan_of = sam_optax.planner(tm.sam_transform(name, axis_name="d"))
     sam_tx = tm.build(name, axis_name="d")
@@ -214,7 +218,7 @@ def test_plans_under_sharded_jit_match_one_device():
   if jax.device_count() < tm.NDEV:
     pytest.skip("needs 8 devices")
   mesh = Mesh(np.array(jax.devices()[:tm.NDEV]), ("d",))
-  for name in ["vsam", "layerwise_sam"]:
+  for name in ["vsam", "layerwise_sam_runtime"]:
     p_one, _, plans_one, _, _ = _run(name, planned=True)
     sam_tx, tx = build(name)
     plan_of = sam_optax.planner(sam_tx)

@@ -613,7 +613,7 @@ def test_looksam_reuse_steps_with_huge_gradients():
 # --------------------------------------------------------------------------
 
 METHODS = {
-    "sam": {}, "asam": {}, "gnp": {}, "layerwise_sam": {},
+    "sam": {}, "asam": {}, "gnp": {}, "layerwise_sam": {"select_by": "gradient"},
     "ssam_fisher": {"update_every": 2, "num_samples": 4,
                     "batch_axes": {"xy": 0, "w0": None, "poison": None}},
     "ssam_dynamic": {"update_every": 2, "total_steps": 10},
@@ -679,9 +679,10 @@ def test_layerwise_selection_with_huge_gradients():
   for scale in (1.0, 1e20):
     def loss_fn(p, x, s=scale):
       return s * (jnp.sum(p["a"]["kernel"] * x) + 3.0 * jnp.sum(p["b"]["kernel"] * x))
-    tx = sam_optax.layerwise_sam(loss_fn, num_layers=1)
+    tx = sam_optax.layerwise_sam(loss_fn, num_layers=1, select_by="gradient")
     x = jnp.ones((2, 2))
     st = tx.init(params)
+    _, st = tx.update(jax.grad(loss_fn)(params, x), st, params, batch=x)
     _, st = tx.update(jax.grad(loss_fn)(params, x), st, params, batch=x)
     names = sam_optax.layer_paths(params)
     assert names[int(sam_optax.stats(st)["selected_layers"][0])] == "b", scale

@@ -211,8 +211,9 @@ def layerwise_sam(
     num_layers: int = 2,
     select_every: int = 1,
     layers: Optional[LayerSpec] = None,
+    select_by: str = "depth",
     group_fn: Optional[GroupFn] = None,
-    normalize: str = "selection",
+    normalize: str = "global",
     second: str = "selected",
     has_aux: bool = False,
     axis_name: Optional[str] = None,
@@ -221,61 +222,75 @@ def layerwise_sam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Layer-wise SAM (Lee, KDD 2024, arXiv 2503.14205).
 
-  A gradient-norm penalty over a few critical layers ``S`` only::
+  A gradient-norm penalty (:func:`gnp`) on a few critical layers ``S`` only.
+  With the defaults::
 
-      e_l   = rho * g_l / (sqrt(Σ_{j∈S} ‖g_j‖²) + eps)   for l ∈ S, else 0
+      e_l   = rho * g_l / (‖g‖ + eps)                  for l ∈ S, else 0
       h_S   = ∇_{w_S} L_B(w + e)
-      out_l = (1 - alpha) * g_l + alpha * h_l            for l ∈ S
-      out_l = g_l                                        otherwise (exactly)
+      out_l = (1 - alpha) * g_l + alpha * h_l          for l ∈ S
+      out_l = g_l                                      otherwise (exactly)
 
-  ``S`` is either
+  that is SAM's perturbation restricted to ``S`` (its norm over the whole
+  gradient, so ``‖e‖ <= rho``), and the penalty's gradient on ``S`` only.
 
-  * fixed, ``layers=``: layer paths or a predicate on the path. The second
-    evaluation differentiates the selected leaves only; the other leaves enter
-    it as the very same arrays, so XLA shares the forward pass below ``S``
-    with the caller's clean pass and backpropagates nothing below the lowest
-    selected layer. This is the fast path: a step costs SGD plus the
-    forward/backward of the layers from the lowest selected one up. Pick the
-    set once from data with :func:`rank_layers`.
-  * runtime (``layers=None``): the ``num_layers`` layers with the largest
+  ``S`` is, by default (``select_by="depth"``), the ``num_layers`` layers
+  nearest the loss: the output side, found once at trace time from the
+  loss's computation graph (the longest chain of operations from a layer's
+  parameters to the loss, shortest first; :class:`parts.OutputLayers`). It
+  is static, so the second evaluation differentiates those layers only and
+  the rest of the network enters it as the very same arrays: a step costs
+  SGD plus the backward of the selected layers (1.00x SGD on the
+  benchmark CNN; see the README's benchmark). Other choices:
+
+  * ``layers=``: a fixed set, layer paths (matched on a path suffix, so
+    ``"head"`` finds ``"params/head"``) or a predicate; the same fast path.
+    :func:`rank_layers` ranks layers by gradient norm from data.
+  * ``select_by="gradient"``: the ``num_layers`` layers with the largest
     clean-gradient norm, ranked at the end of every step with ``count %
-    select_every == 0`` and used from the next step on (a lag of one step;
-    step 0 perturbs every layer); ties go to the lower layer index. Without
-    a plan the choice is an array on the device, so the second gradient is
-    a full one (about what :func:`sam_optax.gnp` costs). With planned steps
-    (:func:`sam_optax.planner`) the selection is part of the plan: only the
-    selected layers are differentiated, as on the fixed path, with one
-    compiled program per distinct selection, and the planner reads the
-    selection once per re-selection.
+    select_every == 0`` and used from the next step on (step 0 perturbs
+    every layer). Without a plan the selection is an array and the second
+    gradient is a full one (GNP's cost); with planned steps
+    (:func:`sam_optax.planner`) it is static per step, with one program per
+    distinct selection and one device read per re-selection.
 
-  A layer is by default the innermost mapping holding arrays (a Flax module's
-  ``{kernel, bias}``), named by its keys joined by "/"; see
-  :func:`layer_paths`. With every layer selected and ``alpha = 1`` this is
-  SAM with radius ``rho``.
+  How the defaults were chosen (``python -m experiments.layerwise_study``;
+  the README has the table): on the digits with the small CNN, 5 seeds, rho
+  0.1, alpha 0.8, 30% label noise, the output side with the global norm
+  reached 78.78% against GNP's 78.78% and SGD's 77.28%; the rule we first
+  specified (the two layers of largest gradient norm, the perturbation
+  normalised over them) gave 75.94%, below SGD: a radius-rho step
+  concentrated on two layers is far stronger per layer than SAM's. Without
+  label noise every variant is within 0.7 points (SGD 98.22%, GNP 98.44%,
+  the default 98.56%). ``normalize="selection"`` (``‖e‖ = rho`` on the
+  selection) and ``second="all"`` (a full backward pass) remain as
+  keywords.
 
-  The paper's algorithm box was not available to us; the rule above is ours,
-  consistent with the paper's description and the
-  author's GNP code. Defaults ``rho`` 0.1, ``alpha`` 0.8 (the GNP recipe),
-  ``num_layers`` 2, ``select_every`` 1 [ours].
+  The paper's algorithm box was not available to us; the rule is ours,
+  consistent with the paper's description (critical layers at the output
+  side, throughput close to SGD, accuracy comparable to SAM/GNP) and with
+  the author's GNP code. Defaults ``rho`` 0.1, ``alpha`` 0.8 (the GNP
+  recipe), ``num_layers`` 2.
 
   Args:
     loss_fn: ``loss_fn(params, batch)``.
     rho: radius, float or schedule.
     alpha: mixing weight in [0, 1], float or schedule.
-    num_layers: runtime selection: how many layers, in [1, number of
-      layers] (the upper bound is checked at ``init``).
-    select_every: runtime selection: re-choose on steps with
-      ``count % select_every == 0``; >= 1.
+    num_layers: how many layers (``select_by`` "depth" or "gradient"), in
+      [1, number of layers] (the upper bound is checked at ``init``).
+    select_every: ``select_by="gradient"``: re-rank on steps with ``count %
+      select_every == 0``; >= 1.
     layers: a fixed selection: a layer path, a sequence of paths, or a
-      predicate ``path -> bool``; paths that name no layer fail at ``init``
-      with the list of valid ones. ``num_layers`` and ``select_every`` are
-      then unused.
+      predicate ``path -> bool``; paths that name no layer (or several) fail
+      at ``init`` with the list of valid ones. ``num_layers``,
+      ``select_every`` and ``select_by`` are then unused.
+    select_by: ``"depth"`` (default, the output side, static) or
+      ``"gradient"`` (ranked at run time), when ``layers`` is None.
     group_fn: ``leaf_path -> layer_name``, replacing the default grouping.
-    normalize: ``"selection"`` (default): ``e`` normalised over the
-      selected layers (``‖e‖ = rho``); ``"global"``: over the whole
-      gradient, i.e. SAM's perturbation restricted to the selection
-      (``‖e‖ <= rho``; the same as scaling rho by the selection's share
-      ``‖g_S‖ / ‖g‖`` of the gradient norm).
+    normalize: ``"global"`` (default): the perturbation normalised over the
+      whole gradient, i.e. SAM's perturbation restricted to the selection
+      (the same as scaling rho by the selection's share ``‖g_S‖ / ‖g‖`` of
+      the gradient norm); ``"selection"``: over the selected layers only
+      (``‖e‖ = rho``).
     second: ``"selected"`` (default): the second gradient is taken and
       mixed in on the selected layers only, the others keep ``g`` exactly;
       ``"all"``: on every layer (the penalty's full gradient; a full
@@ -286,7 +301,8 @@ def layerwise_sam(
 
   Under ``optax.inject_hyperparams``, ``rho`` and ``alpha`` may be injected;
   the structural arguments must be static: ``static_args=("loss_fn",
-  "num_layers", "select_every", "layers", "group_fn")``.
+  "num_layers", "select_every", "layers", "select_by", "group_fn",
+  "normalize", "second")``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``sam_optax.stats`` reports
@@ -300,24 +316,27 @@ def layerwise_sam(
     ...   return jnp.sum((h @ p["head"]["kernel"]) ** 2)
     >>> p = {"fc": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)},
     ...      "head": {"kernel": jnp.ones((4, 1))}}
-    >>> tx = optax.chain(sam_optax.layerwise_sam(loss_fn, layers=["head"]),
+    >>> tx = optax.chain(sam_optax.layerwise_sam(loss_fn, num_layers=1),
     ...                  optax.sgd(0.1))
     >>> state = tx.init(p)
     >>> x = jnp.ones((2, 3))
     >>> u, state = tx.update(jax.grad(loss_fn)(p, x), state, p, batch=x)
-    >>> sam_optax.stats(state)["selected_layers"].tolist()
+    >>> sam_optax.stats(state)["selected_layers"].tolist()  # the output side
     [1]
   """
   num_layers = base.static_int("num_layers", num_layers, 1)
   select_every = base.static_int("select_every", select_every, 1)
+  base.check_choice("select_by", select_by, ("depth", "gradient"))
   layers_lib.check_group_fn(group_fn)
   choices = {"group_fn": group_fn, "normalize": normalize, "second": second}
-  if layers is None:
+  if layers is not None:
+    region = region_lib.fixed_layers(layers, **choices)
+  elif select_by == "depth":
+    region = region_lib.output_layers(num_layers, **choices)
+  else:
     region = region_lib.top_layers(
         num_layers, select_every=select_every, **choices
     )
-  else:
-    region = region_lib.fixed_layers(layers, **choices)
   return engine.sharpness_aware(
       loss_fn,
       rho,

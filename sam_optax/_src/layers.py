@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 import numpy as np
 
 from sam_optax._src import base
@@ -192,3 +193,76 @@ def match_layers(names: list[str], wanted: Iterable[str]) -> list[int]:
       )
     chosen.add(hits[0])
   return sorted(chosen)
+
+
+# --------------------------------------------------------------------------
+# The output side, from the loss's computation graph.
+# --------------------------------------------------------------------------
+
+#: Call-like primitives whose body is followed (a jitted module, a custom
+#: derivative): their parameters' uses are inside.
+_BODIES = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
+           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
+           "remat": "jaxpr", "checkpoint": "jaxpr"}
+
+
+def _edges(jaxpr, edges: list) -> None:
+  """(inputs, outputs) per equation, bodies of call-like ones inlined."""
+  for eqn in jaxpr.eqns:
+    key = _BODIES.get(eqn.primitive.name)
+    body = eqn.params.get(key) if key else None
+    if body is not None:
+      inner = getattr(body, "jaxpr", body)
+      if len(inner.invars) == len(eqn.invars) and len(inner.outvars) == len(
+          eqn.outvars
+      ):
+        for a, b in zip(eqn.invars, inner.invars):
+          edges.append(([a], [b]))
+        _edges(inner, edges)
+        for a, b in zip(inner.outvars, eqn.outvars):
+          edges.append(([a], [b]))
+        continue
+    edges.append((list(eqn.invars), list(eqn.outvars)))
+
+
+def leaf_depths(loss: Callable, params: PyTree, batch: Any) -> list[float]:
+  """For every leaf of ``params``: the longest chain of operations from it
+  to the loss (inf when the loss does not use it). Traced once from shapes;
+  nothing runs."""
+  shapes = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
+      (params, batch),
+  )
+  closed = jax.make_jaxpr(loss)(*shapes)
+  jaxpr = closed.jaxpr
+  edges: list = []
+  _edges(jaxpr, edges)
+  depth = {}
+  for v in jaxpr.outvars:
+    if not isinstance(v, jex_core.Literal):
+      depth[v] = 0
+  for ins, outs in reversed(edges):
+    d = max((depth[o] for o in outs if o in depth), default=None)
+    if d is None:
+      continue
+    for v in ins:
+      if not isinstance(v, jex_core.Literal):
+        depth[v] = max(depth.get(v, -1), d + 1)
+  n = len(jax.tree.leaves(params))
+  return [float(depth.get(v, np.inf)) for v in jaxpr.invars[:n]]
+
+
+def output_layers(
+    loss: Callable, params: PyTree, batch: Any, num: int,
+    group_fn: Optional[GroupFn] = None,
+) -> list[int]:
+  """The ``num`` layers nearest the loss (the output side), as indices into
+  :func:`layer_paths`: ranked by the longest chain of operations from any of
+  their leaves to the loss, shortest first (ties: the later layer)."""
+  names, ids = leaf_layers(params, group_fn)
+  layer_depth = [np.inf] * len(names)
+  for i, d in zip(ids, leaf_depths(loss, params, batch)):
+    layer_depth[i] = min(layer_depth[i], d)
+  order = sorted(range(len(names)), key=lambda i: (layer_depth[i], -i))
+  return sorted(order[:num])

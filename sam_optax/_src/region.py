@@ -570,7 +570,7 @@ class FixedLayers(engine.Region):
 
   layers: Any = ()
   group_fn: Optional[GroupFn] = None
-  normalize_over_region: bool = True
+  normalize_over_region: bool = False
   clean_outside: bool = True
 
   def selected_indices(self, params: PyTree) -> list[int]:
@@ -615,6 +615,45 @@ def static_layer_mask(params, group_fn, chosen) -> PyTree:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class OutputLayers(engine.Region):
+  """The ``num_layers`` layers nearest the loss: the output side, found from
+  the computation graph.
+
+  At trace time ``loss_fn`` is traced once from shapes (nothing runs) and
+  each layer gets the longest chain of operations from one of its leaves to
+  the loss (:func:`layers.output_layers`); the ``num_layers`` shortest are
+  selected (ties: the later layer). The choice is static, like
+  :class:`FixedLayers`: only those layers are differentiated in the second
+  evaluation, with no plan needed. On the small CNN of the experiments this
+  is ``fc`` and ``head``; on ResNet-18 the head and the last BatchNorm.
+  ``stats()`` reports the selection (-1 before the first update).
+  """
+
+  num_layers: int = 2
+  group_fn: Optional[GroupFn] = None
+  normalize_over_region: bool = False
+  clean_outside: bool = True
+
+  def init(self, params):
+    names, _ = layers_lib.leaf_layers(params, self.group_fn)
+    if self.num_layers > len(names):
+      raise ValueError(
+          f"num_layers must be an integer in [1, {len(names)}] (the number "
+          f"of layers of params: {names}), got {self.num_layers}"
+      )
+    return LayerSelection(selected=jnp.full((self.num_layers,), -1, jnp.int32))
+
+  def select(self, step, state):
+    del state
+    chosen = layers_lib.output_layers(
+        step.loss, step.params, step.batch, self.num_layers, self.group_fn
+    )
+    mask = static_layer_mask(step.params, self.group_fn, chosen)
+    selection = LayerSelection(selected=jnp.asarray(chosen, jnp.int32))
+    return mask, selection, jnp.zeros((), jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class TopLayers(engine.Region):
   """The ``num_layers`` layers with the largest clean-gradient norm, chosen
   from the clean gradient of an earlier step.
@@ -640,7 +679,7 @@ class TopLayers(engine.Region):
   num_layers: int = 2
   select_every: int = 1
   group_fn: Optional[GroupFn] = None
-  normalize_over_region: bool = True
+  normalize_over_region: bool = False
   clean_outside: bool = True
 
   def _layers(self, params):
@@ -718,13 +757,14 @@ def fixed_layers(
     layers: LayerSpec,
     *,
     group_fn: Optional[GroupFn] = None,
-    normalize: str = "selection",
+    normalize: str = "global",
     second: str = "selected",
 ) -> FixedLayers:
   """A fixed layer region (see :class:`FixedLayers`); paths checked at init.
 
-  ``normalize``: the perturbation norm over the selection ("selection") or
-  over the whole gradient ("global"). ``second``: the second gradient is
+  ``normalize``: the perturbation norm over the whole gradient ("global",
+  the default: SAM's perturbation restricted to the selection) or over the
+  selection ("selection", ``‖e‖ = rho``). ``second``: the second gradient is
   used on the selected layers only ("selected"; the others keep the clean
   gradient and are not differentiated) or on every layer ("all": a full
   backward pass).
@@ -749,12 +789,29 @@ def fixed_layers(
   return FixedLayers(layers=layers, group_fn=group_fn, **flags)
 
 
+def output_layers(
+    num_layers: int = 2,
+    *,
+    group_fn: Optional[GroupFn] = None,
+    normalize: str = "global",
+    second: str = "selected",
+) -> OutputLayers:
+  """The output-side layers (see :class:`OutputLayers`); ``normalize`` and
+  ``second`` as in :func:`fixed_layers`."""
+  num_layers = base.static_int("num_layers", num_layers, 1)
+  layers_lib.check_group_fn(group_fn)
+  return OutputLayers(
+      num_layers=num_layers, group_fn=group_fn,
+      **_layer_flags(normalize, second),
+  )
+
+
 def top_layers(
     num_layers: int = 2,
     *,
     select_every: int = 1,
     group_fn: Optional[GroupFn] = None,
-    normalize: str = "selection",
+    normalize: str = "global",
     second: str = "selected",
 ) -> TopLayers:
   """A runtime layer selection (see :class:`TopLayers`); ``normalize`` and
