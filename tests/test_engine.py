@@ -236,3 +236,25 @@ def test_non_finite_step_leaves_part_states_unchanged(name):
       bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(sam_parts(s3)[0])
       if jnp.issubdtype(x.dtype, jnp.floating)
   )
+
+
+def test_ssam_fisher_under_inject_hyperparams_names_batch_axes():
+  p, b = mlp_params(), make_batch()
+  kw = dict(num_samples=4, update_every=2)
+  with pytest.raises(ValueError, match="'batch_axes' in static_args"):
+    optax.inject_hyperparams(
+        sam_optax.ssam_fisher,
+        static_args=("loss_fn", "num_samples", "update_every", "chunk_size"),
+    )(mlp_loss, 0.05, 0.5, **kw).init(p)
+  tx = optax.inject_hyperparams(
+      sam_optax.ssam_fisher,
+      static_args=("loss_fn", "num_samples", "update_every", "chunk_size",
+                   "batch_axes"),
+  )(mlp_loss, 0.05, 0.5, **kw)
+  s = tx.init(p)
+  g = jax.grad(mlp_loss)(p, b)
+  out, s = jax.jit(lambda g, s: tx.update(g, s, p, batch=b))(g, s)
+  ref, _ = sam_optax.ssam_fisher(mlp_loss, 0.05, 0.5, **kw).update(
+      g, sam_optax.ssam_fisher(mlp_loss, 0.05, 0.5, **kw).init(p), p, batch=b
+  )
+  np.testing.assert_allclose(flat(out), flat(ref), rtol=1e-5, atol=1e-6)
