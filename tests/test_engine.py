@@ -258,3 +258,30 @@ def test_ssam_fisher_under_inject_hyperparams_names_batch_axes():
       g, sam_optax.ssam_fisher(mlp_loss, 0.05, 0.5, **kw).init(p), p, batch=b
   )
   np.testing.assert_allclose(flat(out), flat(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_fisher_mask_is_the_same_for_huge_gradients():
+  """Per-example gradients of 1e20 square to inf unscaled; the mask is
+  scale-free: a loss times 2**66 gives the same mask as the loss."""
+  p, b = mlp_params(), make_batch()
+  masks = []
+  for scale in (1.0, 2.0**66):
+    loss = lambda q, x, s=scale: s * mlp_loss(q, x)  # noqa: E731
+    tx = sam_optax.ssam_fisher(loss, 0.05, 0.5, num_samples=8, update_every=1)
+    _, s = tx.update(jax.grad(loss)(p, b), tx.init(p), p, batch=b)
+    masks.append(flat(s.region.mask))
+  np.testing.assert_array_equal(masks[0], masks[1])
+  assert 0 < masks[0].sum() < masks[0].size
+
+
+def test_ssam_state_does_not_alias_the_users_mask():
+  """A train step that donates its state must not delete the user's mask."""
+  p, b = mlp_params(), make_batch()
+  mask = jax.tree.map(lambda x: jnp.ones(x.shape, bool), p)
+  tx = sam_optax.ssam(mlp_loss, mask=mask)
+  step = jax.jit(lambda s, g: tx.update(g, s, p, batch=b), donate_argnums=0)
+  s = tx.init(p)
+  for _ in range(2):
+    _, s = step(s, jax.grad(mlp_loss)(p, b))
+  assert all(bool(jnp.all(x)) for x in jax.tree.leaves(mask))  # still alive
+  assert not any(x.is_deleted() for x in jax.tree.leaves(mask))

@@ -79,8 +79,15 @@ def fisher_scores(
     chunk_size: int = 8,
     batch_axes: Any = 0,
     axis_name: Optional[str] = None,
+    scale: Any = 1.0,
 ) -> PyTree:
-  """Empirical Fisher diagonal ``F = Σ_{i<num_samples} (∇ℓ_i(w))²``, float32.
+  """Empirical Fisher diagonal ``F = Σ_{i<num_samples} (scale ∇ℓ_i(w))²``,
+  float32.
+
+  ``scale`` multiplies every per-example gradient before it is squared:
+  a power of two (:func:`base.tree_scale` of the batch gradient) keeps the
+  squares of huge gradients finite without changing the order of the
+  entries, which is all a mask needs.
 
   Example ``i`` is the batch with every leaf whose axis is 0 sliced to
   ``[i:i+1]`` (leaves whose ``batch_axes`` entry is None, such as model state
@@ -138,14 +145,16 @@ def fisher_scores(
     g = jax.vmap(example_grad, in_axes=in_axes)(*part)
     if axis_name is None:
       return jax.tree.map(
-          lambda y: jnp.sum(jnp.square(y.astype(jnp.float32)), axis=0), g
+          lambda y: jnp.sum(jnp.square(y.astype(jnp.float32) * scale), axis=0), g
       )
     # Global index of each example; those past num_samples weigh 0.
     weight = (first + start + jnp.arange(size) < num_samples).astype(
         jnp.float32
     )
     return jax.tree.map(
-        lambda y: jnp.tensordot(weight, jnp.square(y.astype(jnp.float32)), 1),
+        lambda y: jnp.tensordot(
+            weight, jnp.square(y.astype(jnp.float32) * scale), 1
+        ),
         g,
     )
 

@@ -291,6 +291,9 @@ class FisherMask(RefreshedMask):
         chunk_size=self.chunk_size,
         batch_axes=self.batch_axes,
         axis_name=step.axis_name,
+        # One power-of-two scale (from the averaged gradient, the same on
+        # every device): huge gradients' squares stay finite, order kept.
+        scale=base.tree_scale(step.grads),
     )
     mask = topk.top_k_mask(base.psum(f, step.axis_name), k)
     return MaskState(mask=mask, refreshes=state.refreshes + 1)
