@@ -25,6 +25,7 @@ from experiments import train
 from experiments import trainer
 
 TINY_CNN = ["--model-arg", "widths=(4, 8, 8)", "--model-arg", "hidden=16"]
+SAM_GRID = ["sam (rho=0.02)", "sam (rho=0.1)", "sam (rho=0.2)"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -569,9 +570,15 @@ def test_compare_protocols():
   args, out, specs, labels = compare.plan([])
   assert (args.dataset, args.model, args.epochs, args.batch_size, args.lr,
           args.weight_decay, args.label_noise, args.seeds) == (
-              "digits", "digits_cnn", 60, 64, 0.05, 5e-4, 0.3, 3)
+              "digits", "digits_cnn", 60, 64, 0.05, 5e-4, 0.3, 5)
   assert out == "experiments/results/digits"
-  assert labels == methods.available() + ["sam (rho=0.1)"]
+  assert labels == methods.available() + SAM_GRID
+  args, out, _, labels = compare.plan(["--long"])
+  assert (args.epochs, args.seeds, out) == (
+      240, 5, "experiments/results/digits_long")
+  assert labels == methods.available() + SAM_GRID
+  with pytest.raises(SystemExit):
+    compare.plan(["--long", "--full"])
   args, out, _, labels = compare.plan(["--full"])
   assert (args.dataset, args.model, args.epochs, args.batch_size, args.lr,
           args.label_noise) == ("cifar10", "resnet18", 200, 128, 0.1, 0.0)
@@ -598,7 +605,7 @@ def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
   assert files == ["accuracy_vs_cost.png", "results.json", "results.md"]
   saved = json.load(open(os.path.join(out, "results.json")))
   md = open(os.path.join(out, "results.md")).read()
-  labels = methods.available() + ["sam (rho=0.1)"]
+  labels = methods.available() + SAM_GRID
   assert [r["label"] for r in saved["summary"]] == labels
   assert saved["complete"] and len(saved["runs"]) == 2 * len(labels)
   assert "python -m experiments.compare --epochs 1" in md
@@ -607,10 +614,14 @@ def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
     assert "error" not in row, row
     runs = [r for r in saved["runs"] if r["label"] == row["label"]]
     accs = np.array([r["final_test_acc"] for r in runs])
-    # Mean ± std recomputed from the runs, as printed in the table.
+    # Mean ± standard error and the std, recomputed from the runs, as
+    # printed in the table.
     np.testing.assert_allclose(row["acc_mean"], accs.mean())
     np.testing.assert_allclose(row["acc_std"], accs.std(ddof=1))
-    assert f"{100 * accs.mean():.2f} ± {100 * accs.std(ddof=1):.2f}" in md
+    se = accs.std(ddof=1) / np.sqrt(accs.size)
+    np.testing.assert_allclose(row["acc_se"], se)
+    assert (f"{100 * accs.mean():.2f} ± {100 * se:.2f} | "
+            f"{100 * accs.std(ddof=1):.2f}") in md
     sgd_t = np.mean([r["train_s"] for r in saved["runs"]
                      if r["label"] == "sgd"])
     np.testing.assert_allclose(
