@@ -47,9 +47,10 @@ class Config:
       whole batch's SAM step); see ``experiments/parallel.py``.
     planned: planned steps (``sam_optax.planner``): the host plans every
       step and each compiled step holds only that step's work, with no
-      ``lax.cond``; one jitted call per step. False: the ``lax.cond`` path,
-      and in-memory data runs a whole epoch as one jitted ``lax.scan``. The
-      same results either way, to float rounding.
+      ``lax.cond``; in-memory data runs as segments of same-plan steps (see
+      ``trainer.py``). False: the ``lax.cond`` path, and in-memory data runs
+      a whole epoch as one jitted ``lax.scan``. The same results either way,
+      to float rounding.
   """
 
   dataset: str = "digits"
@@ -190,9 +191,9 @@ def add_base_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--planned", action=argparse.BooleanOptionalAction,
                  default=d.planned,
                  help="planned steps (sam_optax.planner): each compiled step "
-                 "holds only its own work, no lax.cond (what GPUs need); one "
-                 "jitted call per step. --no-planned: the lax.cond path, and "
-                 "in-memory data runs each epoch as one jitted lax.scan")
+                 "holds only its own work, no lax.cond (what GPUs need). "
+                 "--no-planned: the lax.cond path, and in-memory data runs "
+                 "each epoch as one jitted lax.scan")
 
 
 def config_from_args(args, **extra) -> Config:

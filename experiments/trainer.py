@@ -20,13 +20,17 @@ host round trip every step). A method has a handful of plans, each compiled
 once (AOT, on its first step) and reused for every seed.
 
 Data that fits in memory (the digits) lives on the devices. Unplanned, a
-whole epoch is one jitted ``lax.scan``. Planned, it is one jitted call per
-step: a plan is static and may change from one step to the next (LookSAM
-every k steps; vSAM and a runtime layer selection only known once the
-previous step has run), so an epoch cannot be one scan over steps with
-different plans. The epoch's permutation is drawn on the device exactly as
-the scan draws it and each step gathers its batch on the device, so the two
-modes train on the same batches and give the same results to float
+whole epoch is one jitted ``lax.scan``. Planned, an epoch cannot be one scan:
+a plan is static and may change from one step to the next (LookSAM every k
+steps; vSAM's next window and a runtime layer selection are only known once
+the previous step has run). It is cut into segments of consecutive steps
+with the same plan, each one call of that plan's program, a ``fori_loop``
+whose bounds are arguments (one program per plan, whatever the segment's
+length); the host finds a segment's end by planning ahead without reading
+the device and stops where the next plan needs a read (see
+``_same_plan_run``). The epoch's permutation is drawn on the device exactly
+as the scan draws it and each step gathers its batch on the device, so the
+two modes train on the same batches and give the same results to float
 rounding; calls are dispatched asynchronously, the host waiting only where
 the planner reads device state (``planner.reads``). TFDS data is streamed
 with grain and each step is one jitted call in both modes. Wall-clock times
