@@ -21,6 +21,19 @@ as ratios to SGD's median step; the share of steps with a second gradient;
 and the same for ``optax.contrib.sam`` (opaque mode) as an anchor row.
 Results are printed as a markdown table and written as JSON (``--json``).
 
+Planned steps (``sam_optax.planner``, ``--planned both``, the default): every
+sam_optax method gets a second row ``name+plan`` where the host plans each
+step and calls the program compiled for that plan (no ``lax.cond`` in it);
+the planning is inside the timed step, and so is any device read the planner
+makes (``reads_per_1000`` steps in the JSON). SGD and the optax anchor have
+nothing to plan and get one row. ``--planned no`` / ``yes``: only unplanned /
+planned rows (SGD stays the reference either way). Every program (a row's
+one, or one per distinct plan) is compiled ahead of time, outside the timed
+steps. ``--methods`` takes overrides as ``compare`` does:
+``--methods "sgd,layerwise_sam:select_every=10"``; the default list adds
+``layerwise_sam (select_every=10)`` beside the registry's every-step
+re-selection.
+
 Data-parallel (``--devices N``): one mesh over N devices, the batch sharded,
 the state replicated; each method runs with per-device (``shard_map``,
 m-sharpness) and global (sharded ``jit``) perturbation, rows
@@ -46,6 +59,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 import sam_optax
+from experiments import config as config_lib
 from experiments import methods as methods_lib
 from experiments import models
 from experiments import parallel
@@ -107,14 +121,56 @@ def _with_batch(tx: optax.GradientTransformation, loss_fn, has_aux: bool):
   return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
+class Row(NamedTuple):
+  """One row of the table: ``init(params) -> TrainState``; ``step(state,
+  batch, plan=None) -> (state, (loss, correct))``, the training code's step
+  jitted with ``plan`` static; ``planner``: a factory of the row's
+  ``sam_optax.planner`` (None: unplanned)."""
+
+  init: Callable
+  step: Callable
+  planner: Any
+
+
+def parse_methods(text):
+  """``"sgd,sam,layerwise_sam:select_every=10"`` -> ``[(name, overrides)]``
+  (the anchor's name is accepted too)."""
+  out: list[tuple[str, dict]] = []
+  for item in (x.strip() for x in text.split(",") if x.strip()):
+    if "=" in item and ":" not in item:
+      if not out:
+        raise ValueError(f"--methods: {item!r} comes before any method name")
+      k, v = item.split("=", 1)
+      out[-1][1][k.strip()] = config_lib.parse_value(v.strip())
+      continue
+    name, _, first = item.partition(":")
+    args = {}
+    if first:
+      k, sep, v = first.partition("=")
+      if not sep:
+        raise ValueError(f"--methods: expected key=value after {name}:")
+      args[k.strip()] = config_lib.parse_value(v.strip())
+    out.append((name.strip(), args))
+  return out
+
+
+def label(name: str, overrides: dict) -> str:
+  if not overrides:
+    return name
+  return f"{name} (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
+
+
 def build_steps(
-    names: list[str], problem: Problem, lr: float, steps_per_epoch: int,
+    names: list, problem: Problem, lr: float, steps_per_epoch: int,
     total_steps: int, model_name: str = "small", mesh=None,
-    perturbation: str = "global",
-) -> dict[str, tuple[Callable, Callable]]:
-  """``name -> (init, step)``: ``init(params) -> TrainState`` and a jitted
-  ``step(state, batch) -> (state, (loss, correct))``, the training code's
-  step (``experiments/steps.py``).
+    perturbation: str = "global", planned: str = "no",
+) -> dict[str, Row]:
+  """``label -> Row`` for every method of ``names`` (registry names, or
+  ``(name, overrides)`` pairs), the training code's step
+  (``experiments/steps.py``).
+
+  ``planned``: ``"no"`` (rows ``label``), ``"yes"`` (rows ``label+plan`` for
+  every sam_optax method, ``label`` for SGD and the anchor) or ``"both"``.
 
   With ``mesh`` the step is data-parallel over its ``data`` axis:
   ``perturbation="per-device"`` runs it under ``shard_map`` (each device
@@ -126,7 +182,8 @@ def build_steps(
   has_aux = problem.has_bn
   out = {}
   base = lambda: optax.sgd(lr, momentum=0.9)  # noqa: E731
-  for name in names:
+  for item in names:
+    name, user = (item, {}) if isinstance(item, str) else item
     if name == ANCHOR:
       tx = _with_batch(optax.contrib.sam(
           base(),
@@ -136,23 +193,29 @@ def build_steps(
           batch_axis_name=axis,
       ), problem.loss_fn, has_aux)
     else:
-      overrides = {}
+      overrides = dict(user)
       if name == "layerwise_sam_fixed":
         overrides["layers"] = FIXED_LAYERS[model_name]
       if name == "ssam_fisher" and has_aux:  # model state is not per example
         overrides["batch_axes"] = {"image": 0, "label": 0, "batch_stats": None}
-      tx = methods_lib.build(
+      tx, sam_tx = methods_lib.build(
           name, problem.loss_fn, base(), steps_per_epoch=steps_per_epoch,
           total_steps=total_steps, has_aux=has_aux, axis_name=axis,
-          overrides=overrides,
+          overrides=overrides, with_sam=True,
       )
-    step = steps_lib.make_train_step(
-        problem.forward, tx, problem.has_bn, axis_name=axis,
-        reduce_grads=name == "sgd",
-    )
-    if per_device:
-      step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.AXIS)),
+    if name == ANCHOR:
+      sam_tx = None
+
+    def step(state, batch, plan=None, tx=tx):
+      fn = steps_lib.make_train_step(
+          problem.forward, tx, problem.has_bn, axis_name=axis,
+          reduce_grads=name == "sgd", plan=plan,
+      )
+      if per_device:
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(parallel.AXIS)),
                            out_specs=(P(), P()), check_vma=False)
+      return fn(state, batch)
+
     shardings = {}
     if mesh is not None:
       shardings["out_shardings"] = parallel.replicated(mesh)
@@ -163,7 +226,14 @@ def build_steps(
         state = jax.device_put(state, parallel.replicated(mesh))
       return state
 
-    out[name] = (init, jax.jit(step, donate_argnums=0, **shardings))
+    jitted = jax.jit(step, donate_argnums=0, static_argnames="plan",
+                     **shardings)
+    lab = label(name, user)
+    if planned in ("no", "both") or sam_tx is None:
+      out[lab] = Row(init, jitted, None)
+    if planned in ("yes", "both") and sam_tx is not None:
+      out[lab + "+plan"] = Row(
+          init, jitted, lambda sam_tx=sam_tx: sam_optax.planner(sam_tx))
   return out
 
 
@@ -196,44 +266,63 @@ def run(args) -> dict[str, Any]:
   total = args.warmup + args.rounds * args.steps
   batch = problem.batch
   mesh = None
-  steps: dict[str, tuple[Callable, Callable]] = {}
+  steps: dict[str, Row] = {}
   if args.devices:
     mesh = parallel.make_mesh(jax.devices()[: args.devices])
     parallel.check_batch_size(args.batch_size, mesh)
     batch = jax.device_put(batch, parallel.sharded(mesh))
     for pert in args.perturbation:
       built = build_steps(args.methods, problem, args.lr, args.steps_per_epoch,
-                          total, args.model, mesh=mesh, perturbation=pert)
+                          total, args.model, mesh=mesh, perturbation=pert,
+                          planned=args.planned)
       steps.update({f"{n}@{pert}": v for n, v in built.items()})
   else:
     steps = build_steps(args.methods, problem, args.lr, args.steps_per_epoch,
-                        total, args.model)
+                        total, args.model, planned=args.planned)
   names = list(steps)
   reference = names[0]  # SGD (of the first perturbation on a mesh)
   copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731
 
   carry, times, kinds = {}, {n: [] for n in names}, {n: [] for n in names}
-  compile_s = {}
+  compile_s = {n: 0.0 for n in names}
+  programs = {n: {} for n in names}  # plan -> compiled program
+  planners, counts = {}, {n: 0 for n in names}
+
+  def one_step(name, s):
+    """One step of row ``name``: (state, seconds spent compiling)."""
+    row = steps[name]
+    plan = planners[name](counts[name], s.opt_state) if name in planners else None
+    spent = 0.0
+    if plan not in programs[name]:  # compiled ahead, not timed
+      t = time.perf_counter()
+      programs[name][plan] = row.step.lower(s, batch, plan=plan).compile()
+      spent = time.perf_counter() - t
+      compile_s[name] += spent
+    s, _ = programs[name][plan](s, batch)
+    counts[name] += 1
+    return s, spent
+
   for name in names:
-    init, step = steps[name]
-    s = init(copy(problem.params))
+    row = steps[name]
+    if row.planner is not None:
+      planners[name] = row.planner()
+    s = row.init(copy(problem.params))
     t0 = time.perf_counter()
     for _ in range(max(args.warmup, 1)):  # compile, and leave warm-up behind
-      s, _ = step(s, batch)
+      s, _ = one_step(name, s)
     jax.block_until_ready(s)
-    compile_s[name] = time.perf_counter() - t0
+    compile_s[name] = time.perf_counter() - t0  # first programs and warm-up
     carry[name] = s
 
   for _ in range(args.rounds):
     for name in names:
-      _, step = steps[name]
       s = carry[name]
       for _ in range(args.steps):
         before = _snapshot(s.opt_state)
         t0 = time.perf_counter()
-        s, _ = step(s, batch)
+        s, spent = one_step(name, s)  # planning included
         jax.block_until_ready(s)
-        times[name].append(time.perf_counter() - t0)
+        times[name].append(time.perf_counter() - t0 - spent)
         kinds[name].append(_kind(name, before, _snapshot(s.opt_state)))
       carry[name] = s
 
@@ -250,7 +339,12 @@ def run(args) -> dict[str, Any]:
         "second_share": float(np.mean((k == "second") | (k == "refresh"))),
         "compile_s": compile_s[name],
         "final_stats": _snapshot(carry[name].opt_state),
+        "planned": name in planners,
+        "programs": len(programs[name]),
     }
+    if name in planners:
+      row["planner_reads"] = planners[name].reads
+      row["reads_per_1000"] = 1e3 * planners[name].reads / counts[name]
     for kind in ("second", "skip", "refresh"):
       sel = t[k == kind]
       row[f"ratio_{kind}"] = float(np.median(sel)) / sgd_med if sel.size else None
@@ -262,6 +356,7 @@ def run(args) -> dict[str, Any]:
           "steps_per_round": args.steps, "warmup": args.warmup,
           "steps_per_epoch": args.steps_per_epoch,
           "devices": args.devices or 1, "reference": reference,
+          "planned": args.planned,
           "device": str(jax.devices()[0]), "backend": jax.default_backend(),
           "machine": platform.machine(), "jax": jax.__version__, "optax": optax.__version__,
       },
@@ -279,15 +374,18 @@ def to_markdown(result: dict[str, Any]) -> str:
       f"{cfg['rounds']} interleaved rounds x {cfg['steps_per_round']} steps.",
       "",
       "| method | median step | mean step | second-grad step | skipped step "
-      "| refresh step | steps with 2nd grad | ms (median) |",
-      "|---|---|---|---|---|---|---|---|",
+      "| refresh step | steps with 2nd grad | ms (median) | programs "
+      "| reads / 1000 steps |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in result["rows"].items():
+    reads = r.get("reads_per_1000")
     lines.append(
         f"| {name} | {fmt(r['ratio_median'])} | {fmt(r['ratio_mean'])} | "
         f"{fmt(r['ratio_second'])} | {fmt(r['ratio_skip'])} | "
         f"{fmt(r['ratio_refresh'])} | {100 * r['second_share']:.0f}% | "
-        f"{r['median_ms']:.2f} |"
+        f"{r['median_ms']:.2f} | {r.get('programs', 1)} | "
+        f"{'—' if reads is None else f'{reads:.0f}'} |"
     )
   return "\n".join(lines)
 
@@ -320,21 +418,35 @@ def parse_args(argv=None):
       help="with --devices: comma-separated per-device and/or global; each "
       "method gets a row per perturbation (name@perturbation)",
   )
+  ap.add_argument(
+      "--planned", default="both", choices=["both", "yes", "no"],
+      help="planned steps (sam_optax.planner): rows name (lax.cond path) and "
+      "name+plan (both), only planned rows (yes) or only unplanned (no)",
+  )
   ap.add_argument("--json", default="bench_out/bench.json")
   args = ap.parse_args(argv)
   if args.methods is None:
-    names = ["sgd", ANCHOR] + [n for n in methods_lib.available() if n != "sgd"]
+    items = [("sgd", {}), (ANCHOR, {})] + [
+        (n, {}) for n in methods_lib.available() if n != "sgd"]
+    if "layerwise_sam" in methods_lib.available():
+      # Re-selection every 10 steps: the planner reads the selection once
+      # per re-selection (every step with the registry's select_every=1).
+      items.append(("layerwise_sam", {"select_every": 10}))
   else:
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    if "sgd" not in names:
-      names.insert(0, "sgd")
+    try:
+      items = parse_methods(args.methods)
+    except ValueError as e:
+      ap.error(str(e))
+    # Plain SGD first: the reference every ratio is taken to.
+    items = [("sgd", {})] + [x for x in items if x != ("sgd", {})]
+  names = [n for n, _ in items]
   unknown = [n for n in names if n != ANCHOR and n not in methods_lib.METHODS]
   if unknown:
     ap.error(f"unknown methods {unknown}; known: {sorted(methods_lib.METHODS)} and {ANCHOR}")
   missing = [n for n in names if n != ANCHOR and n not in methods_lib.available()]
   if missing:
     ap.error(f"methods not in this sam_optax yet: {missing}")
-  args.methods = names
+  args.methods = items
   args.perturbation = [x.strip() for x in args.perturbation.split(",")
                        if x.strip()]
   bad = [x for x in args.perturbation if x not in parallel.PERTURBATIONS]

@@ -29,6 +29,9 @@ overridden (``--dataset``, ``--model``, ``--epochs``, ...). Methods are
 method); ``--rho-grid 0.05,0.1,0.2`` runs every method at each rho instead of
 its default.
 
+Steps are planned (``sam_optax.planner``) unless ``--no-planned``; the
+setting is in ``results.json``'s ``base_config``.
+
 Runs are interleaved (for each seed, every method, in an order rotated per
 seed) so that a drift in the machine's load spreads over all methods, and
 each method is compiled once for all its seeds. Wall-clock (and CPU time)

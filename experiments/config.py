@@ -45,6 +45,12 @@ class Config:
     perturbation: on several devices, ``per-device`` (m-sharpness: each
       device perturbs with its own shard's gradient) or ``global`` (the
       whole batch's SAM step); see ``experiments/parallel.py``.
+    planned: planned steps (``sam_optax.planner``): the host plans every
+      step and each compiled step holds only that step's work, with no
+      ``lax.cond``; in-memory data runs as segments of same-plan steps (see
+      ``trainer.py``). False: the ``lax.cond`` path, and in-memory data runs
+      a whole epoch as one jitted ``lax.scan``. The same results either way,
+      to float rounding.
   """
 
   dataset: str = "digits"
@@ -69,6 +75,7 @@ class Config:
   workers: int = 0
   model_args: dict = dataclasses.field(default_factory=dict)
   perturbation: str = parallel.DEFAULT_PERTURBATION
+  planned: bool = True
 
   def __post_init__(self):
     if self.model is None:
@@ -181,6 +188,12 @@ def add_base_arguments(p: argparse.ArgumentParser) -> None:
                  help="on several devices: per-device (m-sharpness, each "
                  "device perturbs with its own shard's gradient) or global "
                  "(the whole batch's SAM step); the same on one device")
+  p.add_argument("--planned", action=argparse.BooleanOptionalAction,
+                 default=d.planned,
+                 help="planned steps (sam_optax.planner): each compiled step "
+                 "holds only its own work, no lax.cond (what GPUs need). "
+                 "--no-planned: the lax.cond path, and in-memory data runs "
+                 "each epoch as one jitted lax.scan")
 
 
 def config_from_args(args, **extra) -> Config:
@@ -204,5 +217,6 @@ def config_from_args(args, **extra) -> Config:
       workers=args.workers,
       model_args=parse_method_args(args.model_arg),
       perturbation=args.perturbation,
+      planned=args.planned,
       **extra,
   )

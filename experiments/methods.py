@@ -167,7 +167,8 @@ def build(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     overrides: Optional[dict[str, Any]] = None,
-) -> optax.GradientTransformationExtraArgs:
+    with_sam: bool = False,
+):
   """The full optimizer for method ``name``: the SAM transform, then the base.
 
   Args:
@@ -177,17 +178,22 @@ def build(
     steps_per_epoch, total_steps: the run's length, for ``run_args``.
     has_aux, axis_name: passed to the constructor.
     overrides: keyword arguments replacing the defaults.
+    with_sam: also return the sam_optax transform inside the optimizer
+      (None for SGD), which ``sam_optax.planner`` takes.
+
+  Returns:
+    The optimizer, or ``(optimizer, sam_transform)`` with ``with_sam``.
   """
   if name not in METHODS:
     raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
   spec = METHODS[name]
   if spec.constructor is None:
-    return optax.with_extra_args_support(base_optimizer)
+    tx = optax.with_extra_args_support(base_optimizer)
+    return (tx, None) if with_sam else tx
   kwargs = dict(spec.defaults)
   kwargs.update(spec.run_args(steps_per_epoch, total_steps))
   kwargs.update(overrides or {})
   ctor = getattr(sam_optax, spec.constructor)
-  tx = ctor(loss_fn, has_aux=has_aux, axis_name=axis_name, **kwargs)
-  if spec.full_optimizer:
-    return tx
-  return optax.chain(tx, base_optimizer)
+  sam_tx = ctor(loss_fn, has_aux=has_aux, axis_name=axis_name, **kwargs)
+  tx = sam_tx if spec.full_optimizer else optax.chain(sam_tx, base_optimizer)
+  return (tx, sam_tx) if with_sam else tx

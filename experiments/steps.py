@@ -100,6 +100,7 @@ def make_train_step(
     *,
     axis_name: Optional[str] = None,
     reduce_grads: bool = False,
+    plan: Any = None,
 ):
   """``step(state, batch) -> (state, (loss, correct))`` for one batch.
 
@@ -113,7 +114,11 @@ def make_train_step(
     reduce_grads: with ``axis_name``, average the clean gradient over the
       axis before ``tx`` (for a ``tx`` that would not average it itself,
       i.e. plain SGD).
+    plan: the step's ``sam_optax.Plan`` (from ``sam_optax.planner``), passed
+      to ``tx.update``; the step then holds no conditional. None: the
+      ``lax.cond`` path. A plan is static: build one step per plan.
   """
+  extra = {} if plan is None else {"plan": plan}
 
   def step(state: TrainState, batch: dict):
     b = dict(batch, batch_stats=state.batch_stats) if has_bn else batch
@@ -127,7 +132,9 @@ def make_train_step(
       loss = jax.lax.pmean(loss, axis_name)
       correct = jax.lax.psum(correct, axis_name)
       new_stats = jax.lax.pmean(new_stats, axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, batch=b)
+    updates, opt_state = tx.update(
+        grads, state.opt_state, state.params, batch=b, **extra
+    )
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(
         params, new_stats if has_bn else state.batch_stats, opt_state

@@ -16,6 +16,11 @@ same command on every host with ``--distributed`` (the cluster's environment
 gives jax the coordinator) or with ``--coordinator-address``,
 ``--num-processes`` and ``--process-id``.
 
+Steps are planned by default (``sam_optax.planner``: each compiled step
+holds only that step's work, no ``lax.cond``, which is what GPUs need);
+``--no-planned`` runs the ``lax.cond`` path, with in-memory epochs as one
+``lax.scan``. Both give the same run to float rounding.
+
 It logs per epoch the training loss and accuracy (on the labels it trains
 on, noisy ones included), the test loss and accuracy, images/s and the
 gradient evaluations so far (1 per step for the clean gradient plus the

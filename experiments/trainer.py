@@ -12,14 +12,35 @@ one global mesh with the batch sharded over its ``data`` axis, parameters and
 optimizer state replicated; the step is per-device (m-sharpness, a
 ``shard_map``) or global (sharded ``jit``) as ``Config.perturbation`` says.
 
-Data that fits in memory (the digits) lives on the devices and a whole epoch
-is one jitted ``lax.scan``; TFDS data is streamed with grain and each step is
-one jitted call. Wall-clock times exclude compilation, which is timed
-separately (``compile_s``), and evaluation.
+Planned steps (``Config.planned``, the default; ``--no-planned`` turns them
+off): before each step the host asks ``sam_optax.planner`` for the step's
+plan and calls the program compiled for that plan, which holds only that
+step's work and no ``lax.cond`` (what GPUs need: a conditional there costs a
+host round trip every step). A method has a handful of plans, each compiled
+once (AOT, on its first step) and reused for every seed.
+
+Data that fits in memory (the digits) lives on the devices. Unplanned, a
+whole epoch is one jitted ``lax.scan``. Planned, an epoch cannot be one scan:
+a plan is static and may change from one step to the next (LookSAM every k
+steps; vSAM's next window and a runtime layer selection are only known once
+the previous step has run). It is cut into segments of consecutive steps
+with the same plan, each one call of that plan's program, a ``fori_loop``
+whose bounds are arguments (one program per plan, whatever the segment's
+length); the host finds a segment's end by planning ahead without reading
+the device and stops where the next plan needs a read (see
+``_same_plan_run``). The epoch's permutation is drawn on the device exactly
+as the scan draws it and each step gathers its batch on the device, so the
+two modes train on the same batches and give the same results to float
+rounding; calls are dispatched asynchronously, the host waiting only where
+the planner reads device state (``planner.reads``). TFDS data is streamed
+with grain and each step is one jitted call in both modes. Wall-clock times
+exclude compilation, which is timed separately (``compile_s``), and
+evaluation.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import time
@@ -31,6 +52,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+import sam_optax
 from experiments import checkpoints
 from experiments import data as data_lib
 from experiments import methods as methods_lib
@@ -55,7 +77,8 @@ def make_optimizer(
     has_aux: bool,
     steps_per_epoch: int,
     axis_name: Optional[str] = None,
-) -> optax.GradientTransformationExtraArgs:
+    with_sam: bool = False,
+):
   """The method from the registry over SGD-momentum with weight decay.
 
   ``chain(method, add_decayed_weights(wd), sgd(cosine, momentum))``: weight
@@ -63,6 +86,8 @@ def make_optimizer(
   full optimizer (LightSAM) gets ``add_decayed_weights`` before it and the
   cosine schedule as its ``learning_rate`` unless its registry entry fixes
   one. ``axis_name`` goes to the method (per-device perturbation).
+  ``with_sam``: return ``(optimizer, sam_transform)``, the latter for
+  ``sam_optax.planner`` (None for SGD).
   """
   schedule = make_schedule(cfg, steps_per_epoch)
   total = cfg.epochs * steps_per_epoch
@@ -75,7 +100,7 @@ def make_optimizer(
   if spec.full_optimizer:
     if "learning_rate" not in spec.defaults:
       overrides.setdefault("learning_rate", schedule)
-  tx = methods_lib.build(
+  tx, sam_tx = methods_lib.build(
       cfg.method,
       loss_fn,
       base,
@@ -84,10 +109,11 @@ def make_optimizer(
       has_aux=has_aux,
       axis_name=axis_name,
       overrides=overrides,
+      with_sam=True,
   )
   if spec.full_optimizer and cfg.weight_decay:
     tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
-  return tx
+  return (tx, sam_tx) if with_sam else tx
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,31 +185,45 @@ class Trainer:
     self.forward = steps_lib.make_forward(
         self.model, ds.num_classes, cfg.label_smoothing, self.has_bn
     )
-    per_device = cfg.perturbation == "per-device"
-    axis = parallel.AXIS if per_device else None
-    self.tx = make_optimizer(
+    self.tx, self.sam_tx = make_optimizer(
         cfg,
         steps_lib.method_loss_fn(self.forward, self.has_bn),
         self.has_bn,
         self.steps_per_epoch,
-        axis_name=axis,
+        axis_name=parallel.AXIS if cfg.perturbation == "per-device" else None,
+        with_sam=True,
     )
+    # Planned steps need a sam_optax transform to plan (SGD has none: it
+    # runs as unplanned, which holds no conditional anyway).
+    self.planned = bool(cfg.planned and self.sam_tx is not None)
+    self.step_fn = self.step_body()
+    self.eval_fn = _cached(
+        _jitted_eval, self.model, ds.num_classes, self.has_bn, self.mesh
+    )
+    self._compiled: Optional[Callable] = None
+    self._programs: dict = {}  # plan -> compiled planned step
+    self._perm_fn = None
+    self._step_ids = None  # replicated step numbers 0..spe-1 (planned)
+    self.planner = None  # the current run's sam_optax.Planner
+    self.compile_s = 0.0
+    self.compile_cpu_s = 0.0
+
+  def step_body(self, plan=None) -> Callable:
+    """The train step ``(state, batch) -> (state, (loss, correct))`` for
+    ``plan`` (None: the ``lax.cond`` path): per device under ``shard_map``
+    or global, as ``cfg.perturbation`` says."""
+    per_device = self.cfg.perturbation == "per-device"
+    axis = parallel.AXIS if per_device else None
     body = steps_lib.make_train_step(
         self.forward, self.tx, self.has_bn, axis_name=axis,
-        reduce_grads=methods_lib.METHODS[cfg.method].constructor is None,
+        reduce_grads=self.sam_tx is None, plan=plan,
     )
     if per_device:
       body = jax.shard_map(
           body, mesh=self.mesh, in_specs=(P(), P(parallel.AXIS)),
           out_specs=(P(), P()), check_vma=False,
       )
-    self.step_fn = body
-    self.eval_fn = _cached(
-        _jitted_eval, self.model, ds.num_classes, self.has_bn, self.mesh
-    )
-    self._compiled: Optional[Callable] = None
-    self.compile_s = 0.0
-    self.compile_cpu_s = 0.0
+    return body
 
   # -- placement ------------------------------------------------------------
 
@@ -224,6 +264,122 @@ class Trainer:
     state, (losses, correct) = jax.lax.scan(body, state, perm)
     return state, jnp.mean(losses), jnp.sum(correct)
 
+  def _epoch_permutation(self, images, seed, epoch):
+    """The epoch's batches as rows of indices, drawn as ``_scan_epoch``
+    draws them."""
+    bs, spe = self.cfg.batch_size, self.steps_per_epoch
+    key = jax.random.fold_in(_key(seed), epoch)
+    perm = jax.random.permutation(key, images.shape[0])[: spe * bs]
+    return perm.reshape(spe, bs)
+
+  def _planned_segment(self, state, images, labels, perm, start, stop, *,
+                       plan):
+    """Steps ``start..stop-1`` of an in-memory epoch, all with ``plan``: a
+    ``fori_loop`` with bounds known only at run time, so one program per
+    plan serves segments of every length. Returns (state, loss sum,
+    correct count)."""
+    step = self.step_body(plan)
+    sharding = parallel.sharded(self.mesh)
+
+    def body(i, carry):
+      st, loss_sum, correct = carry
+      idx = jax.lax.dynamic_index_in_dim(perm, i, keepdims=False)
+      batch = {"image": images[idx], "label": labels[idx]}
+      batch = jax.lax.with_sharding_constraint(batch, sharding)
+      st, (loss, n_correct) = step(st, batch)
+      return st, loss_sum + loss, correct + n_correct.astype(jnp.int32)
+
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    return jax.lax.fori_loop(start, stop, body, (state,) + zero)
+
+  def _planned_stream_step(self, state, batch, *, plan):
+    return self.step_body(plan)(state, batch)
+
+  def _program(self, plan, *args):
+    """The compiled planned program for ``plan`` (compiled on first use, its
+    compile time added to ``compile_s``): (program, seconds, cpu seconds)."""
+    prog = self._programs.get(plan)
+    if prog is not None:
+      return prog, 0.0, 0.0
+    t, c = time.perf_counter(), time.process_time()
+    fn = (self._planned_segment if self.in_memory
+          else self._planned_stream_step)
+    prog = jax.jit(
+        functools.partial(fn, plan=plan), donate_argnums=0,
+        out_shardings=parallel.replicated(self.mesh),
+    ).lower(*args).compile()
+    self._programs[plan] = prog
+    dt, dc = time.perf_counter() - t, time.process_time() - c
+    self.compile_s += dt
+    self.compile_cpu_s += dc
+    return prog, dt, dc
+
+  def _same_plan_run(self, count: int, stop: int, plan, opt_state) -> int:
+    """How many steps from ``count`` (planned ``plan``) up to ``stop`` have
+    the same plan, as far as the host knows without reading the device.
+
+    A copy of the planner looks ahead with the state before ``count``;
+    plans that depend on the count alone are exact, and the look-ahead stops
+    where a plan would read device state (vSAM's next window, a layer
+    re-selection): that step starts a new segment, planned from the real
+    state. The real planner then walks the segment's steps (no reads, so
+    the same plans), keeping its memory as a per-step loop would.
+    """
+    peek = copy.copy(self.planner)
+    peek._memo = copy.deepcopy(self.planner._memo)  # pylint: disable=protected-access
+    peek._reader = _no_reader  # pylint: disable=protected-access
+    n = 1
+    while count + n < stop:
+      try:
+        if peek(count + n, opt_state) != plan:
+          break
+      except _NeedsRead:
+        break
+      n += 1
+    for j in range(1, n):
+      self.planner(count + j, opt_state)
+    return n
+
+  def _planned_epoch(self, state, arrays, seed, epoch, batches, bar):
+    """One planned epoch. In memory: runs of steps with the same plan, each
+    one call of that plan's ``fori_loop`` program; streamed: one call per
+    step. Returns (state, loss sums, correct counts, compile s, compile cpu
+    s)."""
+    spe = self.steps_per_epoch
+    count0 = epoch * spe
+    losses, counts, comp, comp_cpu = [], [], 0.0, 0.0
+    if self.in_memory:
+      images, labels = arrays
+      seed_arr, epoch_arr = self.replicate((np.uint32(seed), np.uint32(epoch)))
+      perm = self._perm_fn(images, seed_arr, epoch_arr)
+      i = 0
+      while i < spe:
+        plan = self.planner(count0 + i, state.opt_state)
+        n = self._same_plan_run(count0 + i, count0 + spe, plan,
+                                state.opt_state)
+        args = (images, labels, perm, self._step_ids[i],
+                self._step_ids[i + n])
+        prog, dt, dc = self._program(plan, state, *args)
+        comp, comp_cpu = comp + dt, comp_cpu + dc
+        state, loss_sum, n_correct = prog(state, *args)
+        losses.append(loss_sum)
+        counts.append(n_correct)
+        i += n
+      return state, losses, counts, comp, comp_cpu
+    for i, batch in enumerate(batches):
+      if i >= spe:
+        break
+      batch = self.shard(batch)
+      plan = self.planner(count0 + i, state.opt_state)
+      prog, dt, dc = self._program(plan, state, batch)
+      comp, comp_cpu = comp + dt, comp_cpu + dc
+      state, (loss, n_correct) = prog(state, batch)
+      losses.append(loss)
+      counts.append(n_correct)
+      if bar is not None:
+        bar.update(1)
+    return state, losses, counts, comp, comp_cpu
+
   def _compile(self, *args):
     t, c = time.perf_counter(), time.process_time()
     fn = self._scan_epoch if self.in_memory else self.step_fn
@@ -242,6 +398,9 @@ class Trainer:
     """
     cfg = self.cfg
     n_images = self.steps_per_epoch * cfg.batch_size
+    if self.planned:
+      return self._train_planned_epoch(state, epoch, seed, arrays, progress,
+                                       dataset)
     if self.in_memory:
       images, labels = arrays
       seed_arr, epoch_arr = self.replicate((np.uint32(seed), np.uint32(epoch)))
@@ -296,6 +455,56 @@ class Trainer:
         "epoch_s": elapsed,
         "epoch_cpu_s": cpu,
         "images_per_s": n_images / elapsed,
+    }
+
+  def _train_planned_epoch(self, state, epoch, seed, arrays, progress,
+                           dataset):
+    cfg = self.cfg
+    n_images = self.steps_per_epoch * cfg.batch_size
+    if self.planner is None:
+      self.planner = sam_optax.planner(self.sam_tx)
+    batches = None
+    if not self.in_memory:
+      augment = (data_lib.Augment(cfg.padding, True, cfg.cutout)
+                 if cfg.augment else None)
+      dataset = self.dataset if dataset is None else dataset
+      batches = dataset.batches(
+          "train", cfg.batch_size, epoch=epoch, seed=seed, augment=augment,
+          workers=cfg.workers,
+      )
+    bar = _progress(self.steps_per_epoch, f"epoch {epoch + 1}",
+                    progress and not self.in_memory)
+    if self.in_memory and self._perm_fn is None:  # compiled, not timed
+      t, c = time.perf_counter(), time.process_time()
+      images = arrays[0]
+      self._step_ids = [self.replicate(np.int32(i))
+                        for i in range(self.steps_per_epoch + 1)]
+      self._perm_fn = jax.jit(
+          self._epoch_permutation,
+          out_shardings=parallel.replicated(self.mesh),
+      ).lower(images, *self.replicate((np.uint32(0), np.uint32(0)))).compile()
+      self.compile_s += time.perf_counter() - t
+      self.compile_cpu_s += time.process_time() - c
+    # Wall time of the whole epoch (planning, and for streamed data the input
+    # pipeline, included), less the compilations of new plans.
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    state, losses, counts, comp, comp_cpu = self._planned_epoch(
+        state, arrays, seed, epoch, batches, bar)
+    loss = float(np.sum(np.asarray(jax.device_get(losses), np.float64))
+                 / self.steps_per_epoch)
+    correct = int(sum(int(x) for x in jax.device_get(counts)))
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - t0 - comp
+    cpu = time.process_time() - cpu0 - comp_cpu
+    if bar is not None:
+      bar.close()
+    return state, {
+        "train_loss": loss,
+        "train_acc": correct / n_images,
+        "epoch_s": elapsed,
+        "epoch_cpu_s": cpu,
+        "images_per_s": n_images / elapsed,
+        "planner_reads": self.planner.reads,
     }
 
   def evaluate(self, state: TrainState, test_arrays=None) -> dict:
@@ -366,6 +575,8 @@ class Trainer:
       test_arrays = (ds.test_images, ds.test_labels)
 
     state = self.init_state(seed)
+    # A fresh planner per run: it remembers what it read of this run's state.
+    self.planner = sam_optax.planner(self.sam_tx) if self.planned else None
     history: list[dict] = []
     start = 0
     manager = None
@@ -385,6 +596,8 @@ class Trainer:
         "steps_per_epoch": self.steps_per_epoch,
         "devices": self.mesh.size,
         "processes": jax.process_count(),
+        # Whether steps really ran planned (SGD has nothing to plan).
+        "planned": self.planned,
         "history": history,
     }
     bar = _progress(cfg.epochs, cfg.method, progress and self.in_memory)
@@ -427,6 +640,19 @@ class Trainer:
     return result
 
 
+class _NeedsRead(Exception):
+  """A look-ahead plan would read device state (see ``_same_plan_run``)."""
+
+
+def _no_reader(opt_state, part):
+  del opt_state, part
+
+  def read():
+    raise _NeedsRead
+
+  return read
+
+
 def _summary(history: list[dict], trainer: Trainer, state: TrainState) -> dict:
   last = history[-1]
   return {
@@ -441,6 +667,7 @@ def _summary(history: list[dict], trainer: Trainer, state: TrainState) -> dict:
       "second_grads_per_step": last["grad_evals"] / last["steps"],
       "grads_per_step": last["grads_per_step"],
       "method_stats": steps_lib.scalar_stats(state.opt_state),
+      "planner_reads": last.get("planner_reads"),
   }
 
 

@@ -641,3 +641,70 @@ def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
 
   img = matplotlib.image.imread(os.path.join(out, "accuracy_vs_cost.png"))
   assert img.shape[0] > 300 and img.shape[1] > 600
+
+
+# --------------------------------------------------------------------------
+# Planned steps (sam_optax.planner) in training and in the benchmark.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,method_args,perturbation", [
+    ("looksam", {"k": 3}, "per-device"),  # count-only plans: segments
+    ("vsam", {"warmup_steps": 2, "window": 3, "blocks": 1}, "global"),
+    ("layerwise_sam", {"num_layers": 1, "select_every": 2}, "per-device"),
+])
+def test_planned_training_matches_unplanned(method, method_args,
+                                            perturbation):
+  # Same seed, 2 epochs on the digits over the 8-device mesh: the planned
+  # run (segments of same-plan steps; a device read where vSAM's window or
+  # the layer selection needs one) ends with the parameters, statistics and
+  # accuracies of the unplanned scanned epochs, to float rounding.
+  base = dict(method=method, method_args=method_args, epochs=2,
+              batch_size=256, perturbation=perturbation,
+              model_args={"widths": (4, 8, 8), "hidden": 16})
+  ref_tr = trainer.Trainer(config.Config(**base, planned=False))
+  ref = ref_tr.run(0, log=None, progress=False)
+  tr = trainer.Trainer(config.Config(**base))  # planned: the default
+  got = tr.run(0, log=None, progress=False)
+  assert got["planned"] and not ref["planned"]
+  assert got["config"]["planned"] and not ref["config"]["planned"]
+  chex.assert_trees_all_close(jax.device_get(got["state"].params),
+                              jax.device_get(ref["state"].params),
+                              rtol=1e-5, atol=1e-6)
+  for h, r in zip(got["history"], ref["history"]):
+    assert h["grad_evals"] == r["grad_evals"]
+    assert h["train_acc"] == r["train_acc"]
+    assert h["test_acc"] == r["test_acc"]
+    np.testing.assert_allclose(h["train_loss"], r["train_loss"], rtol=1e-5)
+  # A handful of programs, and reads only where the state decides.
+  assert 1 <= len(tr._programs) <= 4  # pylint: disable=protected-access
+  if method == "looksam":
+    assert len(tr._programs) == 2 and got["planner_reads"] == 0  # pylint: disable=protected-access
+  else:
+    assert got["planner_reads"] > 0
+
+
+def test_train_cli_records_planned_flag(tmp_path):
+  out = str(tmp_path / "run")
+  train.main(["--method", "looksam", "--epochs", "1", "--batch-size", "512",
+              "--no-planned", "--no-progress", "--out", out] + TINY_CNN)
+  saved = json.load(open(os.path.join(out, "results.json")))
+  assert saved["config"]["planned"] is False and saved["planned"] is False
+
+
+def test_bench_has_planned_rows(tmp_path):
+  from experiments import bench
+
+  path = str(tmp_path / "bench.json")
+  args = bench.parse_args([
+      "--methods", "looksam:k=2", "--rounds", "1", "--steps", "3",
+      "--warmup", "1", "--batch-size", "2", "--json", path])
+  result = bench.run(args)
+  rows = result["rows"]
+  assert list(rows) == ["sgd", "looksam (k=2)", "looksam (k=2)+plan"]
+  plan_row = rows["looksam (k=2)+plan"]
+  assert plan_row["planned"] and not rows["looksam (k=2)"]["planned"]
+  assert plan_row["programs"] == 2  # the SAM step and the reuse step
+  assert plan_row["reads_per_1000"] == 0  # k is a function of the count
+  assert plan_row["n_second"] + plan_row["n_skip"] == 3
+  assert "looksam (k=2)+plan" in bench.to_markdown(result)
