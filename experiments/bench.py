@@ -30,9 +30,9 @@ nothing to plan and get one row. ``--planned no`` / ``yes``: only unplanned /
 planned rows (SGD stays the reference either way). Every program (a row's
 one, or one per distinct plan) is compiled ahead of time, outside the timed
 steps. ``--methods`` takes overrides as ``compare`` does:
-``--methods "sgd,layerwise_sam:select_every=10"``; the default list adds
-``layerwise_sam (select_every=10)`` beside the registry's every-step
-re-selection.
+``--methods "sgd,layerwise_sam_runtime:select_every=10"``; the default list
+adds ``layerwise_sam_runtime (select_every=10)`` beside the registry's
+every-step re-selection.
 
 Data-parallel (``--devices N``): one mesh over N devices, the batch sharded,
 the state replicated; each method runs with per-device (``shard_map``,
@@ -428,10 +428,10 @@ def parse_args(argv=None):
   if args.methods is None:
     items = [("sgd", {}), (ANCHOR, {})] + [
         (n, {}) for n in methods_lib.available() if n != "sgd"]
-    if "layerwise_sam" in methods_lib.available():
+    if "layerwise_sam_runtime" in methods_lib.available():
       # Re-selection every 10 steps: the planner reads the selection once
       # per re-selection (every step with the registry's select_every=1).
-      items.append(("layerwise_sam", {"select_every": 10}))
+      items.append(("layerwise_sam_runtime", {"select_every": 10}))
   else:
     try:
       items = parse_methods(args.methods)
