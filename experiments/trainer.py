@@ -40,7 +40,6 @@ evaluation.
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import time
@@ -318,23 +317,17 @@ class Trainer:
     """How many steps from ``count`` (planned ``plan``) up to ``stop`` have
     the same plan, as far as the host knows without reading the device.
 
-    A copy of the planner looks ahead with the state before ``count``;
-    plans that depend on the count alone are exact, and the look-ahead stops
+    ``Planner.peek`` looks ahead with the state before ``count``; plans
+    that depend on the count alone are exact, and the look-ahead stops
     where a plan would read device state (vSAM's next window, a layer
     re-selection): that step starts a new segment, planned from the real
     state. The real planner then walks the segment's steps (no reads, so
     the same plans), keeping its memory as a per-step loop would.
     """
-    peek = copy.copy(self.planner)
-    peek._memo = copy.deepcopy(self.planner._memo)  # pylint: disable=protected-access
-    peek._reader = _no_reader  # pylint: disable=protected-access
     n = 1
     while count + n < stop:
-      try:
-        if peek(count + n, opt_state) != plan:
-          break
-      except _NeedsRead:
-        break
+      if self.planner.peek(count + n, opt_state) != plan:
+        break  # another plan, or one that reads the device
       n += 1
     for j in range(1, n):
       self.planner(count + j, opt_state)
@@ -638,19 +631,6 @@ class Trainer:
       manager.close()
     result["state"] = state
     return result
-
-
-class _NeedsRead(Exception):
-  """A look-ahead plan would read device state (see ``_same_plan_run``)."""
-
-
-def _no_reader(opt_state, part):
-  del opt_state, part
-
-  def read():
-    raise _NeedsRead
-
-  return read
 
 
 def _summary(history: list[dict], trainer: Trainer, state: TrainState) -> dict:

@@ -260,3 +260,17 @@ def test_planner_errors():
       loss_fn=mlp_loss, rho=0.1, k=2
   )
   assert sam_optax.planner(sam_tx)(1, inj.init(p)).second is False
+
+
+def test_peek_looks_ahead_without_reading_or_changing_the_planner():
+  p = mlp_params()
+  sam_tx = sam_optax.vsam(mlp_loss, warmup_steps=2, window=4, blocks=2)
+  plan_of = sam_optax.planner(sam_tx)
+  s = sam_tx.init(p)
+  assert plan_of.peek(1, s) == plan_of(1, s)  # warm-up: the count alone
+  assert plan_of.peek(2, s) is None  # a new window: needs the device
+  assert plan_of.reads == 0
+  looksam = sam_optax.planner(sam_optax.looksam(mlp_loss, k=3))
+  s = sam_optax.looksam(mlp_loss, k=3).init(p)
+  assert [looksam.peek(c, s).second for c in range(4)] == [
+      True, False, False, True]

@@ -15,7 +15,8 @@ result as ``plan=None``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import copy
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -61,6 +62,10 @@ def find_state(opt_state: Any) -> engine.SharpnessAwareState:
   )
 
 
+class _NeedsRead(Exception):
+  """A plan would read device state (see :meth:`Planner.peek`)."""
+
+
 def _host(x: Any, device_axis: bool) -> Any:
   """A state leaf as NumPy, one copy (device 0's under pmap)."""
   if isinstance(x, jax.Array):
@@ -96,6 +101,28 @@ class Planner:
       )
 
     return read
+
+  def peek(self, count: int, opt_state: Any) -> Optional[engine.Plan]:
+    """The plan of step ``count`` if the host knows it without reading the
+    device, else None; changes nothing (for looking ahead, e.g. to group
+    consecutive steps with the same plan)."""
+    probe = Planner(self._spec)
+    probe._memo = copy.deepcopy(self._memo)  # pylint: disable=protected-access
+    probe._checked = True  # pylint: disable=protected-access
+
+    def refuse(opt_state, part):
+      del opt_state, part
+
+      def read():
+        raise _NeedsRead
+
+      return read
+
+    probe._reader = refuse  # pylint: disable=protected-access
+    try:
+      return probe(count, opt_state)
+    except _NeedsRead:
+      return None
 
   def rho_zero(self, count: int):
     """Whether the radius is 0 at ``count`` (None: known to the engine, or
