@@ -56,7 +56,7 @@ VARIANTS = [
      f"layerwise_sam:rho={RHO},normalize=global,second=all,select_every=10"),
     ("output side, norm over selection, second on selection",
      f"layerwise_sam_fixed:rho={RHO}"),
-    ("output side, global norm, second on selection",
+    ("output side, global norm, second on selection (the default since)",
      f"layerwise_sam_fixed:rho={RHO},normalize=global"),
     ("output side, global norm, second everywhere",
      f"layerwise_sam_fixed:rho={RHO},normalize=global,second=all"),
