@@ -825,8 +825,9 @@ def vsam(
     >>> tx = optax.chain(sam_optax.vsam(loss_fn, warmup_steps=4, window=10,
     ...                                 blocks=5), optax.sgd(0.1))
     >>> w = jnp.ones(3); state = tx.init(w); b = jnp.arange(3.0)
+    >>> step = jax.jit(lambda g, s: tx.update(g, s, w, batch=b))
     >>> for _ in range(24):
-    ...   u, state = tx.update(jax.grad(loss_fn)(w, b), state, w, batch=b)
+    ...   u, state = step(jax.grad(loss_fn)(w, b), state)
     >>> int(sam_optax.stats(state)["grad_evals"])  # 4 warm-up + 1 per window
     6
   """
