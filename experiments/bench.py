@@ -133,25 +133,11 @@ class Row(NamedTuple):
 
 
 def parse_methods(text):
-  """``"sgd,sam,layerwise_sam:select_every=10"`` -> ``[(name, overrides)]``
-  (the anchor's name is accepted too)."""
-  out: list[tuple[str, dict]] = []
-  for item in (x.strip() for x in text.split(",") if x.strip()):
-    if "=" in item and ":" not in item:
-      if not out:
-        raise ValueError(f"--methods: {item!r} comes before any method name")
-      k, v = item.split("=", 1)
-      out[-1][1][k.strip()] = config_lib.parse_value(v.strip())
-      continue
-    name, _, first = item.partition(":")
-    args = {}
-    if first:
-      k, sep, v = first.partition("=")
-      if not sep:
-        raise ValueError(f"--methods: expected key=value after {name}:")
-      args[k.strip()] = config_lib.parse_value(v.strip())
-    out.append((name.strip(), args))
-  return out
+  """``"sgd,sam,layerwise_sam:select_every=10"`` -> ``[(name, overrides)]``:
+  ``compare``'s parser, with the anchor's name accepted too."""
+  from experiments import compare  # pylint: disable=g-import-not-at-top
+
+  return compare.parse_methods(text, extra_names=(ANCHOR,))
 
 
 def label(name: str, overrides: dict) -> str:

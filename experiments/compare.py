@@ -89,10 +89,13 @@ PROTOCOLS = {
 }
 
 
-def parse_methods(text: Optional[str]) -> list[tuple[str, dict]]:
+def parse_methods(
+    text: Optional[str], extra_names: tuple[str, ...] = ()
+) -> list[tuple[str, dict]]:
   """``"sgd,sam:rho=0.1,k=2,looksam"`` -> ``[(sgd, {}), (sam, {rho: .1,
   k: 2}), (looksam, {})]``: an item with ``=`` belongs to the method before
-  it. None: SGD and every available method at its defaults."""
+  it. None: SGD and every available method at its defaults. Names outside
+  the registry are refused, except ``extra_names`` (the bench's anchor)."""
   if not text:
     return [(m, {}) for m in methods_lib.available()]
   out: list[tuple[str, dict]] = []
@@ -105,12 +108,12 @@ def parse_methods(text: Optional[str]) -> list[tuple[str, dict]]:
       continue
     name, _, first = item.partition(":")
     name = name.strip()
-    if name not in methods_lib.METHODS:
+    if name not in methods_lib.METHODS and name not in extra_names:
       raise ValueError(
           f"--methods: unknown method {name!r}; choose from "
-          f"{sorted(methods_lib.METHODS)}"
+          f"{sorted(methods_lib.METHODS) + list(extra_names)}"
       )
-    if name not in methods_lib.available():
+    if name not in methods_lib.available() and name not in extra_names:
       raise ValueError(
           f"--methods: {name!r} is not in this sam_optax yet; available: "
           f"{methods_lib.available()}"
