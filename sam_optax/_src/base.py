@@ -416,9 +416,10 @@ def tree_cast_like(tree: PyTree, like: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
-def tree_where(mask: PyTree, a: PyTree, b: PyTree) -> PyTree:
-  """Element-wise select; a mask leaf may be a scalar for a whole leaf."""
-  return jax.tree.map(jnp.where, mask, a, b)
+def tree_select(pred: Array, a: PyTree, b: PyTree) -> PyTree:
+  """``a`` where the scalar ``pred`` holds, else ``b``, leaf by leaf (a
+  select, no ``lax.cond``)."""
+  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
 def pmean(tree: PyTree, axis_name: Optional[str]) -> PyTree:

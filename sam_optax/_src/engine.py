@@ -120,20 +120,20 @@ def is_static_mask(mask: Any) -> bool:
   return bool(leaves) and all(isinstance(x, (bool, np.bool_)) for x in leaves)
 
 
-def _mask_leaf(x: jax.Array, m: Any) -> jax.Array:
-  """``x`` where the mask holds, zero elsewhere; a bool leaf is static."""
-  if m is True or m is np.True_:
-    return x
-  if m is False or m is np.False_:
-    return jnp.zeros_like(x)
-  return jnp.where(m, x, jnp.zeros_like(x))
+def _select_leaf(m: Any, x: Any, y: Any) -> Any:
+  """``x`` where the mask leaf holds, else ``y``; a bool leaf is static."""
+  if isinstance(m, (bool, np.bool_)):
+    return x if m else y
+  return jnp.where(m, x, y)
 
 
 def apply_mask(tree: PyTree, mask: Optional[PyTree]) -> PyTree:
   """Zeroes ``tree`` outside ``mask`` (None: no mask)."""
   if mask is None:
     return tree
-  return jax.tree.map(_mask_leaf, tree, mask)
+  return jax.tree.map(
+      lambda m, x: _select_leaf(m, x, jnp.zeros_like(x)), mask, tree
+  )
 
 
 def _and_leaf(m: Any, t: bool) -> Any:
@@ -223,13 +223,7 @@ def _select(mask: Optional[PyTree], a: PyTree, b: PyTree) -> PyTree:
   """``a`` where ``mask`` (None: everywhere), else ``b``; bool leaves static."""
   if mask is None:
     return a
-
-  def leaf(m, x, y):
-    if isinstance(m, (bool, np.bool_)):
-      return x if m else y
-    return jnp.where(m, x, y)
-
-  return jax.tree.map(leaf, mask, a, b)
+  return jax.tree.map(_select_leaf, mask, a, b)
 
 
 # --------------------------------------------------------------------------
@@ -594,7 +588,7 @@ class _Engine:
     # in grad_evals), and the output carries the non-finite value for
     # apply_if_finite and loss scalers.
     ok = finite & base.tree_all_finite(step.grads)
-    kept = _keep_if(
+    kept = base.tree_select(
         ok,
         (optax.safe_increment(state.count), geometry_state, region_state,
          gate_state, combine_state),
@@ -861,11 +855,6 @@ def trainable_mask(trainable: Any, params: PyTree) -> Optional[PyTree]:
         f"trainable freezes every leaf of params {base.leaf_paths(params)}"
     )
   return None if all(flags) else mask
-
-
-def _keep_if(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-  """``new`` where ``ok``, else ``old`` (a select, no conditional)."""
-  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def _every_step() -> Gate:

@@ -262,7 +262,9 @@ class VariationSampling(engine.Gate):
     warmup = _concrete_int(self.warmup_steps)
     if warmup is not None:
       return self.prepare(state) if warmup == 0 else state
-    return _where(jnp.asarray(self.warmup_steps) == 0, self.prepare(state), state)
+    return base.tree_select(
+        jnp.asarray(self.warmup_steps) == 0, self.prepare(state), state
+    )
 
   def updated_rate(self, state: VariationSamplingState):
     """The next window's rate, from the state's ring buffers."""
@@ -379,10 +381,6 @@ class VariationSampling(engine.Gate):
       memo["window"] = w
       memo["pattern"] = tuple(bool(x) for x in read().pattern)
     return memo["pattern"][pos]
-
-
-def _where(pred, a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
 def _check_gains(gains: Any) -> tuple[float, float]:

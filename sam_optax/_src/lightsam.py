@@ -72,11 +72,6 @@ def _safe_div(x: jax.Array, root: jax.Array) -> jax.Array:
   return jnp.where(zero, 0.0, x / jnp.where(zero, 1.0, root))
 
 
-def _keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
-  """``new`` where ``finite`` (a scalar bool) holds, else ``old``, leaf by leaf."""
-  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-
 def _decayed_hypot(decay: Any, root: jax.Array, x: jax.Array) -> jax.Array:
   """``sqrt(decay * root² + (1 - decay) * x²)`` without squaring (Adam's
   second moment kept as its root)."""
@@ -219,7 +214,7 @@ def scale_by_adagrad(eps: float = DEFAULT_EPS) -> optax.GradientTransformation:
         updates,
         root,
     )
-    root = _keep_if(base.tree_all_finite(updates), root,
+    root = base.tree_select(base.tree_all_finite(updates), root,
                     state.root_sum_of_squares)
     return out, ScaleByAdagradState(root_sum_of_squares=root)
 
@@ -276,7 +271,7 @@ def scale_by_adam_no_bias_correction(
         lambda m, r, g: _safe_div(m, r).astype(g.dtype), mu, nu_root, updates
     )
     new = ScaleByAdamNoBiasState(mu=mu, nu_root=nu_root)
-    return out, _keep_if(base.tree_all_finite(updates), new, state)
+    return out, base.tree_select(base.tree_all_finite(updates), new, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -369,7 +364,7 @@ class AdaptivePerturbation(engine.Geometry):
       )
       e = jax.tree.map(lambda x, a: rho * _safe_div(x, a), r_num, u)
       new = AdaptivePerturbationState(momentum=r, root_accumulator=u)
-    return e, _keep_if(finite, new, state)
+    return e, base.tree_select(finite, new, state)
 
 
 def adaptive_perturbation(

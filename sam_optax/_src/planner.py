@@ -22,18 +22,9 @@ import jax
 import numpy as np
 
 from sam_optax._src import engine
+from sam_optax._src import stats as stats_lib
 
 PyTree = Any
-
-
-def _children(node: Any):
-  if isinstance(node, tuple) and hasattr(node, "_fields"):
-    return [getattr(node, f) for f in node._fields]
-  if isinstance(node, (tuple, list)):
-    return list(node)
-  if isinstance(node, dict):
-    return list(node.values())
-  return []
 
 
 def find_state(opt_state: Any) -> engine.SharpnessAwareState:
@@ -44,7 +35,7 @@ def find_state(opt_state: Any) -> engine.SharpnessAwareState:
     if isinstance(node, engine.SharpnessAwareState):
       found.append(node)
       return
-    for child in _children(node):
+    for _, child in stats_lib.children(node) or ():
       walk(child)
 
   walk(opt_state)
@@ -91,16 +82,17 @@ class Planner:
     self.reads = 0
     self._checked = False
 
-  def _reader(self, opt_state: Any, part: str) -> Callable[[], PyTree]:
-    def read():
-      state = find_state(opt_state)
-      device_axis = np.ndim(state.count) == 1  # pmap: a leading device axis
-      self.reads += 1
-      return jax.tree.map(
-          lambda x: _host(x, device_axis), getattr(state, part)
-      )
+  def _read(self, opt_state: Any, field: str) -> PyTree:
+    """One field of the engine state, on the host (a counted device read)."""
+    state = find_state(opt_state)
+    device_axis = np.ndim(state.count) == 1  # pmap: a leading device axis
+    self.reads += 1
+    return jax.tree.map(
+        lambda x: _host(x, device_axis), getattr(state, field)
+    )
 
-    return read
+  def _reader(self, opt_state: Any, part: str) -> Callable[[], PyTree]:
+    return lambda: self._read(opt_state, part)
 
   def peek(self, count: int, opt_state: Any) -> Optional[engine.Plan]:
     """The plan of step ``count`` if the host knows it without reading the
@@ -141,10 +133,7 @@ class Planner:
     finite steps (e.g. from the loss scaler's finite flag), or pass
     ``count=None`` to read it from the device (one read per call)."""
     if count is None:
-      state = find_state(opt_state)
-      device_axis = np.ndim(state.count) == 1
-      self.reads += 1
-      count = _host(state.count, device_axis)
+      count = self._read(opt_state, "count")
     count = int(count)
     if count < 0:
       raise ValueError(f"count must be a step number >= 0, got {count}")

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 
-def _children(node: Any):
+def children(node: Any):
   """(name, child) pairs of a container node, or None for a leaf."""
   if isinstance(node, tuple) and hasattr(node, "_fields"):
     return [(f, getattr(node, f)) for f in node._fields]
@@ -93,7 +93,7 @@ def stats(opt_state: Any) -> dict[str, Any]:
     ):
       for k, v in node.hyperparams.items():
         hyper[f"hyperparams/{k}"] = v
-    kids = _children(node)
+    kids = children(node)
     if kids is None:
       return
     for name, child in kids:
