@@ -404,14 +404,10 @@ class Trainer:
           state, images, labels, seed_arr, epoch_arr
       )
       loss, correct = float(loss), int(correct)  # blocks until done
-      elapsed = time.perf_counter() - t0
-      return state, {
-          "train_loss": loss,
-          "train_acc": correct / n_images,
-          "epoch_s": elapsed,
-          "epoch_cpu_s": time.process_time() - cpu0,
-          "images_per_s": n_images / elapsed,
-      }
+      return state, _epoch_metrics(
+          loss, correct, n_images, time.perf_counter() - t0,
+          time.process_time() - cpu0,
+      )
     augment = (
         data_lib.Augment(cfg.padding, True, cfg.cutout) if cfg.augment else None
     )
@@ -442,13 +438,10 @@ class Trainer:
     cpu = time.process_time() - cpu0 - compile_cpu_s
     if bar is not None:
       bar.close()
-    return state, {
-        "train_loss": float(np.mean([float(x) for x in losses])),
-        "train_acc": sum(int(x) for x in counts) / n_images,
-        "epoch_s": elapsed,
-        "epoch_cpu_s": cpu,
-        "images_per_s": n_images / elapsed,
-    }
+    return state, _epoch_metrics(
+        float(np.mean([float(x) for x in losses])),
+        sum(int(x) for x in counts), n_images, elapsed, cpu,
+    )
 
   def _train_planned_epoch(self, state, epoch, seed, arrays, progress,
                            dataset):
@@ -491,14 +484,8 @@ class Trainer:
     cpu = time.process_time() - cpu0 - comp_cpu
     if bar is not None:
       bar.close()
-    return state, {
-        "train_loss": loss,
-        "train_acc": correct / n_images,
-        "epoch_s": elapsed,
-        "epoch_cpu_s": cpu,
-        "images_per_s": n_images / elapsed,
-        "planner_reads": self.planner.reads,
-    }
+    metrics = _epoch_metrics(loss, correct, n_images, elapsed, cpu)
+    return state, dict(metrics, planner_reads=self.planner.reads)
 
   def evaluate(self, state: TrainState, test_arrays=None) -> dict:
     """Test loss and accuracy (padding the last batch to a fixed shape).
@@ -631,6 +618,18 @@ class Trainer:
       manager.close()
     result["state"] = state
     return result
+
+
+def _epoch_metrics(loss: float, correct: int, n_images: int, elapsed: float,
+                   cpu: float) -> dict:
+  """One epoch's log entry (times exclude compilation)."""
+  return {
+      "train_loss": loss,
+      "train_acc": correct / n_images,
+      "epoch_s": elapsed,
+      "epoch_cpu_s": cpu,
+      "images_per_s": n_images / elapsed,
+  }
 
 
 def _summary(history: list[dict], trainer: Trainer, state: TrainState) -> dict:
