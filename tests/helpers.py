@@ -93,6 +93,17 @@ def ref_gnp(params, batch, rho, alpha):
   return (1 - alpha) * g + alpha * ref_sam(params, batch, rho)
 
 
+def engine_step(grads, params, rho=1.0, count=0):
+  """An engine Step for calling a part directly (no loss, no batch)."""
+  from sam_optax._src import engine  # pylint: disable=g-import-not-at-top
+
+  return engine.Step(
+      updates=grads, grads=grads, params=params, batch=None,
+      count=jnp.asarray(count, jnp.int32), rho=jnp.asarray(rho, jnp.float32),
+      axis_name=None, eps=1e-12, loss=None,
+  )
+
+
 def one_update(tx, params, batch, jit=True):
   g = jax.grad(mlp_loss)(params, batch)
   state = tx.init(params)

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import sam_optax
-from tests.test_core import make_batch, mlp_loss, mlp_params
+from tests.helpers import make_batch, mlp_loss, mlp_params
 
 CASES = collections.Counter()
 

@@ -245,18 +245,10 @@ def test_scale_by_adagrad_matches_optax_scale_by_rss():
     np.testing.assert_allclose(o1["w"], o2["w"], rtol=1e-6)
 
 
-def _step(grads, params, rho=1.0):
-  return engine.Step(
-      updates=grads, grads=grads, params=params, batch=None,
-      count=jnp.zeros((), jnp.int32), rho=jnp.asarray(rho, jnp.float32),
-      axis_name=None, eps=1e-12, loss=None,
-  )
-
-
 def _perturb(geo, st, grads, params, rho=1.0, mask=None, normalize=False):
   """What the engine does with a geometry: perturb, then restrict."""
   where = engine.Where(mask, normalize)
-  e, st = geo.perturb(_step(grads, params, rho), st, where)
+  e, st = geo.perturb(helpers.engine_step(grads, params, rho), st, where)
   return where.restrict(e), st
 
 
