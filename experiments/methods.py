@@ -74,6 +74,14 @@ METHODS: dict[str, MethodSpec] = {
             short_run={"rho": 0.1, "alpha": 0.8, "num_layers": 1,
                        "select_every": 2, "select_by": "gradient"},
         ),
+        MethodSpec(  # the runtime selection by sharpness, ‖h_l - g_l‖
+            "layerwise_sam_sharpness",
+            "layerwise_sam",
+            {"rho": 0.1, "alpha": 0.8, "num_layers": 2, "select_every": 1,
+             "select_by": "sharpness"},
+            short_run={"rho": 0.1, "alpha": 0.8, "num_layers": 1,
+                       "select_every": 2, "select_by": "sharpness"},
+        ),
         MethodSpec(  # the fast path: the benchmark CNN's two output layers
             "layerwise_sam_fixed",
             "layerwise_sam",

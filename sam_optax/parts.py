@@ -45,6 +45,7 @@ from sam_optax._src.region import LayerSelection
 from sam_optax._src.region import MaskState
 from sam_optax._src.region import OutputLayers
 from sam_optax._src.region import RefreshedMask
+from sam_optax._src.region import SharpLayers
 from sam_optax._src.region import TopLayers
 from sam_optax._src.region import cosine_drop_rate
 from sam_optax._src.region import dynamic_mask

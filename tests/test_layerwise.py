@@ -560,3 +560,55 @@ def test_layer_paths_match_a_suffix_in_a_linen_variables_dict():
   two = {"a": {"head": mlp_params()["l1"]}, "b": {"head": mlp_params()["l2"]}}
   with pytest.raises(ValueError, match=r"'head' matches several layers.*'a/head'.*'b/head'"):
     sam_optax.layerwise_sam(lambda p, b: 0.0, layers="head").init(two)
+
+
+@pytest.mark.parametrize("normalize,select_every", [("global", 1),
+                                                    ("selection", 2)])
+def test_selection_by_sharpness_against_numpy(normalize, select_every):
+  """select_by="sharpness": each layer's estimate ‖h_l - g_l‖ is updated on
+  the steps that perturb it (every layer on step 0) and kept otherwise; the
+  top-k of the estimates after a due step is used from the next step on.
+  References: plain jax.grad at the perturbed point and NumPy."""
+  params = mlp_params()
+  rho, alpha, k = 0.3, 0.8, 1
+  tx = lw(loss_fn, rho=rho, alpha=alpha, num_layers=k, normalize=normalize,
+          select_by="sharpness", select_every=select_every)
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
+  sharp = np.zeros(3)
+  made, seen = None, set()
+  # Step 0 makes l1 and l2 sharp (a large L2 term each); without it later,
+  # the selected layer's estimate drops and the other's stale one wins.
+  pens = [(3.0, 3.0, 0)] + [(0, 0, 0)] * 6
+  for t, pen in enumerate(pens):
+    batch = make_batch(seed=t, pen=pen)
+    g = np_tree(grad_fn(params, batch))
+    used = [0, 1, 2] if t == 0 else made
+    names = [LAYERS[i] for i in used]
+    over = names if normalize == "selection" else LAYERS
+    norm = np.sqrt(sum(np.sum(v**2) for n in over for v in g[n].values()))
+    perturbed = {
+        n: {key: jnp.asarray(np.asarray(w, np.float64)
+                             + (rho * g[n][key] / norm if n in names else 0),
+                             jnp.float32)
+            for key, w in layer.items()}
+        for n, layer in params.items()
+    }
+    h = np_tree(grad_fn(perturbed, batch))
+    for i in used:
+      n = LAYERS[i]
+      sharp[i] = np.sqrt(sum(np.sum((h[n][key] - g[n][key]) ** 2)
+                             for key in g[n]))
+    if t % select_every == 0:
+      made = top_k(sharp, k)
+    out, state = step(grad_fn(params, batch), state, params, batch)
+    st = sam_optax.stats(state)
+    np.testing.assert_allclose(st["layer_sharpness"], sharp, rtol=2e-4,
+                               atol=1e-6)
+    assert st["selected_layers"].tolist() == made, t
+    assert int(st["layer_refreshes"]) == t // select_every + 1
+    assert_close(out, reference(params, batch, used, rho, alpha,
+                                normalize=normalize), atol=1e-5, rtol=1e-4)
+    seen.add(tuple(used))
+    params = jax.tree.map(lambda w, u: w - 0.05 * u, params, out)
+  assert len(seen) >= 3, seen  # the estimates really moved the selection

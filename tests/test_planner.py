@@ -104,6 +104,12 @@ def _run(name, planned, traces=None):
   return p, s, plans, plan_of, step
 
 
+#: Runtime layer selections: under a plan, one program per distinct
+#: selection; without one, an array mask and no conditional at all.
+RUNTIME_LAYERS = ("layerwise_sam_runtime", "layerwise_sam_sharpness",
+                  "layerwise_select_every_1")
+
+
 @pytest.mark.parametrize("name", ROWS)
 def test_planned_equals_unplanned_with_few_plans_each_traced_once(name):
   p0, s0, _, _, _ = _run(name, planned=False)
@@ -126,7 +132,7 @@ def test_planned_equals_unplanned_with_few_plans_each_traced_once(name):
   assert set(traces) == distinct
   if name in EXPECTED_PLANS:
     assert len(distinct) == EXPECTED_PLANS[name], distinct
-  if name in ("layerwise_sam_runtime", "layerwise_select_every_1"):
+  if name in RUNTIME_LAYERS:
     # One program per distinct selection, plus step 0 (every layer).
     assert 2 <= len(distinct) <= 3, distinct
   # No conditional in any planned program.
@@ -138,8 +144,7 @@ def test_planned_equals_unplanned_with_few_plans_each_traced_once(name):
     text = step.lower(p, s, b, plan=plan).as_text()
     assert "stablehlo.case" not in text, (name, plan)
   # Without a plan, a method with a decision keeps its lax.cond.
-  if len(distinct) > 1 and name not in (
-      "layerwise_sam_runtime", "layerwise_select_every_1"):
+  if len(distinct) > 1 and name not in RUNTIME_LAYERS:
     assert "stablehlo.case" in step.lower(p, s, b, plan=None).as_text()
 
 

@@ -252,6 +252,11 @@ def layerwise_sam(
     gradient is a full one (GNP's cost); with planned steps
     (:func:`sam_optax.planner`) it is static per step, with one program per
     distinct selection and one device read per re-selection.
+  * ``select_by="sharpness"``: the ``num_layers`` layers whose gradient the
+    perturbation changed most, ``‖h_l - g_l‖`` from the last computed step
+    that perturbed the layer (a layer outside the selection keeps its last
+    estimate; step 0 estimates every layer); ranked and used like
+    ``"gradient"`` (:class:`parts.SharpLayers`).
 
   How the defaults were chosen (``python -m experiments.layerwise_study``;
   the README has the table): on the digits with the small CNN, 5 seeds, rho
@@ -277,14 +282,15 @@ def layerwise_sam(
     alpha: mixing weight in [0, 1], float or schedule.
     num_layers: how many layers (``select_by`` "depth" or "gradient"), in
       [1, number of layers] (the upper bound is checked at ``init``).
-    select_every: ``select_by="gradient"``: re-rank on steps with ``count %
-      select_every == 0``; >= 1.
+    select_every: ``select_by`` "gradient" or "sharpness": re-rank on steps
+      with ``count % select_every == 0``; >= 1.
     layers: a fixed selection: a layer path, a sequence of paths, or a
       predicate ``path -> bool``; paths that name no layer (or several) fail
       at ``init`` with the list of valid ones. ``num_layers``,
       ``select_every`` and ``select_by`` are then unused.
-    select_by: ``"depth"`` (default, the output side, static) or
-      ``"gradient"`` (ranked at run time), when ``layers`` is None.
+    select_by: ``"depth"`` (default, the output side, static),
+      ``"gradient"`` or ``"sharpness"`` (ranked at run time), when
+      ``layers`` is None.
     group_fn: ``leaf_path -> layer_name``, replacing the default grouping.
     normalize: ``"global"`` (default): the perturbation normalised over the
       whole gradient, i.e. SAM's perturbation restricted to the selection
@@ -307,7 +313,8 @@ def layerwise_sam(
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``sam_optax.stats`` reports
     ``selected_layers`` (indices into :func:`layer_paths`), ``grad_evals``
-    and, for a runtime selection, ``layer_refreshes``.
+    and, for a runtime selection, ``layer_refreshes`` (by sharpness also
+    ``layer_sharpness``, each layer's last estimate).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -326,7 +333,9 @@ def layerwise_sam(
   """
   num_layers = base.static_int("num_layers", num_layers, 1)
   select_every = base.static_int("select_every", select_every, 1)
-  base.check_choice("select_by", select_by, ("depth", "gradient"))
+  base.check_choice(
+      "select_by", select_by, ("depth", "gradient", "sharpness")
+  )
   layers_lib.check_group_fn(group_fn)
   choices = {"group_fn": group_fn, "normalize": normalize, "second": second}
   if layers is not None:
@@ -335,7 +344,7 @@ def layerwise_sam(
     region = region_lib.output_layers(num_layers, **choices)
   else:
     region = region_lib.top_layers(
-        num_layers, select_every=select_every, **choices
+        num_layers, select_every=select_every, by=select_by, **choices
     )
   return engine.sharpness_aware(
       loss_fn,

@@ -8,7 +8,7 @@ Every sharpness-aware method in this library is the same step::
         e     = where.restrict(geometry.perturb(step, where))
         h     = grad loss_fn(w + e)              # the second gradient
         out   = combine.computed(step, h)        # e.g. h, or (1-a) g + a h
-        gate.observe(step, h)
+        gate.observe(step, h); region.observe(step, h)
     else:
         out   = combine.skipped(step)            # reuse what was stored, or g
     gate.after(step)                             # per-step bookkeeping
@@ -271,6 +271,12 @@ class Region(Component):
   depends on device state); ``memo`` is a dict the planner keeps for this
   part between calls.
 
+  ``observe(step, second, state)`` runs on computed steps only, after the
+  second gradient (``second``, shaped like params; the clean gradient on
+  leaves that were not differentiated), and returns the region's state;
+  it lets a region learn from the perturbed gradient (a selection by
+  sharpness).
+
   Attributes:
     normalize_over_region: the perturbation norm is taken over the region only
       (layer-wise SAM) rather than over the whole gradient (Sparse SAM).
@@ -296,6 +302,10 @@ class Region(Component):
   ) -> tuple[Optional[PyTree], PyTree, jax.Array]:
     del plan
     return self.select(step, state)
+
+  def observe(self, step: Step, second: PyTree, state: PyTree) -> PyTree:
+    del step, second
+    return state
 
 
 class Gate(Component):
@@ -572,14 +582,17 @@ class _Engine:
     positive = self.rho_positive(step, plan)
     where, region_state, region_evals = self.run_region(step, state, plan)
     go, gate_state = self.run_gate(step, state, plan, positive)
-    computed, skipped = self.branches(step, state, where, gate_state, go)
+    computed, skipped = self.branches(
+        step, state, where, (region_state, gate_state), go
+    )
     if go is True:
       ending = computed(None)
     elif go is False:
       ending = skipped(None)
     else:
       ending = jax.lax.cond(go, computed, skipped, None)
-    out, geometry_state, combine_state, gate_state, evals, finite = ending
+    out, geometry_state, combine_state, chosen, evals, finite = ending
+    region_state, gate_state = chosen
     planned_after = None if plan is None else plan.gate_after
     gate_state = self.gate.after(step, gate_state, planned_after)
     out = self.finish_output(step, where, positive, out)
@@ -661,25 +674,27 @@ class _Engine:
       return go, new
     return (positive if go is True else jnp.logical_and(go, positive)), new
 
-  def branches(self, step, state, where, gate_state, go):
-    """The two ways a step ends: (out, geometry, combine, gate, evals,
-    whether the second gradient is finite)."""
+  def branches(self, step, state, where, chosen, go):
+    """The two ways a step ends: (out, geometry, combine, (region, gate),
+    evals, whether the second gradient is finite). ``chosen``: the region's
+    and the gate's states after their decisions."""
     nested = not isinstance(go, bool)  # the branch runs inside a lax.cond
 
     def computed(_):
       e, geometry_state = self.geometry.perturb(step, state.geometry, where)
       second = self.second_gradient(step, where.restrict(e), where, nested)
       out, combine_state = self.combine.computed(step, second, state.combine)
-      new_gate = self.gate.observe(step, second, gate_state)
+      observed = (self.region.observe(step, second, chosen[0]),
+                  self.gate.observe(step, second, chosen[1]))
       one = jnp.ones((), jnp.int32)
       finite = base.tree_all_finite(second)
-      return out, geometry_state, combine_state, new_gate, one, finite
+      return out, geometry_state, combine_state, observed, one, finite
 
     def skipped(_):
       out, combine_state = self.combine.skipped(step, state.combine)
       zero = jnp.zeros((), jnp.int32)
       finite = jnp.ones((), bool)
-      return out, state.geometry, combine_state, gate_state, zero, finite
+      return out, state.geometry, combine_state, chosen, zero, finite
 
     return computed, skipped
 

@@ -9,9 +9,10 @@ arrays kept in state (a sparse mask, refreshed or fixed).
 * :class:`FisherMask` (SSAM-F) and :class:`DynamicMask` (SSAM-D): a mask of
   exactly ``K = floor(N (1 - sparsity))`` entries kept in state, refreshed on
   a step schedule (a ``lax.cond`` on the count, or a plan).
-* :class:`FixedLayers` and :class:`TopLayers` (layer-wise SAM): a set of
-  layers, fixed (static) or re-chosen at run time (in state; static under a
-  plan, so only the chosen layers are differentiated).
+* :class:`FixedLayers`, :class:`OutputLayers`, :class:`TopLayers` and
+  :class:`SharpLayers` (layer-wise SAM): a set of layers, fixed (static) or
+  re-chosen at run time by gradient norm or sharpness (in state; static
+  under a plan, so only the chosen layers are differentiated).
 """
 
 from __future__ import annotations
@@ -552,15 +553,20 @@ class LayerSelection(NamedTuple):
       selection in decreasing order of gradient norm (-1 before the first).
     refreshes: how many times the selection was (re)computed; None for a
       fixed selection.
+    sharpness: float32 ``[layers]``, a selection by sharpness only: each
+      layer's last estimate ``‖h_l - g_l‖`` (:class:`SharpLayers`).
   """
 
   selected: jax.Array
   refreshes: Optional[jax.Array] = None
+  sharpness: Optional[jax.Array] = None
 
   def stats(self):
     out = {"selected_layers": self.selected}
     if self.refreshes is not None:
       out["layer_refreshes"] = self.refreshes
+    if self.sharpness is not None:
+      out["layer_sharpness"] = self.sharpness
     return out
 
 
@@ -723,11 +729,17 @@ class TopLayers(engine.Region):
         refreshes=state.refreshes + due.astype(jnp.int32),
     )
 
-  def select(self, step, state):
-    names, ids = self._layers(step.params)
+  def chosen(self, step, state) -> jax.Array:
+    """bool ``[layers]``: the layers the selection in ``state`` perturbs
+    (every layer before the first ranking)."""
+    names, _ = self._layers(step.params)
     sel = state.selected
     chosen = jnp.zeros((len(names),), bool).at[jnp.maximum(sel, 0)].set(True)
-    chosen = jnp.where(sel[0] < 0, True, chosen)  # before the first ranking
+    return jnp.where(sel[0] < 0, True, chosen)
+
+  def select(self, step, state):
+    _, ids = self._layers(step.params)
+    chosen = self.chosen(step, state)
     mask = jax.tree.unflatten(
         jax.tree.structure(step.params), [chosen[i] for i in ids]
     )
@@ -746,6 +758,54 @@ class TopLayers(engine.Region):
   def select_planned(self, step, state, plan):
     mask = static_layer_mask(step.params, self.group_fn, plan)
     return mask, self.next_state(step, state), jnp.zeros((), jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SharpLayers(TopLayers):
+  """The ``num_layers`` layers with the largest sharpness estimate.
+
+  A layer's estimate is ``‖h_l - g_l‖``, the change the perturbation made
+  to its gradient (``h`` the second gradient, ``g`` the clean one), from the
+  last computed step that perturbed it: a layer outside the selection keeps
+  its last estimate, so a layer whose estimate has grown stale is perturbed
+  again once the selected ones' estimates fall below it. Step 0 perturbs
+  every layer and so estimates all of them. Re-ranking, its one-step lag,
+  planning and ``select_every`` are as in :class:`TopLayers`; the ranking is
+  made after the second gradient (``observe``), so a step without one (a
+  zero radius) keeps the selection. Under ``axis_name`` both gradients are
+  averaged first, so every device ranks the same. A NaN estimate ranks
+  last; a frozen layer (``trainable``) estimates 0.
+  """
+
+  def init(self, params):
+    names, _ = self._layers(params)
+    return super().init(params)._replace(
+        sharpness=jnp.zeros((len(names),), jnp.float32)
+    )
+
+  def next_state(self, step, state):
+    del step
+    return state  # the ranking waits for the second gradient
+
+  def observe(self, step, second, state):
+    names, ids = self._layers(step.params)
+    change = jax.tree.map(
+        lambda h, g: h.astype(jnp.float32) - g.astype(jnp.float32),
+        second, step.grads,
+    )
+    scale = base.tree_scale(change)  # overflow-safe: 1e20 gradients rank
+    norms = jnp.sqrt(layers_lib.layer_sq_norms(change, ids, len(names), scale))
+    sharpness = jnp.where(
+        self.chosen(step, state), norms / scale, state.sharpness
+    )
+    ranked = jnp.where(jnp.isnan(sharpness), -jnp.inf, sharpness)
+    _, top = jax.lax.top_k(ranked, self.num_layers)
+    due = self.reselects_after(step.count)
+    return LayerSelection(
+        selected=jnp.where(due, top.astype(jnp.int32), state.selected),
+        refreshes=state.refreshes + due.astype(jnp.int32),
+        sharpness=sharpness,
+    )
 
 
 NORMALIZE = ("selection", "global")
@@ -822,13 +882,18 @@ def top_layers(
     group_fn: Optional[GroupFn] = None,
     normalize: str = "global",
     second: str = "selected",
+    by: str = "gradient",
 ) -> TopLayers:
-  """A runtime layer selection (see :class:`TopLayers`); ``normalize`` and
-  ``second`` as in :func:`fixed_layers`."""
+  """A runtime layer selection ranked by clean-gradient norm (``by=
+  "gradient"``, :class:`TopLayers`) or by a sharpness estimate (``by=
+  "sharpness"``, :class:`SharpLayers`); ``normalize`` and ``second`` as in
+  :func:`fixed_layers`."""
   num_layers = base.static_int("num_layers", num_layers, 1)
   select_every = base.static_int("select_every", select_every, 1)
   layers_lib.check_group_fn(group_fn)
-  return TopLayers(
+  base.check_choice("by", by, ("gradient", "sharpness"))
+  cls = SharpLayers if by == "sharpness" else TopLayers
+  return cls(
       num_layers=num_layers,
       select_every=select_every,
       group_fn=group_fn,
