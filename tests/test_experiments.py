@@ -25,7 +25,13 @@ from experiments import train
 from experiments import trainer
 
 TINY_CNN = ["--model-arg", "widths=(4, 8, 8)", "--model-arg", "hidden=16"]
-SAM_GRID = ["sam (rho=0.02)", "sam (rho=0.1)", "sam (rho=0.2)"]
+# The digits protocols' rho grids: SAM's, and those of the methods whose
+# papers tuned rho, beside each registry default.
+SAM_GRID = ["sam (rho=0.02)", "sam (rho=0.1)", "sam (rho=0.2)",
+            "asam (rho=0.2)", "asam (rho=1.0)", "asam (rho=2.0)",
+            "gnp (rho=0.05)", "gnp (rho=0.2)",
+            "looksam (rho=0.05)", "looksam (rho=0.2)",
+            "ssam_fisher (rho=0.05)"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -594,6 +600,26 @@ def test_compare_protocols():
   assert labels == ["sgd", "sam"]  # SGD is always the reference
   with pytest.raises(SystemExit):
     compare.plan(["--methods", "sam,sam"])
+
+
+def test_layerwise_study_rows_are_registry_methods_with_their_choices():
+  from experiments import layerwise_study  # pylint: disable=g-import-not-at-top
+
+  specs = [compare.parse_methods(spec)[0] for _, spec in
+           layerwise_study.VARIANTS]
+  assert all(n in methods.available() for n, _ in specs)
+  # Every runtime row states both choices; the crossing is complete for
+  # both rankings (by gradient and by sharpness) on the selected layers.
+  runtime = [a for n, a in specs if n in ("layerwise_sam_runtime",
+                                          "layerwise_sam_sharpness")]
+  assert all({"normalize", "second"} <= set(a) for a in runtime)
+  for name in ("layerwise_sam_runtime", "layerwise_sam_sharpness"):
+    norms = {a["normalize"] for n, a in specs
+             if n == name and a["second"] == "selected"}
+    assert norms == {"selection", "global"}, name
+  assert ("layerwise_sam", {"rho": layerwise_study.RHO}) in specs  # default
+  labels = [compare.label(n, a) for n, a in specs]
+  assert len(set(labels)) == len(labels)
 
 
 def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
