@@ -255,8 +255,8 @@ def layerwise_sam(
   * ``select_by="sharpness"``: the ``num_layers`` layers whose gradient the
     perturbation changed most, ``‖h_l - g_l‖`` from the last computed step
     that perturbed the layer (a layer outside the selection keeps its last
-    estimate; step 0 estimates every layer); ranked and used like
-    ``"gradient"`` (:class:`parts.SharpLayers`).
+    estimate; the first computed step perturbs and estimates every layer);
+    ranked and used like ``"gradient"`` (:class:`parts.SharpLayers`).
 
   How the defaults were chosen (``python -m experiments.layerwise_study``;
   the README has the table): on the digits with the small CNN, 5 seeds, rho
@@ -280,7 +280,7 @@ def layerwise_sam(
     loss_fn: ``loss_fn(params, batch)``.
     rho: radius, float or schedule.
     alpha: mixing weight in [0, 1], float or schedule.
-    num_layers: how many layers (``select_by`` "depth" or "gradient"), in
+    num_layers: how many layers (without ``layers``), in
       [1, number of layers] (the upper bound is checked at ``init``).
     select_every: ``select_by`` "gradient" or "sharpness": re-rank on steps
       with ``count % select_every == 0``; >= 1.

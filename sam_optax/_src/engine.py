@@ -582,8 +582,13 @@ class _Engine:
     positive = self.rho_positive(step, plan)
     where, region_state, region_evals = self.run_region(step, state, plan)
     go, gate_state = self.run_gate(step, state, plan, positive)
+    # A region that observes the second gradient carries its state through
+    # the branches; any other keeps it out of them (a mask is not copied
+    # through a lax.cond).
+    observes = type(self.region).observe is not Region.observe
     computed, skipped = self.branches(
-        step, state, where, (region_state, gate_state), go
+        step, state, where, (region_state if observes else None, gate_state),
+        go,
     )
     if go is True:
       ending = computed(None)
@@ -592,7 +597,8 @@ class _Engine:
     else:
       ending = jax.lax.cond(go, computed, skipped, None)
     out, geometry_state, combine_state, chosen, evals, finite = ending
-    region_state, gate_state = chosen
+    region_state = chosen[0] if observes else region_state
+    gate_state = chosen[1]
     planned_after = None if plan is None else plan.gate_after
     gate_state = self.gate.after(step, gate_state, planned_after)
     out = self.finish_output(step, where, positive, out)
@@ -677,7 +683,8 @@ class _Engine:
   def branches(self, step, state, where, chosen, go):
     """The two ways a step ends: (out, geometry, combine, (region, gate),
     evals, whether the second gradient is finite). ``chosen``: the region's
-    and the gate's states after their decisions."""
+    (None: it does not observe) and the gate's states after their
+    decisions."""
     nested = not isinstance(go, bool)  # the branch runs inside a lax.cond
 
     def computed(_):

@@ -550,7 +550,8 @@ class LayerSelection(NamedTuple):
 
   Attributes:
     selected: int32 ``[n]``, the selected layer indices; for a runtime
-      selection in decreasing order of gradient norm (-1 before the first).
+      selection in decreasing order of its score, gradient norm or
+      sharpness (-1 before the first ranking: every layer).
     refreshes: how many times the selection was (re)computed; None for a
       fixed selection.
     sharpness: float32 ``[layers]``, a selection by sharpness only: each
@@ -752,7 +753,10 @@ class TopLayers(engine.Region):
     made = (count - 1) // self.select_every * self.select_every
     if memo.get("made") != made:
       memo["made"] = made
-      memo["selection"] = tuple(sorted(int(i) for i in read().selected))
+      selected = [int(i) for i in read().selected]
+      # -1: no ranking yet (a selection by sharpness ranks on computed
+      # steps only), so every layer, as without a plan.
+      memo["selection"] = () if min(selected) < 0 else tuple(sorted(selected))
     return memo["selection"]
 
   def select_planned(self, step, state, plan):
@@ -766,15 +770,19 @@ class SharpLayers(TopLayers):
 
   A layer's estimate is ``‖h_l - g_l‖``, the change the perturbation made
   to its gradient (``h`` the second gradient, ``g`` the clean one), from the
-  last computed step that perturbed it: a layer outside the selection keeps
-  its last estimate, so a layer whose estimate has grown stale is perturbed
-  again once the selected ones' estimates fall below it. Step 0 perturbs
-  every layer and so estimates all of them. Re-ranking, its one-step lag,
-  planning and ``select_every`` are as in :class:`TopLayers`; the ranking is
-  made after the second gradient (``observe``), so a step without one (a
-  zero radius) keeps the selection. Under ``axis_name`` both gradients are
-  averaged first, so every device ranks the same. A NaN estimate ranks
-  last; a frozen layer (``trainable``) estimates 0.
+  last computed step that perturbed it. Until the first ranking every layer
+  is perturbed, so the first computed step estimates them all; after that a
+  layer outside the selection keeps its last estimate, and is perturbed
+  again once the selected layers' estimates fall below it. Estimates are
+  not decayed, and estimates taken with different selections are compared
+  as they are: with every layer perturbed ``h_l - g_l`` also holds the
+  other layers' share of the curvature, and with ``normalize="selection"``
+  a smaller selection gets a larger share of the radius. Re-ranking, its
+  one-step lag, planning and ``select_every`` are as in
+  :class:`TopLayers`; the ranking is made after the second gradient
+  (``observe``), so a step without one (a zero radius) keeps the
+  selection. Under ``axis_name`` both gradients are averaged first, so
+  every device ranks the same. A frozen layer (``trainable``) estimates 0.
   """
 
   def init(self, params):
@@ -789,17 +797,19 @@ class SharpLayers(TopLayers):
 
   def observe(self, step, second, state):
     names, ids = self._layers(step.params)
-    change = jax.tree.map(
-        lambda h, g: h.astype(jnp.float32) - g.astype(jnp.float32),
-        second, step.grads,
-    )
-    scale = base.tree_scale(change)  # overflow-safe: 1e20 gradients rank
+    chosen = self.chosen(step, state)
+    # Only the perturbed layers' change, so the overflow-safe scale (and so
+    # the result) does not depend on what else was differentiated.
+    treedef = jax.tree.structure(step.params)
+    change = [  # one entry per leaf, in ids' order
+        jnp.where(chosen[i], h.astype(jnp.float32) - g.astype(jnp.float32), 0)
+        for i, h, g in zip(ids, treedef.flatten_up_to(second),
+                           treedef.flatten_up_to(step.grads))
+    ]
+    scale = base.tree_scale(change)  # 1e20 gradients still rank
     norms = jnp.sqrt(layers_lib.layer_sq_norms(change, ids, len(names), scale))
-    sharpness = jnp.where(
-        self.chosen(step, state), norms / scale, state.sharpness
-    )
-    ranked = jnp.where(jnp.isnan(sharpness), -jnp.inf, sharpness)
-    _, top = jax.lax.top_k(ranked, self.num_layers)
+    sharpness = jnp.where(chosen, norms / scale, state.sharpness)
+    _, top = jax.lax.top_k(sharpness, self.num_layers)
     due = self.reselects_after(step.count)
     return LayerSelection(
         selected=jnp.where(due, top.astype(jnp.int32), state.selected),
