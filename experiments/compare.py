@@ -326,6 +326,7 @@ def findings(rows: list[dict]) -> list[str]:
                  + "; ".join(groups["within"]) + ".")
     if groups["below"]:
       out.append(f"Further below {ref}: " + "; ".join(groups["below"]) + ".")
+  out += _best_of_grids(ok.values())
   for lab, r in ok.items():
     if "samples_per_window" in r:
       out.append(
@@ -333,6 +334,26 @@ def findings(rows: list[dict]) -> list[str]:
           f"samples per window and took a second gradient on "
           f"{100 * r['second_rel']:.1f}% of the steps (warm-up included)."
       )
+  return out
+
+
+def _best_of_grids(rows) -> list[str]:
+  """For each method run at several rhos (a grid), the best of them."""
+  by_method: dict[str, list[dict]] = {}
+  for r in rows:
+    if "rho" in r.get("settings", {}):
+      by_method.setdefault(r["method"], []).append(r)
+  out = []
+  for name, rs in by_method.items():
+    if len(rs) < 2:
+      continue
+    best = max(rs, key=lambda r: r["acc_mean"])
+    tried = ", ".join(str(r["settings"]["rho"]) for r in
+                      sorted(rs, key=lambda r: r["settings"]["rho"]))
+    out.append(
+        f"{name}: the best of rho {tried} is {best['settings']['rho']} "
+        f"({100 * best['acc_mean']:.2f} ± {100 * best['acc_se']:.2f}%)."
+    )
   return out
 
 

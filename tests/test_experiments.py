@@ -27,11 +27,14 @@ from experiments import trainer
 TINY_CNN = ["--model-arg", "widths=(4, 8, 8)", "--model-arg", "hidden=16"]
 # The digits protocols' rho grids: SAM's, and those of the methods whose
 # papers tuned rho, beside each registry default.
-SAM_GRID = ["sam (rho=0.02)", "sam (rho=0.1)", "sam (rho=0.2)",
+RHO_GRID = ["sam (rho=0.02)", "sam (rho=0.1)", "sam (rho=0.2)",
             "asam (rho=0.2)", "asam (rho=1.0)", "asam (rho=2.0)",
             "gnp (rho=0.05)", "gnp (rho=0.2)",
             "looksam (rho=0.05)", "looksam (rho=0.2)",
             "ssam_fisher (rho=0.05)"]
+
+
+TINY_METHODS = ",".join(methods.available()) + ",sam:rho=0.1"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,8 +57,8 @@ def compare_run(request, tmp_path_factory):
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   proc = subprocess.Popen(
       [sys.executable, "-m", "experiments.compare", "--epochs", "1",
-       "--seeds", "2", "--batch-size", "256", "--out", out, "--no-progress"]
-      + TINY_CNN, env=env, cwd=root, stdout=subprocess.PIPE,
+       "--seeds", "2", "--batch-size", "256", "--out", out, "--no-progress",
+       "--methods", TINY_METHODS] + TINY_CNN, env=env, cwd=root, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
   yield out, proc
   if proc.poll() is None:
@@ -578,11 +581,11 @@ def test_compare_protocols():
           args.weight_decay, args.label_noise, args.seeds) == (
               "digits", "digits_cnn", 60, 64, 0.05, 5e-4, 0.3, 5)
   assert out == "experiments/results/digits"
-  assert labels == methods.available() + SAM_GRID
+  assert labels == methods.available() + RHO_GRID
   args, out, _, labels = compare.plan(["--long"])
   assert (args.epochs, args.seeds, out) == (
       240, 5, "experiments/results/digits_long")
-  assert labels == methods.available() + SAM_GRID
+  assert labels == methods.available() + RHO_GRID
   with pytest.raises(SystemExit):
     compare.plan(["--long", "--full"])
   args, out, _, labels = compare.plan(["--full"])
@@ -631,7 +634,9 @@ def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
   assert files == ["accuracy_vs_cost.png", "results.json", "results.md"]
   saved = json.load(open(os.path.join(out, "results.json")))
   md = open(os.path.join(out, "results.md")).read()
-  labels = methods.available() + SAM_GRID
+  # Every registry method and one row of SAM's grid (the grids themselves:
+  # test_compare_protocols).
+  labels = methods.available() + ["sam (rho=0.1)"]
   assert [r["label"] for r in saved["summary"]] == labels
   assert saved["complete"] and len(saved["runs"]) == 2 * len(labels)
   assert "python -m experiments.compare --epochs 1" in md
@@ -663,6 +668,10 @@ def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
   assert by["sam"]["settings"] == {"rho": 0.05}
   assert by["sam (rho=0.1)"]["settings"] == {"rho": 0.1}
   assert "- sam (rho=0.1): rho=0.1" in md
+  best = max(by["sam"], by["sam (rho=0.1)"], key=lambda r: r["acc_mean"])
+  assert (f"- sam: the best of rho 0.05, 0.1 is {best['settings']['rho']} "
+          f"({100 * best['acc_mean']:.2f} ± {100 * best['acc_se']:.2f}%)."
+          in md)
   import matplotlib.image
 
   img = matplotlib.image.imread(os.path.join(out, "accuracy_vs_cost.png"))
