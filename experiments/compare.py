@@ -338,13 +338,17 @@ def findings(rows: list[dict]) -> list[str]:
 
 
 def _best_of_grids(rows) -> list[str]:
-  """For each method run at several rhos (a grid), the best of them."""
-  by_method: dict[str, list[dict]] = {}
+  """For each method run at several rhos and otherwise the same settings (a
+  grid), the best of them."""
+  grids: dict[tuple, list[dict]] = {}
   for r in rows:
-    if "rho" in r.get("settings", {}):
-      by_method.setdefault(r["method"], []).append(r)
+    settings = r.get("settings", {})
+    if "rho" in settings:
+      others = tuple(sorted((k, repr(v)) for k, v in settings.items()
+                            if k != "rho"))
+      grids.setdefault((r["method"], others), []).append(r)
   out = []
-  for name, rs in by_method.items():
+  for (name, _), rs in grids.items():
     if len(rs) < 2:
       continue
     best = max(rs, key=lambda r: r["acc_mean"])
