@@ -160,8 +160,9 @@ def test_planned_equals_unplanned_with_few_plans_each_traced_once(name):
     assert "stablehlo.case" in step.lower(p, s, b, plan=None).as_text()
 
 
-# Device reads over 500 steps (the README reports them per 1000).
-def _reads_per_500(sam_tx, params):
+# Device reads over 200 steps (the README reports them per 1000, from the
+# benchmark).
+def _reads_per_200(sam_tx, params):
   tx = optax.chain(sam_tx, optax.sgd(0.1))
   plan_of = sam_optax.planner(sam_tx)
   s = tx.init(params)
@@ -173,7 +174,7 @@ def _reads_per_500(sam_tx, params):
     u, s = tx.update(g, s, p, batch=b, plan=plan)
     return p, s  # params kept: only the plans are measured
 
-  for count in range(500):
+  for count in range(200):
     s = step(params, s, plan=plan_of(count, s))[1]
   return plan_of.reads
 
@@ -189,14 +190,15 @@ def test_planner_reads_the_device_only_where_it_must():
       sam_optax.sam(mlp_loss, optax.linear_schedule(0.0, 0.1, 100)),
   ]
   for tx in count_only:
-    assert _reads_per_500(tx, params) == 0
-  # vSAM: once per window after warm-up (500 - 100) / 50 = 8 windows.
-  assert _reads_per_500(sam_optax.vsam(mlp_loss), params) == 8
+    assert _reads_per_200(tx, params) == 0
+  # vSAM: once per window after warm-up, (200 - 40) / 20 = 8 windows.
+  vsam = sam_optax.vsam(mlp_loss, warmup_steps=40, window=20)
+  assert _reads_per_200(vsam, params) == 8
   # A runtime selection: once per re-selection (steps 1, 11, 21, ...).
   lw = sam_optax.layerwise_sam(
       mlp_loss, num_layers=1, select_every=10, select_by="gradient"
   )
-  assert _reads_per_500(lw, params) == 50
+  assert _reads_per_200(lw, params) == 20
 
 
 def test_plans_agree_across_pmap_devices_and_match_one_device():
@@ -204,7 +206,9 @@ def test_plans_agree_across_pmap_devices_and_match_one_device():
   the planned pmap run equals the single-device run and its plans."""
   if jax.device_count() < tm.NDEV:
     pytest.skip("needs 8 devices")
-  for name in ["vsam", "layerwise_sam_runtime", "ssam_fisher"]:
+  # The two whose plans read device state (count-only plans are the same
+  # on every device by construction; the matrix checks their pmap runs).
+  for name in ["vsam", "layerwise_sam_runtime"]:
     _, s_one, plans_one, _, _ = _run(name, planned=True)
     plan_of = sam_optax.planner(tm.sam_transform(name, axis_name="d"))
     sam_tx = tm.build(name, axis_name="d")
