@@ -285,3 +285,40 @@ def test_ssam_state_does_not_alias_the_users_mask():
     _, s = step(s, jax.grad(mlp_loss)(p, b))
   assert all(bool(jnp.all(x)) for x in jax.tree.leaves(mask))  # still alive
   assert not any(x.is_deleted() for x in jax.tree.leaves(mask))
+
+
+def test_eager_steps_take_their_branch_in_python_and_match_jit():
+  """Without jit a decision is a concrete value: the engine runs the chosen
+  branch in Python (no lax.cond traced anew each call), so a skipped step
+  does not call loss_fn at all (a lax.cond would trace the computed branch,
+  and so loss_fn, on every call); the results equal the jitted steps'."""
+  from tests import helpers as tm  # pylint: disable=g-import-not-at-top
+
+  calls = []
+
+  def loss(p, b):
+    calls.append(1)
+    return mlp_loss(p, b)
+
+  tx = sam_optax.looksam(loss, rho=0.1, k=2)
+  p, b = mlp_params(), make_batch()
+  s = tx.init(p)
+  for _ in range(4):  # SAM steps 0 and 2, reuse steps 1 and 3
+    _, s = tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b)
+  assert len(calls) == 2
+  # Eager against jit, 6 steps: vSAM (the engine's and its window's
+  # conditionals), a refreshed mask (the region's).
+  for name in ["vsam", "ssam_dynamic"]:
+    tx = tm.build(name)
+    step = tm.train_step(tx)
+    jstep = jax.jit(step)
+    pe = pj = mlp_params()
+    se = sj = tx.init(pe)
+    for bt in tm.batches():
+      pe, se = step(pe, se, bt)
+      pj, sj = jstep(pj, sj, bt)
+    for a, c in zip(jax.tree.leaves((pe, se)), jax.tree.leaves((pj, sj))):
+      if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a, c = jax.random.key_data(a), jax.random.key_data(c)
+      np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=2e-5,
+                                 atol=2e-6, err_msg=name)

@@ -422,6 +422,28 @@ def tree_select(pred: Array, a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
+def concrete_bool(pred: Any) -> Any:
+  """``pred`` as a Python bool when its value is known (a Python bool, or an
+  array outside any trace: an eager call), else ``pred`` unchanged (a
+  tracer, under jit, pmap, shard_map, grad)."""
+  if isinstance(pred, (bool, np.bool_)):
+    return bool(pred)
+  if isinstance(pred, jax.core.Tracer):
+    return pred
+  return bool(pred)
+
+
+def cond(pred: Any, true_fn: Callable, false_fn: Callable, operand: Any):
+  """``lax.cond``, except that a ``pred`` known on the host (an eager call)
+  runs its branch in Python: the same result, without tracing both
+  branches again on every eager call (each call builds new closures, which
+  ``lax.cond`` cannot cache), and without evaluating the other one."""
+  pred = concrete_bool(pred)
+  if isinstance(pred, bool):
+    return true_fn(operand) if pred else false_fn(operand)
+  return jax.lax.cond(pred, true_fn, false_fn, operand)
+
+
 def pmean(tree: PyTree, axis_name: Optional[str]) -> PyTree:
   """``lax.pmean`` over ``axis_name``; the identity when it is None."""
   if axis_name is None:

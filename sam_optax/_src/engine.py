@@ -26,7 +26,8 @@ selection) is taken in one of three ways, in this order:
 2. from a *plan* (:class:`Plan`, made on the host by :mod:`planner`) passed
    as ``update(..., plan=plan)``: the compiled program holds only that
    step's work, with no conditional;
-3. on the device, by a ``lax.cond`` (the default, ``plan=None``).
+3. on the device, by a ``lax.cond`` (the default, ``plan=None``); in an
+   eager call (no ``jit``) the value is known and the branch runs in Python.
 """
 
 from __future__ import annotations
@@ -582,6 +583,7 @@ class _Engine:
     positive = self.rho_positive(step, plan)
     where, region_state, region_evals = self.run_region(step, state, plan)
     go, gate_state = self.run_gate(step, state, plan, positive)
+    go = base.concrete_bool(go)  # eager: a Python branch, nothing traced
     # A region that observes the second gradient carries its state through
     # the branches; any other keeps it out of them (a mask is not copied
     # through a lax.cond).

@@ -360,7 +360,7 @@ class VariationSampling(engine.Gate):
 
   def after(self, step, state, planned=None):
     if planned is None:
-      return jax.lax.cond(
+      return base.cond(
           self.prepares_after(step.count), self.prepare, lambda s: s, state
       )
     return self.prepare(state) if planned else state

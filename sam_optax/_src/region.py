@@ -230,7 +230,7 @@ class RefreshedMask(engine.Region):
     if short is not None:
       return short
     refresh = self.refresh_at(step.count)
-    state = jax.lax.cond(
+    state = base.cond(
         refresh, lambda s: self.refreshed(step, s, k), lambda s: s, state
     )
     evals = jnp.where(refresh, jnp.int32(self.refresh_evals()), 0)
