@@ -592,12 +592,7 @@ class _Engine:
         step, state, where, (region_state if observes else None, gate_state),
         go,
     )
-    if go is True:
-      ending = computed(None)
-    elif go is False:
-      ending = skipped(None)
-    else:
-      ending = jax.lax.cond(go, computed, skipped, None)
+    ending = base.cond(go, computed, skipped, None)
     out, geometry_state, combine_state, chosen, evals, finite = ending
     region_state = chosen[0] if observes else region_state
     gate_state = chosen[1]

@@ -718,16 +718,22 @@ class TopLayers(engine.Region):
     """Whether the end of step ``count`` makes a new selection."""
     return count % self.select_every == 0
 
+  def ranked(self, step, state, scores):
+    """``state`` re-ranked by ``scores`` (one per layer, largest first; NaN
+    last) if this step makes a selection, else as it was."""
+    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+    _, top = jax.lax.top_k(scores, self.num_layers)
+    due = self.reselects_after(step.count)
+    return state._replace(
+        selected=jnp.where(due, top.astype(jnp.int32), state.selected),
+        refreshes=state.refreshes + due.astype(jnp.int32),
+    )
+
   def next_state(self, step, state):
     """The state after this step: re-ranked from its clean gradient if due."""
     names, ids = self._layers(step.params)
-    norms = layers_lib.layer_sq_norms(step.grads, ids, len(names))
-    norms = jnp.where(jnp.isnan(norms), -jnp.inf, norms)
-    _, top = jax.lax.top_k(norms, self.num_layers)
-    due = self.reselects_after(step.count)
-    return LayerSelection(
-        selected=jnp.where(due, top.astype(jnp.int32), state.selected),
-        refreshes=state.refreshes + due.astype(jnp.int32),
+    return self.ranked(
+        step, state, layers_lib.layer_sq_norms(step.grads, ids, len(names))
     )
 
   def chosen(self, step, state) -> jax.Array:
@@ -809,13 +815,7 @@ class SharpLayers(TopLayers):
     scale = base.tree_scale(change)  # 1e20 gradients still rank
     norms = jnp.sqrt(layers_lib.layer_sq_norms(change, ids, len(names), scale))
     sharpness = jnp.where(chosen, norms / scale, state.sharpness)
-    _, top = jax.lax.top_k(sharpness, self.num_layers)
-    due = self.reselects_after(step.count)
-    return LayerSelection(
-        selected=jnp.where(due, top.astype(jnp.int32), state.selected),
-        refreshes=state.refreshes + due.astype(jnp.int32),
-        sharpness=sharpness,
-    )
+    return self.ranked(step, state._replace(sharpness=sharpness), sharpness)
 
 
 NORMALIZE = ("selection", "global")
