@@ -140,12 +140,6 @@ def parse_methods(text):
   return compare.parse_methods(text, extra_names=(ANCHOR,))
 
 
-def label(name: str, overrides: dict) -> str:
-  if not overrides:
-    return name
-  return f"{name} (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
-
-
 def build_steps(
     names: list, problem: Problem, lr: float, steps_per_epoch: int,
     total_steps: int, model_name: str = "small", mesh=None,
@@ -214,7 +208,7 @@ def build_steps(
 
     jitted = jax.jit(step, donate_argnums=0, static_argnames="plan",
                      **shardings)
-    lab = label(name, user)
+    lab = methods_lib.label(name, user)
     if planned in ("no", "both") or sam_tx is None:
       out[lab] = Row(init, jitted, None)
     if planned in ("yes", "both") and sam_tx is not None:

@@ -162,12 +162,6 @@ def expand_rho_grid(
   return out
 
 
-def label(name: str, args: dict) -> str:
-  if not args:
-    return name
-  return f"{name} (" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")"
-
-
 def method_settings(name: str, args: dict, trainer) -> dict:
   """The keyword arguments the method was really built with."""
   spec = methods_lib.METHODS[name]
@@ -473,7 +467,7 @@ def plan(argv: list[str]):
   specs = expand_rho_grid(specs, grid)
   if not any(n == "sgd" and not a for n, a in specs):
     specs.insert(0, ("sgd", {}))  # the reference every ratio is taken to
-  labels = [label(n, a) for n, a in specs]
+  labels = [methods_lib.label(n, a) for n, a in specs]
   if len(set(labels)) != len(labels):
     p.error(f"--methods lists a method twice: {labels}")
   return args, out, specs, labels

@@ -9,7 +9,8 @@ interleaved so that a drift of the machine's load hits both. Prints one JSON
 line per method: median epoch time of each mode (the first, compiling,
 epoch left out), their sums, final test accuracy of each, the largest
 parameter difference, the planner's reads, the planned programs, compile
-times. ``name:key=value`` overrides one method argument. The run below was
+times. ``name:key=value`` overrides method arguments (``compare``'s
+``--methods`` syntax). The run below was
 measured on the project's shared 2-core CPU; its output is
 ``experiments/results/digits_planned.jsonl``.
 """
@@ -20,19 +21,16 @@ import jax
 import numpy as np
 
 import sam_optax
+from experiments import compare
+from experiments import methods as methods_lib
 from experiments.config import Config
-from experiments.config import parse_value
 from experiments.trainer import Trainer
 
 
 def main(argv):
   out = []
-  for item in argv[0].split(","):
-    method, _, arg = item.partition(":")
-    margs = {}
-    if arg:
-      k, v = arg.split("=", 1)
-      margs[k] = parse_value(v)
+  for method, margs in compare.parse_methods(argv[0]):
+    item = methods_lib.label(method, margs)
     trs = {pl: Trainer(Config(method=method, method_args=margs, planned=pl)) for pl in (False, True)}
     E = trs[False].cfg.epochs
     ds = trs[False].dataset

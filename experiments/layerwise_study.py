@@ -42,6 +42,7 @@ from typing import Optional
 import numpy as np
 
 from experiments import compare
+from experiments import methods as methods_lib
 
 RHO = 0.1
 OUTPUT_SIDE = "fc,head"
@@ -168,7 +169,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
   p.add_argument("--settings", default=",".join(SETTINGS))
   args, rest = p.parse_known_args(argv)
   methods = ",".join(spec for _, spec in VARIANTS)
-  labels = [compare.label(*compare.parse_methods(spec)[0]) for _, spec in VARIANTS]
+  labels = [methods_lib.label(*compare.parse_methods(spec)[0])
+            for _, spec in VARIANTS]
   rows_by_setting = {}
   for name in args.settings.split(","):
     flags = ["--methods", methods, "--seeds", str(args.seeds),

@@ -45,6 +45,20 @@ class MethodSpec:
   short_run: dict = dataclasses.field(default_factory=dict)
 
 
+def _runtime_layers(name: str, select_by: str) -> MethodSpec:
+  """Layer-wise SAM with a runtime selection ranked ``select_by``: the top
+  2 layers, re-ranked every step; in the tests 1 of the MLP's 2 layers,
+  re-ranked every 2 steps."""
+  return MethodSpec(
+      name,
+      "layerwise_sam",
+      {"rho": 0.1, "alpha": 0.8, "num_layers": 2, "select_every": 1,
+       "select_by": select_by},
+      short_run={"rho": 0.1, "alpha": 0.8, "num_layers": 1,
+                 "select_every": 2, "select_by": select_by},
+  )
+
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in [
@@ -65,23 +79,9 @@ METHODS: dict[str, MethodSpec] = {
             {"rho": 0.1, "alpha": 0.8, "num_layers": 2},
             short_run={"rho": 0.1, "alpha": 0.8, "num_layers": 1},
         ),
-        MethodSpec(  # the runtime selection by gradient norm
-            "layerwise_sam_runtime",
-            "layerwise_sam",
-            {"rho": 0.1, "alpha": 0.8, "num_layers": 2, "select_every": 1,
-             "select_by": "gradient"},
-            # 1 of the MLP's 2 layers, re-ranked every 2 steps
-            short_run={"rho": 0.1, "alpha": 0.8, "num_layers": 1,
-                       "select_every": 2, "select_by": "gradient"},
-        ),
-        MethodSpec(  # the runtime selection by sharpness, ‖h_l - g_l‖
-            "layerwise_sam_sharpness",
-            "layerwise_sam",
-            {"rho": 0.1, "alpha": 0.8, "num_layers": 2, "select_every": 1,
-             "select_by": "sharpness"},
-            short_run={"rho": 0.1, "alpha": 0.8, "num_layers": 1,
-                       "select_every": 2, "select_by": "sharpness"},
-        ),
+        # the runtime selections, by gradient norm and by ‖h_l - g_l‖
+        _runtime_layers("layerwise_sam_runtime", "gradient"),
+        _runtime_layers("layerwise_sam_sharpness", "sharpness"),
         MethodSpec(  # the fast path: the benchmark CNN's two output layers
             "layerwise_sam_fixed",
             "layerwise_sam",
@@ -155,6 +155,14 @@ METHODS: dict[str, MethodSpec] = {
         ),
     ]
 }
+
+
+def label(name: str, overrides: dict) -> str:
+  """A row's name: ``sam``, or ``sam (rho=0.1)`` with overrides (the
+  comparison's and the benchmark's tables)."""
+  if not overrides:
+    return name
+  return f"{name} (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
 
 
 def available() -> list[str]:

@@ -249,10 +249,7 @@ class Trainer:
   # -- one epoch ------------------------------------------------------------
 
   def _scan_epoch(self, state, images, labels, seed, epoch):
-    bs, spe = self.cfg.batch_size, self.steps_per_epoch
-    key = jax.random.fold_in(_key(seed), epoch)
-    perm = jax.random.permutation(key, images.shape[0])[: spe * bs]
-    perm = perm.reshape(spe, bs)
+    perm = self._epoch_permutation(images, seed, epoch)
     batch_sharding = parallel.sharded(self.mesh)
 
     def body(st, idx):
@@ -408,14 +405,7 @@ class Trainer:
           loss, correct, n_images, time.perf_counter() - t0,
           time.process_time() - cpu0,
       )
-    augment = (
-        data_lib.Augment(cfg.padding, True, cfg.cutout) if cfg.augment else None
-    )
-    dataset = self.dataset if dataset is None else dataset
-    batches = dataset.batches(
-        "train", cfg.batch_size, epoch=epoch, seed=seed, augment=augment,
-        workers=cfg.workers,
-    )
+    batches = self._train_batches(epoch, seed, dataset)
     # Wall time of the whole epoch, input pipeline included (steps are
     # dispatched asynchronously), less the compilation on the first batch.
     losses, counts, compile_s, compile_cpu_s = [], [], 0.0, 0.0
@@ -443,21 +433,27 @@ class Trainer:
         sum(int(x) for x in counts), n_images, elapsed, cpu,
     )
 
+  def _train_batches(self, epoch: int, seed: int, dataset=None):
+    """The streamed training batches of ``epoch`` (augmented if asked) from
+    ``dataset`` (default: ``self.dataset``)."""
+    cfg = self.cfg
+    augment = (
+        data_lib.Augment(cfg.padding, True, cfg.cutout) if cfg.augment else None
+    )
+    dataset = self.dataset if dataset is None else dataset
+    return dataset.batches(
+        "train", cfg.batch_size, epoch=epoch, seed=seed, augment=augment,
+        workers=cfg.workers,
+    )
+
   def _train_planned_epoch(self, state, epoch, seed, arrays, progress,
                            dataset):
     cfg = self.cfg
     n_images = self.steps_per_epoch * cfg.batch_size
     if self.planner is None:
       self.planner = sam_optax.planner(self.sam_tx)
-    batches = None
-    if not self.in_memory:
-      augment = (data_lib.Augment(cfg.padding, True, cfg.cutout)
-                 if cfg.augment else None)
-      dataset = self.dataset if dataset is None else dataset
-      batches = dataset.batches(
-          "train", cfg.batch_size, epoch=epoch, seed=seed, augment=augment,
-          workers=cfg.workers,
-      )
+    batches = (None if self.in_memory
+               else self._train_batches(epoch, seed, dataset))
     bar = _progress(self.steps_per_epoch, f"epoch {epoch + 1}",
                     progress and not self.in_memory)
     if self.in_memory and self._perm_fn is None:  # compiled, not timed

@@ -621,7 +621,7 @@ def test_layerwise_study_rows_are_registry_methods_with_their_choices():
              if n == name and a["second"] == "selected"}
     assert norms == {"selection", "global"}, name
   assert ("layerwise_sam", {"rho": layerwise_study.RHO}) in specs  # default
-  labels = [compare.label(n, a) for n, a in specs]
+  labels = [methods.label(n, a) for n, a in specs]
   assert len(set(labels)) == len(labels)
 
 
