@@ -9,7 +9,7 @@ from sam_optax._src.alias import ssam
 from sam_optax._src.alias import ssam_dynamic
 from sam_optax._src.alias import ssam_fisher
 from sam_optax._src.alias import vsam
-from sam_optax._src.engine import Plan
+from sam_optax._src.protocols import Plan
 from sam_optax._src.engine import SharpnessAwareState
 from sam_optax._src.engine import sharpness_aware
 from sam_optax._src.layers import layer_paths

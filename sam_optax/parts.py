@@ -18,13 +18,13 @@ Example: a Fisher mask with vSAM's sampling and reuse::
 """
 
 # Protocols and the engine's step context.
-from sam_optax._src.engine import Combine
-from sam_optax._src.engine import Gate
-from sam_optax._src.engine import Geometry
-from sam_optax._src.engine import Region
-from sam_optax._src.engine import Step
-from sam_optax._src.engine import Where
-from sam_optax._src.engine import apply_mask
+from sam_optax._src.protocols import Combine
+from sam_optax._src.protocols import Gate
+from sam_optax._src.protocols import Geometry
+from sam_optax._src.protocols import Region
+from sam_optax._src.protocols import Step
+from sam_optax._src.protocols import Where
+from sam_optax._src.protocols import apply_mask
 
 # Geometries.
 from sam_optax._src.geometry import NormBall

@@ -17,18 +17,18 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src import base
-from sam_optax._src import engine
+from sam_optax._src import protocols
 
 PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class Replace(engine.Combine):
+class Replace(protocols.Combine):
   """SAM's rule: the output is the second gradient, ``out = ∇L(w + e)``."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Mix(engine.Combine):
+class Mix(protocols.Combine):
   """Gradient-norm penalty rule (Zhao et al. 2022)::
 
       out = (1 - alpha) * g + alpha * ∇L(w + e)
@@ -39,7 +39,7 @@ class Mix(engine.Combine):
 
   alpha: Any = 0.8
 
-  def computed(self, step: engine.Step, second, state):
+  def computed(self, step: protocols.Step, second, state):
     a = base.resolve(self.alpha, step.count)
     out = jax.tree.map(
         lambda g, h: (1.0 - a) * g.astype(h.dtype) + a * h, step.grads, second
@@ -79,7 +79,7 @@ class OrthogonalReuseState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class OrthogonalReuse(engine.Combine):
+class OrthogonalReuse(protocols.Combine):
   r"""LookSAM's combination (Liu et al., CVPR 2022, arXiv 2203.02714).
 
   On a computed step, with ``gs`` the second gradient::
@@ -174,7 +174,7 @@ class DecayedReuseState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class DecayedReuse(engine.Combine):
+class DecayedReuse(protocols.Combine):
   r"""vSAM's combination (Deng et al., arXiv 2403.08821).
 
   On a computed step, with ``gs`` the second gradient::

@@ -24,28 +24,28 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src import base
-from sam_optax._src import engine
+from sam_optax._src import protocols
 
 PyTree = Any
 LeafSelection = Union[None, Callable[[str], bool], Sequence[str]]
 
 
 @dataclasses.dataclass(frozen=True)
-class EveryStep(engine.Gate):
+class EveryStep(protocols.Gate):
   """The second gradient every step (SAM, ASAM, GNP)."""
 
   schedule: str = "always"
 
 
 @dataclasses.dataclass(frozen=True)
-class Never(engine.Gate):
+class Never(protocols.Gate):
   """Never a second gradient (e.g. Sparse SAM with ``sparsity=1``)."""
 
   schedule: str = "never"
 
 
 @dataclasses.dataclass(frozen=True)
-class EveryK(engine.Gate):
+class EveryK(protocols.Gate):
   """The second gradient on steps with ``count % k == 0`` (step 0 included)."""
 
   k: int = 1
@@ -70,7 +70,7 @@ def never() -> Never:
   return Never()
 
 
-def every_k(k: int) -> engine.Gate:
+def every_k(k: int) -> protocols.Gate:
   """Every k-th step; ``k=1`` is every step, with no ``lax.cond`` emitted."""
   k = base.static_int("k", k, 1)
   return EveryStep() if k == 1 else EveryK(k=k)
@@ -173,7 +173,7 @@ def _concrete_int(value: Any) -> Optional[int]:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class VariationSampling(engine.Gate):
+class VariationSampling(protocols.Gate):
   r"""vSAM's sampling gate (Deng, Pang, Zhang, Wang, arXiv 2403.08821).
 
   During the first ``warmup_steps`` steps every step is sampled. Then the

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src import base
-from sam_optax._src import engine
+from sam_optax._src import protocols
 
 
 @dataclasses.dataclass(frozen=True)
-class NormBall(engine.Geometry):
+class NormBall(protocols.Geometry):
   """The worst case in a (possibly scaled) L2 ball of radius rho.
 
   With ``eta=None`` (SAM, Foret et al. 2021)::
@@ -37,7 +37,7 @@ class NormBall(engine.Geometry):
 
   eta: Any = None
 
-  def perturb(self, step: engine.Step, state, where: engine.Where):
+  def perturb(self, step: protocols.Step, state, where: protocols.Where):
     g = step.updates
     if self.eta is None:
       num = arg = jax.tree.map(lambda x: x.astype(jnp.float32), g)

@@ -46,6 +46,7 @@ import optax
 
 from sam_optax._src import base
 from sam_optax._src import engine
+from sam_optax._src import protocols
 
 VARIANTS = ("adagrad_norm", "adagrad", "adam")
 
@@ -302,7 +303,7 @@ class AdaptivePerturbationState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaptivePerturbation(engine.Geometry):
+class AdaptivePerturbation(protocols.Geometry):
   """LightSAM's perturbation: ``e = rho * s / sqrt(u)`` (or ``rho * r / sqrt(u)``).
 
   See the module docstring for the three rules. The accumulators are state
@@ -338,7 +339,7 @@ class AdaptivePerturbation(engine.Geometry):
     return AdaptivePerturbationState(momentum=momentum, root_accumulator=acc)
 
   def perturb(
-      self, step: engine.Step, state: AdaptivePerturbationState, where
+      self, step: protocols.Step, state: AdaptivePerturbationState, where
   ):
     s = base.tree_f32(step.grads)  # identical on every device: drives the state
     s_num = base.tree_f32(step.updates)  # as passed: drives the numerator

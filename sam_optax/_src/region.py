@@ -1,6 +1,6 @@
 """Regions: where the perturbation applies.
 
-A region yields a mask each step (see :class:`engine.Where`): None
+A region yields a mask each step (see :class:`protocols.Where`): None
 (everywhere), a pytree of Python bools known before tracing (a static set of
 leaves: the engine then differentiates only those), or a pytree of boolean
 arrays kept in state (a sparse mask, refreshed or fixed).
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_optax._src import base
-from sam_optax._src import engine
+from sam_optax._src import protocols
 from sam_optax._src import fisher as fisher_lib
 from sam_optax._src import layers as layers_lib
 from sam_optax._src import topk
@@ -67,12 +67,12 @@ def mask_density(mask) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class Everywhere(engine.Region):
+class Everywhere(protocols.Region):
   """The perturbation applies to every leaf (no mask)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class FixedMask(engine.Region):
+class FixedMask(protocols.Region):
   """A mask given by the user.
 
   A pytree of boolean arrays shaped like the params (or one bool array per
@@ -91,12 +91,12 @@ class FixedMask(engine.Region):
   @property
   def static_mask(self):
     """The mask when it is a pytree of Python bools (a static set), else None."""
-    return self.mask if engine.is_static_mask(self.mask) else None
+    return self.mask if protocols.is_static_mask(self.mask) else None
 
   def init(self, params):
     base.check_same_structure(self.mask, params, "mask")
     if self.static_mask is not None:
-      return engine.Component.init(self, params)
+      return protocols.Component.init(self, params)
     # A copy: the state must not alias the caller's arrays (a train step
     # that donates its state would otherwise delete the user's mask).
     arrays = jax.tree.map(
@@ -191,7 +191,7 @@ def keep_count(sparsity: Any, n: int, count: Any) -> Any:
   return jnp.clip(k, 0, n)
 
 
-class RefreshedMask(engine.Region):
+class RefreshedMask(protocols.Region):
   """A mask of ``K = floor(N (1 - sparsity))`` entries kept in state and
   recomputed on the steps where :meth:`refresh_at` holds.
 
@@ -572,7 +572,7 @@ class LayerSelection(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class FixedLayers(engine.Region):
+class FixedLayers(protocols.Region):
   """A fixed set of layers, known before tracing (the fast path).
 
   ``layers`` is a layer path, a sequence of them (each matched on a path
@@ -631,7 +631,7 @@ def static_layer_mask(params, group_fn, chosen) -> PyTree:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class OutputLayers(engine.Region):
+class OutputLayers(protocols.Region):
   """The ``num_layers`` layers nearest the loss: the output side, found from
   the computation graph.
 
@@ -670,7 +670,7 @@ class OutputLayers(engine.Region):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TopLayers(engine.Region):
+class TopLayers(protocols.Region):
   """The ``num_layers`` layers with the largest clean-gradient norm, chosen
   from the clean gradient of an earlier step.
 

@@ -1,0 +1,390 @@
+"""The parts' protocols and what every part reads: one module that the
+engine and every part import (the engine imports the parts, never the other
+way round).
+
+* :class:`Step`: what every part may read during one ``update`` call;
+* :class:`Where`: the region's answer, within the trainable leaves;
+* the four part protocols, :class:`Geometry`, :class:`Region`,
+  :class:`Gate` and :class:`Combine` (see :func:`sam_optax.sharpness_aware`);
+* :class:`Plan`: one step's decisions, made on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Hashable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+#: The values of :attr:`Gate.schedule`.
+SCHEDULES = ("always", "never", "dynamic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """What every part may read during one ``update`` call (built once).
+
+  Attributes:
+    updates: the incoming clean gradient, as the caller passed it (per-device
+      under ``pmap`` when the caller did not average it: m-sharpness).
+    grads: ``updates`` averaged over ``axis_name`` (identical on every device);
+      what the output and every statistic are built from.
+    params: the current parameters.
+    batch: the batch ``loss_fn`` takes.
+    count: the step number (int32 scalar).
+    rho: the perturbation radius at this step (float32 scalar).
+    axis_name: the pmap/shard_map axis, or None.
+    eps: the guard added to norms that divide.
+    loss: ``loss(params, batch) -> scalar`` with any aux dropped.
+  """
+
+  updates: PyTree
+  grads: PyTree
+  params: PyTree
+  batch: Any
+  count: jax.Array
+  rho: jax.Array
+  axis_name: Optional[str]
+  eps: float
+  loss: Optional[Callable[[PyTree, Any], jax.Array]]
+
+
+# --------------------------------------------------------------------------
+# Masks: the region's answer, classified once.
+# --------------------------------------------------------------------------
+
+
+def is_static_mask(mask: Any) -> bool:
+  """True when ``mask`` is a non-empty pytree of Python (or NumPy) bools."""
+  leaves = jax.tree.leaves(mask)
+  return bool(leaves) and all(isinstance(x, (bool, np.bool_)) for x in leaves)
+
+
+def _select_leaf(m: Any, x: Any, y: Any) -> Any:
+  """``x`` where the mask leaf holds, else ``y``; a bool leaf is static."""
+  if isinstance(m, (bool, np.bool_)):
+    return x if m else y
+  return jnp.where(m, x, y)
+
+
+def apply_mask(tree: PyTree, mask: Optional[PyTree]) -> PyTree:
+  """Zeroes ``tree`` outside ``mask`` (None: no mask)."""
+  if mask is None:
+    return tree
+  return jax.tree.map(
+      lambda m, x: _select_leaf(m, x, jnp.zeros_like(x)), mask, tree
+  )
+
+
+def _and_leaf(m: Any, t: bool) -> Any:
+  """A region mask leaf within a trainable flag (a Python bool)."""
+  if not t:
+    return False
+  return True if m is None else m
+
+
+@dataclasses.dataclass(frozen=True)
+class Where:
+  """Where the perturbation applies this step.
+
+  Attributes:
+    mask: None (everywhere), a pytree of Python bools (a static set of
+      leaves, known at trace time) or a pytree of boolean arrays (an
+      element-wise or per-leaf mask, usually kept in state); already
+      restricted to the trainable leaves.
+    normalize: take perturbation norms over the mask only (layer-wise SAM)
+      rather than over the whole (trainable) gradient (Sparse SAM).
+    clean_outside: leaves outside the mask get the clean gradient in the
+      output (layer-wise SAM) rather than the gradient at the perturbed
+      point (Sparse SAM).
+    trainable: None (every leaf), or a pytree of Python bools: frozen
+      leaves are never perturbed, never differentiated, excluded from every
+      norm, and get the clean gradient in the output.
+  """
+
+  mask: Optional[PyTree] = None
+  normalize: bool = False
+  clean_outside: bool = False
+  trainable: Optional[PyTree] = None
+
+  @classmethod
+  def make(cls, mask, normalize, clean_outside, trainable) -> "Where":
+    """The region's answer intersected with the trainable leaves."""
+    if trainable is not None:
+      if mask is None:
+        mask = trainable
+      else:
+        mask = jax.tree.map(
+            _and_leaf, mask, trainable, is_leaf=lambda x: x is None
+        )
+    return cls(mask, normalize, clean_outside, trainable)
+
+  @property
+  def static(self) -> bool:
+    """``mask`` is a pytree of Python bools, known at trace time."""
+    return self.mask is not None and is_static_mask(self.mask)
+
+  def differentiated(self) -> Optional[PyTree]:
+    """The static set of leaves the second gradient needs (None: all).
+
+    A static mask whose outside keeps the clean gradient needs only its own
+    leaves; otherwise every trainable leaf. The other leaves enter
+    ``loss_fn`` as the very same arrays, so nothing below them is
+    backpropagated.
+    """
+    if self.static and self.clean_outside:
+      return self.mask
+    return self.trainable
+
+  def restrict(self, tree: PyTree) -> PyTree:
+    """``tree`` zeroed outside the mask."""
+    return apply_mask(tree, self.mask)
+
+  def norm_domain(self, tree: PyTree) -> PyTree:
+    """What a perturbation norm is taken over: the region, or every
+    trainable leaf."""
+    return self.restrict(tree) if self.normalize else apply_mask(
+        tree, self.trainable
+    )
+
+  def outside(self, inside: PyTree, outside: PyTree) -> PyTree:
+    """``inside`` in the mask, ``outside`` elsewhere (leaf by leaf)."""
+    return _select(self.mask, inside, outside)
+
+  def finish(self, out: PyTree, grads: PyTree) -> PyTree:
+    """The output: the clean gradient outside the region (if asked) and on
+    frozen leaves."""
+    if self.clean_outside:
+      out = self.outside(out, grads)
+    return _select(self.trainable, out, grads)
+
+
+def _select(mask: Optional[PyTree], a: PyTree, b: PyTree) -> PyTree:
+  """``a`` where ``mask`` (None: everywhere), else ``b``; bool leaves static."""
+  if mask is None:
+    return a
+  return jax.tree.map(_select_leaf, mask, a, b)
+
+
+# --------------------------------------------------------------------------
+# Part protocols. Each part has a static configuration and an ``init`` that
+# returns its state (arrays only).
+# --------------------------------------------------------------------------
+
+
+class Component:
+  """Base: a part with no state."""
+
+  def init(self, params: PyTree) -> PyTree:
+    del params
+    return optax.EmptyState()
+
+
+class Geometry(Component):
+  """Builds the perturbation ``e`` from the clean gradient.
+
+  ``perturb(step, state, where)`` returns ``(e, new_state)``. Norms that
+  normalise ``e`` are taken over ``where.norm_domain(...)``. The engine
+  zeroes ``e`` outside the region afterwards, so a geometry cannot perturb
+  outside it.
+  """
+
+  def perturb(
+      self, step: Step, state: PyTree, where: Where
+  ) -> tuple[PyTree, PyTree]:
+    raise NotImplementedError
+
+
+class Region(Component):
+  """Where the perturbation applies.
+
+  ``select(step, state)`` returns ``(mask, new_state, evals)``: the mask for
+  this step (None, a pytree of Python bools, or a pytree of boolean arrays;
+  see :class:`Where`), the region's new state, and the gradient evaluations
+  it spent (int32).
+
+  Planning: ``plan(count, read, memo)`` runs on the host before step
+  ``count`` and returns a hashable value fixing the region's decision for
+  that step (None: nothing to plan); ``select_planned(step, state, plan)``
+  then takes that step with no conditional. ``read()`` returns this part's
+  state as NumPy arrays (a device read; use it only when the decision
+  depends on device state); ``memo`` is a dict the planner keeps for this
+  part between calls.
+
+  ``observe(step, second, state)`` runs on computed steps only, after the
+  second gradient (``second``, shaped like params; the clean gradient on
+  leaves that were not differentiated), and returns the region's state;
+  it lets a region learn from the perturbed gradient (a selection by
+  sharpness).
+
+  Attributes:
+    normalize_over_region: the perturbation norm is taken over the region only
+      (layer-wise SAM) rather than over the whole gradient (Sparse SAM).
+    clean_outside: leaves outside the region get the clean gradient in the
+      output (layer-wise SAM) rather than the dense perturbed one (Sparse SAM).
+  """
+
+  normalize_over_region: bool = False
+  clean_outside: bool = False
+
+  def select(
+      self, step: Step, state: PyTree
+  ) -> tuple[Optional[PyTree], PyTree, jax.Array]:
+    del step
+    return None, state, jnp.zeros((), jnp.int32)
+
+  def plan(self, count: int, read: Callable[[], PyTree], memo: dict) -> Hashable:
+    del count, read, memo
+    return None
+
+  def select_planned(
+      self, step: Step, state: PyTree, plan: Hashable
+  ) -> tuple[Optional[PyTree], PyTree, jax.Array]:
+    del plan
+    return self.select(step, state)
+
+  def observe(self, step: Step, second: PyTree, state: PyTree) -> PyTree:
+    del step, second
+    return state
+
+
+class Gate(Component):
+  """Decides whether the second gradient is computed this step.
+
+  ``schedule`` says how the engine runs the gate, and is checked when the
+  transform is built:
+
+  * ``"always"``: every step computes the second gradient; ``decide`` is
+    never called (and must not be overridden).
+  * ``"never"``: no step does (likewise).
+  * ``"dynamic"`` (the default): ``decide(step, state) -> (go, new_state)``
+    is called every step and must be implemented; ``go`` is a boolean
+    scalar, and the second gradient runs under a ``lax.cond``.
+
+  Planning (optional): ``plan(count, read, memo)`` runs on the host before
+  step ``count`` and returns the decision as a Python bool (None: decide on
+  the device); with a plan, ``advance(step, state, go)`` replaces ``decide``
+  and must return the state ``decide`` would have returned with that
+  decision. ``observe(step, second, state)`` runs on computed steps only,
+  with the averaged second gradient; ``after(step, state)`` runs on every
+  step, last.
+  """
+
+  schedule: str = "dynamic"
+
+  def decide(self, step: Step, state: PyTree) -> tuple[jax.Array, PyTree]:
+    raise NotImplementedError(
+        f"{type(self).__name__} has schedule='dynamic' and must implement "
+        "decide(step, state) -> (go, new_state)"
+    )
+
+  def plan(
+      self, count: int, read: Callable[[], PyTree], memo: dict
+  ) -> Optional[bool]:
+    del count, read, memo
+    if self.schedule == "always":
+      return True
+    if self.schedule == "never":
+      return False
+    return None
+
+  def advance(self, step: Step, state: PyTree, go: bool) -> PyTree:
+    del go
+    if self.schedule != "dynamic":
+      return state
+    return self.decide(step, state)[1]
+
+  def observe(self, step: Step, second: PyTree, state: PyTree) -> PyTree:
+    del step, second
+    return state
+
+  def after(
+      self, step: Step, state: PyTree, planned: Hashable = None
+  ) -> PyTree:
+    """Per-step bookkeeping, last. ``planned``: :meth:`plan_after`'s value
+    for this step, or None without a plan."""
+    del step, planned
+    return state
+
+  def plan_after(self, count: int) -> Hashable:
+    """Host-side: the static value :meth:`after` gets at step ``count``."""
+    del count
+    return None
+
+
+def check_gate(gate: Gate) -> None:
+  """Rejects a gate whose ``schedule`` and ``decide`` contradict each other."""
+  if not isinstance(gate, Gate):
+    raise ValueError(f"gate must be a sam_optax Gate, got {gate!r}")
+  schedule = getattr(gate, "schedule", None)
+  if schedule not in SCHEDULES:
+    raise ValueError(
+        f"gate.schedule must be one of {SCHEDULES}, got {schedule!r} "
+        f"({type(gate).__name__})"
+    )
+  overrides = type(gate).decide is not Gate.decide
+  if schedule != "dynamic" and overrides:
+    raise ValueError(
+        f"{type(gate).__name__} overrides decide() but has schedule="
+        f"{schedule!r}, so decide() would never be called; set "
+        "schedule='dynamic' for a gate that decides"
+    )
+  if schedule == "dynamic" and not overrides:
+    raise ValueError(
+        f"{type(gate).__name__} has schedule='dynamic' but does not "
+        "implement decide(step, state) -> (go, new_state)"
+    )
+
+
+class Combine(Component):
+  """Builds the output from the clean gradient and the second gradient."""
+
+  def computed(
+      self, step: Step, second: PyTree, state: PyTree
+  ) -> tuple[PyTree, PyTree]:
+    del step
+    return second, state
+
+  def skipped(self, step: Step, state: PyTree) -> tuple[PyTree, PyTree]:
+    return step.grads, state
+
+
+# --------------------------------------------------------------------------
+# Plans.
+# --------------------------------------------------------------------------
+
+
+class Plan(NamedTuple):
+  """The static structure of one step, made on the host (see ``planner``).
+
+  Hashable, so it can be a static argument of ``jax.jit``. A field left None
+  is decided on the device, as without a plan.
+
+  Attributes:
+    rho_zero: the radius is exactly zero at this step (no second gradient;
+      the output is the clean gradient).
+    second: the gate's decision.
+    gate_after: the gate's end-of-step work (e.g. vSAM: draw the next
+      window), see :meth:`Gate.plan_after`.
+    region: the region's plan (e.g. refresh the mask or not; the selected
+      layers).
+  """
+
+  rho_zero: Optional[bool] = None
+  second: Optional[bool] = None
+  gate_after: Hashable = None
+  region: Hashable = None
+
+
+def check_plan(plan: Any) -> Optional[Plan]:
+  if plan is None or isinstance(plan, Plan):
+    return plan
+  raise ValueError(
+      "plan must be None or the value sam_optax.planner(tx)(count, opt_state) "
+      f"returns (a sam_optax Plan), got {plan!r}"
+  )
