@@ -537,7 +537,7 @@ def ssam_dynamic(
     sparsity: share of entries NOT perturbed, in [0, 1]; a plain number
       (exact ``K``, shortcuts for 0 and 1), an array or a schedule (``K`` in
       float32 at each refresh; when it changes, the next refresh moves the
-      mask to the new size: :func:`dynamic_counts`).
+      mask to the new size: ``dynamic_counts``).
     drop_rate: initial drop rate in [0, 1] (a number or an array); default
       0.5.
     update_every: refresh period in steps, >= 1 (required; the authors

@@ -85,7 +85,7 @@ def fisher_scores(
   float32.
 
   ``scale`` multiplies every per-example gradient before it is squared:
-  a power of two (:func:`base.tree_scale` of the batch gradient) keeps the
+  a power of two (``base.tree_scale`` of the batch gradient) keeps the
   squares of huge gradients finite without changing the order of the
   entries, which is all a mask needs.
 

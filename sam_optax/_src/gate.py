@@ -192,7 +192,7 @@ class VariationSampling(protocols.Gate):
   every window takes exactly ``floor(rate)`` samples.
 
   The whole window is drawn at once, on the device, when the step before it
-  ends (:meth:`prepare`): the new rate from the statistics known then, and
+  ends (``prepare``): the new rate from the statistics known then, and
   the window's decisions with the draws of a key split once per step, the
   same draws as deciding step by step. A step then reads its decision from
   the stored pattern, and a planner reads the pattern once per window.

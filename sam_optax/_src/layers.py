@@ -159,7 +159,7 @@ def layer_sq_norms(
     tree: PyTree, ids: list[int], num: int, scale: Any = None
 ) -> jax.Array:
   """float32 ``[num]``: the squared norm of each layer's leaves of ``tree``
-  times ``scale`` (default: :func:`base.tree_scale`, a power of two that keeps
+  times ``scale`` (default: ``base.tree_scale``, a power of two that keeps
   the squares of 1e20 gradients finite and the order of the layers)."""
   scale = base.tree_scale(tree) if scale is None else scale
   sq = [jnp.zeros((), jnp.float32) for _ in range(num)]

@@ -193,7 +193,7 @@ def keep_count(sparsity: Any, n: int, count: Any) -> Any:
 
 class RefreshedMask(protocols.Region):
   """A mask of ``K = floor(N (1 - sparsity))`` entries kept in state and
-  recomputed on the steps where :meth:`refresh_at` holds.
+  recomputed on the steps where ``refresh_at`` holds.
 
   Subclasses give ``refresh_at(count)`` (a function of the count alone, so a
   planner knows it without reading the device), ``refreshed(step, state,
@@ -365,7 +365,7 @@ class DynamicMask(RefreshedMask):
       grow  = the `grow` dead entries with the largest grow score
       mask  = keep ∪ grow
 
-  with the counts of :func:`dynamic_counts` and scores ``|g|``
+  with the counts of ``dynamic_counts`` and scores ``|g|``
   ("gradient": the clean gradient averaged over ``axis_name``), ``|w|``
   ("weight") or uniform noise ("random", from the key in state, identical
   on every device). Ties go to the lowest flat index. State:
@@ -577,7 +577,7 @@ class FixedLayers(protocols.Region):
 
   ``layers`` is a layer path, a sequence of them (each matched on a path
   suffix: ``"head"`` finds ``"params/head"`` in a Flax linen variables
-  dict; see :func:`layers.match_layers`), or a predicate ``layer_path ->
+  dict; see ``layers.match_layers``), or a predicate ``layer_path ->
   bool``. ``select`` builds, at trace time from the params' structure, a
   pytree of Python bools: the engine then differentiates the selected leaves
   only and passes the others to ``loss_fn`` as the very same arrays, so
