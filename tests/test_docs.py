@@ -63,3 +63,65 @@ def test_few_blocks_are_marked_not_runnable():
   norun = [b for b in doc_blocks.all_blocks() if b.kind == "norun"]
   assert len(norun) <= NORUN_ALLOWED, [(b.page, b.line) for b in norun]
   assert all(b.label for b in norun), "say why a block cannot run"
+
+
+# --------------------------------------------------------------------------
+# Troubleshooting: every error message the library raises is on the page.
+# --------------------------------------------------------------------------
+
+FRAGMENT_CHARS = 60   # at most this many characters of a message are matched
+SHORTEST = 8          # shorter literal text is a prefix wrapper ("NAME: ...")
+
+
+def _literal_chunks(node: ast.AST) -> list[str]:
+  """The literal text of a message expression, split at each formatted value."""
+  if isinstance(node, ast.Constant) and isinstance(node.value, str):
+    return [node.value]
+  if isinstance(node, ast.JoinedStr):
+    out = [""]
+    for v in node.values:
+      if isinstance(v, ast.Constant):
+        out[-1] += v.value
+      else:
+        out.append("")
+    return out
+  if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+    a, b = _literal_chunks(node.left), _literal_chunks(node.right)
+    return a[:-1] + [a[-1] + b[0]] + b[1:]
+  return [""]
+
+
+def _normal(text: str) -> str:
+  return re.sub(r"\s+", " ", text.replace("`", "")).strip()
+
+
+def error_fragments() -> list[tuple[str, str]]:
+  """``(site, fragment)`` for every ``raise SomeError(message)`` in
+  sam_optax/_src: the longest literal piece of the message (up to
+  FRAGMENT_CHARS, cut at a word), which stays the same whatever the values
+  the message reports."""
+  out = []
+  for path in sorted((ROOT / "sam_optax" / "_src").glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+              and node.exc.args):
+        continue
+      pieces = [_normal(c).strip(" .;:,") for c in _literal_chunks(node.exc.args[0])]
+      best = max(pieces, key=len)
+      if len(best) > FRAGMENT_CHARS:
+        best = best[:FRAGMENT_CHARS].rsplit(" ", 1)[0]
+      out.append((f"{path.name}:{node.lineno}", best))
+  return out
+
+
+def test_every_error_message_is_in_troubleshooting():
+  page = _normal((DOCS / "troubleshooting.md").read_text())
+  fragments = error_fragments()
+  assert len(fragments) > 50  # the walk finds the library's raise sites
+  missing = [(site, f) for site, f in fragments
+             if len(f) >= SHORTEST and f not in page]
+  assert not missing, (
+      "error messages without an entry in docs/troubleshooting.md "
+      f"(add the message and its fix): {missing}")
+  wrappers = [site for site, f in fragments if len(f) < SHORTEST]
+  assert len(wrappers) <= 1, wrappers  # base.py's "NAME: <message>" prefix
