@@ -15,17 +15,17 @@ offline, and the README stays a front page.
 from __future__ import annotations
 
 import ast
-import pathlib
+import html.parser
 import re
 import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import doc_blocks  # noqa: E402  pylint: disable=g-import-not-at-top
+from tests import doc_blocks
 
 ROOT = doc_blocks.ROOT
 DOCS = doc_blocks.DOCS
+sys.path.insert(0, str(DOCS / "ext"))
 
 # Blocks that cannot run in the suite, by page: keep this short.
 NORUN_ALLOWED = 2
@@ -125,3 +125,111 @@ def test_every_error_message_is_in_troubleshooting():
       f"(add the message and its fix): {missing}")
   wrappers = [site for site, f in fragments if len(f) < SHORTEST]
   assert len(wrappers) <= 1, wrappers  # base.py's "NAME: <message>" prefix
+
+
+# --------------------------------------------------------------------------
+# The API reference: every public name has an entry, and the build checks it.
+# --------------------------------------------------------------------------
+
+_AUTO = re.compile(
+    r"^\.\. (?:auto(?:function|class|data|exception|module)|py:module)::\s+(\S+)",
+    re.M)
+
+
+def reference_names() -> set[str]:
+  """The names the pages under docs/api/ document (their auto* directives)."""
+  out = set()
+  for page in (DOCS / "api").glob("*.md"):
+    out.update(_AUTO.findall(page.read_text()))
+  return out
+
+
+def test_reference_documents_every_public_name():
+  import coverage_check  # pylint: disable=g-import-not-at-top
+
+  assert coverage_check.missing(reference_names()) == []
+  # The public names: sam_optax.__all__ and sam_optax.parts.
+  names = coverage_check.public_names()
+  assert {"sam_optax.sam", "sam_optax.parts", "sam_optax.parts.Geometry"} <= names
+
+
+def _mini_build(tmp_path, names) -> tuple[int, str]:
+  """A Sphinx build with the coverage check of a page declaring ``names``."""
+  from sphinx.cmd import build  # pylint: disable=g-import-not-at-top
+
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "conf.py").write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {str(DOCS / 'ext')!r})\n"
+      "extensions = ['coverage_check']\n")
+  (src / "index.rst").write_text("Reference\n=========\n\n" + "".join(
+      f".. py:function:: {n}()\n   :no-contents-entry:\n\n" for n in sorted(names)))
+  log = tmp_path / "log.txt"
+  rc = build.build_main(["-W", "--keep-going", "-q", "-b", "html",
+                         "-w", str(log), str(src), str(tmp_path / "out")])
+  return rc, log.read_text() if log.exists() else ""
+
+
+def test_a_name_missing_from_the_reference_fails_the_build(tmp_path):
+  pytest.importorskip("sphinx")
+  names = reference_names()
+  (tmp_path / "all").mkdir()
+  rc, log = _mini_build(tmp_path / "all", names)
+  assert rc == 0, log
+  (tmp_path / "less").mkdir()
+  rc, log = _mini_build(tmp_path / "less", names - {"sam_optax.looksam"})
+  assert rc != 0
+  assert "sam_optax.looksam" in log and "sam_optax.sam," not in log
+
+
+# --------------------------------------------------------------------------
+# The whole site builds with warnings as errors, and works offline.
+# --------------------------------------------------------------------------
+
+
+class _Remote(html.parser.HTMLParser):
+  """Collects the scripts and stylesheets a page loads over http(s)."""
+
+  def __init__(self):
+    super().__init__()
+    self.found = []
+
+  def handle_starttag(self, tag, attrs):
+    a = dict(attrs)
+    url = ""
+    if tag == "script":
+      url = a.get("src") or ""
+    elif tag == "link" and ("stylesheet" in (a.get("rel") or "")
+                            or a.get("as") in ("script", "style", "font")):
+      url = a.get("href") or ""
+    if re.match(r"\s*(https?:)?//", url):
+      self.found.append((tag, url))
+
+
+def test_docs_build_and_load_nothing_remote(tmp_path):
+  pytest.importorskip("sphinx")
+  pytest.importorskip("myst_parser")
+  pytest.importorskip("sphinx_book_theme")
+  from sphinx.cmd import build  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "html"
+  log = tmp_path / "warnings.txt"
+  rc = build.build_main(["-W", "--keep-going", "-q", "-b", "html", "-w", str(log),
+                         "-d", str(tmp_path / "doctrees"), str(DOCS), str(out)])
+  assert rc == 0, log.read_text()
+  pages = list(out.rglob("*.html"))
+  assert len(pages) > 20
+  remote = []
+  for page in pages:
+    parser = _Remote()
+    parser.feed(page.read_text())
+    remote += [(page.name,) + r for r in parser.found]
+  for css in out.rglob("*.css"):
+    if re.search(r"@import[^;]*https?:|url\(\s*['\"]?(https?:)?//", css.read_text()):
+      remote.append((css.name, "css", "remote import"))
+  assert not remote, remote
+  # MathJax is local, and the math reached the pages.
+  methods = (out / "api" / "methods.html").read_text()
+  assert "_static/mathjax/tex-chtml.js" in methods and "\\lVert" in methods
+  assert (out / "_static" / "mathjax" / "tex-chtml.js").exists()

@@ -1,29 +1,27 @@
-"""The README's examples, run as written."""
+"""The named examples of the README and the docs, run as written and
+checked (tests/doc_blocks.py finds them; test_docs.py runs the other blocks)."""
 
-import pathlib
-import re
 
-import jax
 import numpy as np
 import pytest
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+from tests import doc_blocks
+
+README_MAX_LINES = 200
 
 
-def examples() -> dict[str, str]:
-  text = README.read_text()
-  found = re.findall(r"<!-- example: (\w+) -->\s*```python\n(.*?)```", text, re.S)
-  return dict(found)
-
-
-def test_readme_has_the_examples():
-  assert {"optax", "linen", "nnx", "parts"} <= set(examples())
+def test_readme_is_a_front_page():
+  lines = doc_blocks.README.read_text().splitlines()
+  assert len(lines) <= README_MAX_LINES, len(lines)
+  text = "\n".join(lines)
+  for command in ("python -m experiments.compare", "python -m pytest",
+                  "python -m sphinx -W --keep-going -b html docs docs/_build/html"):
+    assert command in text, command
 
 
 @pytest.mark.parametrize("name", ["optax", "linen", "nnx", "parts"])
 def test_readme_example_runs(name):
-  scope: dict = {}
-  exec(compile(examples()[name], f"README:{name}", "exec"), scope)  # noqa: S102
+  scope = doc_blocks.run(doc_blocks.example(name), f"example:{name}")
   loss = float(scope["loss"])
   assert np.isfinite(loss)
   stats = scope["sam_optax"].stats(scope["opt_state"])

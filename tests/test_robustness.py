@@ -4,7 +4,7 @@
 - LightSAM: a NaN or inf step leaves every accumulator as it was;
 - argument errors: ValueError at construction naming the argument;
 - ``stats()`` under pmap and under ``nnx.Optimizer``;
-- the README's recipes, run as written.
+- the docs' recipes (docs/recipes.md, docs/devices.md), run as written.
 
 With the engine's side (check_params at init, the non-finite state guard,
 the overflow-safe projection and layer norms), every test here is a plain
@@ -14,8 +14,6 @@ test.
 from __future__ import annotations
 
 import functools
-import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +25,7 @@ import sam_optax
 from sam_optax._src import base
 from sam_optax._src import engine
 from sam_optax._src import lightsam as lightsam_lib
+from tests import doc_blocks
 from tests import helpers
 from tests.helpers import make_batch, mlp_loss, mlp_params
 
@@ -443,22 +442,12 @@ def test_stats_unwraps_nnx_optimizer_state():
 
 
 # --------------------------------------------------------------------------
-# 5. The README recipes, run as written.
+# 5. The docs' recipes, run as written.
 # --------------------------------------------------------------------------
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-
-
-def _example(name):
-  found = dict(re.findall(r"<!-- example: (\w+) -->\s*```python\n(.*?)```",
-                          README.read_text(), re.S))
-  return found[name]
-
-
 def _run(name):
-  scope: dict = {}
-  exec(compile(_example(name), f"README:{name}", "exec"), scope)  # noqa: S102
-  return scope
+  """The example block ``name`` of the docs (docs/recipes.md, docs/devices.md)."""
+  return doc_blocks.run(doc_blocks.example(name), f"example:{name}")
 
 
 def test_readme_trainstate_recipe():

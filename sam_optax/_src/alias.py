@@ -80,8 +80,8 @@ def sam(
       on the '/'-joined leaf path, or a pytree of Python bools like params.
       Frozen leaves are not perturbed, not differentiated (no backward pass
       below the lowest trainable layer) and not in any norm; their output is
-      the incoming gradient, for the base optimizer to freeze (README,
-      "Frozen parameters").
+      the incoming gradient, for the base optimizer to freeze (docs,
+      recipes: "Frozen parameters").
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; chain a base optimizer after
@@ -240,7 +240,7 @@ def layerwise_sam(
   is static, so the second evaluation differentiates those layers only and
   the rest of the network enters it as the very same arrays: a step costs
   SGD plus the backward of the selected layers (1.00x SGD on the
-  benchmark CNN; see the README's benchmark). Other choices:
+  benchmark CNN; see the docs' benchmark page). Other choices:
 
   * ``layers=``: a fixed set, layer paths (matched on a path suffix, so
     ``"head"`` finds ``"params/head"``) or a predicate; the same fast path.
@@ -259,7 +259,7 @@ def layerwise_sam(
     ranked and used like ``"gradient"`` (:class:`parts.SharpLayers`).
 
   How the defaults were chosen (``python -m experiments.layerwise_study``;
-  the README has the table): on the digits with the small CNN, 5 seeds, rho
+  the docs' experiments page has the table): on the digits with the small CNN, 5 seeds, rho
   0.1, alpha 0.8, 30% label noise, the output side with the global norm
   reached 78.78% against GNP's 78.78% and SGD's 77.28%, at 1.10x SGD's
   time; the rule we first specified (the two layers of largest gradient

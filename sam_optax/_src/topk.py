@@ -115,8 +115,8 @@ def top_k_mask(
      the one block where the cut falls give the index bound.
 
   Measured for 25M float32 scores in 160 leaves on the (shared, loaded)
-  2-core CPU of this project: see the Sparse SAM note in the README (about
-  1 s, against about 20 s for ``jnp.sort`` of the concatenated scores). On
+  2-core CPU of this project: about 1 s, against about 20 s for
+  ``jnp.sort`` of the concatenated scores. On
   an accelerator the passes are bandwidth-bound: 34 reads of 4 bytes per
   entry, about 2 ms for 25M entries at 2 TB/s.
 
