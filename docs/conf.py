@@ -50,7 +50,7 @@ autosummary_generate = False  # the tables only; the entries are on the pages
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_typehints_format = "short"
-autodoc_preserve_defaults = True  # `eps=base.DEFAULT_EPS`, not 1e-12 spelled out
+autodoc_preserve_defaults = False  # the values (eps=1e-12), not the constant names
 autodoc_class_signature = "separated"
 autodoc_default_options = {"exclude-members": "__init__, __new__"}
 maximum_signature_line_length = 88
@@ -95,4 +95,8 @@ html_theme_options = {
     "navigation_with_keys": False,
     "home_page_in_toc": True,
 }
-html_last_updated_fmt = None
+html_css_files = ["custom.css"]
+# The wide tables' pages give the right-hand contents column to the table.
+html_theme_options["secondary_sidebar_items"] = {
+    "choosing": [], "benchmark": [], "experiments": [], "**": ["page-toc"],
+}

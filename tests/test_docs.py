@@ -49,6 +49,17 @@ def test_page_code_runs(page):
       doc_blocks.run("\n" * b.line + b.code, b.page, scope)
 
 
+GUIDES = ("getting_started", "choosing", "recipes", "planned", "devices",
+          "custom", "migrating", "troubleshooting", "experiments", "benchmark")
+
+
+def test_every_guide_page_exists_and_is_in_the_index():
+  index = (DOCS / "index.md").read_text()
+  for name in GUIDES:
+    assert (DOCS / f"{name}.md").exists(), name
+    assert re.search(rf"^{name}$", index, re.M), f"{name} not in the toctree"
+
+
 def test_every_named_example_is_run_by_a_test():
   names = [b.label for b in doc_blocks.all_blocks() if b.kind == "example"]
   assert len(names) == len(set(names)), "example names must be unique"
@@ -145,6 +156,7 @@ def reference_names() -> set[str]:
 
 
 def test_reference_documents_every_public_name():
+  pytest.importorskip("sphinx")
   import coverage_check  # pylint: disable=g-import-not-at-top
 
   assert coverage_check.missing(reference_names()) == []
@@ -233,3 +245,41 @@ def test_docs_build_and_load_nothing_remote(tmp_path):
   methods = (out / "api" / "methods.html").read_text()
   assert "_static/mathjax/tex-chtml.js" in methods and "\\lVert" in methods
   assert (out / "_static" / "mathjax" / "tex-chtml.js").exists()
+
+
+# --------------------------------------------------------------------------
+# Command lines: every `python -m experiments.{compare,train,bench} ...` the
+# docs show parses with that command's own parser (the commands train for
+# minutes to days, so the suite checks their flags, not their runs).
+# --------------------------------------------------------------------------
+
+_COMMAND = re.compile(r"python -m experiments\.(compare|train|bench)\b([^`\"#\n]*)")
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+  out = []
+  for page in doc_blocks.pages():
+    text = page.read_text().replace("\\\n", " ")  # shell line continuations
+    for m in _COMMAND.finditer(text):
+      tokens = [t for t in m.group(2).split() if t != "..."]
+      tokens = [t.rstrip(").;,") if not t.startswith("-") else t for t in tokens]
+      tokens = ["0" if t.startswith("$") else t for t in tokens if t]
+      out.append((page.name, m.group(1), tokens))
+  return out
+
+
+def test_documented_command_lines_parse():
+  from experiments import bench, compare, train  # pylint: disable=g-import-not-at-top
+
+  parse = {
+      "compare": compare.plan,
+      "train": lambda argv: train.parser().parse_args(argv),
+      "bench": bench.parse_args,
+  }
+  commands = documented_commands()
+  assert len(commands) > 10
+  for page, name, argv in commands:
+    try:
+      parse[name](argv)
+    except SystemExit as e:
+      pytest.fail(f"{page}: python -m experiments.{name} {' '.join(argv)}: exit {e}")
