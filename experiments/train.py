@@ -42,9 +42,11 @@ from typing import Optional
 
 import jax
 
+from experiments import checkpoints
 from experiments import methods as methods_lib
 from experiments import parallel
 from experiments.config import add_base_arguments
+from experiments.config import add_number
 from experiments.config import config_from_args
 from experiments.config import parse_method_args
 from experiments.trainer import Trainer
@@ -57,17 +59,22 @@ def parser() -> argparse.ArgumentParser:
   )
   add_base_arguments(p)
   p.add_argument("--method", default="sgd", choices=sorted(methods_lib.METHODS))
-  p.add_argument("--rho", type=float, default=None,
-                 help="the method's rho (default: its registry default)")
+  add_number(p, "rho", default=None,
+             help="the method's rho (default: its registry default)")
   p.add_argument("--method-arg", action="append", default=[],
                  metavar="KEY=VALUE",
                  help="any other method keyword, e.g. --method-arg k=5")
-  p.add_argument("--seed", type=int, default=0)
+  add_number(p, "seed", default=0)
   p.add_argument("--out", default=None, help="results/checkpoint directory")
   p.add_argument("--resume", action="store_true",
-                 help="continue from the latest checkpoint in --out")
-  p.add_argument("--checkpoint-every", type=int, default=1, help="epochs")
-  p.add_argument("--eval-every", type=int, default=1, help="epochs")
+                 help="continue from the latest checkpoint in --out (the "
+                 "same settings; only --data-dir, --workers, --eval-every, "
+                 "--checkpoint-every and, under --perturbation global, the "
+                 "device count may change)")
+  add_number(p, "checkpoint_every", default=1,
+             help="epochs (the last epoch is always saved)")
+  add_number(p, "eval_every", default=1,
+             help="epochs (the last epoch is always evaluated)")
   p.add_argument("--no-progress", action="store_true")
   g = p.add_argument_group(
       "many hosts", "one process per host; jax.distributed.initialize() is "
@@ -76,8 +83,8 @@ def parser() -> argparse.ArgumentParser:
                  help="initialise from the cluster's environment (Cloud TPU "
                  "pods, SLURM, Open MPI, GKE)")
   g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT")
-  g.add_argument("--num-processes", type=int, default=None)
-  g.add_argument("--process-id", type=int, default=None)
+  add_number(g, "num_processes", default=None)
+  add_number(g, "process_id", default=None)
   return p
 
 
@@ -87,19 +94,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
   args = p.parse_args(argv)
   if args.resume and args.out is None:
     p.error("--resume needs --out")
-  parallel.maybe_initialize(args.coordinator_address, args.num_processes,
-                            args.process_id, force=args.distributed)
-  method_args = parse_method_args(args.method_arg)
-  if args.rho is not None:
-    method_args["rho"] = args.rho
-  cfg = config_from_args(
-      args, method=args.method, method_args=method_args, seed=args.seed
-  )
+  if (args.process_id is not None and args.num_processes is not None
+      and args.process_id >= args.num_processes):
+    p.error(f"--process-id {args.process_id} must be < --num-processes "
+            f"{args.num_processes}")
   try:
+    parallel.maybe_initialize(args.coordinator_address, args.num_processes,
+                              args.process_id, force=args.distributed)
+    method_args = parse_method_args(args.method_arg)
+    if args.rho is not None:
+      method_args["rho"] = args.rho
+    cfg = config_from_args(
+        args, method=args.method, method_args=method_args, seed=args.seed
+    )
     trainer = Trainer(cfg)
-  except ValueError as e:
-    if "--batch-size" not in str(e):
-      raise
+  except (ValueError, TypeError) as e:
+    # A setting the parser cannot check alone (--method-arg, --model-arg,
+    # a method's own checks, the batch over the devices).
     p.error(str(e))
   lead = jax.process_index() == 0
   if lead:
@@ -112,14 +123,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
         f"{cfg.perturbation} perturbation",
         flush=True,
     )
-  result = trainer.run(
-      out=args.out,
-      resume=args.resume,
-      progress=not args.no_progress,
-      checkpoint_every=args.checkpoint_every,
-      eval_every=args.eval_every,
-      log=lambda s: print(s, flush=True),
-  )
+  try:
+    result = trainer.run(
+        out=args.out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every,
+        log=lambda s: print(s, flush=True),
+    )
+  except checkpoints.ResumeError as e:  # the command does not fit --out
+    p.error(str(e))
+  except checkpoints.CheckpointError as e:  # a damaged checkpoint
+    p.exit(1, f"{p.prog}: error: {e}\n")
   if lead:
     print(
         f"final test accuracy {100 * result['final_test_acc']:.2f}%  "
