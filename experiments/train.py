@@ -25,8 +25,16 @@ It logs per epoch the training loss and accuracy (on the labels it trains
 on, noisy ones included), the test loss and accuracy, images/s and the
 gradient evaluations so far (1 per step for the clean gradient plus the
 method's own, read with ``sam_optax.stats``); it writes ``OUT/results.json``
-after every epoch and orbax checkpoints under ``OUT/checkpoints``
-(``--resume`` continues from the latest one, bit-exact at epoch boundaries).
+after every epoch and orbax checkpoints under ``OUT/checkpoints``, each with
+the run's record (settings, history, planner reads). ``--resume`` continues
+from the latest one, bit-exact at epoch boundaries; it refuses, before any
+training, an ``OUT`` with nothing to resume and a run trained under other
+settings (every setting but ``--data-dir``, ``--workers``, ``--eval-every``,
+``--checkpoint-every`` and, under global perturbation, the device count),
+naming each setting with its stored and its new value. A new run refuses an
+``OUT`` that holds one already. Bad values are usage errors (exit code 2)
+naming the flag and its range; a damaged checkpoint exits with code 1,
+naming the checkpoint and what to delete.
 
 The pieces: ``config.py`` (the run's settings and flags), ``trainer.py``
 (the loop), ``steps.py`` (the compiled train and eval steps, shared with the

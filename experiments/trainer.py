@@ -53,12 +53,12 @@ from jax.sharding import PartitionSpec as P
 
 import sam_optax
 from experiments import checkpoints
+from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import models as models_lib
 from experiments import parallel
 from experiments import steps as steps_lib
-from experiments import config as config_lib
 from experiments.config import Config
 from experiments.steps import TrainState
 
@@ -561,7 +561,6 @@ class Trainer:
       )
     return manager
 
-
   def run(
       self,
       seed: Optional[int] = None,
@@ -604,8 +603,12 @@ class Trainer:
       manager = self._open_out(out, resume)
       if resume:
         start = int(manager.latest_step())
-        record = checkpoints.load_record(manager, start)
-        _check_resumable(out, record, settings, self.mesh.size)
+        try:
+          record = checkpoints.load_record(manager, start)
+          _check_resumable(out, record, settings, self.mesh.size)
+        except Exception:
+          manager.close()
+          raise
         history = record.get("history", [])[:start]
 
     ds = self.dataset
@@ -619,7 +622,11 @@ class Trainer:
     # A fresh planner per run: it remembers what it read of this run's state.
     self.planner = sam_optax.planner(self.sam_tx) if self.planned else None
     if record is not None:
-      state = checkpoints.restore(manager, start, state)
+      try:
+        state = checkpoints.restore(manager, start, state)
+      except checkpoints.CheckpointError:
+        manager.close()
+        raise
       if self.planner is not None:  # reads counted over the whole run
         self.planner.reads = int(record.get("planner_reads") or 0)
       if log:

@@ -5,6 +5,7 @@ Every run here is tiny: the digits, a 4-8-8 CNN, batch 512 (2 steps per
 epoch over the 8 CPU devices), 1 or 2 epochs.
 """
 
+import dataclasses
 import glob
 import json
 import math
@@ -101,6 +102,17 @@ def test_train_settings_the_parser_cannot_check_are_usage_errors(capsys):
     assert code == 2 and says in err, (argv, err)
 
 
+def test_digits_planned_refuses_bad_methods_before_training(capsys):
+  from experiments import digits_planned
+
+  for argv, says in [([], "the following arguments are required: methods"),
+                     (["nosuch"], "unknown method 'nosuch'"),
+                     (["sam:rh=0.1"], "'rh'"),
+                     (["looksam:k=0"], "k must be")]:
+    code, err = _exit(capsys, argv, main=digits_planned.main)
+    assert code == 2 and says in err, (argv, err)
+
+
 def test_config_refuses_non_finite_and_out_of_range_values():
   for field, value, allowed in [
       ("lr", math.nan, "a finite number > 0"),
@@ -156,6 +168,10 @@ def test_resume_with_nothing_to_resume_is_refused(capsys, tmp_path):
   code, err = _exit(capsys, TINY + ["--epochs", "1", "--out", out,
                                     "--resume"])
   assert code == 2 and "holds no checkpoint" in err, err
+  a_file = str(tmp_path / "file")
+  open(a_file, "w").close()
+  code, err = _exit(capsys, TINY + ["--epochs", "1", "--out", a_file])
+  assert code == 2 and f"--out {a_file} is a file" in err, err
 
 
 def test_a_fresh_run_over_a_previous_one_is_refused(capsys, finished,
@@ -218,27 +234,30 @@ def test_resume_of_a_finished_run_returns_its_results(finished, tmp_path):
 def test_device_count_may_change_on_resume_only_under_global_perturbation(
     tmp_path):
   four, eight = jax.devices()[:4], jax.devices()
-  for perturbation in ("per-device", "global"):
-    cfg = config.Config(epochs=2, batch_size=512, model_args=TINY_ARGS,
-                        perturbation=perturbation, method="sam")
-    out = str(tmp_path / perturbation)
-    full = trainer.Trainer(cfg, devices=four).run(
-        0, out=out, log=None, progress=False)
-    shutil.rmtree(os.path.join(out, "checkpoints", "2"))
-    resumed_on = trainer.Trainer(cfg, devices=eight)
-    if perturbation == "per-device":
-      # 4 devices perturbed with 128 examples each; 8 would with 64.
-      with pytest.raises(checkpoints.ResumeError,
-                         match="the device count 4 \\(now 8"):
-        resumed_on.run(0, out=out, resume=True, log=None, progress=False)
-      continue
-    res = resumed_on.run(0, out=out, resume=True, log=None, progress=False)
-    # The same whole-batch step on 8 devices as on 4, to float rounding;
-    # each epoch records where it ran.
-    assert [h["devices"] for h in res["history"]] == [4, 8]
-    chex.assert_trees_all_close(jax.device_get(res["state"].params),
-                                jax.device_get(full["state"].params),
-                                rtol=1e-4, atol=1e-5)
+  # Per-device: 4 devices perturbed with 128 examples each, 8 would with 64.
+  cfg = config.Config(epochs=1, batch_size=512, model_args=TINY_ARGS,
+                      perturbation="per-device", method="sam",
+                      planned=False)  # one program to compile
+  out = str(tmp_path / "per-device")
+  trainer.Trainer(cfg, devices=four).run(0, out=out, log=None,
+                                         progress=False)
+  with pytest.raises(checkpoints.ResumeError,
+                     match="the device count 4 \\(now 8; under per-device"):
+    trainer.Trainer(cfg, devices=eight).run(0, out=out, resume=True,
+                                            log=None, progress=False)
+  # Global: the same whole-batch step on 8 devices as on 4, to float
+  # rounding; each epoch records where it ran.
+  cfg = dataclasses.replace(cfg, epochs=2, perturbation="global")
+  out = str(tmp_path / "global")
+  full = trainer.Trainer(cfg, devices=four).run(0, out=out, log=None,
+                                                progress=False)
+  shutil.rmtree(os.path.join(out, "checkpoints", "2"))
+  res = trainer.Trainer(cfg, devices=eight).run(0, out=out, resume=True,
+                                                log=None, progress=False)
+  assert [h["devices"] for h in res["history"]] == [4, 8]
+  chex.assert_trees_all_close(jax.device_get(res["state"].params),
+                              jax.device_get(full["state"].params),
+                              rtol=1e-4, atol=1e-5)
 
 
 def test_planner_reads_are_counted_across_a_resume(tmp_path):
@@ -276,9 +295,11 @@ DAMAGE = {
     # The run record emptied (a JSONDecodeError inside orbax).
     "empty record": lambda step: open(
         os.path.join(step, "run", "metadata"), "w").close(),
-    # The arrays' files cut in half (an orbax/tensorstore DATA_LOSS).
+    # The arrays' files cut in half (orbax's JSON or tensorstore errors),
+    # every item's but the run record's.
     "truncated state": lambda step: _truncate(
-        glob.glob(os.path.join(step, "state", "**"), recursive=True)),
+        p for p in glob.glob(os.path.join(step, "*", "**"), recursive=True)
+        if os.path.relpath(p, step).split(os.sep)[0] != "run"),
     # An empty step directory (a KeyError inside orbax).
     "empty step": lambda step: [shutil.rmtree(step), os.makedirs(step)],
 }
@@ -300,6 +321,19 @@ def test_a_damaged_checkpoint_is_a_clean_error(capsys, finished, tmp_path,
   assert f"of checkpoint {step} (" in err
   assert (f"delete {step} to resume from the checkpoint of epoch 1, or "
           f"delete {out} (or point --out elsewhere) to start again") in err
+
+
+def test_a_damaged_results_json_does_not_stop_a_resume(finished, tmp_path):
+  # The history comes from the checkpoint, and results.json is rewritten
+  # (it used to be read: a JSONDecodeError).
+  out = _copy(finished[0], tmp_path, drop_last=True)
+  open(os.path.join(out, "results.json"), "w").close()
+  res = train.main(TINY + ["--epochs", "2", "--out", out, "--resume"])
+  saved = json.load(open(os.path.join(out, "results.json")))
+  want = finished[1]["history"]
+  assert saved["history"][0] == want[0] == res["history"][0]
+  for key in ("train_loss", "test_loss", "test_acc", "epoch"):
+    assert saved["history"][1][key] == want[1][key]  # bit-exact resume
 
 
 def test_a_damaged_checkpoint_in_the_real_command(finished, tmp_path):
