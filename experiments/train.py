@@ -60,6 +60,16 @@ from experiments.config import parse_method_args
 from experiments.trainer import Trainer
 
 
+def _host_port(text: str) -> str:
+  """``HOST:PORT`` with a port in [1, 65535] (argparse ``type=``)."""
+  host, _, port = text.rpartition(":")
+  if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise argparse.ArgumentTypeError(
+        f"must be HOST:PORT with a port in [1, 65535], got {text!r}"
+    )
+  return text
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m experiments.train",
@@ -90,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
   g.add_argument("--distributed", action="store_true",
                  help="initialise from the cluster's environment (Cloud TPU "
                  "pods, SLURM, Open MPI, GKE)")
-  g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT")
+  g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                 type=_host_port)
   add_number(g, "num_processes", default=None)
   add_number(g, "process_id", default=None)
   return p

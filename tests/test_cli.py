@@ -67,6 +67,10 @@ BAD_VALUES = [
     ("--workers", "-1", "an integer >= 0"),
     ("--num-processes", "0", "an integer >= 1"),
     ("--process-id", "-1", "an integer >= 0"),
+    ("--coordinator-address", "localhost",
+     "HOST:PORT with a port in [1, 65535]"),
+    ("--coordinator-address", "10.0.0.1:0",
+     "HOST:PORT with a port in [1, 65535]"),
 ]
 
 
@@ -82,9 +86,11 @@ def test_train_flags_refuse_bad_values_at_parse_time(capsys):
 
 
 def test_compare_shares_the_checked_base_flags(capsys):
-  for flag, value, allowed in BAD_VALUES[:14]:
-    if flag in ("--rho", "--eval-every", "--checkpoint-every"):
-      continue  # train's own flags
+  train_only = ("--rho", "--seed", "--eval-every", "--checkpoint-every",
+                "--num-processes", "--process-id", "--coordinator-address")
+  for flag, value, allowed in BAD_VALUES:
+    if flag in train_only:
+      continue
     code, err = _exit(capsys, [f"{flag}={value}"], main=compare.plan)
     assert code == 2 and f"argument {flag}: must be {allowed}" in err, err
 
