@@ -27,6 +27,11 @@ class Range:
   One table of them (:data:`RANGES`, :data:`RUN_RANGES`) serves both
   :class:`Config`'s checks (a ``ValueError``) and the command lines' flags
   (:meth:`arg`: an argparse usage error, exit code 2, at parse time).
+
+  >>> Range(float, 0, 1, open_high=True).describe()
+  'a finite number in [0, 1)'
+  >>> Range(int, 1).contains(0), Range(float, 0).contains(float("nan"))
+  (False, False)
   """
 
   kind: type = float
@@ -118,7 +123,8 @@ def check_range(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be {allowed.describe()}, got {value!r}")
 
 
-def add_number(p, name: str, help: str = "", **kwargs) -> None:  # pylint: disable=redefined-builtin
+def add_number(p, name: str, help: str = "",  # pylint: disable=redefined-builtin
+               **kwargs) -> None:
   """Adds ``--name`` (dashes for underscores), the numeric setting
   ``name`` checked at parse time against its range (:data:`RANGES`,
   :data:`RUN_RANGES`), which its help states."""
