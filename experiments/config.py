@@ -8,12 +8,136 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import math
+import numbers
 from typing import Any, Optional
 
 from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import models as models_lib
 from experiments import parallel
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The values a numeric setting allows: finite, of ``kind``, between
+  ``low`` and ``high`` (None: unbounded; ``open_low``/``open_high``: the
+  bound itself excluded).
+
+  One table of them (:data:`RANGES`, :data:`RUN_RANGES`) serves both
+  :class:`Config`'s checks (a ``ValueError``) and the command lines' flags
+  (:meth:`arg`: an argparse usage error, exit code 2, at parse time).
+
+  >>> Range(float, 0, 1, open_high=True).describe()
+  'a finite number in [0, 1)'
+  >>> Range(int, 1).contains(0), Range(float, 0).contains(float("nan"))
+  (False, False)
+  """
+
+  kind: type = float
+  low: Optional[float] = None
+  high: Optional[float] = None
+  open_low: bool = False
+  open_high: bool = False
+
+  def contains(self, value: Any) -> bool:
+    number = numbers.Integral if self.kind is int else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, number):
+      return False
+    if not math.isfinite(value):
+      return False
+    if self.low is not None and (
+        value < self.low or (self.open_low and value == self.low)):
+      return False
+    if self.high is not None and (
+        value > self.high or (self.open_high and value == self.high)):
+      return False
+    return True
+
+  def describe(self) -> str:
+    """E.g. ``an integer >= 1``, ``a finite number in [0, 1)``."""
+    what = "an integer" if self.kind is int else "a finite number"
+    if self.low is not None and self.high is not None:
+      return (f"{what} in {'(' if self.open_low else '['}{_num(self.low)}, "
+              f"{_num(self.high)}{')' if self.open_high else ']'}")
+    if self.low is not None:
+      return f"{what} {'>' if self.open_low else '>='} {_num(self.low)}"
+    if self.high is not None:
+      return f"{what} {'<' if self.open_high else '<='} {_num(self.high)}"
+    return what
+
+  def arg(self, text: str):
+    """The argparse ``type=``: ``text`` as ``kind`` if allowed, else an
+    ``ArgumentTypeError`` (argparse prefixes the flag: ``argument --lr:
+    must be a finite number > 0, got 'nan'``)."""
+    try:
+      value = self.kind(text)
+    except ValueError:
+      value = None
+    if value is None or not self.contains(value):
+      raise argparse.ArgumentTypeError(
+          f"must be {self.describe()}, got {text!r}"
+      )
+    return value
+
+
+def _num(x: float) -> str:
+  return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+_UINT32 = 2**32 - 1
+
+# The numeric settings of a Config and the values each allows.
+RANGES = {
+    "epochs": Range(int, 1),
+    "batch_size": Range(int, 1),
+    "lr": Range(float, 0, open_low=True),
+    "warmup_epochs": Range(int, 0),
+    "momentum": Range(float, 0, 1, open_high=True),
+    "weight_decay": Range(float, 0),
+    "label_smoothing": Range(float, 0, 1, open_high=True),
+    "label_noise": Range(float, 0, 1),
+    "seed": Range(int, 0, _UINT32),
+    "padding": Range(int, 0),
+    "cutout": Range(int, 0),
+    "image_size": Range(int, 1),
+    "workers": Range(int, 0),
+}
+
+# Numeric flags of the command lines that are not Config fields.
+RUN_RANGES = {
+    "rho": Range(float, 0),
+    "checkpoint_every": Range(int, 1),
+    "eval_every": Range(int, 1),
+    "num_processes": Range(int, 1),
+    "process_id": Range(int, 0),
+    "seeds": Range(int, 1),
+}
+
+
+def check_range(name: str, value: Any) -> None:
+  """Raises ``ValueError`` naming ``name`` unless ``value`` is in its range
+  (:data:`RANGES` or :data:`RUN_RANGES`)."""
+  allowed = RANGES.get(name) or RUN_RANGES[name]
+  if not allowed.contains(value):
+    raise ValueError(f"{name} must be {allowed.describe()}, got {value!r}")
+
+
+def add_number(p, name: str, help: str = "",  # pylint: disable=redefined-builtin
+               **kwargs) -> None:
+  """Adds ``--name`` (dashes for underscores), the numeric setting
+  ``name`` checked at parse time against its range (:data:`RANGES`,
+  :data:`RUN_RANGES`), which its help states."""
+  allowed = RANGES.get(name) or RUN_RANGES[name]
+  text = f"{help}; " if help else ""
+  p.add_argument("--" + name.replace("_", "-"), type=allowed.arg,
+                 help=text + allowed.describe(), **kwargs)
+
+
+# Config fields that may differ when a run is resumed: where the data is
+# read from and how many processes prepare it (the batches are the same; see
+# ``data.Dataset.batches``). Every other field changes what is computed.
+RESUME_MAY_CHANGE = ("data_dir", "workers")
 
 
 @dataclasses.dataclass
@@ -51,6 +175,11 @@ class Config:
       ``trainer.py``). False: the ``lax.cond`` path, and in-memory data runs
       a whole epoch as one jitted ``lax.scan``. The same results either way,
       to float rounding.
+
+  The numeric fields must be in their :data:`RANGES` (finite; a
+  ``ValueError`` names the field and the range otherwise). Every field but
+  :data:`RESUME_MAY_CHANGE` decides the run's trajectory: ``--resume``
+  refuses to continue a run under a different value of any of them.
   """
 
   dataset: str = "digits"
@@ -100,26 +229,14 @@ class Config:
           f"method {self.method!r} is not in this sam_optax yet; available: "
           f"{methods_lib.available()}"
       )
-    for name in ("epochs", "batch_size"):
-      if int(getattr(self, name)) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if not 0.0 <= self.label_smoothing < 1.0:
-      raise ValueError(
-          f"label_smoothing must be in [0, 1), got {self.label_smoothing}"
-      )
-    if self.label_noise is not None and not 0.0 <= self.label_noise <= 1.0:
-      raise ValueError(f"label_noise must be in [0, 1], got {self.label_noise}")
     if self.perturbation not in parallel.PERTURBATIONS:
       raise ValueError(
           f"perturbation must be one of {list(parallel.PERTURBATIONS)}, got "
           f"{self.perturbation!r}"
       )
-    if self.lr <= 0:
-      raise ValueError(f"lr must be in (0, inf), got {self.lr}")
-    if self.weight_decay < 0:
-      raise ValueError(
-          f"weight_decay must be in [0, inf), got {self.weight_decay}"
-      )
+    for name in RANGES:
+      if getattr(self, name) is not None:
+        check_range(name, getattr(self, name))
 
   @property
   def noise(self) -> float:
@@ -160,27 +277,27 @@ def add_base_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dataset", default=d.dataset, choices=data_lib.DATASETS)
   p.add_argument("--model", default=None, choices=sorted(models_lib.MODELS),
                  help="default: digits_cnn on the digits, resnet18 elsewhere")
-  p.add_argument("--epochs", type=int, default=d.epochs)
-  p.add_argument("--batch-size", type=int, default=d.batch_size)
-  p.add_argument("--lr", type=float, default=d.lr,
-                 help="peak learning rate, cosine decay to 0")
-  p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
-  p.add_argument("--momentum", type=float, default=d.momentum)
+  add_number(p, "epochs", default=d.epochs)
+  add_number(p, "batch_size", default=d.batch_size)
+  add_number(p, "lr", default=d.lr, help="peak learning rate, cosine decay "
+             "to 0")
+  add_number(p, "warmup_epochs", default=d.warmup_epochs)
+  add_number(p, "momentum", default=d.momentum)
   p.add_argument("--nesterov", action="store_true")
-  p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-  p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-  p.add_argument("--label-noise", type=float, default=None,
-                 help="share of training labels flipped (default: 0.3 on the "
-                 "digits, 0 elsewhere)")
+  add_number(p, "weight_decay", default=d.weight_decay)
+  add_number(p, "label_smoothing", default=d.label_smoothing)
+  add_number(p, "label_noise", default=None,
+             help="share of training labels flipped (default: 0.3 on the "
+             "digits, 0 elsewhere)")
   p.add_argument("--no-augment", action="store_true",
                  help="no crop/flip on TFDS data")
-  p.add_argument("--padding", type=int, default=d.padding)
-  p.add_argument("--cutout", type=int, default=d.cutout,
-                 help="cutout square side (0: none; 16 on CIFAR)")
-  p.add_argument("--image-size", type=int, default=None)
+  add_number(p, "padding", default=d.padding)
+  add_number(p, "cutout", default=d.cutout,
+             help="cutout square side (0: none; 16 on CIFAR)")
+  add_number(p, "image_size", default=None)
   p.add_argument("--data-dir", default=None, help="TFDS data directory")
-  p.add_argument("--workers", type=int, default=0,
-                 help="grain worker processes (0: threads)")
+  add_number(p, "workers", default=0,
+             help="grain worker processes (0: threads)")
   p.add_argument("--model-arg", action="append", default=[],
                  metavar="KEY=VALUE", help="model constructor argument")
   p.add_argument("--perturbation", default=d.perturbation,

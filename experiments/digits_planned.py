@@ -14,6 +14,7 @@ times. ``name:key=value`` overrides method arguments (``compare``'s
 measured on the project's shared 2-core CPU; its output is
 ``experiments/results/digits_planned.jsonl``.
 """
+import argparse
 import json
 import sys
 
@@ -28,8 +29,20 @@ from experiments.trainer import Trainer
 
 
 def main(argv):
+  p = argparse.ArgumentParser(
+      prog="python -m experiments.digits_planned",
+      description="Planned against unplanned training on the digits.")
+  p.add_argument("methods", help="comma-separated, compare's --methods "
+                 "syntax, e.g. sam,looksam:k=2,vsam")
+  args = p.parse_args(argv)
+  try:
+    specs = compare.parse_methods(args.methods)
+    for method, margs in specs:  # the method's own checks, before training
+      Trainer(Config(method=method, method_args=margs, epochs=1))
+  except (ValueError, TypeError) as e:
+    p.error(str(e))
   out = []
-  for method, margs in compare.parse_methods(argv[0]):
+  for method, margs in specs:
     item = methods_lib.label(method, margs)
     trs = {pl: Trainer(Config(method=method, method_args=margs, planned=pl)) for pl in (False, True)}
     E = trs[False].cfg.epochs

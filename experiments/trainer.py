@@ -53,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 
 import sam_optax
 from experiments import checkpoints
+from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import models as models_lib
@@ -519,6 +520,47 @@ class Trainer:
 
   # -- a whole run ----------------------------------------------------------
 
+  def _settings(self, seed: int) -> dict:
+    """What a run's trajectory depends on, as stored in its checkpoints:
+    the config with ``seed`` and the label noise it resolves to."""
+    cfg = self.cfg
+    return checkpoints.to_json(dict(cfg.to_dict(), seed=seed,
+                                    label_noise=cfg.noise))
+
+  @staticmethod
+  def _open_out(out: str, resume: bool):
+    """The checkpoint manager of ``out/checkpoints`` after checking that
+    ``resume`` fits what ``out`` holds (:class:`checkpoints.ResumeError`)."""
+    ckpt = os.path.join(out, "checkpoints")
+    results = os.path.join(out, "results.json")
+    if os.path.exists(out) and not os.path.isdir(out):
+      raise checkpoints.ResumeError(
+          f"--out {out} is a file, not a directory: choose another --out")
+    if resume and not os.path.isdir(ckpt):
+      raise checkpoints.ResumeError(
+          f"--resume: nothing to resume in {out} (no directory {ckpt}): "
+          "check --out, or run without --resume to start a new run there"
+      )
+    os.makedirs(out, exist_ok=True)
+    manager = checkpoints.checkpoint_manager(ckpt)
+    steps = sorted(manager.all_steps())
+    if resume and not steps:
+      manager.close()
+      raise checkpoints.ResumeError(
+          f"--resume: nothing to resume in {out} ({ckpt} holds no "
+          "checkpoint): check --out, or run without --resume to start a "
+          "new run there"
+      )
+    if not resume and (steps or os.path.exists(results)):
+      manager.close()
+      held = (f"checkpoints of epochs {steps} in {ckpt}" if steps
+              else results)
+      raise checkpoints.ResumeError(
+          f"{out} holds a run already ({held}): pass --resume to continue "
+          "it, or delete the directory, or choose another --out"
+      )
+    return manager
+
   def run(
       self,
       seed: Optional[int] = None,
@@ -534,14 +576,41 @@ class Trainer:
 
     With ``out`` the results go to ``out/results.json`` (rewritten every
     epoch, by process 0) and checkpoints to ``out/checkpoints`` every
-    ``checkpoint_every`` epochs (by every process); ``resume=True`` restarts
-    from the latest checkpoint there. Only process 0 logs.
+    ``checkpoint_every`` epochs (by every process); each checkpoint holds
+    the run's record too (settings, history, planner reads). A fresh run
+    refuses an ``out`` that holds a run already; ``resume=True`` continues
+    from the latest checkpoint there, and refuses when there is none or
+    when the run was trained under other settings (every ``Config`` field
+    but ``config.RESUME_MAY_CHANGE``, and the device count under per-device
+    perturbation): :class:`checkpoints.ResumeError`, before any training.
+    An unreadable checkpoint raises :class:`checkpoints.CheckpointError`.
+    ``eval_every`` and ``checkpoint_every`` (epochs, >= 1; the last epoch
+    is always evaluated and saved) may differ between a run and its resume.
+    Only process 0 logs.
     """
     cfg = self.cfg
     seed = cfg.seed if seed is None else seed
+    for name, value in (("seed", seed), ("eval_every", eval_every),
+                        ("checkpoint_every", checkpoint_every)):
+      config_lib.check_range(name, value)
     lead = jax.process_index() == 0
     log = log if lead else None
     progress = progress and lead
+    settings = self._settings(seed)
+    history: list[dict] = []
+    start, record, manager = 0, None, None
+    if out is not None:
+      manager = self._open_out(out, resume)
+      if resume:
+        start = int(manager.latest_step())
+        try:
+          record = checkpoints.load_record(manager, start)
+          _check_resumable(out, record, settings, self.mesh.size)
+        except Exception:
+          manager.close()
+          raise
+        history = record.get("history", [])[:start]
+
     ds = self.dataset
     if seed != ds.seed and (cfg.noise > 0 or not self.in_memory):
       ds = ds.with_seed(seed)  # the noisy labels depend on the seed
@@ -549,22 +618,20 @@ class Trainer:
     if self.in_memory:
       arrays = self.replicate((ds.train_images, ds.train_labels))
       test_arrays = (ds.test_images, ds.test_labels)
-
     state = self.init_state(seed)
     # A fresh planner per run: it remembers what it read of this run's state.
     self.planner = sam_optax.planner(self.sam_tx) if self.planned else None
-    history: list[dict] = []
-    start = 0
-    manager = None
-    if out is not None:
-      os.makedirs(out, exist_ok=True)
-      manager = checkpoints.checkpoint_manager(os.path.join(out, "checkpoints"))
-      if resume and manager.latest_step() is not None:
-        start = int(manager.latest_step())
+    if record is not None:
+      try:
         state = checkpoints.restore(manager, start, state)
-        history = checkpoints.load_history(out)[:start]
-        if log:
-          log(f"resumed from {out}/checkpoints at epoch {start}")
+      except checkpoints.CheckpointError:
+        manager.close()
+        raise
+      if self.planner is not None:  # reads counted over the whole run
+        self.planner.reads = int(record.get("planner_reads") or 0)
+      if log:
+        log(f"resumed from {out}/checkpoints at epoch {start}"
+            + (" (the run is complete)" if start >= cfg.epochs else ""))
 
     result = {
         "config": dict(cfg.to_dict(), seed=seed),
@@ -576,6 +643,8 @@ class Trainer:
         "planned": self.planned,
         "history": history,
     }
+    if history:  # a resumed run: its summary so far (all of it if complete)
+      result.update(_summary(history, self, state))
     bar = _progress(cfg.epochs, cfg.method, progress and self.in_memory)
     if bar is not None:
       bar.update(start)
@@ -593,6 +662,7 @@ class Trainer:
           steps=steps,
           grad_evals=evals,
           grads_per_step=1.0 + evals / steps,
+          devices=self.mesh.size,
       )
       history.append(metrics)
       if log and bar is not None:
@@ -602,9 +672,14 @@ class Trainer:
       if bar is not None:
         bar.set_postfix(test=f"{metrics.get('test_acc', float('nan')):.3f}")
         bar.update(1)
-      if manager is not None and (last or (epoch + 1) % checkpoint_every == 0):
-        checkpoints.save(manager, epoch + 1, state)
       result.update(_summary(history, self, state))
+      if manager is not None and (last or (epoch + 1) % checkpoint_every == 0):
+        checkpoints.save(manager, epoch + 1, state, {
+            "config": settings,
+            "devices": self.mesh.size,
+            "history": history,
+            "planner_reads": result["planner_reads"],
+        })
       if out is not None and lead:
         checkpoints.write_json(os.path.join(out, "results.json"), result)
     if bar is not None:
@@ -614,6 +689,36 @@ class Trainer:
       manager.close()
     result["state"] = state
     return result
+
+
+def _check_resumable(out: str, record: dict, settings: dict,
+                     devices: int) -> None:
+  """Raises :class:`checkpoints.ResumeError` listing every setting under
+  which the run in ``out`` (its checkpoint ``record``) was trained
+  differently from ``settings`` (``Trainer._settings``) on ``devices``."""
+  stored = record["config"]
+  diffs = [
+      f"{k}={stored.get(k)!r} (this command: {settings.get(k)!r})"
+      for k in sorted(set(stored) | set(settings))
+      if k not in config_lib.RESUME_MAY_CHANGE
+      and stored.get(k) != settings.get(k)
+  ]
+  if (settings.get("perturbation") == "per-device"
+      and record.get("devices") != devices):
+    diffs.append(
+        f"the device count {record.get('devices')} (now {devices}; under "
+        "per-device perturbation it sets the batch each device perturbs "
+        "with)"
+    )
+  if diffs:
+    raise checkpoints.ResumeError(
+        f"--resume: the run in {out} was trained with " + "; ".join(diffs)
+        + ". Resuming would continue it under other settings: resume with "
+        "its settings, or train anew with another --out. (May change on "
+        f"resume: {', '.join(config_lib.RESUME_MAY_CHANGE)}, --eval-every, "
+        "--checkpoint-every, and the device count under --perturbation "
+        "global.)"
+    )
 
 
 def _epoch_metrics(loss: float, correct: int, n_images: int, elapsed: float,

@@ -289,11 +289,11 @@ def test_config_rejects_bad_values():
     config.Config(dataset="mnist")
   with pytest.raises(ValueError, match="method must be one of"):
     config.Config(method="adamw")
-  with pytest.raises(ValueError, match="label_smoothing must be in"):
+  with pytest.raises(ValueError, match="label_smoothing must be a finite number in"):
     config.Config(label_smoothing=1.0)
-  with pytest.raises(ValueError, match="label_noise must be in"):
+  with pytest.raises(ValueError, match="label_noise must be a finite number in"):
     config.Config(label_noise=-0.1)
-  with pytest.raises(ValueError, match="epochs must be >= 1"):
+  with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
     config.Config(epochs=0)
   assert config.Config().model == "digits_cnn"
   assert config.Config(dataset="cifar10").model == "resnet18"
