@@ -77,6 +77,14 @@ class Trainable:
     treedef: the structure of the full params.
     flags: one Python bool per leaf of the params (True: trainable), in
       ``jax.tree.leaves`` order; at least one True and one False.
+
+  Example:
+    >>> from sam_optax import parts
+    >>> t = parts.Trainable.from_mask({"body": False, "head": True})
+    >>> t.restrict({"body": 1.0, "head": 2.0})
+    {'body': None, 'head': 2.0}
+    >>> t.merge({"body": None, "head": 3.0}, {"body": 1.0, "head": 2.0})
+    {'body': 1.0, 'head': 3.0}
   """
 
   treedef: Any
