@@ -23,6 +23,7 @@ from sam_optax._src.protocols import Gate
 from sam_optax._src.protocols import Geometry
 from sam_optax._src.protocols import Region
 from sam_optax._src.protocols import Step
+from sam_optax._src.protocols import Trainable
 from sam_optax._src.protocols import Where
 from sam_optax._src.protocols import apply_mask
 

@@ -79,9 +79,11 @@ def sam(
     trainable: the parameters the method applies to: None (all), a predicate
       on the '/'-joined leaf path, or a pytree of Python bools like params.
       Frozen leaves are not perturbed, not differentiated (no backward pass
-      below the lowest trainable layer) and not in any norm; their output is
-      the incoming gradient, for the base optimizer to freeze (docs,
-      recipes: "Frozen parameters").
+      below the lowest trainable layer) and not in any norm, mask, ranking
+      or statistic: the method on the trainable leaves equals the same
+      method run on those leaves alone. Their output is the incoming
+      gradient, for the base optimizer to freeze (docs, recipes: "Frozen
+      parameters").
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; chain a base optimizer after

@@ -49,8 +49,8 @@ from sam_optax._src.protocols import Geometry
 from sam_optax._src.protocols import Plan
 from sam_optax._src.protocols import Region
 from sam_optax._src.protocols import Step
+from sam_optax._src.protocols import Trainable
 from sam_optax._src.protocols import Where
-from sam_optax._src.protocols import apply_mask
 from sam_optax._src.protocols import check_gate
 from sam_optax._src.protocols import check_plan
 
@@ -124,6 +124,18 @@ def spec_of(tx: Any) -> Optional[Spec]:
 # --------------------------------------------------------------------------
 
 _MISSING = object()
+
+#: The four parts, in the order of their slots in SharpnessAwareState.
+_PARTS = ("geometry", "region", "gate", "combine")
+
+
+def _valid_on(part, params) -> bool:
+  """Whether ``part.init(params)`` accepts ``params``."""
+  try:
+    part.init(params)
+  except ValueError:
+    return False
+  return True
 
 
 def _require_call_arguments(params, batch) -> None:
@@ -200,14 +212,42 @@ class _Engine:
 
   def init(self, params: PyTree) -> SharpnessAwareState:
     base.check_params(params)
-    trainable_mask(self.trainable, params)  # a mismatch fails here
+    split = self.split(params)
+    inner = self if split is None else self.restricted(split, params)
+    sub = params if split is None else split.restrict(params)
+    states = []
+    for name in _PARTS:
+      try:
+        states.append(getattr(inner, name).init(sub))
+      except ValueError as err:
+        if split is None or not _valid_on(getattr(self, name), params):
+          raise
+        frozen = base.leaf_paths(split.frozen(params))
+        raise ValueError(
+            f"{err}. With trainable=, the method runs on the trainable "
+            f"leaves only (frozen: {frozen}), and this {name} setting is "
+            "valid only with frozen leaves included: name or count "
+            "trainable leaves only (layers=, num_layers=, stat_leaves=, "
+            "...), or make those leaves trainable in trainable="
+        ) from err
     return SharpnessAwareState(
-        count=jnp.zeros((), jnp.int32),
-        grad_evals=jnp.zeros((), jnp.int32),
-        geometry=self.geometry.init(params),
-        region=self.region.init(params),
-        gate=self.gate.init(params),
-        combine=self.combine.init(params),
+        jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), *states
+    )
+
+  def split(self, params: PyTree) -> Optional[Trainable]:
+    """The trainable sub-tree of ``params`` (None: every leaf trains)."""
+    mask = trainable_mask(self.trainable, params)  # a mismatch fails here
+    return None if mask is None else Trainable.from_mask(mask)
+
+  def restricted(self, split: Trainable, params: PyTree) -> "_Engine":
+    """This engine on the trainable sub-tree alone: its loss takes the
+    sub-tree (the frozen leaves of ``params`` merged back in as the very
+    same arrays) and each part is restricted to it."""
+    return dataclasses.replace(
+        self,
+        loss=split.loss(self.loss, params),
+        trainable=None,
+        **{name: getattr(self, name).for_trainable(split) for name in _PARTS},
     )
 
   def update(
@@ -216,6 +256,19 @@ class _Engine:
     del extra  # other extra arguments are for other transforms in the chain
     _require_call_arguments(params, batch)
     plan = check_plan(plan)
+    split = self.split(params)
+    if split is None:
+      return self.run(updates, state, params, batch, plan)
+    # The method runs on the trainable sub-tree alone; frozen leaves get
+    # the incoming gradient (averaged over axis_name).
+    out, new_state = self.restricted(split, params).run(
+        split.restrict(updates), state, split.restrict(params), batch, plan
+    )
+    frozen = base.pmean(split.frozen(updates), self.axis_name)
+    return split.merge(out, frozen), new_state
+
+  def run(self, updates, state, params, batch, plan):
+    """One step on every leaf of ``params`` (the trainable sub-tree)."""
     step = self.make_step(updates, state, params, batch)
     if self.static_rho == 0.0:  # rho = 0: nothing is ever evaluated
       out = base.tree_cast_like(step.grads, updates)
@@ -282,26 +335,15 @@ class _Engine:
     return step.rho > 0
 
   def run_region(self, step, state, plan):
-    """The region's choice, within the trainable leaves. The region sees
-    frozen leaves' gradients as zeros (a frozen layer ranks last)."""
-    trainable = trainable_mask(self.trainable, step.params)
-    if trainable is not None:
-      step = dataclasses.replace(
-          step,
-          updates=apply_mask(step.updates, trainable),
-          grads=apply_mask(step.grads, trainable),
-      )
+    """The region's choice: (where, its new state, evals)."""
     if plan is not None and plan.region is not None:
       mask, new, evals = self.region.select_planned(
           step, state.region, plan.region
       )
     else:
       mask, new, evals = self.region.select(step, state.region)
-    where = Where.make(
-        mask,
-        self.region.normalize_over_region,
-        self.region.clean_outside,
-        trainable,
+    where = Where(
+        mask, self.region.normalize_over_region, self.region.clean_outside
     )
     return where, new, evals
 
@@ -426,13 +468,25 @@ def sharpness_aware(
     trainable: the parameters the method applies to (frozen ones: a
       backbone, embeddings): None (all), a predicate on the '/'-joined leaf
       path (``lambda p: p.startswith("head/")``), or a pytree of Python
-      bools with the structure of params. Frozen leaves are never perturbed
-      or differentiated (nothing below the lowest trainable layer is
-      backpropagated), are left out of every norm and of every mask or
-      layer ranking, and get the incoming gradient in the output: freeze
-      them in the base optimizer (e.g. ``optax.multi_transform`` with
-      ``optax.set_to_zero()`` chained after this transform). Use this
-      instead of wrapping the transform in ``optax.masked``.
+      bools with the structure of params. Every part runs on the
+      trainable leaves alone (:class:`parts.Trainable`), so the method on
+      them equals the same method run on those leaves alone, with the
+      frozen ones closed over in ``loss_fn``: frozen leaves are never
+      perturbed or differentiated (nothing below the lowest trainable
+      layer is backpropagated), and no norm, mask (its size ``K``, its
+      ``mask_density``), layer ranking or statistic includes them. The
+      parts' states hold the trainable leaves only (None in place of a
+      frozen one), and a layer selection's ``selected_layers`` indexes the
+      trainable layers (:func:`layer_paths` of the params with frozen
+      leaves set to None). Settings that name or count leaves (``layers=``,
+      ``num_layers=``, ``stat_leaves=``) refer to trainable ones: naming a
+      frozen one fails at ``init``. A fixed mask is given with the
+      structure of the full params; its frozen leaves are ignored. Frozen
+      leaves get the incoming gradient (averaged over ``axis_name``) in
+      the output: freeze them in the base optimizer (e.g.
+      ``optax.multi_transform`` with ``optax.set_to_zero()`` chained after
+      this transform). Use this instead of wrapping the transform in
+      ``optax.masked``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the

@@ -383,6 +383,35 @@ def adaptive_perturbation(
   return AdaptivePerturbation(variant=variant, b1=b1, b2=b2, eps=eps)
 
 
+def _on_trainable(
+    inner: optax.GradientTransformation, trainable: Any
+) -> optax.GradientTransformation:
+  """``inner`` run on the trainable leaves alone (the sub-tree of
+  :class:`protocols.Trainable`: its norms and state hold no frozen leaf);
+  frozen leaves get a zero update."""
+  if trainable is None:
+    return inner
+
+  def split(tree):
+    mask = engine.trainable_mask(trainable, tree)
+    return None if mask is None else protocols.Trainable.from_mask(mask)
+
+  def init_fn(params):
+    part = split(params)
+    return inner.init(params if part is None else part.restrict(params))
+
+  def update_fn(updates, state, params=None):
+    part = split(updates)
+    if part is None:
+      return inner.update(updates, state, params)
+    sub_params = None if params is None else part.restrict(params)
+    out, state = inner.update(part.restrict(updates), state, sub_params)
+    zeros = jax.tree.map(jnp.zeros_like, part.frozen(updates))
+    return part.merge(out, zeros), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _adaptive_update(variant, b1, b2, eps) -> optax.GradientTransformation:
   if variant == "adagrad_norm":
     return scale_by_adagrad_norm(eps)
@@ -482,10 +511,14 @@ def lightsam(
       so all state stays identical on every device. The numerator of ``e``
       uses ``updates`` as passed: a per-device gradient gives m-sharpness,
       a ``pmean``-ed one the global step.
-    trainable: the parameters the ascent applies to, as in
-      :func:`sam_optax.sam`; the adaptive descent still updates every leaf
-      it receives (freeze leaves by chaining the optimizer inside
-      ``optax.multi_transform``, or by zeroing their gradients).
+    trainable: the parameters LightSAM trains, as in :func:`sam_optax.sam`
+      (None: all; a predicate on the '/'-joined leaf path; or a pytree of
+      Python bools). Both halves run on the trainable leaves alone: the
+      ascent (its norms and accumulators) and the adaptive descent
+      (AdaGrad-Norm's ``‖gs‖`` and every accumulator are over trainable
+      leaves only), so the result on them equals LightSAM run on those
+      leaves alone. Frozen leaves get a zero update: nothing else is needed
+      to freeze them.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: ``update(grads, state,
@@ -516,7 +549,7 @@ def lightsam(
   )
   tx = optax.chain(
       ascent,
-      _adaptive_update(variant, b1, b2, eps),
+      _on_trainable(_adaptive_update(variant, b1, b2, eps), trainable),
       optax.scale_by_learning_rate(learning_rate),
   )
   return engine.attach_spec(tx, engine.spec_of(ascent))  # for the planner

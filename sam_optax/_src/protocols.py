@@ -3,7 +3,9 @@ engine and every part import (the engine imports the parts, never the other
 way round).
 
 * :class:`Step`: what every part may read during one ``update`` call;
-* :class:`Where`: the region's answer, within the trainable leaves;
+* :class:`Trainable`: the trainable sub-tree (``trainable=``) that every
+  part runs on;
+* :class:`Where`: the region's answer;
 * the four part protocols, :class:`Geometry`, :class:`Region`,
   :class:`Gate` and :class:`Combine` (see :func:`sam_optax.sharpness_aware`);
 * :class:`Plan`: one step's decisions, made on the host.
@@ -55,6 +57,82 @@ class Step:
 
 
 # --------------------------------------------------------------------------
+# The trainable sub-tree.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+  """The trainable leaves of the params (``trainable=``), as a sub-tree.
+
+  With ``trainable=`` the engine runs every part on the *sub-tree* of the
+  params, gradients and states: the tree with each frozen leaf replaced by
+  None (an empty node). Every trainable leaf keeps its path, so its layer
+  name, and its place in leaf order, and the loss the parts see merges the
+  frozen leaves back in as the very same arrays. So the method on the
+  trainable leaves is, by construction, the same method run on those leaves
+  alone: no part can perturb, differentiate, count or rank a frozen leaf.
+
+  Attributes:
+    treedef: the structure of the full params.
+    flags: one Python bool per leaf of the params (True: trainable), in
+      ``jax.tree.leaves`` order; at least one True and one False.
+
+  Example:
+    >>> from sam_optax import parts
+    >>> t = parts.Trainable.from_mask({"body": False, "head": True})
+    >>> t.restrict({"body": 1.0, "head": 2.0})
+    {'body': None, 'head': 2.0}
+    >>> t.merge({"body": None, "head": 3.0}, {"body": 1.0, "head": 2.0})
+    {'body': 1.0, 'head': 3.0}
+  """
+
+  treedef: Any
+  flags: tuple[bool, ...]
+
+  @classmethod
+  def from_mask(cls, mask: PyTree) -> "Trainable":
+    """From a pytree of Python bools with the structure of the params."""
+    leaves, treedef = jax.tree.flatten(mask)
+    return cls(treedef, tuple(bool(x) for x in leaves))
+
+  def mask(self) -> PyTree:
+    """The flags as a pytree of Python bools shaped like the params."""
+    return self.treedef.unflatten(self.flags)
+
+  def _pick(self, tree: PyTree, keep: bool) -> PyTree:
+    leaves = self.treedef.flatten_up_to(tree)
+    return self.treedef.unflatten(
+        [x if t == keep else None for x, t in zip(leaves, self.flags)]
+    )
+
+  def restrict(self, tree: PyTree) -> PyTree:
+    """The sub-tree of ``tree`` (shaped like the params): frozen leaves
+    replaced by None."""
+    return self._pick(tree, True)
+
+  def frozen(self, tree: PyTree) -> PyTree:
+    """The complement of :meth:`restrict`: trainable leaves replaced by
+    None."""
+    return self._pick(tree, False)
+
+  def merge(self, sub: PyTree, full: PyTree) -> PyTree:
+    """The full tree: ``sub``'s leaves where trainable, ``full``'s leaves
+    elsewhere (``full`` may be :meth:`frozen`'s sub-tree)."""
+    a = self.treedef.flatten_up_to(sub)
+    b = self.treedef.flatten_up_to(full)
+    return self.treedef.unflatten(
+        [x if t else y for x, y, t in zip(a, b, self.flags)]
+    )
+
+  def loss(self, loss: Callable, params: PyTree) -> Callable:
+    """``loss`` of the sub-tree: the frozen leaves of ``params`` merged
+    back in as the very same arrays, so nothing is differentiated through
+    them and nothing below the lowest trainable leaf is backpropagated."""
+    return lambda sub, batch: loss(self.merge(sub, params), batch)
+
+
+# --------------------------------------------------------------------------
 # Masks: the region's answer, classified once.
 # --------------------------------------------------------------------------
 
@@ -81,13 +159,6 @@ def apply_mask(tree: PyTree, mask: Optional[PyTree]) -> PyTree:
   )
 
 
-def _and_leaf(m: Any, t: bool) -> Any:
-  """A region mask leaf within a trainable flag (a Python bool)."""
-  if not t:
-    return False
-  return True if m is None else m
-
-
 @dataclasses.dataclass(frozen=True)
 class Where:
   """Where the perturbation applies this step.
@@ -95,34 +166,17 @@ class Where:
   Attributes:
     mask: None (everywhere), a pytree of Python bools (a static set of
       leaves, known at trace time) or a pytree of boolean arrays (an
-      element-wise or per-leaf mask, usually kept in state); already
-      restricted to the trainable leaves.
+      element-wise or per-leaf mask, usually kept in state).
     normalize: take perturbation norms over the mask only (layer-wise SAM)
-      rather than over the whole (trainable) gradient (Sparse SAM).
+      rather than over the whole gradient (Sparse SAM).
     clean_outside: leaves outside the mask get the clean gradient in the
       output (layer-wise SAM) rather than the gradient at the perturbed
       point (Sparse SAM).
-    trainable: None (every leaf), or a pytree of Python bools: frozen
-      leaves are never perturbed, never differentiated, excluded from every
-      norm, and get the clean gradient in the output.
   """
 
   mask: Optional[PyTree] = None
   normalize: bool = False
   clean_outside: bool = False
-  trainable: Optional[PyTree] = None
-
-  @classmethod
-  def make(cls, mask, normalize, clean_outside, trainable) -> "Where":
-    """The region's answer intersected with the trainable leaves."""
-    if trainable is not None:
-      if mask is None:
-        mask = trainable
-      else:
-        mask = jax.tree.map(
-            _and_leaf, mask, trainable, is_leaf=lambda x: x is None
-        )
-    return cls(mask, normalize, clean_outside, trainable)
 
   @property
   def static(self) -> bool:
@@ -133,35 +187,28 @@ class Where:
     """The static set of leaves the second gradient needs (None: all).
 
     A static mask whose outside keeps the clean gradient needs only its own
-    leaves; otherwise every trainable leaf. The other leaves enter
-    ``loss_fn`` as the very same arrays, so nothing below them is
-    backpropagated.
+    leaves; otherwise every leaf. The other leaves enter ``loss_fn`` as the
+    very same arrays, so nothing below them is backpropagated.
     """
     if self.static and self.clean_outside:
       return self.mask
-    return self.trainable
+    return None
 
   def restrict(self, tree: PyTree) -> PyTree:
     """``tree`` zeroed outside the mask."""
     return apply_mask(tree, self.mask)
 
   def norm_domain(self, tree: PyTree) -> PyTree:
-    """What a perturbation norm is taken over: the region, or every
-    trainable leaf."""
-    return self.restrict(tree) if self.normalize else apply_mask(
-        tree, self.trainable
-    )
+    """What a perturbation norm is taken over: the region, or every leaf."""
+    return self.restrict(tree) if self.normalize else tree
 
   def outside(self, inside: PyTree, outside: PyTree) -> PyTree:
     """``inside`` in the mask, ``outside`` elsewhere (leaf by leaf)."""
     return _select(self.mask, inside, outside)
 
   def finish(self, out: PyTree, grads: PyTree) -> PyTree:
-    """The output: the clean gradient outside the region (if asked) and on
-    frozen leaves."""
-    if self.clean_outside:
-      out = self.outside(out, grads)
-    return _select(self.trainable, out, grads)
+    """The output: the clean gradient outside the region, if asked."""
+    return self.outside(out, grads) if self.clean_outside else out
 
 
 def _select(mask: Optional[PyTree], a: PyTree, b: PyTree) -> PyTree:
@@ -183,6 +230,15 @@ class Component:
   def init(self, params: PyTree) -> PyTree:
     del params
     return optax.EmptyState()
+
+  def for_trainable(self, trainable: Trainable) -> "Component":
+    """This part for the trainable sub-tree (see :class:`Trainable`), which
+    is then all it sees: its ``init``, its steps and its state are over the
+    trainable leaves only. A part holding a setting shaped like the full
+    params (a user's fixed mask) restricts it here; the default is the part
+    itself."""
+    del trainable
+    return self
 
 
 class Geometry(Component):

@@ -93,6 +93,12 @@ class FixedMask(protocols.Region):
     """The mask when it is a pytree of Python bools (a static set), else None."""
     return self.mask if protocols.is_static_mask(self.mask) else None
 
+  def for_trainable(self, trainable):
+    """The mask is given with the structure of the full params; with
+    ``trainable=`` its frozen leaves are dropped (never perturbed)."""
+    base.check_same_structure(self.mask, trainable.mask(), "mask", shapes=False)
+    return dataclasses.replace(self, mask=trainable.restrict(self.mask))
+
   def init(self, params):
     base.check_same_structure(self.mask, params, "mask")
     if self.static_mask is not None:
@@ -788,7 +794,8 @@ class SharpLayers(TopLayers):
   :class:`TopLayers`; the ranking is made after the second gradient
   (``observe``), so a step without one (a zero radius) keeps the
   selection. Under ``axis_name`` both gradients are averaged first, so
-  every device ranks the same. A frozen layer (``trainable``) estimates 0.
+  every device ranks the same. With ``trainable=`` only the trainable
+  layers are ranked.
   """
 
   def init(self, params):
