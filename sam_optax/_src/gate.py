@@ -242,9 +242,10 @@ class VariationSampling(protocols.Gate):
 
   def init(self, params):
     self._check_stat_leaves(params)
-    # Three separate buffers: one array in two slots cannot be donated.
+    # Separate buffers: one array in two slots cannot be donated (nor one
+    # that optax.inject_hyperparams keeps in its own state).
     zeros = lambda: jnp.zeros((self.window,), jnp.float32)  # noqa: E731
-    rate = lambda: jnp.asarray(self.initial_rate, jnp.float32)  # noqa: E731
+    rate = lambda: base.new_array(self.initial_rate, jnp.float32)  # noqa: E731
     state = VariationSamplingState(
         rate=rate(),
         next_rate=rate(),
