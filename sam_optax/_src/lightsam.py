@@ -480,8 +480,17 @@ def lightsam(
       a ``pmean``-ed one the global step.
     trainable: the parameters the ascent applies to, as in
       :func:`sam_optax.sam`; the adaptive descent still updates every leaf
-      it receives (freeze leaves by chaining the optimizer inside
-      ``optax.multi_transform``, or by zeroing their gradients).
+      it receives. To freeze leaves, pass ``trainable=`` and zero the
+      frozen leaves' gradients before LightSAM, so the descent neither
+      moves them nor counts them in its accumulators::
+
+          optax.chain(optax.masked(optax.set_to_zero(), frozen),
+                      sam_optax.lightsam(loss_fn, lr, trainable=is_trained))
+
+      (``frozen`` a pytree of bools like params, True where frozen).
+      LightSAM itself cannot go inside optax.masked or
+      optax.multi_transform: ``loss_fn`` would receive ``MaskedNode``
+      leaves, and the first update raises.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: ``update(grads, state,
