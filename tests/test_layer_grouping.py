@@ -233,3 +233,17 @@ def test_every_method_takes_static_batch_leaves(name):
     u_ref, s_ref = ref_step(p, s_ref, xy)
     for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_rank_layers_takes_static_batch_leaves():
+  """rank_layers jitted the gradient over the whole batch: a bool flag
+  became a tracer. The ranking and norms equal those of the plain loss."""
+  p = mlp_params()
+  xys = [make_batch(seed=s) for s in (3, 4)]
+  flagged = [{"xy": xy, "train": True, "weight": 1.0, "name": "digits"}
+             for xy in xys]
+  got = sam_optax.rank_layers(_flag_loss, p, flagged)
+  want = sam_optax.rank_layers(mlp_loss, p, xys)
+  assert [n for n, _ in got] == [n for n, _ in want]
+  np.testing.assert_allclose([v for _, v in got], [v for _, v in want],
+                             rtol=1e-6)

@@ -14,6 +14,7 @@ Layers are numbered in order of first appearance in ``jax.tree.leaves`` order
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
@@ -173,9 +174,11 @@ def rank_layers(
   check_group_fn(group_fn)
   names, ids = leaf_layers(params, group_fn)
 
-  @jax.jit
-  def layer_norms(p, batch):
-    g = jax.grad(loss_fn, has_aux=has_aux)(p, batch)
+  # The batch's non-array leaves (a Python bool flag, a string) are static:
+  # loss_fn may branch on them in Python, as in the user's own call.
+  @functools.partial(jax.jit, static_argnums=2)
+  def layer_norms(p, arrays, rest):
+    g = jax.grad(loss_fn, has_aux=has_aux)(p, split_batch(rest, arrays))
     if has_aux:
       g = g[0]
     scale = base.tree_scale(g)  # a power of two: exact, no overflow
@@ -184,7 +187,8 @@ def rank_layers(
   total = np.zeros(len(names), np.float64)
   count = 0
   for batch in batches:
-    total += np.asarray(layer_norms(params, batch), np.float64)
+    arrays, rest = split_batch(batch)
+    total += np.asarray(layer_norms(params, arrays, rest), np.float64)
     count += 1
   if count == 0:
     raise ValueError("batches must hold at least one batch, got none")
@@ -288,6 +292,48 @@ def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
+class _StaticLeaves:
+  """A batch's structure and its non-array leaves, hashable (a jit static
+  argument) when those leaves are."""
+
+  def __init__(self, treedef, where, leaves):
+    self.treedef, self.where, self.leaves = treedef, tuple(where), leaves
+
+  def _key(self):
+    return (self.treedef, self.where,
+            tuple(x for i, x in enumerate(self.leaves) if i not in self.where))
+
+  def __hash__(self):
+    try:
+      return hash(self._key())
+    except TypeError:
+      return id(self)  # an unhashable leaf: no cache across batches
+
+  def __eq__(self, other):
+    if not isinstance(other, _StaticLeaves):
+      return False
+    try:
+      return self._key() == other._key()
+    except Exception:  # pylint: disable=broad-except
+      return self is other
+
+
+def split_batch(batch: Any, arrays: Optional[list] = None) -> Any:
+  """``split_batch(batch) -> (arrays, rest)``: the batch's array leaves,
+  and the rest (its structure and non-array leaves: a Python bool flag, a
+  string, a float, which ``loss`` may branch on in Python).
+  ``split_batch(rest, arrays)`` puts a batch back together."""
+  if arrays is not None:
+    full = list(batch.leaves)
+    for i, x in zip(batch.where, arrays):
+      full[i] = x
+    return jax.tree.unflatten(batch.treedef, full)
+  leaves, treedef = jax.tree.flatten(batch)
+  where = [i for i, x in enumerate(leaves) if _is_array(x)]
+  statics = [None if i in where else x for i, x in enumerate(leaves)]
+  return [leaves[i] for i in where], _StaticLeaves(treedef, where, statics)
+
+
 def _shape_of(x: Any) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
 
@@ -301,17 +347,9 @@ def leaf_depths(loss: Callable, params: PyTree, batch: Any) -> list[float]:
   (a Python bool flag, a string, a float), which ``loss`` may branch on in
   Python, are passed as they are, as in the user's own call.
   """
-  leaves, treedef = jax.tree.flatten(batch)
-  where = [i for i, x in enumerate(leaves) if _is_array(x)]
-
-  def traced(p, arrays):
-    full = list(leaves)
-    for i, x in zip(where, arrays):
-      full[i] = x
-    return loss(p, jax.tree.unflatten(treedef, full))
-
-  closed = jax.make_jaxpr(traced)(
-      jax.tree.map(_shape_of, params), [_shape_of(leaves[i]) for i in where]
+  arrays, rest = split_batch(batch)
+  closed = jax.make_jaxpr(lambda p, a: loss(p, split_batch(rest, a)))(
+      jax.tree.map(_shape_of, params), [_shape_of(x) for x in arrays]
   )
   jaxpr = closed.jaxpr
   edges: list = []
