@@ -247,3 +247,24 @@ def test_rank_layers_takes_static_batch_leaves():
   assert [n for n, _ in got] == [n for n, _ in want]
   np.testing.assert_allclose([v for _, v in got], [v for _, v in want],
                              rtol=1e-6)
+
+
+def test_vsam_stat_leaves_prefix_stops_at_key_boundaries():
+  """The same '/' class in vSAM's stat_leaves: the prefix "enc" selected
+  the leaf under the key "enc/dense" too (a string prefix)."""
+  from sam_optax import parts  # pylint: disable=g-import-not-at-top
+  from tests.helpers import engine_step  # pylint: disable=g-import-not-at-top
+
+  params = {"enc/dense": {"kernel": jnp.zeros(2)},
+            "enc": {"kernel": jnp.zeros(2)}}
+  g = {"enc/dense": {"kernel": jnp.array([1.0, 1.0])},
+       "enc": {"kernel": jnp.array([1.0, 0.0])}}
+  second = {"enc/dense": {"kernel": jnp.array([4.0, 5.0])},   # psf (3, 4)
+            "enc": {"kernel": jnp.array([1.0, 2.0])}}         # psf (0, 2)
+  for stat_leaves, p_want in [(["enc"], 2.0), (["enc/dense"], 5.0),
+                              (["enc/kernel"], 2.0), (None, np.sqrt(29.0))]:
+    gate = parts.variation_sampling(warmup_steps=0, window=4, blocks=2,
+                                    stat_leaves=stat_leaves)
+    state = gate.observe(engine_step(g, params), second, gate.init(params))
+    np.testing.assert_allclose(float(state.norm[0]), p_want, rtol=1e-6,
+                               err_msg=str(stat_leaves))

@@ -133,15 +133,39 @@ class VariationSamplingState(NamedTuple):
     }
 
 
-def select_leaves(paths: list[str], stat_leaves: LeafSelection) -> list[bool]:
-  """Which leaf paths a selection (None, predicate, path prefixes) keeps."""
+def leaf_keys(tree: PyTree) -> list[tuple[str, ...]]:
+  """Every leaf's path as its keys' text (``("params", "fc", "kernel")``)."""
+  return [
+      tuple(base.key_name(k) for k in path)
+      for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
+
+
+def select_leaves(
+    paths: list[Union[str, tuple[str, ...]]], stat_leaves: LeafSelection
+) -> list[bool]:
+  """Which leaf paths a selection (None, predicate, path prefixes) keeps.
+
+  A path is its '/'-joined text or its keys (:func:`leaf_keys`). Given as
+  keys, a prefix ends at a key boundary: ``"enc"`` selects
+  ``("enc", "kernel")`` but not the key ``"enc/dense"``. A predicate gets
+  the '/'-joined path.
+  """
+  keys = [p if isinstance(p, tuple) else None for p in paths]
+  text = [p if isinstance(p, str) else "/".join(p) for p in paths]
   if stat_leaves is None:
     return [True] * len(paths)
   if callable(stat_leaves):
-    return [bool(stat_leaves(p)) for p in paths]
+    return [bool(stat_leaves(p)) for p in text]
+
+  def keeps(t, k, s):
+    s = s.rstrip("/")
+    if k is None:
+      return t == s or t.startswith(s + "/")
+    return any("/".join(k[:j]) == s for j in range(1, len(k) + 1))
+
   return [
-      any(p == s or p.startswith(s.rstrip("/") + "/") for s in stat_leaves)
-      for p in paths
+      any(keeps(t, k, s) for s in stat_leaves) for t, k in zip(text, keys)
   ]
 
 
@@ -252,7 +276,7 @@ class VariationSampling(protocols.Gate):
     return int(math.floor(self.window * mr))
 
   def _check_stat_leaves(self, params):
-    paths = base.leaf_paths(params)
+    paths = leaf_keys(params)
     if self.stat_leaves is None:
       return
     if not callable(self.stat_leaves):
@@ -262,12 +286,12 @@ class VariationSampling(protocols.Gate):
       if unknown:
         raise ValueError(
             f"stat_leaves names paths that are not in params: {unknown}; "
-            f"params have the leaf paths {paths}"
+            f"params have the leaf paths {base.leaf_paths(params)}"
         )
     if not any(select_leaves(paths, self.stat_leaves)):
       raise ValueError(
           "stat_leaves selects no leaf of params; params have the leaf "
-          f"paths {paths}"
+          f"paths {base.leaf_paths(params)}"
       )
 
   def init(self, params):
@@ -365,7 +389,7 @@ class VariationSampling(protocols.Gate):
   def observe(self, step, second, state):
     flat_g, _ = jax.tree_util.tree_flatten_with_path(step.grads)
     flat_h = jax.tree.leaves(second)
-    paths = [base.path_str(p) for p, _ in flat_g]
+    paths = [tuple(base.key_name(k) for k in p) for p, _ in flat_g]
     keep = select_leaves(paths, self.stat_leaves)
     g = [x for (_, x), k in zip(flat_g, keep) if k]
     psf = [
