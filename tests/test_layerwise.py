@@ -140,14 +140,14 @@ def test_layer_paths_default_grouping_and_group_fn():
   assert sam_optax.layer_paths({"params": p}) == [
       "params/l1", "params/l2", "params/l3"
   ]
-  # A mapping holding both arrays and modules: its own arrays form a layer.
+  # A leaf directly under the root is a layer of its own.
   mixed = {"dense": {"kernel": jnp.ones(2)}, "scale": jnp.ones(2)}
-  assert sam_optax.layer_paths(mixed) == ["dense", ""]
-  # Sequences: a list of modules, and a bare tuple (one layer).
+  assert sam_optax.layer_paths(mixed) == ["dense", "scale"]
+  # Sequences: a list of modules, and a bare tuple (a layer per array).
   assert sam_optax.layer_paths([{"w": jnp.ones(1)}, {"w": jnp.ones(1)}]) == [
       "0", "1"
   ]
-  assert sam_optax.layer_paths((jnp.ones(1), jnp.ones(2))) == [""]
+  assert sam_optax.layer_paths((jnp.ones(1), jnp.ones(2))) == ["0", "1"]
   # A user grouping: kernels in one group, biases in another.
   by_kind = sam_optax.layer_paths(p, group_fn=lambda s: s.split("/")[-1])
   assert by_kind == ["bias", "kernel"]

@@ -388,7 +388,7 @@ def test_vsam_rate_update_from_hand_made_sequences(r_seq, v_seq, rate):
       rate=jnp.float32(rate),
       samples=jnp.int32(samples),
       ratio=_ring(r_seq, samples, window),
-      variance=_ring(v_seq, samples, window),
+      root_variance=_ring(np.sqrt(v_seq), samples, window),
       taken=jnp.int32(4),
   )
   want = np_rate_update(rate, r_seq, v_seq, gate.gains, window)

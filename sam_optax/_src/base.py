@@ -462,6 +462,29 @@ def tree_f32(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
+def new_array(value: Any, dtype: Any) -> Array:
+  """``value`` as a new array of ``dtype``, never the caller's own object.
+
+  For a state leaf built from a hyperparameter: ``jnp.asarray`` returns its
+  argument itself when it already has the dtype, and
+  ``optax.inject_hyperparams`` passes every numeric hyperparameter as an
+  array that it also keeps in its state; two state leaves would then be one
+  buffer, and a train step that donates the state fails ("donate the same
+  buffer twice").
+  """
+  return jnp.array(value, dtype, copy=True)
+
+
+def full_like_f32(tree: PyTree, value: Any) -> PyTree:
+  """A new float32 array filled with ``value`` per leaf of ``tree`` (each
+  its own buffer, even for scalar leaves and an array ``value``: see
+  :func:`new_array`)."""
+  return jax.tree.map(
+      lambda x: new_array(jnp.broadcast_to(value, jnp.shape(x)), jnp.float32),
+      tree,
+  )
+
+
 def zeros_like_f32(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), tree)
 

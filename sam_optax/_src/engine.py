@@ -159,11 +159,31 @@ def _require_call_arguments(params, batch) -> None:
     raise ValueError(
         "sam_optax transforms cannot run inside optax.masked or "
         "optax.multi_transform: loss_fn would receive MaskedNode leaves "
-        "instead of the frozen parameters. Put the SAM transform outside "
-        "the mask (chain it before optax.masked / multi_transform, which then "
-        "freeze or split the base optimizer); see the README section "
-        "'Frozen parameters'"
+        "instead of the frozen parameters. To apply the method to some "
+        "parameters only, pass trainable= to it (a predicate on the "
+        "'/'-joined leaf path, e.g. trainable=lambda p: "
+        "p.startswith('head/'), or a pytree of bools like params) and put it "
+        "outside the mask: chain it before optax.masked / multi_transform, "
+        "which then freeze or split the base optimizer; see the README "
+        "section 'Frozen parameters'"
     )
+
+
+def _describe(out: Any) -> str:
+  """What ``loss_fn`` returned, in the user's terms ("a tuple of 3", "a
+  scalar array", "an array of shape (4,)"), never a tracer's type."""
+  if isinstance(out, (tuple, list)):
+    return f"a {type(out).__name__} of {len(out)}"
+  if out is None:
+    return "None"
+  if isinstance(out, dict):
+    return f"a dict with keys {sorted(map(str, out))}"
+  if isinstance(out, (bool, int, float, complex)):
+    return f"a Python {type(out).__name__}"
+  shape = getattr(out, "shape", None)
+  if shape is not None:
+    return "a scalar array" if shape == () else f"an array of shape {shape}"
+  return f"a {type(out).__name__}"
 
 
 def _scalar_loss(loss_fn: Callable, has_aux: bool) -> Callable:
@@ -174,18 +194,18 @@ def _scalar_loss(loss_fn: Callable, has_aux: bool) -> Callable:
     if has_aux:
       if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ValueError(
-            "has_aux=True: loss_fn must return (loss, aux), got "
-            f"{type(out).__name__}; use has_aux=False for a scalar loss"
+            "has_aux=True: loss_fn must return a pair (loss, aux), got "
+            f"{_describe(out)}; use has_aux=False for a scalar loss"
         )
       out = out[0]
     elif isinstance(out, (tuple, list)):
       raise ValueError(
-          "loss_fn returned a tuple: pass has_aux=True when it returns "
-          "(loss, aux)"
+          f"loss_fn returned {_describe(out)}: pass has_aux=True when it "
+          "returns (loss, aux)"
       )
     if jnp.shape(out) != ():
       raise ValueError(
-          f"loss_fn must return a scalar loss, got shape {jnp.shape(out)}"
+          f"loss_fn must return a scalar loss, got {_describe(out)}"
       )
     return out
 

@@ -102,7 +102,10 @@ class VariationSamplingState(NamedTuple):
       by a whole window when a window is prepared).
     ratio: ring buffer of ``R = ‖psf‖ / ‖g‖`` over the last ``window`` samples.
     norm: ring buffer of ``P = ‖psf‖``.
-    variance: ring buffer of ``V``, the mean block variance of ``sort(P)``.
+    root_variance: ring buffer of ``sqrt(V)``, ``V`` the mean block variance
+      of ``sort(P)``. Kept as the root so that it cannot overflow (``V`` of
+      gradients of 1e20 or more exceeds float32's range); the property
+      ``variance`` reads ``V`` itself (``inf`` past float32's range).
   """
 
   rate: jax.Array
@@ -115,7 +118,12 @@ class VariationSamplingState(NamedTuple):
   key: jax.Array
   ratio: jax.Array
   norm: jax.Array
-  variance: jax.Array
+  root_variance: jax.Array
+
+  @property
+  def variance(self) -> jax.Array:
+    """The ring buffer of ``V`` (the square of ``root_variance``)."""
+    return jnp.square(self.root_variance)
 
   def stats(self) -> dict[str, jax.Array]:
     return {
@@ -125,15 +133,39 @@ class VariationSamplingState(NamedTuple):
     }
 
 
-def select_leaves(paths: list[str], stat_leaves: LeafSelection) -> list[bool]:
-  """Which leaf paths a selection (None, predicate, path prefixes) keeps."""
+def leaf_keys(tree: PyTree) -> list[tuple[str, ...]]:
+  """Every leaf's path as its keys' text (``("params", "fc", "kernel")``)."""
+  return [
+      tuple(base.key_name(k) for k in path)
+      for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
+
+
+def select_leaves(
+    paths: list[Union[str, tuple[str, ...]]], stat_leaves: LeafSelection
+) -> list[bool]:
+  """Which leaf paths a selection (None, predicate, path prefixes) keeps.
+
+  A path is its '/'-joined text or its keys (:func:`leaf_keys`). Given as
+  keys, a prefix ends at a key boundary: ``"enc"`` selects
+  ``("enc", "kernel")`` but not the key ``"enc/dense"``. A predicate gets
+  the '/'-joined path.
+  """
+  keys = [p if isinstance(p, tuple) else None for p in paths]
+  text = [p if isinstance(p, str) else "/".join(p) for p in paths]
   if stat_leaves is None:
     return [True] * len(paths)
   if callable(stat_leaves):
-    return [bool(stat_leaves(p)) for p in paths]
+    return [bool(stat_leaves(p)) for p in text]
+
+  def keeps(t, k, s):
+    s = s.rstrip("/")
+    if k is None:
+      return t == s or t.startswith(s + "/")
+    return any("/".join(k[:j]) == s for j in range(1, len(k) + 1))
+
   return [
-      any(p == s or p.startswith(s.rstrip("/") + "/") for s in stat_leaves)
-      for p in paths
+      any(keeps(t, k, s) for s in stat_leaves) for t, k in zip(text, keys)
   ]
 
 
@@ -144,27 +176,49 @@ def chronological(buffer: jax.Array, samples: jax.Array) -> jax.Array:
 
 
 def mean_relative_change(
-    values: jax.Array, valid: jax.Array, eps: float
+    values: jax.Array, valid: jax.Array, eps: float, power: int = 1
 ) -> jax.Array:
-  """Mean of ``(x[i+1] - x[i]) / (x[i] + eps)`` over pairs of valid entries.
+  """Mean of ``(y[i+1] - y[i]) / (y[i] + eps)``, ``y = values**power``, over
+  pairs of valid entries.
 
   ``values`` in chronological order; ``valid`` marks the recorded entries.
-  Zero when fewer than two entries are valid.
+  Zero when fewer than two entries are valid. Overflow-safe: each pair is
+  first scaled by the power of two ``c`` that brings its larger entry into
+  ``[0.5, 1)`` (:func:`base.pow2_scale`, at most ``2**(126 // power)``;
+  the ratio is unchanged:
+  ``((c x1)^p - (c x0)^p) / ((c x0)^p + eps c^p)``), so the squares of
+  1e30 values (``power=2``) give their true relative change instead of
+  ``inf / inf``. A pair whose scaled terms are both 0 changes by 0.
   """
   x0, x1 = values[:-1], values[1:]
   pair = valid[:-1] & valid[1:]
-  change = jnp.where(pair, (x1 - x0) / (x0 + eps), 0.0)
+  # At most 2**(126 // power), so that c**power (and eps c**power) is finite.
+  c = jnp.minimum(
+      base.pow2_scale(jnp.maximum(jnp.abs(x0), jnp.abs(x1))),
+      2.0 ** (126 // power),
+  )
+  y0, y1 = (x0 * c) ** power, (x1 * c) ** power
+  num, den = y1 - y0, y0 + jnp.asarray(eps, jnp.float32) * c**power
+  change = jnp.where(num == 0, 0.0, num / jnp.where(num == 0, 1.0, den))
+  change = jnp.where(pair, change, 0.0)
   n = jnp.sum(pair.astype(jnp.float32))
   return jnp.where(n > 0, jnp.sum(change) / jnp.maximum(n, 1.0), 0.0)
 
 
-def block_variance(norms: jax.Array, blocks: int) -> jax.Array:
-  """``V``: mean over ``blocks`` equal blocks of the variance of ``sort(P)``.
+def block_root_variance(norms: jax.Array, blocks: int) -> jax.Array:
+  """``sqrt(V)``, ``V`` the mean over ``blocks`` equal blocks of the variance
+  of ``sort(P)``.
 
   The unbiased variance (``ddof=1``), as ``torch.var`` in the authors' code.
+  Overflow-safe: ``P`` is scaled by the power of two that brings its
+  largest entry into ``[0.5, 1)`` before squaring, and the root is scaled
+  back, so ``P`` of 1e30 gives ``sqrt(V)`` of about 1e30 (``V`` itself,
+  about 1e60, is not representable in float32) and ``P`` of 1e-30 does not
+  underflow to 0.
   """
-  s = jnp.sort(norms).reshape(blocks, -1)
-  return jnp.mean(jnp.var(s, axis=1, ddof=1))
+  s = base.pow2_scale(jnp.max(jnp.abs(norms)))
+  x = jnp.sort(norms * s).reshape(blocks, -1)
+  return jnp.sqrt(jnp.mean(jnp.var(x, axis=1, ddof=1))) / s
 
 
 def _concrete_int(value: Any) -> Optional[int]:
@@ -222,7 +276,7 @@ class VariationSampling(protocols.Gate):
     return int(math.floor(self.window * mr))
 
   def _check_stat_leaves(self, params):
-    paths = base.leaf_paths(params)
+    paths = leaf_keys(params)
     if self.stat_leaves is None:
       return
     if not callable(self.stat_leaves):
@@ -232,19 +286,20 @@ class VariationSampling(protocols.Gate):
       if unknown:
         raise ValueError(
             f"stat_leaves names paths that are not in params: {unknown}; "
-            f"params have the leaf paths {paths}"
+            f"params have the leaf paths {base.leaf_paths(params)}"
         )
     if not any(select_leaves(paths, self.stat_leaves)):
       raise ValueError(
           "stat_leaves selects no leaf of params; params have the leaf "
-          f"paths {paths}"
+          f"paths {base.leaf_paths(params)}"
       )
 
   def init(self, params):
     self._check_stat_leaves(params)
-    # Three separate buffers: one array in two slots cannot be donated.
+    # Separate buffers: one array in two slots cannot be donated (nor one
+    # that optax.inject_hyperparams keeps in its own state).
     zeros = lambda: jnp.zeros((self.window,), jnp.float32)  # noqa: E731
-    rate = lambda: jnp.asarray(self.initial_rate, jnp.float32)  # noqa: E731
+    rate = lambda: base.new_array(self.initial_rate, jnp.float32)  # noqa: E731
     state = VariationSamplingState(
         rate=rate(),
         next_rate=rate(),
@@ -256,7 +311,7 @@ class VariationSampling(protocols.Gate):
         key=jax.random.PRNGKey(self.seed),
         ratio=zeros(),
         norm=zeros(),
-        variance=zeros(),
+        root_variance=zeros(),
     )
     # Without warm-up the first window starts at step 0: prepare it now.
     warmup = _concrete_int(self.warmup_steps)
@@ -273,8 +328,9 @@ class VariationSampling(protocols.Gate):
     d_r = mean_relative_change(
         chronological(state.ratio, state.samples), valid, self.eps
     )
-    d_v = mean_relative_change(
-        chronological(state.variance, state.samples), valid, self.eps
+    d_v = mean_relative_change(  # of V = root_variance**2
+        chronological(state.root_variance, state.samples), valid, self.eps,
+        power=2,
     )
     d_r = jnp.clip(d_r, -1.0, 1.0)
     d_v = jnp.clip(d_v, -1.0, 1.0)
@@ -333,7 +389,7 @@ class VariationSampling(protocols.Gate):
   def observe(self, step, second, state):
     flat_g, _ = jax.tree_util.tree_flatten_with_path(step.grads)
     flat_h = jax.tree.leaves(second)
-    paths = [base.path_str(p) for p, _ in flat_g]
+    paths = [tuple(base.key_name(k) for k in p) for p, _ in flat_g]
     keep = select_leaves(paths, self.stat_leaves)
     g = [x for (_, x), k in zip(flat_g, keep) if k]
     psf = [
@@ -346,9 +402,12 @@ class VariationSampling(protocols.Gate):
     i = state.samples % self.window
     norm = state.norm.at[i].set(p_now)
     ratio = state.ratio.at[i].set(r_now)
-    variance = state.variance.at[i].set(block_variance(norm, self.blocks))
+    root_variance = state.root_variance.at[i].set(
+        block_root_variance(norm, self.blocks)
+    )
     return state._replace(
-        samples=state.samples + 1, ratio=ratio, norm=norm, variance=variance
+        samples=state.samples + 1, ratio=ratio, norm=norm,
+        root_variance=root_variance,
     )
 
   def prepares_after(self, count):

@@ -4,13 +4,17 @@ A *layer* is a group of leaves. By default it is the innermost mapping that
 holds the leaf (a Flax module's ``{kernel, bias}``), named by the keys from
 the root joined by "/" (``"fc"`` for ``variables["params"]``,
 ``"params/fc"`` for the whole variables dict, ``"layers/0"`` for an NNX
-``nnx.List``). ``group_fn(leaf_path) -> layer_name`` replaces that grouping.
+``nnx.List``); a leaf directly under the root (``{"w1": ..., "w2": ...}``)
+is a layer of its own. Leaves are grouped by their keys, not by the joined
+name: two layers whose names coincide (a key holding "/") are refused.
+``group_fn(leaf_path) -> layer_name`` replaces that grouping.
 Layers are numbered in order of first appearance in ``jax.tree.leaves`` order
 (:func:`layer_paths`); ``stats()`` reports a selection as those indices.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
@@ -25,31 +29,44 @@ PyTree = Any
 GroupFn = Callable[[str], str]
 
 
-def _default_layer(path: tuple[Any, ...]) -> str:
-  """The path of the innermost mapping holding the leaf at ``path``.
+def _default_layer(path: tuple[Any, ...]) -> tuple[Any, ...]:
+  """The keys of the innermost mapping holding the leaf at ``path``.
 
   The leaf's own entry is the last mapping key on its path; whatever follows
   it (an NNX ``Variable``'s ``.value``) belongs to the leaf. A leaf reached
   through sequences and attributes only belongs to its immediate container.
+  A leaf directly under the root (``{"w1": ..., "w2": ...}``, a tuple of
+  arrays) is a layer of its own.
   """
   last = None
   for i, k in enumerate(path):
     if isinstance(k, jax.tree_util.DictKey):
       last = i
-  if last is None:
-    return base.path_str(path[:-1])
-  return base.path_str(path[:last])
+  end = len(path) - 1 if last is None else last
+  return tuple(path[: max(end, 1)])
 
 
-def leaf_layers(params: PyTree, group_fn: Optional[GroupFn]):
-  """(layer names in order of first appearance, layer index of every leaf)."""
+def layer_groups(params: PyTree, group_fn: Optional[GroupFn]):
+  """(layer names, each layer's keys from the root, layer index of every
+  leaf), layers in order of first appearance.
+
+  With the default grouping a layer's keys are its path's entries as text
+  (``("params", "fc")``), and leaves are grouped on them, so a key holding
+  "/" never merges two modules; two layers whose '/'-joined names coincide
+  are refused (a name must say which layer it is). With ``group_fn`` a
+  layer is the name it returns, its keys that name split on "/".
+  """
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   names: list[str] = []
-  index: dict[str, int] = {}
+  keys: list[tuple[str, ...]] = []
+  index: dict[Any, int] = {}
   ids: list[int] = []
   for path, _ in flat:
     if group_fn is None:
-      name = _default_layer(path)
+      entries = _default_layer(path)
+      group = entries
+      name = base.path_str(entries)
+      text = tuple(base.key_name(k) for k in entries)
     else:
       name = group_fn(base.path_str(path))
       if not isinstance(name, str):
@@ -57,12 +74,30 @@ def leaf_layers(params: PyTree, group_fn: Optional[GroupFn]):
             "group_fn must return a layer name (str) for every leaf path; got "
             f"{name!r} for {base.path_str(path)!r}"
         )
-    if name not in index:
-      index[name] = len(names)
+      group, text = name, tuple(name.split("/")) if name else ()
+    if group not in index:
+      index[group] = len(names)
       names.append(name)
-    ids.append(index[name])
+      keys.append(text)
+    ids.append(index[group])
   if not names:
     raise ValueError("params has no leaves: there is no layer to select")
+  if len(set(names)) < len(names):
+    seen: dict[str, tuple[str, ...]] = {}
+    for name, k in zip(names, keys):
+      if name in seen:
+        raise ValueError(
+            f"params has two layers named {name!r}: the keys {seen[name]} and "
+            f"{k} join to the same path (a key contains '/'). Rename the key, "
+            "or pass group_fn (leaf path -> layer name) to name the layers."
+        )
+      seen[name] = k
+  return names, keys, ids
+
+
+def leaf_layers(params: PyTree, group_fn: Optional[GroupFn]):
+  """(layer names in order of first appearance, layer index of every leaf)."""
+  names, _, ids = layer_groups(params, group_fn)
   return names, ids
 
 
@@ -72,8 +107,10 @@ def layer_paths(
   """The layer names of a params tree, in the order ``stats()`` indexes them.
 
   A layer is the innermost mapping holding arrays (a Flax module's ``{kernel,
-  bias}``), named by its keys from the root joined by "/"; ``group_fn`` maps
-  a leaf's "/"-joined path to its layer name instead.
+  bias}``), named by its keys from the root joined by "/"; a leaf directly
+  under the root is a layer of its own. ``group_fn`` maps a leaf's
+  "/"-joined path to its layer name instead. Two layers whose names
+  coincide (a key containing "/") raise a ValueError.
 
   Example:
     >>> import jax.numpy as jnp, sam_optax
@@ -83,6 +120,8 @@ def layer_paths(
     ['fc', 'head']
     >>> sam_optax.layer_paths(p, group_fn=lambda path: path.split("/")[-1])
     ['bias', 'kernel']
+    >>> sam_optax.layer_paths({"w1": jnp.ones(2), "w2": jnp.ones(2)})
+    ['w1', 'w2']
   """
   check_group_fn(group_fn)
   return leaf_layers(params, group_fn)[0]
@@ -135,9 +174,11 @@ def rank_layers(
   check_group_fn(group_fn)
   names, ids = leaf_layers(params, group_fn)
 
-  @jax.jit
-  def layer_norms(p, batch):
-    g = jax.grad(loss_fn, has_aux=has_aux)(p, batch)
+  # The batch's non-array leaves (a Python bool flag, a string) are static:
+  # loss_fn may branch on them in Python, as in the user's own call.
+  @functools.partial(jax.jit, static_argnums=2)
+  def layer_norms(p, arrays, rest):
+    g = jax.grad(loss_fn, has_aux=has_aux)(p, split_batch(rest, arrays))
     if has_aux:
       g = g[0]
     scale = base.tree_scale(g)  # a power of two: exact, no overflow
@@ -146,7 +187,8 @@ def rank_layers(
   total = np.zeros(len(names), np.float64)
   count = 0
   for batch in batches:
-    total += np.asarray(layer_norms(params, batch), np.float64)
+    arrays, rest = split_batch(batch)
+    total += np.asarray(layer_norms(params, arrays, rest), np.float64)
     count += 1
   if count == 0:
     raise ValueError("batches must hold at least one batch, got none")
@@ -168,28 +210,47 @@ def layer_sq_norms(
   return jnp.stack(sq)
 
 
-def match_layers(names: list[str], wanted: Iterable[str]) -> list[int]:
+def match_layers(
+    names: list[str],
+    wanted: Iterable[str],
+    keys: Optional[list[tuple[str, ...]]] = None,
+) -> list[int]:
   """Indices of the layers named by ``wanted``, matched on a path suffix.
 
   ``"head"`` names the layer ``"head"`` and also ``"params/head"`` (a Flax
-  linen variables dict) or ``"model/head"``: every layer path equal to it
-  or ending in ``"/head"``. A name matching no layer, or more than one,
-  raises a ValueError listing the layer paths.
+  linen variables dict) or ``"model/head"``: every layer whose last keys,
+  joined by "/", are ``"head"`` (a suffix ends at a key boundary: ``"b"``
+  does not name the layer under the key ``"a/b"``). A name matching no
+  layer raises a ValueError listing the layer paths; a name matching more
+  than one (``"Dense_0"`` with layers ``"Dense_0"`` and
+  ``"ScanBlock_0/Dense_0"``, even though one is exact) raises one listing
+  the candidates: give a longer path, or a predicate (``layers=lambda
+  path: path == "Dense_0"``).
+
+  Args:
+    names: the layer names (:func:`layer_paths`).
+    wanted: the names to find.
+    keys: each layer's keys from the root (:func:`layer_groups`); by
+      default its name split on "/".
   """
+  if keys is None:
+    keys = [tuple(n.split("/")) if n else () for n in names]
   chosen = set()
   for w in wanted:
-    hits = [i for i, n in enumerate(names) if n == w or n.endswith("/" + w)]
-    exact = [i for i in hits if names[i] == w]
-    if exact:
-      hits = exact
+    hits = [
+        i for i, k in enumerate(keys)
+        if any("/".join(k[j:]) == w for j in range(len(k)))
+        or (w == "" and not k)
+    ]
     if not hits:
       raise ValueError(
           f"layers: {w!r} names no layer of params; valid paths: {names}"
       )
     if len(hits) > 1:
       raise ValueError(
-          f"layers: {w!r} matches several layers {[names[i] for i in hits]}; "
-          "give a longer path to choose one"
+          f"layers: {w!r} matches several layers {[names[i] for i in hits]} "
+          "(an ambiguous name); give a longer path to choose one, or "
+          f"a predicate (layers=lambda path: path == {names[hits[0]]!r})"
       )
     chosen.add(hits[0])
   return sorted(chosen)
@@ -226,15 +287,70 @@ def _edges(jaxpr, edges: list) -> None:
     edges.append((list(eqn.invars), list(eqn.outvars)))
 
 
+def _is_array(x: Any) -> bool:
+  """An array leaf (a JAX array or tracer, a NumPy array or scalar)."""
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+class _StaticLeaves:
+  """A batch's structure and its non-array leaves, hashable (a jit static
+  argument) when those leaves are."""
+
+  def __init__(self, treedef, where, leaves):
+    self.treedef, self.where, self.leaves = treedef, tuple(where), leaves
+
+  def _key(self):
+    return (self.treedef, self.where,
+            tuple(x for i, x in enumerate(self.leaves) if i not in self.where))
+
+  def __hash__(self):
+    try:
+      return hash(self._key())
+    except TypeError:
+      return id(self)  # an unhashable leaf: no cache across batches
+
+  def __eq__(self, other):
+    if not isinstance(other, _StaticLeaves):
+      return False
+    try:
+      return self._key() == other._key()
+    except Exception:  # pylint: disable=broad-except
+      return self is other
+
+
+def split_batch(batch: Any, arrays: Optional[list] = None) -> Any:
+  """``split_batch(batch) -> (arrays, rest)``: the batch's array leaves,
+  and the rest (its structure and non-array leaves: a Python bool flag, a
+  string, a float, which ``loss`` may branch on in Python).
+  ``split_batch(rest, arrays)`` puts a batch back together."""
+  if arrays is not None:
+    full = list(batch.leaves)
+    for i, x in zip(batch.where, arrays):
+      full[i] = x
+    return jax.tree.unflatten(batch.treedef, full)
+  leaves, treedef = jax.tree.flatten(batch)
+  where = [i for i, x in enumerate(leaves) if _is_array(x)]
+  statics = [None if i in where else x for i, x in enumerate(leaves)]
+  return [leaves[i] for i in where], _StaticLeaves(treedef, where, statics)
+
+
+def _shape_of(x: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+
+
 def leaf_depths(loss: Callable, params: PyTree, batch: Any) -> list[float]:
   """For every leaf of ``params``: the longest chain of operations from it
   to the loss (inf when the loss does not use it). Traced once from shapes;
-  nothing runs."""
-  shapes = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
-      (params, batch),
+  nothing runs.
+
+  The batch's array leaves are traced from their shapes; its other leaves
+  (a Python bool flag, a string, a float), which ``loss`` may branch on in
+  Python, are passed as they are, as in the user's own call.
+  """
+  arrays, rest = split_batch(batch)
+  closed = jax.make_jaxpr(lambda p, a: loss(p, split_batch(rest, a)))(
+      jax.tree.map(_shape_of, params), [_shape_of(x) for x in arrays]
   )
-  closed = jax.make_jaxpr(loss)(*shapes)
   jaxpr = closed.jaxpr
   edges: list = []
   _edges(jaxpr, edges)

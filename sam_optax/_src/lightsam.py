@@ -153,7 +153,7 @@ def scale_by_adagrad_norm(
   def init_fn(params):
     del params
     return ScaleByAdagradNormState(
-        root_sum_of_squares=jnp.asarray(eps, jnp.float32)
+        root_sum_of_squares=base.new_array(eps, jnp.float32)
     )
 
   def update_fn(updates, state, params=None):
@@ -198,9 +198,7 @@ def scale_by_adagrad(eps: float = DEFAULT_EPS) -> optax.GradientTransformation:
 
   def init_fn(params):
     return ScaleByAdagradState(
-        root_sum_of_squares=jax.tree.map(
-            lambda p: jnp.full(jnp.shape(p), eps, jnp.float32), params
-        )
+        root_sum_of_squares=base.full_like_f32(params, eps)
     )
 
   def update_fn(updates, state, params=None):
@@ -256,9 +254,7 @@ def scale_by_adam_no_bias_correction(
   def init_fn(params):
     return ScaleByAdamNoBiasState(
         mu=base.zeros_like_f32(params),
-        nu_root=jax.tree.map(
-            lambda p: jnp.full(jnp.shape(p), eps, jnp.float32), params
-        ),
+        nu_root=base.full_like_f32(params, eps),
     )
 
   def update_fn(updates, state, params=None):
@@ -331,10 +327,10 @@ class AdaptivePerturbation(protocols.Geometry):
   eps: float = DEFAULT_EPS
 
   def init(self, params):
-    eps = jnp.asarray(self.eps, jnp.float32)
+    eps = base.new_array(self.eps, jnp.float32)  # not inject_hyperparams' own
     if self.variant == "adagrad_norm":
       return AdaptivePerturbationState(momentum=(), root_accumulator=eps)
-    acc = jax.tree.map(lambda p: jnp.full(jnp.shape(p), eps), params)
+    acc = base.full_like_f32(params, eps)
     momentum = base.zeros_like_f32(params) if self.variant == "adam" else ()
     return AdaptivePerturbationState(momentum=momentum, root_accumulator=acc)
 
@@ -518,7 +514,9 @@ def lightsam(
       (AdaGrad-Norm's ``‖gs‖`` and every accumulator are over trainable
       leaves only), so the result on them equals LightSAM run on those
       leaves alone. Frozen leaves get a zero update: nothing else is needed
-      to freeze them.
+      to freeze them. LightSAM itself cannot go inside ``optax.masked`` or
+      ``optax.multi_transform``: ``loss_fn`` would receive ``MaskedNode``
+      leaves, and the first update raises.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: ``update(grads, state,

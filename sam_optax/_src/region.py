@@ -597,9 +597,9 @@ class FixedLayers(protocols.Region):
 
   def selected_indices(self, params: PyTree) -> list[int]:
     """Indices (into :func:`layer_paths`) of the selected layers."""
-    names, _ = layers_lib.leaf_layers(params, self.group_fn)
+    names, keys, _ = layers_lib.layer_groups(params, self.group_fn)
     if not callable(self.layers):
-      return layers_lib.match_layers(names, self.layers)
+      return layers_lib.match_layers(names, self.layers, keys)
     chosen = []
     for i, n in enumerate(names):
       keep = self.layers(n)

@@ -1,0 +1,111 @@
+"""Issue 19: error messages in the user's terms, and LightSAM's freezing
+recipe as its docstring gives it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sam_optax
+from tests.helpers import make_batch, mlp_loss, mlp_params
+
+
+def _labels(params):
+  return {k: jax.tree.map(lambda _: "train" if k == "l2" else "frozen", v)
+          for k, v in params.items()}
+
+
+def test_masked_error_names_trainable():
+  params, batch = mlp_params(), make_batch()
+  tx = optax.multi_transform(
+      {"train": optax.chain(sam_optax.sam(mlp_loss), optax.sgd(0.1)),
+       "frozen": optax.set_to_zero()},
+      _labels(params),
+  )
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"MaskedNode.*pass trainable= to it"):
+    tx.update(jax.grad(mlp_loss)(params, batch), state, params, batch=batch)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "returned, has_aux, message",
+    [
+        (lambda l: (l, 1.0, 2.0), True,
+         r"must return a pair \(loss, aux\), got a tuple of 3"),
+        (lambda l: l, True,
+         r"must return a pair \(loss, aux\), got a scalar array"),
+        (lambda l: jnp.stack([l, l]), True, r"got an array of shape \(2,\)"),
+        (lambda l: {"loss": l}, True, r"got a dict with keys \['loss'\]"),
+        (lambda l: [l, l, l], False, r"returned a list of 3: pass has_aux=True"),
+        (lambda l: jnp.stack([l, l]), False,
+         r"must return a scalar loss, got an array of shape \(2,\)"),
+    ],
+    ids=["tuple3", "scalar", "array", "dict", "list3", "vector"],
+)
+def test_loss_output_errors_describe_what_was_returned(returned, has_aux,
+                                                       message, jit):
+  """The message names what loss_fn returned, not a tracer's type (it was
+  'got JVPTracer' / 'DynamicJaxprTracer')."""
+  params, batch = mlp_params(), make_batch()
+  bad = lambda p, b: returned(mlp_loss(p, b))  # noqa: E731
+  tx = sam_optax.sam(bad, has_aux=has_aux)
+  g = jax.grad(mlp_loss)(params, batch)
+  update = lambda g, s, p, b: tx.update(g, s, p, batch=b)  # noqa: E731
+  if jit:
+    update = jax.jit(update)
+  with pytest.raises(ValueError, match=message) as info:
+    update(g, tx.init(params), params, batch)
+  assert "Tracer" not in str(info.value)
+
+
+def test_lightsam_docstring_does_not_recommend_multi_transform():
+  doc = sam_optax.lightsam.__doc__
+  section = " ".join(doc[doc.index("    trainable:"):doc.index("  Returns:")]
+                     .split())
+  # the only mention of masked / multi_transform says they cannot be used;
+  # the recipe (trainable= alone) is the one tested below
+  assert "multi_transform" not in section.replace(
+      "cannot go inside ``optax.masked`` or ``optax.multi_transform``", ""
+  )
+  assert "Frozen leaves get a zero update" in section
+
+
+def test_lightsam_inside_multi_transform_raises_naming_trainable():
+  params, batch = mlp_params(), make_batch()
+  tx = optax.multi_transform(
+      {"train": sam_optax.lightsam(mlp_loss, 0.1),
+       "frozen": optax.set_to_zero()},
+      _labels(params),
+  )
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="trainable="):
+    tx.update(jax.grad(mlp_loss)(params, batch), state, params, batch=batch)
+
+
+@pytest.mark.parametrize("variant", ["adagrad_norm", "adagrad", "adam"])
+def test_lightsam_freezing_recipe_of_its_docstring(variant):
+  """The docstring's recipe: trainable= alone. Frozen leaves stay exactly
+  as they were, and the trained leaf follows LightSAM run on that leaf
+  alone (the loss with the frozen leaves closed over)."""
+  params = mlp_params()
+  tx = sam_optax.lightsam(mlp_loss, 0.1, variant=variant,
+                          trainable=lambda path: path.startswith("l2/"))
+  alone_loss = lambda q, b: mlp_loss({"l1": params["l1"], "l2": q}, b)  # noqa
+  alone = sam_optax.lightsam(alone_loss, 0.1, variant=variant)
+  p, q = params, params["l2"]
+  s, s_alone = tx.init(p), alone.init(q)
+  for t in range(4):
+    b = make_batch(seed=10 + t)
+    u, s = tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b)
+    p = optax.apply_updates(p, u)
+    u2, s_alone = alone.update(jax.grad(alone_loss)(q, b), s_alone, q,
+                               batch=b)
+    q = optax.apply_updates(q, u2)
+  for a, b in zip(jax.tree.leaves(p["l1"]), jax.tree.leaves(params["l1"])):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(p["l2"]), jax.tree.leaves(q)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
