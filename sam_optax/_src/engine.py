@@ -164,8 +164,8 @@ def _require_call_arguments(params, batch) -> None:
         "'/'-joined leaf path, e.g. trainable=lambda p: "
         "p.startswith('head/'), or a pytree of bools like params) and put it "
         "outside the mask: chain it before optax.masked / multi_transform, "
-        "which then freeze or split the base optimizer; see the README "
-        "section 'Frozen parameters'"
+        "which then freeze or split the base optimizer; see the docs' "
+        "recipes page, 'Frozen parameters (trainable=)'"
     )
 
 
