@@ -295,3 +295,98 @@ def test_peek_looks_ahead_without_reading_or_changing_the_planner():
   s = sam_optax.looksam(mlp_loss, k=3).init(p)
   assert [looksam.peek(c, s).second for c in range(4)] == [
       True, False, False, True]
+
+
+# --------------------------------------------------------------------------
+# One rho rule, planned or not: a step perturbs only where rho > 0 and
+# finite; 0, negative, NaN and inf make skipped steps (clean gradient).
+# --------------------------------------------------------------------------
+
+WILD_RHO = np.array(
+    [0.1, -0.05, np.nan, 0.2, np.inf, 0.0, -np.inf, 0.15, np.nan, 0.05,
+     -1.0, 0.1], np.float32)
+
+
+def _wild_rho(count):
+  return jnp.asarray(WILD_RHO)[count % len(WILD_RHO)]
+
+
+def _active(count):
+  r = WILD_RHO[count % len(WILD_RHO)]
+  return bool(np.isfinite(r) and r > 0)
+
+
+def _sam_outputs(sam_tx, planned, steps, full=False):
+  """Per-step outputs of ``sam_tx`` (chained to plain SGD unless ``full``),
+  the clean gradients, the final params and state."""
+  plan_of = sam_optax.planner(sam_tx)
+
+  @functools.partial(jax.jit, static_argnames="plan")
+  def step(p, s, b, plan=None):
+    g = jax.grad(mlp_loss)(p, b)
+    u, s = sam_tx.update(g, s, p, batch=b, plan=plan)
+    new = optax.apply_updates(p, u if full else jax.tree.map(
+        lambda x: -0.05 * x, u))
+    return new, s, u, g
+
+  p = mlp_params()
+  s = sam_tx.init(p)
+  outs, grads = [], []
+  for count, b in enumerate(tm.batches(n=steps)):
+    plan = plan_of(count, s) if planned else None
+    p, s, u, g = step(p, s, b, plan=plan)
+    outs.append(u)
+    grads.append(g)
+  return outs, grads, p, s
+
+
+def test_rho_rule_sam_planned_unplanned_and_numpy_agree():
+  """rho going negative, NaN, inf and 0 over 24 steps: planned and unplanned
+  SAM equal the NumPy run of the rule (perturb iff rho > 0 and finite;
+  otherwise the clean gradient, no second gradient, the count advances)."""
+  steps = 24
+  sam_tx = sam_optax.sam(mlp_loss, _wild_rho)
+  runs = [_sam_outputs(sam_tx, planned, steps) for planned in (False, True)]
+  params = mlp_params()
+  w = tm.flat(params)
+  for count, b in enumerate(tm.batches(n=steps)):
+    p = tm.unflat(w, params)
+    r = float(WILD_RHO[count % len(WILD_RHO)])
+    out = (tm.ref_sam(p, b, r) if np.isfinite(r) and r > 0
+           else tm.grad_np(p, b))
+    for outs, _, _, _ in runs:
+      np.testing.assert_allclose(tm.flat(outs[count]), out, rtol=2e-4,
+                                 atol=2e-6)
+    w = w - 0.05 * out
+  active = sum(_active(c) for c in range(steps))
+  for _, _, p, s in runs:
+    np.testing.assert_allclose(tm.flat(p), w, rtol=2e-4, atol=2e-6)
+    assert int(s.count) == steps
+    assert int(s.grad_evals) == active
+
+
+RHO_RULE_ROWS = ["looksam", "vsam", "ssam_fisher", "ssam_dynamic",
+                 "layerwise_sam_runtime", "layerwise_sam_sharpness", "gnp",
+                 "asam", "lightsam"]
+
+
+@pytest.mark.parametrize("name", RHO_RULE_ROWS)
+def test_rho_rule_planned_equals_unplanned_for_every_kind_of_method(name):
+  """Every kind of decision (gate, mask refresh, layer selection, LightSAM's
+  chain) under the wild schedule: planned equals unplanned step by step, a
+  skipped step's output is the clean gradient exactly, nothing is NaN."""
+  steps = len(WILD_RHO)
+  full = name in tm.FULL_OPTIMIZERS
+  sam_tx = tm.sam_transform(name, rho=_wild_rho)
+  o0, g0, p0, s0 = _sam_outputs(sam_tx, False, steps, full)
+  o1, g1, p1, s1 = _sam_outputs(sam_tx, True, steps, full)
+  chex.assert_tree_all_finite(p1)
+  for count in range(steps):
+    chex.assert_trees_all_close(o1[count], o0[count], rtol=2e-5, atol=2e-6)
+    if not _active(count) and not full:
+      for outs, grads in ((o0, g0), (o1, g1)):
+        chex.assert_trees_all_equal(outs[count], grads[count])
+  chex.assert_trees_all_close(p1, p0, rtol=2e-5, atol=2e-6)
+  assert int(s0[0].count if full else s0.count) == steps
+  st0, st1 = sam_optax.stats(s0), sam_optax.stats(s1)
+  assert int(st1["grad_evals"]) == int(st0["grad_evals"])
