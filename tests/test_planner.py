@@ -390,3 +390,126 @@ def test_rho_rule_planned_equals_unplanned_for_every_kind_of_method(name):
   assert int(s0[0].count if full else s0.count) == steps
   st0, st1 = sam_optax.stats(s0), sam_optax.stats(s1)
   assert int(st1["grad_evals"]) == int(st0["grad_evals"])
+
+
+# --------------------------------------------------------------------------
+# A plan belongs to the transform that made it.
+# --------------------------------------------------------------------------
+
+
+def _plans(sam_tx, counts):
+  """Plans of ``sam_tx``'s planner for ``counts``, from its init state."""
+  plan_of = sam_optax.planner(sam_tx)
+  s = sam_tx.init(mlp_params())
+  return [plan_of(c, s._replace(count=jnp.int32(c))) for c in counts]
+
+
+def _update(sam_tx, plan):
+  p = mlp_params()
+  b = tm.batches(n=1)[0]
+  g = jax.grad(mlp_loss)(p, b)
+  return sam_tx.update(g, sam_tx.init(p), p, batch=b, plan=plan)
+
+
+def test_a_plan_of_another_transform_is_refused():
+  looksam_reuse = _plans(sam_optax.looksam(mlp_loss, k=2), [1])[0]
+  assert looksam_reuse.second is False  # would skip a second gradient
+  for other in [sam_optax.sam(mlp_loss), sam_optax.gnp(mlp_loss),
+                sam_optax.lightsam(mlp_loss, 0.1),
+                sam_optax.looksam(mlp_loss, k=3)]:
+    with pytest.raises(ValueError, match="another transform or other static"):
+      _update(other, looksam_reuse)
+  # A layer selection's plan passed to Sparse SAM (would skip its refresh).
+  lw = sam_optax.layerwise_sam(mlp_loss, num_layers=1, select_by="gradient")
+  lw_plan = _plans(lw, [1])[0]
+  fisher = sam_optax.ssam_fisher(mlp_loss, num_samples=4, update_every=2)
+  with pytest.raises(ValueError, match="another transform"):
+    _update(fisher, lw_plan)
+  # Another static setting that decides plans: the vSAM window, the mask's
+  # refresh period, a rho schedule that is not the same function.
+  vsam = lambda w: sam_optax.vsam(mlp_loss, warmup_steps=2, window=w, blocks=2)  # noqa: E731
+  with pytest.raises(ValueError, match="window=4"):
+    _update(vsam(6), _plans(vsam(4), [0])[0])
+  fisher3 = sam_optax.ssam_fisher(mlp_loss, num_samples=4, update_every=3)
+  with pytest.raises(ValueError, match="update_every=2"):
+    _update(fisher3, _plans(fisher, [1])[0])
+  with pytest.raises(ValueError, match="schedule"):
+    _update(sam_optax.sam(mlp_loss, _rho_warmup),
+            _plans(sam_optax.sam(mlp_loss, _rho_schedule), [0])[0])
+  with pytest.raises(ValueError, match="another transform"):
+    _update(sam_optax.sam(mlp_loss),
+            _plans(sam_optax.sam(mlp_loss, _rho_schedule), [0])[0])
+
+
+def test_transforms_with_equal_settings_share_plans():
+  """A looksam(k=2) planner drives another looksam(k=2) (settings that do
+  not decide plans may differ: rho, alpha); the run equals the unplanned
+  one, whose reuse steps are checked against the paper's rule elsewhere."""
+  made_by = sam_optax.looksam(mlp_loss, k=2)
+  runs = []
+  for planner_tx in (None, made_by):
+    sam_tx = sam_optax.looksam(mlp_loss, 0.2, k=2, alpha=0.5)
+    plan_of = sam_optax.planner(planner_tx) if planner_tx else None
+    p, s = mlp_params(), sam_tx.init(mlp_params())
+    for count, b in enumerate(tm.batches(n=5)):
+      plan = plan_of(count, s) if plan_of else None
+      u, s = sam_tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b, plan=plan)
+      p = optax.apply_updates(p, jax.tree.map(lambda x: -0.1 * x, u))
+    runs.append(p)
+  chex.assert_trees_all_close(runs[1], runs[0], rtol=1e-6, atol=1e-7)
+
+
+def test_malformed_or_hand_made_plans_are_refused():
+  sam = sam_optax.sam(mlp_loss)
+  lw = sam_optax.layerwise_sam(mlp_loss, num_layers=1, select_by="gradient")
+  looksam = sam_optax.looksam(mlp_loss, k=2)
+  fisher = sam_optax.ssam_fisher(mlp_loss, num_samples=4, update_every=2)
+  vsam = sam_optax.vsam(mlp_loss, warmup_steps=2, window=4, blocks=2)
+  # Hand-made: no owner.
+  for tx, plan in [(lw, sam_optax.Plan(region=(5,))),
+                   (sam, sam_optax.Plan(second=False)),
+                   (looksam, sam_optax.Plan(second=False))]:
+    with pytest.raises(ValueError, match="not made by sam_optax.planner"):
+      _update(tx, plan)
+  # The owner copied from a real plan, fields that its parts never plan.
+  own = {name: _plans(tx, [1])[0] for name, tx in
+         [("lw", lw), ("looksam", looksam), ("fisher", fisher), ("sam", sam),
+          ("vsam", vsam)]}
+  bad = [
+      ("lw", dict(region=(5,)), "selects layer 5"),
+      ("lw", dict(region=(True,)), "Python ints"),
+      ("lw", dict(region=("1",)), "Python ints"),
+      ("lw", dict(region=(0.0,)), "Python ints"),
+      ("lw", dict(region=(-1,)), "Python ints"),
+      ("lw", dict(region=(0, 1)), "tuple of 1"),
+      ("lw", dict(region=[0]), "tuple of 1"),
+      ("looksam", dict(second="3"), "plan.second"),
+      ("looksam", dict(second=1), "plan.second"),
+      ("looksam", dict(second=np.bool_(True)), "plan.second"),
+      ("looksam", dict(gate_after=True), "gate_after"),
+      ("looksam", dict(rho_skip=True), "rho_skip"),
+      ("looksam", dict(region=True), "plan.region"),
+      ("fisher", dict(region=1), "plan.region"),
+      ("fisher", dict(region="yes"), "plan.region"),
+      ("sam", dict(second=False), "plan.second"),
+      ("vsam", dict(second=2.7), "plan.second"),
+      ("vsam", dict(gate_after=3), "gate_after"),
+  ]
+  txs = dict(lw=lw, looksam=looksam, fisher=fisher, sam=sam, vsam=vsam)
+  for name, fields, match in bad:
+    with pytest.raises(ValueError, match=match):
+      _update(txs[name], own[name]._replace(**fields))
+  # A well-formed plan of its own transform still runs.
+  _update(lw, own["lw"]._replace(region=(1,)))
+
+
+def test_planner_counts_must_be_step_numbers():
+  sam_tx = sam_optax.looksam(mlp_loss, k=2)
+  plan_of = sam_optax.planner(sam_tx)
+  s = sam_tx.init(mlp_params())
+  for bad in ["3", 2.7, True, np.float32(2.0), -1, np.int32(-2),
+              np.arange(2)]:
+    with pytest.raises(ValueError, match="count must be"):
+      plan_of(bad, s)
+  assert plan_of(np.int64(3), s).second is False
+  assert plan_of(jnp.int32(4), s).second is True
