@@ -513,3 +513,146 @@ def test_planner_counts_must_be_step_numbers():
       plan_of(bad, s)
   assert plan_of(np.int64(3), s).second is False
   assert plan_of(jnp.int32(4), s).second is True
+
+
+# --------------------------------------------------------------------------
+# Batched states (a jax.vmap ensemble, pmap without axis_name): a plan is
+# one decision for every member.
+# --------------------------------------------------------------------------
+
+
+def _ab_params():
+  """Two layers, "a" (index 0) and "b" (index 1)."""
+  return {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.full(3, 0.5)}}
+
+
+def _ab_loss(p, c):
+  """c[0] |a|² + c[1] |b|²: c decides which layer has the larger gradient."""
+  return c[0] * jnp.sum(p["a"]["w"] ** 2) + c[1] * jnp.sum(p["b"]["w"] ** 2)
+
+
+def _ab_layerwise(**kw):
+  return sam_optax.layerwise_sam(
+      _ab_loss, 0.1, num_layers=1, select_by="gradient", **kw)
+
+
+def _stack(*trees):
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+def sam_tx_gate(sam_tx):
+  from sam_optax._src import engine  # pylint: disable=g-import-not-at-top
+  return engine.spec_of(sam_tx).gate
+
+
+def _ensemble(sam_tx, loss, params, states, batches, planned, lr=0.01):
+  """A jax.vmap ensemble: stacked params and states, one batch per member
+  and step ([steps][members]); returns params, state, planner."""
+  tx = optax.chain(sam_tx, optax.sgd(lr))
+  plan_of = sam_optax.planner(sam_tx)
+
+  @functools.partial(jax.jit, static_argnames="plan")
+  def step(p, s, b, plan=None):
+    def member(p, s, b):
+      u, s = tx.update(jax.grad(loss)(p, b), s, p, batch=b, plan=plan)
+      return optax.apply_updates(p, u), s
+    return jax.vmap(member)(p, s, b)
+
+  p, s = params, states
+  for count, b in enumerate(batches):
+    p, s = step(p, s, b, plan=plan_of(count, s) if planned else None)
+  return p, s, plan_of
+
+
+def _alone(sam_tx, loss, params, batches, lr=0.01):
+  """One member run by itself, unplanned."""
+  tx = optax.chain(sam_tx, optax.sgd(lr))
+  step = jax.jit(lambda p, s, b: (lambda u, s: (
+      optax.apply_updates(p, u), s))(*tx.update(
+          jax.grad(loss)(p, b), s, p, batch=b)))
+  s = tx.init(params)
+  for b in batches:
+    params, s = step(params, s, b)
+  return params, s
+
+
+def test_vmap_ensemble_with_differing_layer_selections_is_refused():
+  sam_tx = _ab_layerwise()
+  tx = optax.chain(sam_tx, optax.sgd(0.01))
+  p = _stack(_ab_params(), _ab_params())
+  s = jax.vmap(tx.init)(p)
+  # member 0's gradient is larger on "a", member 1's on "b"
+  bs = [jnp.array([[10.0, 1.0], [1.0, 10.0]])] * 3
+  with pytest.raises(ValueError, match="batched.*different region state"):
+    _ensemble(sam_tx, _ab_loss, p, s, bs, planned=True)
+
+
+def test_vmap_ensemble_with_differing_vsam_patterns_is_refused():
+  make = lambda seed: sam_optax.vsam(  # noqa: E731
+      mlp_loss, warmup_steps=0, window=4, blocks=2, max_rate=0.25, seed=seed)
+  states = [optax.chain(make(seed), optax.sgd(0.01)).init(mlp_params())
+            for seed in (0, 1)]
+  patterns = [np.asarray(st[0].gate.pattern) for st in states]
+  assert not np.array_equal(*patterns)  # the members sample other steps
+  p = _stack(mlp_params(), mlp_params())
+  bs = [_stack(b, b) for b in tm.batches(n=3)]
+  with pytest.raises(ValueError, match="batched.*different gate state"):
+    _ensemble(make(0), mlp_loss, p, _stack(*states), bs, planned=True)
+
+
+def test_vmap_ensemble_is_planned_where_every_member_decides_the_same():
+  """Members with other params and data (so other statistics) whose reads
+  agree: vSAM with one sample per window drawn from the same key, a layer
+  selection ranked alike, LookSAM (count only). Planned equals unplanned
+  and equals each member run alone."""
+  cases = [
+      (sam_optax.vsam(mlp_loss, warmup_steps=1, window=2, blocks=1,
+                      max_rate=0.5), mlp_loss,
+       [mlp_params(0), mlp_params(1)],
+       [_stack(*tm.batches(n=2)) for _ in range(7)]),
+      (_ab_layerwise(), _ab_loss, [_ab_params(), _ab_params()],
+       [jnp.array([[10.0, 1.0], [20.0, 3.0]])] * 5),
+      (sam_optax.looksam(mlp_loss, k=2), mlp_loss,
+       [mlp_params(0), mlp_params(1)],
+       [_stack(*tm.batches(n=2)) for _ in range(5)]),
+  ]
+  for sam_tx, loss, members, bs in cases:
+    tx = optax.chain(sam_tx, optax.sgd(0.01))
+    p = _stack(*members)
+    s = jax.vmap(tx.init)(p)
+    p1, s1, plan_of = _ensemble(sam_tx, loss, p, s, bs, planned=True)
+    p0, s0, _ = _ensemble(sam_tx, loss, p, s, bs, planned=False)
+    chex.assert_trees_all_close(p1, p0, rtol=1e-5, atol=1e-6)
+    for i, member in enumerate(members):
+      alone, _ = _alone(sam_tx, loss, member,
+                        [jax.tree.map(lambda x, i=i: x[i], b) for b in bs])
+      chex.assert_trees_all_close(
+          jax.tree.map(lambda x, i=i: x[i], p1), alone, rtol=1e-5, atol=1e-6)
+    gate = s1[0].gate
+    if isinstance(sam_tx_gate(sam_tx), sam_optax.parts.EveryK):
+      assert plan_of.reads == 0  # LookSAM: the count alone
+      continue
+    assert plan_of.reads > 0  # the plans read the batched state
+    if hasattr(gate, "pattern"):  # vSAM: the members' statistics differ,
+      assert not np.allclose(gate.ratio[0], gate.ratio[1])  # not the
+      np.testing.assert_array_equal(gate.pattern[0], gate.pattern[1])
+
+
+@tm.needs8
+def test_pmap_without_axis_name_with_diverging_devices_is_refused():
+  sam_tx = _ab_layerwise()
+  tx = optax.chain(sam_tx, optax.sgd(0.01))
+  plan_of = sam_optax.planner(sam_tx)
+
+  @functools.partial(jax.pmap, static_broadcasted_argnums=(3,))
+  def pstep(p, s, b, plan):
+    u, s = tx.update(jax.grad(_ab_loss)(p, b), s, p, batch=b, plan=plan)
+    return optax.apply_updates(p, u), s
+
+  p = tm.replicate(_ab_params())
+  s = tm.replicate(tx.init(_ab_params()))
+  # even devices: "a" has the larger gradient; odd ones: "b"
+  b = jnp.array([[10.0, 1.0], [1.0, 10.0]] * (tm.NDEV // 2))
+  p, s = pstep(p, s, b, plan_of(0, s))
+  with pytest.raises(ValueError, match="pmap's devices without axis_name"):
+    plan_of(1, s)
