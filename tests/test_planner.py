@@ -656,3 +656,134 @@ def test_pmap_without_axis_name_with_diverging_devices_is_refused():
   p, s = pstep(p, s, b, plan_of(0, s))
   with pytest.raises(ValueError, match="pmap's devices without axis_name"):
     plan_of(1, s)
+
+
+# --------------------------------------------------------------------------
+# Stale decisions: a read checks the state's count; a planner forgets its
+# reads when the count goes backwards or jumps.
+# --------------------------------------------------------------------------
+
+
+def _stepper(tx, loss):
+  @functools.partial(jax.jit, static_argnames="plan")
+  def step(p, s, b, plan=None):
+    u, s = tx.update(jax.grad(loss)(p, b), s, p, batch=b, plan=plan)
+    return optax.apply_updates(p, u), s
+  return step
+
+
+def test_planning_from_the_state_of_another_step_is_refused():
+  """A pipelined loop plans step i+1 from the state before step i: at the
+  first read (vSAM's first window, the first layer re-selection) the
+  state's count is i, not i+1."""
+  for sam_tx, at in [
+      (sam_optax.vsam(mlp_loss, warmup_steps=2, window=4, blocks=2), 2),
+      (sam_optax.layerwise_sam(mlp_loss, num_layers=1, select_by="gradient"),
+       1),
+  ]:
+    tx = optax.chain(sam_tx, optax.sgd(0.05))
+    step = _stepper(tx, mlp_loss)
+    plan_of = sam_optax.planner(sam_tx)
+    p = mlp_params()
+    s = tx.init(p)
+    upcoming = plan_of(0, s)
+    with pytest.raises(ValueError, match=f"count is {at - 1}, so it is not "
+                       f"the state before step {at}"):
+      for count, b in enumerate(tm.batches(n=6)):
+        plan, upcoming = upcoming, plan_of(count + 1, s)  # s: before `count`
+        p, s = step(p, s, b, plan=plan)
+
+
+def test_after_a_non_finite_step_the_host_count_is_checked():
+  """A NaN batch leaves the state (its count included) as it was: planning
+  with the host's step number then raises at the next read; count=None
+  reads the count, and that run equals the unplanned one."""
+  sam_tx = sam_optax.vsam(mlp_loss, warmup_steps=2, window=4, blocks=2)
+  tx = optax.apply_if_finite(optax.chain(sam_tx, optax.sgd(0.05)), 10)
+  step = _stepper(tx, mlp_loss)
+  bs = tm.batches(n=9)
+  bs[3] = (bs[3][0].at[0, 0].set(jnp.nan), bs[3][1])
+
+  def run(mode):
+    plan_of = sam_optax.planner(sam_tx)
+    p = mlp_params()
+    s = tx.init(p)
+    for host_count, b in enumerate(bs):
+      plan = {"host": lambda: plan_of(host_count, s),  # noqa: B023
+              "device": lambda: plan_of(None, s),  # noqa: B023
+              "none": lambda: None}[mode]()
+      p, s = step(p, s, b, plan=plan)
+    return p, s
+
+  with pytest.raises(ValueError, match="count is 5, so it is not the state "
+                     "before step 6"):
+    run("host")
+  p1, s1 = run("device")
+  p0, s0 = run("none")
+  chex.assert_trees_all_close(p1, p0, rtol=1e-6, atol=1e-7)
+  assert int(sam_optax.stats(s1)["count"]) == len(bs) - 1
+
+
+def test_a_reused_planner_does_not_carry_the_first_runs_decisions():
+  # A layer selection re-made every 5 steps: run 1 ranks "a" first, run 2
+  # (from count 0, the same planner) "b": |grad a| = 2 c0 |a|, |grad b| =
+  # 2 c1 |b| with a = 1, b = 0.5.
+  sam_tx = _ab_layerwise(select_every=5)
+  tx = optax.chain(sam_tx, optax.sgd(0.01))
+  step = _stepper(tx, _ab_loss)
+  plan_of = sam_optax.planner(sam_tx)
+  runs = {}
+  for c, planned in [((10.0, 1.0), True), ((1.0, 10.0), True),
+                     ((1.0, 10.0), False)]:
+    p = _ab_params()
+    s = tx.init(p)
+    plans = []
+    for count in range(4):
+      plans.append(plan_of(count, s) if planned else None)
+      p, s = step(p, s, jnp.array(c), plan=plans[-1])
+    runs[c, planned] = p, [x and x.region for x in plans]
+  assert runs[(10.0, 1.0), True][1] == [(), (0,), (0,), (0,)]
+  assert runs[(1.0, 10.0), True][1] == [(), (1,), (1,), (1,)]
+  chex.assert_trees_all_close(runs[(1.0, 10.0), True][0],
+                              runs[(1.0, 10.0), False][0])
+  # vSAM: the same planner for a run of another (equal-settings) transform
+  # whose key draws another pattern, restarted inside the first window.
+  make = lambda seed: sam_optax.vsam(  # noqa: E731
+      mlp_loss, warmup_steps=0, window=4, blocks=2, max_rate=0.25, seed=seed)
+  plan_of = sam_optax.planner(make(0))
+  for seed in (0, 1):
+    tx = optax.chain(make(seed), optax.sgd(0.05))
+    s = tx.init(mlp_params())
+    pattern = [bool(x) for x in np.asarray(s[0].gate.pattern)]  # window 0
+    step = _stepper(tx, mlp_loss)
+    p = mlp_params()
+    seconds = []
+    for count, b in enumerate(tm.batches(n=3)):
+      plan = plan_of(count, s)
+      seconds.append(plan.second)
+      p, s = step(p, s, b, plan=plan)
+    assert seconds == pattern[:3], seed
+
+
+def test_a_planner_forgets_its_reads_when_the_count_jumps():
+  """Plan step 1 of one run, then step 5 of another run (select_every=10:
+  the same re-selection period): the jump makes it read again."""
+  sam_tx = _ab_layerwise(select_every=10)
+  tx = optax.chain(sam_tx, optax.sgd(0.01))
+  step = _stepper(tx, _ab_loss)
+  states = {}
+  for c in [(10.0, 1.0), (1.0, 10.0)]:
+    p = _ab_params()
+    s = tx.init(p)
+    states[c] = []
+    for _ in range(6):
+      states[c].append(s)
+      p, s = step(p, s, jnp.array(c))
+    states[c].append(s)
+  plan_of = sam_optax.planner(sam_tx)
+  assert plan_of(1, states[10.0, 1.0][1]).region == (0,)
+  assert plan_of(5, states[1.0, 10.0][5]).region == (1,)
+  assert plan_of.reads == 2
+  # Consecutive steps of one run reuse the read.
+  assert plan_of(6, states[1.0, 10.0][6]).region == (1,)
+  assert plan_of.reads == 2
