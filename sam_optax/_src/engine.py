@@ -18,7 +18,7 @@ they remember lives in their slot of :class:`SharpnessAwareState`, as arrays.
 A paper's method is a choice of four parts (``alias.py``); a combination no
 paper has is built the same way with :func:`sharpness_aware`.
 
-Every decision (the radius reaching zero, the gate, a region's refresh or
+Every decision (the radius not positive and finite, the gate, a region's refresh or
 selection) is taken in one of three ways, in this order:
 
 1. statically, when it is known at construction (``rho=0``, a gate whose
@@ -403,7 +403,8 @@ class _Engine:
     return jax.tree.unflatten(treedef, out)
 
   def finish_output(self, step, where, positive, out):
-    """Clean gradient outside the region (if asked) and at rho = 0."""
+    """Clean gradient outside the region (if asked), and everywhere on a
+    step whose radius is off (see :func:`rho_active`)."""
     out = where.finish(out, step.grads)
     if positive is False:
       return step.grads

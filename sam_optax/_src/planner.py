@@ -4,9 +4,9 @@ On GPUs a ``lax.cond`` in a compiled step makes the host wait for the device
 once per step (XLA copies the predicate to the host). Every decision the
 methods of this library take is known to the host without waiting: LookSAM's
 ``count % k``, the masks' refresh steps, vSAM's warm-up and the end of a
-window, a layer re-selection, a radius schedule reaching 0 are functions of
-the step count; vSAM's sampling pattern and a runtime layer selection change
-only once per window or re-selection, and are read then. A :class:`Planner`
+window, a layer re-selection, a radius schedule that is not > 0 and finite
+are functions of the step count; vSAM's sampling pattern and a runtime layer
+selection change only once per window or re-selection, and are read then. A :class:`Planner`
 turns ``(count, opt_state)`` into a small hashable :class:`engine.Plan`; the
 transform's ``update(..., plan=plan)``, with ``plan`` static under ``jit``,
 then compiles only that step's work, with no conditional, and gives the same
@@ -295,7 +295,7 @@ def planner(tx: Any) -> Planner:
   distinct plans, each compiled once: LookSAM 2 (SAM step, reuse step),
   the Sparse SAM masks 2 (refresh or not), vSAM 4 (sampled or not, times
   whether the step ends a window and draws the next one), a radius schedule
-  that reaches 0 doubles them; a runtime layer selection compiles one
+  that reaches 0 (or any value not > 0 and finite) doubles them; a runtime layer selection compiles one
   program per distinct selection.
 
   The planner reads device memory only where a decision depends on device

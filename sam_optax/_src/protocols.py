@@ -352,9 +352,10 @@ class Gate(Component):
         (allowed is not None and second is not allowed)
         or (self.schedule == "dynamic" and type(self).plan is Gate.plan)
     ):
+      one = "" if allowed is None else f" or {allowed}"
       raise ValueError(
-          f"plan.second must be None or {allowed} for "
-          f"{type(self).__name__} (schedule={self.schedule!r}), got {second!r}"
+          f"plan.second must be None{one} for {type(self).__name__} "
+          f"(schedule={self.schedule!r}), got {second!r}"
       )
     if after is not None and type(self).plan_after is Gate.plan_after:
       raise ValueError(
@@ -456,13 +457,24 @@ class PlanKey(NamedTuple):
   gate: Hashable
 
   def describe(self) -> str:
+    """The key in words (no memory addresses: the same in every process)."""
+    def name(x):
+      if isinstance(x, ById):
+        return f"<this {type(x.obj).__name__} object>"
+      if callable(x):
+        return getattr(x, "__qualname__", type(x).__name__)
+      return repr(x)
+
     def part(key):
       kind, settings = key
-      inner = ", ".join(f"{k}={v!r}" for k, v in settings)
+      inner = ", ".join(f"{k}={name(v)}" for k, v in settings)
       return f"{kind.__name__}({inner})"
 
-    rho = "a number" if self.rho is None else f"the schedule {self.rho!r}"
+    rho = "a number" if self.rho is None else f"the schedule {name(self.rho)}"
     return f"rho {rho}, region {part(self.region)}, gate {part(self.gate)}"
+
+  def __repr__(self) -> str:
+    return f"PlanKey({self.describe()})"
 
 
 def plan_key(rho: Any, region: Region, gate: Gate) -> PlanKey:
@@ -526,13 +538,21 @@ def check_plan(
         f"for this tx, or plan=None; got {plan!r}"
     )
   if owner != key:
+    hint = ""
+    if owner.rho != key.rho:
+      hint = (
+          " A plan made from a rho schedule fits only a transform with that "
+          "same schedule (the same function); under "
+          "optax.inject_hyperparams build the planner with a number for rho "
+          "(the injected value is then decided on the device)."
+      )
     raise ValueError(
         "plan was made for another transform or other static settings: "
         f"made for ({owner.describe()}), passed to ({key.describe()}). "
         "Build the planner from the transform that takes the plans: "
         "sam_optax.planner(tx); under optax.inject_hyperparams, list the "
         "arguments that decide plans (k, warmup_steps, window, "
-        "update_every, num_layers, select_every) in static_args"
+        f"update_every, num_layers, select_every) in static_args.{hint}"
     )
   check_flag("plan.rho_skip", plan.rho_skip)
   if plan.rho_skip is not None and key.rho is None:
