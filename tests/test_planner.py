@@ -295,3 +295,495 @@ def test_peek_looks_ahead_without_reading_or_changing_the_planner():
   s = sam_optax.looksam(mlp_loss, k=3).init(p)
   assert [looksam.peek(c, s).second for c in range(4)] == [
       True, False, False, True]
+
+
+# --------------------------------------------------------------------------
+# One rho rule, planned or not: a step perturbs only where rho > 0 and
+# finite; 0, negative, NaN and inf make skipped steps (clean gradient).
+# --------------------------------------------------------------------------
+
+WILD_RHO = np.array(
+    [0.1, -0.05, np.nan, 0.2, np.inf, 0.0, -np.inf, 0.15, np.nan, 0.05,
+     -1.0, 0.1], np.float32)
+
+
+def _wild_rho(count):
+  return jnp.asarray(WILD_RHO)[count % len(WILD_RHO)]
+
+
+def _active(count):
+  r = WILD_RHO[count % len(WILD_RHO)]
+  return bool(np.isfinite(r) and r > 0)
+
+
+def _sam_outputs(sam_tx, planned, steps, full=False):
+  """Per-step outputs of ``sam_tx`` (chained to plain SGD unless ``full``),
+  the clean gradients, the final params and state."""
+  plan_of = sam_optax.planner(sam_tx)
+
+  @functools.partial(jax.jit, static_argnames="plan")
+  def step(p, s, b, plan=None):
+    g = jax.grad(mlp_loss)(p, b)
+    u, s = sam_tx.update(g, s, p, batch=b, plan=plan)
+    new = optax.apply_updates(p, u if full else jax.tree.map(
+        lambda x: -0.05 * x, u))
+    return new, s, u, g
+
+  p = mlp_params()
+  s = sam_tx.init(p)
+  outs, grads = [], []
+  for count, b in enumerate(tm.batches(n=steps)):
+    plan = plan_of(count, s) if planned else None
+    p, s, u, g = step(p, s, b, plan=plan)
+    outs.append(u)
+    grads.append(g)
+  return outs, grads, p, s
+
+
+def test_rho_rule_sam_planned_unplanned_and_numpy_agree():
+  """rho going negative, NaN, inf and 0 over 24 steps: planned and unplanned
+  SAM equal the NumPy run of the rule (perturb iff rho > 0 and finite;
+  otherwise the clean gradient, no second gradient, the count advances)."""
+  steps = 24
+  sam_tx = sam_optax.sam(mlp_loss, _wild_rho)
+  runs = [_sam_outputs(sam_tx, planned, steps) for planned in (False, True)]
+  params = mlp_params()
+  w = tm.flat(params)
+  for count, b in enumerate(tm.batches(n=steps)):
+    p = tm.unflat(w, params)
+    r = float(WILD_RHO[count % len(WILD_RHO)])
+    out = (tm.ref_sam(p, b, r) if np.isfinite(r) and r > 0
+           else tm.grad_np(p, b))
+    for outs, _, _, _ in runs:
+      np.testing.assert_allclose(tm.flat(outs[count]), out, rtol=2e-4,
+                                 atol=2e-6)
+    w = w - 0.05 * out
+  active = sum(_active(c) for c in range(steps))
+  for _, _, p, s in runs:
+    np.testing.assert_allclose(tm.flat(p), w, rtol=2e-4, atol=2e-6)
+    assert int(s.count) == steps
+    assert int(s.grad_evals) == active
+
+
+RHO_RULE_ROWS = ["looksam", "vsam", "ssam_fisher", "ssam_dynamic",
+                 "layerwise_sam_runtime", "layerwise_sam_sharpness", "gnp",
+                 "asam", "lightsam"]
+
+
+@pytest.mark.parametrize("name", RHO_RULE_ROWS)
+def test_rho_rule_planned_equals_unplanned_for_every_kind_of_method(name):
+  """Every kind of decision (gate, mask refresh, layer selection, LightSAM's
+  chain) under the wild schedule: planned equals unplanned step by step, a
+  skipped step's output is the clean gradient exactly, nothing is NaN."""
+  steps = len(WILD_RHO)
+  full = name in tm.FULL_OPTIMIZERS
+  sam_tx = tm.sam_transform(name, rho=_wild_rho)
+  o0, g0, p0, s0 = _sam_outputs(sam_tx, False, steps, full)
+  o1, g1, p1, s1 = _sam_outputs(sam_tx, True, steps, full)
+  chex.assert_tree_all_finite(p1)
+  for count in range(steps):
+    chex.assert_trees_all_close(o1[count], o0[count], rtol=2e-5, atol=2e-6)
+    if not _active(count) and not full:
+      for outs, grads in ((o0, g0), (o1, g1)):
+        chex.assert_trees_all_equal(outs[count], grads[count])
+  chex.assert_trees_all_close(p1, p0, rtol=2e-5, atol=2e-6)
+  assert int(s0[0].count if full else s0.count) == steps
+  st0, st1 = sam_optax.stats(s0), sam_optax.stats(s1)
+  assert int(st1["grad_evals"]) == int(st0["grad_evals"])
+
+
+# --------------------------------------------------------------------------
+# A plan belongs to the transform that made it.
+# --------------------------------------------------------------------------
+
+
+def _plans(sam_tx, counts):
+  """Plans of ``sam_tx``'s planner for ``counts``, from its init state."""
+  plan_of = sam_optax.planner(sam_tx)
+  s = sam_tx.init(mlp_params())
+  return [plan_of(c, s._replace(count=jnp.int32(c))) for c in counts]
+
+
+def _update(sam_tx, plan):
+  p = mlp_params()
+  b = tm.batches(n=1)[0]
+  g = jax.grad(mlp_loss)(p, b)
+  return sam_tx.update(g, sam_tx.init(p), p, batch=b, plan=plan)
+
+
+def test_a_plan_of_another_transform_is_refused():
+  looksam_reuse = _plans(sam_optax.looksam(mlp_loss, k=2), [1])[0]
+  assert looksam_reuse.second is False  # would skip a second gradient
+  for other in [sam_optax.sam(mlp_loss), sam_optax.gnp(mlp_loss),
+                sam_optax.lightsam(mlp_loss, 0.1),
+                sam_optax.looksam(mlp_loss, k=3)]:
+    with pytest.raises(ValueError, match="another transform or other static"):
+      _update(other, looksam_reuse)
+  # A layer selection's plan passed to Sparse SAM (would skip its refresh).
+  lw = sam_optax.layerwise_sam(mlp_loss, num_layers=1, select_by="gradient")
+  lw_plan = _plans(lw, [1])[0]
+  fisher = sam_optax.ssam_fisher(mlp_loss, num_samples=4, update_every=2)
+  with pytest.raises(ValueError, match="another transform"):
+    _update(fisher, lw_plan)
+  # Another static setting that decides plans: the vSAM window, the mask's
+  # refresh period, a rho schedule that is not the same function.
+  vsam = lambda w: sam_optax.vsam(mlp_loss, warmup_steps=2, window=w, blocks=2)  # noqa: E731
+  with pytest.raises(ValueError, match="window=4"):
+    _update(vsam(6), _plans(vsam(4), [0])[0])
+  fisher3 = sam_optax.ssam_fisher(mlp_loss, num_samples=4, update_every=3)
+  with pytest.raises(ValueError, match="update_every=2"):
+    _update(fisher3, _plans(fisher, [1])[0])
+  with pytest.raises(ValueError, match="schedule"):
+    _update(sam_optax.sam(mlp_loss, _rho_warmup),
+            _plans(sam_optax.sam(mlp_loss, _rho_schedule), [0])[0])
+  with pytest.raises(ValueError, match="another transform"):
+    _update(sam_optax.sam(mlp_loss),
+            _plans(sam_optax.sam(mlp_loss, _rho_schedule), [0])[0])
+
+
+def test_transforms_with_equal_settings_share_plans():
+  """A looksam(k=2) planner drives another looksam(k=2) (settings that do
+  not decide plans may differ: rho, alpha); the run equals the unplanned
+  one, whose reuse steps are checked against the paper's rule elsewhere."""
+  made_by = sam_optax.looksam(mlp_loss, k=2)
+  runs = []
+  for planner_tx in (None, made_by):
+    sam_tx = sam_optax.looksam(mlp_loss, 0.2, k=2, alpha=0.5)
+    plan_of = sam_optax.planner(planner_tx) if planner_tx else None
+    p, s = mlp_params(), sam_tx.init(mlp_params())
+    for count, b in enumerate(tm.batches(n=5)):
+      plan = plan_of(count, s) if plan_of else None
+      u, s = sam_tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b, plan=plan)
+      p = optax.apply_updates(p, jax.tree.map(lambda x: -0.1 * x, u))
+    runs.append(p)
+  chex.assert_trees_all_close(runs[1], runs[0], rtol=1e-6, atol=1e-7)
+
+
+def test_malformed_or_hand_made_plans_are_refused():
+  sam = sam_optax.sam(mlp_loss)
+  lw = sam_optax.layerwise_sam(mlp_loss, num_layers=1, select_by="gradient")
+  looksam = sam_optax.looksam(mlp_loss, k=2)
+  fisher = sam_optax.ssam_fisher(mlp_loss, num_samples=4, update_every=2)
+  vsam = sam_optax.vsam(mlp_loss, warmup_steps=2, window=4, blocks=2)
+  # Hand-made: no owner.
+  for tx, plan in [(lw, sam_optax.Plan(region=(5,))),
+                   (sam, sam_optax.Plan(second=False)),
+                   (looksam, sam_optax.Plan(second=False))]:
+    with pytest.raises(ValueError, match="not made by sam_optax.planner"):
+      _update(tx, plan)
+  # The owner copied from a real plan, fields that its parts never plan.
+  own = {name: _plans(tx, [1])[0] for name, tx in
+         [("lw", lw), ("looksam", looksam), ("fisher", fisher), ("sam", sam),
+          ("vsam", vsam)]}
+  bad = [
+      ("lw", dict(region=(5,)), "selects layer 5"),
+      ("lw", dict(region=(True,)), "Python ints"),
+      ("lw", dict(region=("1",)), "Python ints"),
+      ("lw", dict(region=(0.0,)), "Python ints"),
+      ("lw", dict(region=(-1,)), "Python ints"),
+      ("lw", dict(region=(0, 1)), "tuple of 1"),
+      ("lw", dict(region=[0]), "tuple of 1"),
+      ("looksam", dict(second="3"), "plan.second"),
+      ("looksam", dict(second=1), "plan.second"),
+      ("looksam", dict(second=np.bool_(True)), "plan.second"),
+      ("looksam", dict(gate_after=True), "gate_after"),
+      ("looksam", dict(rho_skip=True), "rho_skip"),
+      ("looksam", dict(region=True), "plan.region"),
+      ("fisher", dict(region=1), "plan.region"),
+      ("fisher", dict(region="yes"), "plan.region"),
+      ("sam", dict(second=False), "plan.second"),
+      ("vsam", dict(second=2.7), "plan.second"),
+      ("vsam", dict(gate_after=3), "gate_after"),
+  ]
+  txs = dict(lw=lw, looksam=looksam, fisher=fisher, sam=sam, vsam=vsam)
+  for name, fields, match in bad:
+    with pytest.raises(ValueError, match=match):
+      _update(txs[name], own[name]._replace(**fields))
+  # A well-formed plan of its own transform still runs.
+  _update(lw, own["lw"]._replace(region=(1,)))
+
+
+def test_planner_counts_must_be_step_numbers():
+  sam_tx = sam_optax.looksam(mlp_loss, k=2)
+  plan_of = sam_optax.planner(sam_tx)
+  s = sam_tx.init(mlp_params())
+  for bad in ["3", 2.7, True, np.float32(2.0), -1, np.int32(-2),
+              np.arange(2)]:
+    with pytest.raises(ValueError, match="count must be"):
+      plan_of(bad, s)
+  assert plan_of(np.int64(3), s).second is False
+  assert plan_of(jnp.int32(4), s).second is True
+
+
+# --------------------------------------------------------------------------
+# Batched states (a jax.vmap ensemble, pmap without axis_name): a plan is
+# one decision for every member.
+# --------------------------------------------------------------------------
+
+
+def _ab_params():
+  """Two layers, "a" (index 0) and "b" (index 1)."""
+  return {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.full(3, 0.5)}}
+
+
+def _ab_loss(p, c):
+  """c[0] |a|² + c[1] |b|²: c decides which layer has the larger gradient."""
+  return c[0] * jnp.sum(p["a"]["w"] ** 2) + c[1] * jnp.sum(p["b"]["w"] ** 2)
+
+
+def _ab_layerwise(**kw):
+  return sam_optax.layerwise_sam(
+      _ab_loss, 0.1, num_layers=1, select_by="gradient", **kw)
+
+
+def _stack(*trees):
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+def sam_tx_gate(sam_tx):
+  from sam_optax._src import engine  # pylint: disable=g-import-not-at-top
+  return engine.spec_of(sam_tx).gate
+
+
+def _ensemble(sam_tx, loss, params, states, batches, planned, lr=0.01):
+  """A jax.vmap ensemble: stacked params and states, one batch per member
+  and step ([steps][members]); returns params, state, planner."""
+  tx = optax.chain(sam_tx, optax.sgd(lr))
+  plan_of = sam_optax.planner(sam_tx)
+
+  @functools.partial(jax.jit, static_argnames="plan")
+  def step(p, s, b, plan=None):
+    def member(p, s, b):
+      u, s = tx.update(jax.grad(loss)(p, b), s, p, batch=b, plan=plan)
+      return optax.apply_updates(p, u), s
+    return jax.vmap(member)(p, s, b)
+
+  p, s = params, states
+  for count, b in enumerate(batches):
+    p, s = step(p, s, b, plan=plan_of(count, s) if planned else None)
+  return p, s, plan_of
+
+
+def _alone(sam_tx, loss, params, batches, lr=0.01):
+  """One member run by itself, unplanned."""
+  tx = optax.chain(sam_tx, optax.sgd(lr))
+  step = jax.jit(lambda p, s, b: (lambda u, s: (
+      optax.apply_updates(p, u), s))(*tx.update(
+          jax.grad(loss)(p, b), s, p, batch=b)))
+  s = tx.init(params)
+  for b in batches:
+    params, s = step(params, s, b)
+  return params, s
+
+
+def test_vmap_ensemble_with_differing_layer_selections_is_refused():
+  sam_tx = _ab_layerwise()
+  tx = optax.chain(sam_tx, optax.sgd(0.01))
+  p = _stack(_ab_params(), _ab_params())
+  s = jax.vmap(tx.init)(p)
+  # member 0's gradient is larger on "a", member 1's on "b"
+  bs = [jnp.array([[10.0, 1.0], [1.0, 10.0]])] * 3
+  with pytest.raises(ValueError, match="batched.*different region state"):
+    _ensemble(sam_tx, _ab_loss, p, s, bs, planned=True)
+
+
+def test_vmap_ensemble_with_differing_vsam_patterns_is_refused():
+  make = lambda seed: sam_optax.vsam(  # noqa: E731
+      mlp_loss, warmup_steps=0, window=4, blocks=2, max_rate=0.25, seed=seed)
+  states = [optax.chain(make(seed), optax.sgd(0.01)).init(mlp_params())
+            for seed in (0, 1)]
+  patterns = [np.asarray(st[0].gate.pattern) for st in states]
+  assert not np.array_equal(*patterns)  # the members sample other steps
+  p = _stack(mlp_params(), mlp_params())
+  bs = [_stack(b, b) for b in tm.batches(n=3)]
+  with pytest.raises(ValueError, match="batched.*different gate state"):
+    _ensemble(make(0), mlp_loss, p, _stack(*states), bs, planned=True)
+
+
+def test_vmap_ensemble_is_planned_where_every_member_decides_the_same():
+  """Members with other params and data (so other statistics) whose reads
+  agree: vSAM with one sample per window drawn from the same key, a layer
+  selection ranked alike, LookSAM (count only). Planned equals unplanned
+  and equals each member run alone."""
+  cases = [
+      (sam_optax.vsam(mlp_loss, warmup_steps=1, window=2, blocks=1,
+                      max_rate=0.5), mlp_loss,
+       [mlp_params(0), mlp_params(1)],
+       [_stack(*tm.batches(n=2)) for _ in range(7)]),
+      (_ab_layerwise(), _ab_loss, [_ab_params(), _ab_params()],
+       [jnp.array([[10.0, 1.0], [20.0, 3.0]])] * 5),
+      (sam_optax.looksam(mlp_loss, k=2), mlp_loss,
+       [mlp_params(0), mlp_params(1)],
+       [_stack(*tm.batches(n=2)) for _ in range(5)]),
+  ]
+  for sam_tx, loss, members, bs in cases:
+    tx = optax.chain(sam_tx, optax.sgd(0.01))
+    p = _stack(*members)
+    s = jax.vmap(tx.init)(p)
+    p1, s1, plan_of = _ensemble(sam_tx, loss, p, s, bs, planned=True)
+    p0, s0, _ = _ensemble(sam_tx, loss, p, s, bs, planned=False)
+    chex.assert_trees_all_close(p1, p0, rtol=1e-5, atol=1e-6)
+    for i, member in enumerate(members):
+      alone, _ = _alone(sam_tx, loss, member,
+                        [jax.tree.map(lambda x, i=i: x[i], b) for b in bs])
+      chex.assert_trees_all_close(
+          jax.tree.map(lambda x, i=i: x[i], p1), alone, rtol=1e-5, atol=1e-6)
+    gate = s1[0].gate
+    if isinstance(sam_tx_gate(sam_tx), sam_optax.parts.EveryK):
+      assert plan_of.reads == 0  # LookSAM: the count alone
+      continue
+    assert plan_of.reads > 0  # the plans read the batched state
+    if hasattr(gate, "pattern"):  # vSAM: the members' statistics differ,
+      assert not np.allclose(gate.ratio[0], gate.ratio[1])  # not the
+      np.testing.assert_array_equal(gate.pattern[0], gate.pattern[1])
+
+
+@tm.needs8
+def test_pmap_without_axis_name_with_diverging_devices_is_refused():
+  sam_tx = _ab_layerwise()
+  tx = optax.chain(sam_tx, optax.sgd(0.01))
+  plan_of = sam_optax.planner(sam_tx)
+
+  @functools.partial(jax.pmap, static_broadcasted_argnums=(3,))
+  def pstep(p, s, b, plan):
+    u, s = tx.update(jax.grad(_ab_loss)(p, b), s, p, batch=b, plan=plan)
+    return optax.apply_updates(p, u), s
+
+  p = tm.replicate(_ab_params())
+  s = tm.replicate(tx.init(_ab_params()))
+  # even devices: "a" has the larger gradient; odd ones: "b"
+  b = jnp.array([[10.0, 1.0], [1.0, 10.0]] * (tm.NDEV // 2))
+  p, s = pstep(p, s, b, plan_of(0, s))
+  with pytest.raises(ValueError, match="pmap's devices without axis_name"):
+    plan_of(1, s)
+
+
+# --------------------------------------------------------------------------
+# Stale decisions: a read checks the state's count; a planner forgets its
+# reads when the count goes backwards or jumps.
+# --------------------------------------------------------------------------
+
+
+def _stepper(tx, loss):
+  @functools.partial(jax.jit, static_argnames="plan")
+  def step(p, s, b, plan=None):
+    u, s = tx.update(jax.grad(loss)(p, b), s, p, batch=b, plan=plan)
+    return optax.apply_updates(p, u), s
+  return step
+
+
+def test_planning_from_the_state_of_another_step_is_refused():
+  """A pipelined loop plans step i+1 from the state before step i: at the
+  first read (vSAM's first window, the first layer re-selection) the
+  state's count is i, not i+1."""
+  for sam_tx, at in [
+      (sam_optax.vsam(mlp_loss, warmup_steps=2, window=4, blocks=2), 2),
+      (sam_optax.layerwise_sam(mlp_loss, num_layers=1, select_by="gradient"),
+       1),
+  ]:
+    tx = optax.chain(sam_tx, optax.sgd(0.05))
+    step = _stepper(tx, mlp_loss)
+    plan_of = sam_optax.planner(sam_tx)
+    p = mlp_params()
+    s = tx.init(p)
+    upcoming = plan_of(0, s)
+    with pytest.raises(ValueError, match=f"count is {at - 1}, so it is not "
+                       f"the state before step {at}"):
+      for count, b in enumerate(tm.batches(n=6)):
+        plan, upcoming = upcoming, plan_of(count + 1, s)  # s: before `count`
+        p, s = step(p, s, b, plan=plan)
+
+
+def test_after_a_non_finite_step_the_host_count_is_checked():
+  """A NaN batch leaves the state (its count included) as it was: planning
+  with the host's step number then raises at the next read; count=None
+  reads the count, and that run equals the unplanned one."""
+  sam_tx = sam_optax.vsam(mlp_loss, warmup_steps=2, window=4, blocks=2)
+  tx = optax.apply_if_finite(optax.chain(sam_tx, optax.sgd(0.05)), 10)
+  step = _stepper(tx, mlp_loss)
+  bs = tm.batches(n=9)
+  bs[3] = (bs[3][0].at[0, 0].set(jnp.nan), bs[3][1])
+
+  def run(mode):
+    plan_of = sam_optax.planner(sam_tx)
+    p = mlp_params()
+    s = tx.init(p)
+    for host_count, b in enumerate(bs):
+      plan = {"host": lambda: plan_of(host_count, s),  # noqa: B023
+              "device": lambda: plan_of(None, s),  # noqa: B023
+              "none": lambda: None}[mode]()
+      p, s = step(p, s, b, plan=plan)
+    return p, s
+
+  with pytest.raises(ValueError, match="count is 5, so it is not the state "
+                     "before step 6"):
+    run("host")
+  p1, s1 = run("device")
+  p0, s0 = run("none")
+  chex.assert_trees_all_close(p1, p0, rtol=1e-6, atol=1e-7)
+  assert int(sam_optax.stats(s1)["count"]) == len(bs) - 1
+
+
+def test_a_reused_planner_does_not_carry_the_first_runs_decisions():
+  # A layer selection re-made every 5 steps: run 1 ranks "a" first, run 2
+  # (from count 0, the same planner) "b": |grad a| = 2 c0 |a|, |grad b| =
+  # 2 c1 |b| with a = 1, b = 0.5.
+  sam_tx = _ab_layerwise(select_every=5)
+  tx = optax.chain(sam_tx, optax.sgd(0.01))
+  step = _stepper(tx, _ab_loss)
+  plan_of = sam_optax.planner(sam_tx)
+  runs = {}
+  for c, planned in [((10.0, 1.0), True), ((1.0, 10.0), True),
+                     ((1.0, 10.0), False)]:
+    p = _ab_params()
+    s = tx.init(p)
+    plans = []
+    for count in range(4):
+      plans.append(plan_of(count, s) if planned else None)
+      p, s = step(p, s, jnp.array(c), plan=plans[-1])
+    runs[c, planned] = p, [x and x.region for x in plans]
+  assert runs[(10.0, 1.0), True][1] == [(), (0,), (0,), (0,)]
+  assert runs[(1.0, 10.0), True][1] == [(), (1,), (1,), (1,)]
+  chex.assert_trees_all_close(runs[(1.0, 10.0), True][0],
+                              runs[(1.0, 10.0), False][0])
+  # vSAM: the same planner for a run of another (equal-settings) transform
+  # whose key draws another pattern, restarted inside the first window.
+  make = lambda seed: sam_optax.vsam(  # noqa: E731
+      mlp_loss, warmup_steps=0, window=4, blocks=2, max_rate=0.25, seed=seed)
+  plan_of = sam_optax.planner(make(0))
+  for seed in (0, 1):
+    tx = optax.chain(make(seed), optax.sgd(0.05))
+    s = tx.init(mlp_params())
+    pattern = [bool(x) for x in np.asarray(s[0].gate.pattern)]  # window 0
+    step = _stepper(tx, mlp_loss)
+    p = mlp_params()
+    seconds = []
+    for count, b in enumerate(tm.batches(n=3)):
+      plan = plan_of(count, s)
+      seconds.append(plan.second)
+      p, s = step(p, s, b, plan=plan)
+    assert seconds == pattern[:3], seed
+
+
+def test_a_planner_forgets_its_reads_when_the_count_jumps():
+  """Plan step 1 of one run, then step 5 of another run (select_every=10:
+  the same re-selection period): the jump makes it read again."""
+  sam_tx = _ab_layerwise(select_every=10)
+  tx = optax.chain(sam_tx, optax.sgd(0.01))
+  step = _stepper(tx, _ab_loss)
+  states = {}
+  for c in [(10.0, 1.0), (1.0, 10.0)]:
+    p = _ab_params()
+    s = tx.init(p)
+    states[c] = []
+    for _ in range(6):
+      states[c].append(s)
+      p, s = step(p, s, jnp.array(c))
+    states[c].append(s)
+  plan_of = sam_optax.planner(sam_tx)
+  assert plan_of(1, states[10.0, 1.0][1]).region == (0,)
+  assert plan_of(5, states[1.0, 10.0][5]).region == (1,)
+  assert plan_of.reads == 2
+  # Consecutive steps of one run reuse the read.
+  assert plan_of(6, states[1.0, 10.0][6]).region == (1,)
+  assert plan_of.reads == 2

@@ -18,7 +18,7 @@ they remember lives in their slot of :class:`SharpnessAwareState`, as arrays.
 A paper's method is a choice of four parts (``alias.py``); a combination no
 paper has is built the same way with :func:`sharpness_aware`.
 
-Every decision (the radius reaching zero, the gate, a region's refresh or
+Every decision (the radius not positive and finite, the gate, a region's refresh or
 selection) is taken in one of three ways, in this order:
 
 1. statically, when it is known at construction (``rho=0``, a gate whose
@@ -47,12 +47,14 @@ from sam_optax._src.protocols import Combine
 from sam_optax._src.protocols import Gate
 from sam_optax._src.protocols import Geometry
 from sam_optax._src.protocols import Plan
+from sam_optax._src.protocols import PlanKey
 from sam_optax._src.protocols import Region
 from sam_optax._src.protocols import Step
 from sam_optax._src.protocols import Trainable
 from sam_optax._src.protocols import Where
 from sam_optax._src.protocols import check_gate
 from sam_optax._src.protocols import check_plan
+from sam_optax._src.protocols import plan_key
 
 PyTree = Any
 
@@ -91,6 +93,17 @@ class SharpnessAwareState(NamedTuple):
 
 
 
+def rho_active(rho: Any) -> Any:
+  """Whether a step perturbs at radius ``rho``: only where ``rho > 0`` and
+  finite. A radius that is 0, negative, NaN or inf (a schedule, or an
+  injected value) makes the step a skipped one: no second gradient, the
+  output is the clean gradient. The one rule of the device (a traced
+  ``rho``), the planner (the host's float32 value) and a static ``rho``."""
+  if isinstance(rho, (float, int)):
+    return bool(rho > 0 and np.isfinite(rho))
+  return jnp.logical_and(rho > 0, jnp.isfinite(rho))
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """What the planner needs to know about a transform (static only)."""
@@ -99,6 +112,11 @@ class Spec:
   static_rho: Optional[float]
   region: Region
   gate: Gate
+
+  @property
+  def key(self) -> PlanKey:
+    """The key every plan made for this transform carries."""
+    return plan_key(self.rho, self.region, self.gate)
 
 
 _SPEC_ATTR = "_sam_optax_spec"
@@ -275,7 +293,10 @@ class _Engine:
   ):
     del extra  # other extra arguments are for other transforms in the chain
     _require_call_arguments(params, batch)
-    plan = check_plan(plan)
+    plan = check_plan(
+        plan, plan_key(self.rho, self.region, self.gate), self.region,
+        self.gate,
+    )
     split = self.split(params)
     if split is None:
       return self.run(updates, state, params, batch, plan)
@@ -349,10 +370,10 @@ class _Engine:
   def rho_positive(self, step: Step, plan: Optional[Plan]):
     """True / False when known before tracing, else a traced boolean."""
     if self.static_rho is not None:
-      return self.static_rho > 0
-    if plan is not None and plan.rho_zero is not None:
-      return not plan.rho_zero
-    return step.rho > 0
+      return rho_active(self.static_rho)
+    if plan is not None and plan.rho_skip is not None:
+      return not plan.rho_skip
+    return rho_active(step.rho)
 
   def run_region(self, step, state, plan):
     """The region's choice: (where, its new state, evals)."""
@@ -444,7 +465,8 @@ class _Engine:
     return jax.tree.unflatten(treedef, out)
 
   def finish_output(self, step, where, positive, out):
-    """Clean gradient outside the region (if asked) and at rho = 0."""
+    """Clean gradient outside the region (if asked), and everywhere on a
+    step whose radius is off (see :func:`rho_active`)."""
     out = where.finish(out, step.grads)
     if positive is False:
       return step.grads
@@ -474,10 +496,12 @@ def sharpness_aware(
     loss_fn: ``loss_fn(params, batch)`` returning a scalar, or ``(scalar,
       aux)`` when ``has_aux`` is True (the aux of perturbed evaluations is
       discarded).
-    rho: perturbation radius, a float or a schedule of the step count.
-      ``rho=0`` gives the clean gradient and evaluates nothing; a schedule
-      (or an injected value) that is 0 at a step makes that step a skipped
-      one whose output is the clean gradient exactly.
+    rho: perturbation radius, a float >= 0 or a schedule of the step count.
+      ``rho=0`` gives the clean gradient and evaluates nothing. A step
+      perturbs only where the radius is > 0 and finite: a schedule (or an
+      injected value) that is 0, negative, NaN or inf at a step makes that
+      step a skipped one (no second gradient; the output is the clean
+      gradient exactly, and the count advances), with or without a plan.
     geometry: how the perturbation is built (``parts.global_norm()``, ...).
     region: where it applies (default: everywhere).
     gate: when the second gradient is computed (default: every step).

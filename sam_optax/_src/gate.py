@@ -61,6 +61,14 @@ class EveryK(protocols.Gate):
     del step, go
     return state
 
+  def plan_key(self):
+    return protocols.part_key(self, k=self.k)
+
+  def check_planned(self, second, after):
+    protocols.check_flag("plan.second", second)
+    if after is not None:
+      raise ValueError(f"plan.gate_after must be None for EveryK, got {after!r}")
+
 
 def every_step() -> EveryStep:
   return EveryStep()
@@ -440,6 +448,18 @@ class VariationSampling(protocols.Gate):
       memo["window"] = w
       memo["pattern"] = tuple(bool(x) for x in read().pattern)
     return memo["pattern"][pos]
+
+  def plan_key(self):
+    # What decides the plans: the warm-up (None when injected: then only
+    # the device decides) and the window; the pattern is read from state.
+    return protocols.part_key(
+        self, warmup_steps=_concrete_int(self.warmup_steps),
+        window=self.window,
+    )
+
+  def check_planned(self, second, after):
+    protocols.check_flag("plan.second", second)
+    protocols.check_flag("plan.gate_after", after)
 
 
 def _check_gains(gains: Any) -> tuple[float, float]:

@@ -4,9 +4,9 @@ On GPUs a ``lax.cond`` in a compiled step makes the host wait for the device
 once per step (XLA copies the predicate to the host). Every decision the
 methods of this library take is known to the host without waiting: LookSAM's
 ``count % k``, the masks' refresh steps, vSAM's warm-up and the end of a
-window, a layer re-selection, a radius schedule reaching 0 are functions of
-the step count; vSAM's sampling pattern and a runtime layer selection change
-only once per window or re-selection, and are read then. A :class:`Planner`
+window, a layer re-selection, a radius schedule that is not > 0 and finite
+are functions of the step count; vSAM's sampling pattern and a runtime layer
+selection change only once per window or re-selection, and are read then. A :class:`Planner`
 turns ``(count, opt_state)`` into a small hashable :class:`engine.Plan`; the
 transform's ``update(..., plan=plan)``, with ``plan`` static under ``jit``,
 then compiles only that step's work, with no conditional, and gives the same
@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from sam_optax._src import base
 from sam_optax._src import engine
 from sam_optax._src import stats as stats_lib
 
@@ -57,19 +58,59 @@ class _NeedsRead(Exception):
   """A plan would read device state (see :meth:`Planner.peek`)."""
 
 
-def _host(x: Any, device_axis: bool) -> Any:
-  """A state leaf as NumPy, one copy (device 0's under pmap)."""
+def _host(x: Any) -> np.ndarray:
+  """A state leaf as NumPy, every member (leading axes included)."""
   if isinstance(x, jax.Array):
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
     if not x.is_fully_addressable:  # replicated over hosts: any local copy
       x = x.addressable_data(0)
-  x = np.asarray(x)
-  return x[0] if device_axis else x
+  return np.asarray(x)
+
+
+class _Differs:
+  """A state leaf whose members (of a batched state) differ: any use of it
+  in a plan raises, naming the cause."""
+
+  def __init__(self, message: str):
+    self.message = message
+
+  def _raise(self, *args, **kwargs):
+    raise ValueError(self.message)
+
+  __array__ = __iter__ = __len__ = __getitem__ = _raise
+  __bool__ = __int__ = __float__ = __index__ = _raise
+
+
+def _step_number(count: Any) -> int:
+  """``count`` as a Python int >= 0, or ValueError."""
+  ok = isinstance(count, (int, np.integer)) and not isinstance(
+      count, (bool, np.bool_)
+  )
+  if not ok and isinstance(count, (np.ndarray, jax.Array)):
+    ok = np.ndim(count) == 0 and np.issubdtype(count.dtype, np.integer)
+  if not ok:
+    raise ValueError(
+        "count must be the step number, a Python int >= 0 (or None: read "
+        f"it from the device), got {count!r} ({type(count).__name__})"
+    )
+  count = int(count)
+  if count < 0:
+    raise ValueError(f"count must be a step number >= 0, got {count}")
+  return count
 
 
 class Planner:
   """Host-side plans for one transform (see :func:`planner`).
+
+  What it remembers between calls: the last count it planned, and what it
+  read from the device (vSAM's window and its sampling pattern, a runtime
+  layer selection and the step that made it), which later plans of the same
+  window or re-selection period reuse without reading again. That memory is
+  dropped when the count goes backwards or jumps forward (more than one step
+  ahead of the last one planned); a read checks that the state's count is
+  the count given. Make a new planner for a new run (or call it with counts
+  that restart from 0), and plan each step from the state before that step.
 
   Attributes:
     reads: how many times a plan read device memory so far (each read waits
@@ -78,32 +119,95 @@ class Planner:
 
   def __init__(self, spec: engine.Spec):
     self._spec = spec
+    self._key = spec.key
     self._memo: dict[str, dict] = {"gate": {}, "region": {}}
+    self._last: Optional[int] = None  # the last count planned
+    self._lookahead = False  # peek: a look-ahead from an older state
     self.reads = 0
     self._checked = False
 
-  def _read(self, opt_state: Any, field: str) -> PyTree:
-    """One field of the engine state, on the host (a counted device read)."""
+  def _read(
+      self, opt_state: Any, field: Optional[str], count: Optional[int]
+  ) -> Any:
+    """One field of the engine state on the host (a counted device read),
+    or the state's count when ``field`` is None.
+
+    The state's count must be ``count`` (when given). A batched state
+    (leading axes on ``count``: pmap's devices, or the members of a
+    ``jax.vmap`` ensemble) is read member by member: a leaf equal in every
+    member is that value, one that differs raises when a plan uses it."""
     state = find_state(opt_state)
-    device_axis = np.ndim(state.count) == 1  # pmap: a leading device axis
     self.reads += 1
-    return jax.tree.map(
-        lambda x: _host(x, device_axis), getattr(state, field)
+    counts = _host(state.count)
+    batch = counts.shape  # () for one state
+    if field is None:
+      if np.any(counts != counts.flat[0]):
+        raise ValueError(self._batched_message(batch, "counts", counts))
+      return int(counts.flat[0])
+    if np.any(counts != count):
+      raise ValueError(
+          f"planner(count={count}, opt_state): the state's count is "
+          f"{_show(counts)}, so it is not the state before step {count} and "
+          f"cannot decide that step's plan (its {field} state may belong to "
+          "another step: a stale vSAM window or layer selection). Plan each "
+          "step from the state before it (not one step ahead, as a "
+          "pipelined loop would). A step with a NaN or inf does not advance "
+          "the state's count: count the finite steps, or pass count=None "
+          "to read the count from the device"
+      )
+
+    def member(x):
+      x = _host(x)
+      if not batch:
+        return x
+      first = x[(0,) * len(batch)]
+      if np.array_equal(x, np.broadcast_to(first, x.shape), equal_nan=True):
+        return first
+      return _Differs(self._batched_message(batch, f"{field} state", None))
+
+    return jax.tree.map(member, getattr(state, field))
+
+  def _batched_message(self, batch, what, values) -> str:
+    shown = "" if values is None else f" ({_show(values)})"
+    return (
+        f"planner: opt_state is batched (leading axes of shape {batch} on "
+        "every state leaf: pmap's devices without axis_name, or the members "
+        f"of a jax.vmap ensemble) and its members hold different {what}"
+        f"{shown}, from which their plans would differ. A plan is one "
+        "decision for every member, so it cannot plan these steps: run them "
+        "unplanned (plan=None; each member decides on the device), plan each "
+        "member with its own planner and unbatched state, or pass "
+        "axis_name under pmap so that the devices share one state"
     )
 
-  def _reader(self, opt_state: Any, part: str) -> Callable[[], PyTree]:
-    return lambda: self._read(opt_state, part)
+  def _reader(
+      self, opt_state: Any, part: str, count: int
+  ) -> Callable[[], PyTree]:
+    return lambda: self._read(opt_state, part, count)
+
+  def _moved_to(self, count: int) -> None:
+    """Forgets what was read when ``count`` does not follow the last count
+    planned (backwards: a new run or a restart; a jump: steps this planner
+    did not see)."""
+    last, self._last = self._last, count
+    if last is None:
+      return
+    if count < last or (count > last + 1 and not self._lookahead):
+      self._memo = {"gate": {}, "region": {}}
 
   def peek(self, count: int, opt_state: Any) -> Optional[engine.Plan]:
     """The plan of step ``count`` if the host knows it without reading the
-    device, else None; changes nothing (for looking ahead, e.g. to group
-    consecutive steps with the same plan)."""
+    device, else None; changes nothing (for looking ahead from the state of
+    an earlier step of the same run, e.g. to group consecutive steps with
+    the same plan)."""
     probe = Planner(self._spec)
     probe._memo = copy.deepcopy(self._memo)  # pylint: disable=protected-access
+    probe._last = self._last  # pylint: disable=protected-access
+    probe._lookahead = True  # pylint: disable=protected-access
     probe._checked = True  # pylint: disable=protected-access
 
-    def refuse(opt_state, part):
-      del opt_state, part
+    def refuse(opt_state, part, count):
+      del opt_state, part, count
 
       def read():
         raise _NeedsRead
@@ -116,41 +220,52 @@ class Planner:
     except _NeedsRead:
       return None
 
-  def rho_zero(self, count: int):
-    """Whether the radius is 0 at ``count`` (None: known to the engine, or
-    injected and so only known on the device)."""
+  def rho_skip(self, count: int) -> Optional[bool]:
+    """Whether the step ``count`` is skipped for its radius (not > 0 and
+    finite: :func:`engine.rho_active`, the device's rule on the same
+    float32 value); None when rho is not a schedule (fixed, known to the
+    engine; or injected, known only on the device)."""
     rho = self._spec.rho
     if self._spec.static_rho is not None or not callable(rho):
       return None
     with jax.default_device(jax.devices("cpu")[0]):
-      return float(rho(np.int32(count))) == 0.0
+      value = float(base.resolve(rho, np.int32(count)))
+    return not engine.rho_active(value)
 
   def __call__(self, count: Any, opt_state: Any) -> engine.Plan:
-    """The plan of step ``count``: the count in ``opt_state`` (the state
-    before that step), which the host knows without asking the device as
-    long as every step is finite (it counts the steps it ran). A step with
-    a NaN or inf does not advance the state's count: after one, count the
-    finite steps (e.g. from the loss scaler's finite flag), or pass
-    ``count=None`` to read it from the device (one read per call)."""
+    """The plan of step ``count`` from ``opt_state``, the state before that
+    step (its count is ``count``), which the host knows without asking the
+    device as long as every step is finite (it counts the steps it ran). A
+    step with a NaN or inf does not advance the state's count: after one,
+    count the finite steps (e.g. from the loss scaler's finite flag), or
+    pass ``count=None`` to read it from the device (one read per call).
+    Where a plan reads the device it checks the state's count against
+    ``count`` and raises on a mismatch."""
     if count is None:
-      count = self._read(opt_state, "count")
-    count = int(count)
-    if count < 0:
-      raise ValueError(f"count must be a step number >= 0, got {count}")
+      count = self._read(opt_state, None, None)
+    count = _step_number(count)
     if not self._checked:  # once: a clear error for a wrong opt_state
       find_state(opt_state)
       self._checked = True
+    self._moved_to(count)
     spec = self._spec
     return engine.Plan(
-        rho_zero=self.rho_zero(count),
+        rho_skip=self.rho_skip(count),
         second=spec.gate.plan(
-            count, self._reader(opt_state, "gate"), self._memo["gate"]
+            count, self._reader(opt_state, "gate", count), self._memo["gate"]
         ),
         gate_after=spec.gate.plan_after(count),
         region=spec.region.plan(
-            count, self._reader(opt_state, "region"), self._memo["region"]
+            count, self._reader(opt_state, "region", count),
+            self._memo["region"],
         ),
+        owner=self._key,
     )
+
+
+def _show(values: np.ndarray) -> str:
+  """A count (or the members' counts) for a message."""
+  return str(values.item()) if values.ndim == 0 else str(values.tolist())
 
 
 def planner(tx: Any) -> Planner:
@@ -180,7 +295,7 @@ def planner(tx: Any) -> Planner:
   distinct plans, each compiled once: LookSAM 2 (SAM step, reuse step),
   the Sparse SAM masks 2 (refresh or not), vSAM 4 (sampled or not, times
   whether the step ends a window and draws the next one), a radius schedule
-  that reaches 0 doubles them; a runtime layer selection compiles one
+  that reaches 0 (or any value not > 0 and finite) doubles them; a runtime layer selection compiles one
   program per distinct selection.
 
   The planner reads device memory only where a decision depends on device
@@ -189,6 +304,35 @@ def planner(tx: Any) -> Planner:
   re-selection (every step with ``select_every=1``). Counted in
   ``planner.reads``. Plans are a function of the count and of replicated
   state, so every device and every process computes the same plan.
+
+  The rules a plan follows (the same as without a plan):
+
+  * **The radius.** A step perturbs only where rho is > 0 and finite; a
+    schedule that is 0, negative, NaN or inf at a step makes it a skipped
+    step (no second gradient, the output is the clean gradient, the count
+    advances), planned or not.
+  * **A plan belongs to its transform.** It carries the key of the
+    transform it was made for (the region's and gate's types and the
+    settings that decide plans: ``k``, the vSAM warm-up and window, the
+    masks' ``update_every``, ``num_layers`` and ``select_every``, the rho
+    schedule); ``update`` raises ValueError for a plan of another transform
+    or other settings, and for a malformed or hand-made one. Transforms
+    with equal settings share plans.
+  * **One state, the one before the step.** Where a plan reads the device,
+    the state's count must be ``count`` (else ValueError): plan each step
+    from the state before it. A batched state (``jax.vmap`` over an
+    ensemble, or ``pmap`` without ``axis_name``: leading axes on every
+    leaf) is planned only where its members take the same decision: plans
+    from the count alone (LookSAM, the masks' refreshes, a rho schedule)
+    are the same for every member, and a read value (vSAM's pattern, a
+    layer selection) is used only when every member holds the same one;
+    otherwise ValueError.
+  * **What a planner remembers**: the last count planned and what it read
+    (vSAM's current window and its pattern, a layer selection and the step
+    that made it), reused for the later steps of that window or period. It
+    forgets them when the count goes backwards or jumps ahead by more than
+    one step. Make a new planner for each run (a planner reused from count
+    0 re-reads, so a reused one is safe too, at the cost of a read).
 
   Args:
     tx: a transform returned by this library (a preset, a

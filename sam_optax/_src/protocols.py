@@ -308,6 +308,25 @@ class Region(Component):
     del step, second
     return state
 
+  def plan_key(self) -> Hashable:
+    """The static settings that decide this region's plans (hashable).
+
+    Two regions with equal keys accept each other's plans. The default: the
+    type alone for a region that plans nothing; this very object for one
+    that plans (override it to let equal settings share plans)."""
+    if type(self).plan is Region.plan:
+      return part_key(self)
+    return part_key(self, instance=ById(self))
+
+  def check_planned(self, plan: Hashable) -> None:
+    """Raises ValueError unless ``plan`` is a value :meth:`plan` may return
+    (None always is: the region then decides as without a plan)."""
+    if plan is not None and type(self).plan is Region.plan:
+      raise ValueError(
+          f"plan.region must be None for {type(self).__name__} (it plans "
+          f"nothing), got {plan!r}"
+      )
+
 
 class Gate(Component):
   """Decides whether the second gradient is computed this step.
@@ -372,6 +391,34 @@ class Gate(Component):
     del count
     return None
 
+  def plan_key(self) -> Hashable:
+    """The static settings that decide this gate's plans (hashable); see
+    :meth:`Region.plan_key`. The default: the type and ``schedule`` for a
+    gate that does not plan itself; this very object for one that does."""
+    if type(self).plan is Gate.plan and type(self).plan_after is Gate.plan_after:
+      return part_key(self, schedule=self.schedule)
+    return part_key(self, instance=ById(self))
+
+  def check_planned(self, second: Any, after: Hashable) -> None:
+    """Raises ValueError unless ``second`` and ``after`` are values
+    :meth:`plan` and :meth:`plan_after` may return (None always is)."""
+    check_flag("plan.second", second)
+    allowed = {"always": True, "never": False}.get(self.schedule)
+    if second is not None and (
+        (allowed is not None and second is not allowed)
+        or (self.schedule == "dynamic" and type(self).plan is Gate.plan)
+    ):
+      one = "" if allowed is None else f" or {allowed}"
+      raise ValueError(
+          f"plan.second must be None{one} for {type(self).__name__} "
+          f"(schedule={self.schedule!r}), got {second!r}"
+      )
+    if after is not None and type(self).plan_after is Gate.plan_after:
+      raise ValueError(
+          f"plan.gate_after must be None for {type(self).__name__}, got "
+          f"{after!r}"
+      )
+
 
 def check_gate(gate: Gate) -> None:
   """Rejects a gate whose ``schedule`` and ``decide`` contradict each other."""
@@ -415,32 +462,160 @@ class Combine(Component):
 # --------------------------------------------------------------------------
 
 
+class ById:
+  """Wraps an object so that it hashes and compares by identity (a part
+  whose settings cannot be compared by value, in a plan key). Holding the
+  object keeps its id from being reused."""
+
+  __slots__ = ("obj",)
+
+  def __init__(self, obj: Any):
+    self.obj = obj
+
+  def __hash__(self) -> int:
+    return id(self.obj)
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, ById) and other.obj is self.obj
+
+  def __repr__(self) -> str:
+    return f"<this {type(self.obj).__name__} object, id {id(self.obj):#x}>"
+
+
+def part_key(part: Any, **settings: Hashable) -> tuple:
+  """A part's plan key: its type and the settings that decide its plans."""
+  return (type(part), tuple(sorted(settings.items())))
+
+
+def check_flag(name: str, value: Any) -> None:
+  """A plan field that is None or a Python bool."""
+  if value is not None and not isinstance(value, bool):
+    raise ValueError(
+        f"{name} must be None or a Python bool, got {value!r} "
+        f"({type(value).__name__})"
+    )
+
+
+class PlanKey(NamedTuple):
+  """What identifies the plans of one transform (hashable, cheap).
+
+  Attributes:
+    rho: the radius schedule (compared by identity: the same function), or
+      None when rho is a number (fixed, or injected by
+      ``optax.inject_hyperparams``): the planner plans the radius only from
+      a schedule.
+    region: the region's :meth:`Region.plan_key`.
+    gate: the gate's :meth:`Gate.plan_key`.
+  """
+
+  rho: Hashable
+  region: Hashable
+  gate: Hashable
+
+  def describe(self) -> str:
+    """The key in words (no memory addresses: the same in every process)."""
+    def name(x):
+      if isinstance(x, ById):
+        return f"<this {type(x.obj).__name__} object>"
+      if callable(x):
+        return getattr(x, "__qualname__", type(x).__name__)
+      return repr(x)
+
+    def part(key):
+      kind, settings = key
+      inner = ", ".join(f"{k}={name(v)}" for k, v in settings)
+      return f"{kind.__name__}({inner})"
+
+    rho = "a number" if self.rho is None else f"the schedule {name(self.rho)}"
+    return f"rho {rho}, region {part(self.region)}, gate {part(self.gate)}"
+
+  def __repr__(self) -> str:
+    return f"PlanKey({self.describe()})"
+
+
+def plan_key(rho: Any, region: Region, gate: Gate) -> PlanKey:
+  """The :class:`PlanKey` of a transform with these settings."""
+  return PlanKey(
+      rho=rho if callable(rho) else None,
+      region=region.plan_key(),
+      gate=gate.plan_key(),
+  )
+
+
 class Plan(NamedTuple):
   """The static structure of one step, made on the host (see ``planner``).
 
   Hashable, so it can be a static argument of ``jax.jit``. A field left None
-  is decided on the device, as without a plan.
+  is decided on the device, as without a plan. Make plans with
+  ``sam_optax.planner(tx)``, not by hand: ``update`` refuses a plan whose
+  ``owner`` is not its own key (another transform, or other static
+  settings) and any field its parts could not have planned.
 
   Attributes:
-    rho_zero: the radius is exactly zero at this step (no second gradient;
-      the output is the clean gradient).
+    rho_skip: the radius at this step is not a positive finite number (0,
+      negative, NaN or inf): the step is skipped (no second gradient; the
+      output is the clean gradient), as without a plan. Planned from a
+      radius schedule only.
     second: the gate's decision.
     gate_after: the gate's end-of-step work (e.g. vSAM: draw the next
       window), see :meth:`Gate.plan_after`.
     region: the region's plan (e.g. refresh the mask or not; the selected
       layers).
+    owner: the :class:`PlanKey` of the transform the plan was made for.
   """
 
-  rho_zero: Optional[bool] = None
+  rho_skip: Optional[bool] = None
   second: Optional[bool] = None
   gate_after: Hashable = None
   region: Hashable = None
+  owner: Optional[PlanKey] = None
 
 
-def check_plan(plan: Any) -> Optional[Plan]:
-  if plan is None or isinstance(plan, Plan):
-    return plan
-  raise ValueError(
-      "plan must be None or the value sam_optax.planner(tx)(count, opt_state) "
-      f"returns (a sam_optax Plan), got {plan!r}"
-  )
+def check_plan(
+    plan: Any, key: PlanKey, region: Region, gate: Gate
+) -> Optional[Plan]:
+  """``plan`` if it was made for a transform with ``key``, else ValueError.
+
+  Checks its type, its owner, and every field against what the parts
+  accept (a malformed or hand-made plan must not silently select nothing or
+  skip a second gradient)."""
+  if plan is None:
+    return None
+  if not isinstance(plan, Plan):
+    raise ValueError(
+        "plan must be None or the value sam_optax.planner(tx)(count, "
+        f"opt_state) returns (a sam_optax Plan), got {plan!r}"
+    )
+  owner = plan.owner
+  if not isinstance(owner, PlanKey):
+    raise ValueError(
+        f"plan was not made by sam_optax.planner (its owner is {owner!r}): "
+        "pass the value sam_optax.planner(tx)(count, opt_state) returns, "
+        f"for this tx, or plan=None; got {plan!r}"
+    )
+  if owner != key:
+    hint = ""
+    if owner.rho != key.rho:
+      hint = (
+          " A plan made from a rho schedule fits only a transform with that "
+          "same schedule (the same function); under "
+          "optax.inject_hyperparams build the planner with a number for rho "
+          "(the injected value is then decided on the device)."
+      )
+    raise ValueError(
+        "plan was made for another transform or other static settings: "
+        f"made for ({owner.describe()}), passed to ({key.describe()}). "
+        "Build the planner from the transform that takes the plans: "
+        "sam_optax.planner(tx); under optax.inject_hyperparams, list the "
+        "arguments that decide plans (k, warmup_steps, window, "
+        f"update_every, num_layers, select_every) in static_args.{hint}"
+    )
+  check_flag("plan.rho_skip", plan.rho_skip)
+  if plan.rho_skip is not None and key.rho is None:
+    raise ValueError(
+        "plan.rho_skip must be None for a transform whose rho is not a "
+        f"schedule, got {plan.rho_skip!r}"
+    )
+  gate.check_planned(plan.second, plan.gate_after)
+  region.check_planned(plan.region)
+  return plan

@@ -246,6 +246,12 @@ class RefreshedMask(protocols.Region):
     del read, memo
     return bool(self.refresh_at(count))
 
+  def plan_key(self):
+    return protocols.part_key(self, update_every=self.update_every)
+
+  def check_planned(self, plan):
+    protocols.check_flag("plan.region", plan)
+
   def select_planned(self, step, state, plan):
     short, k = self._shortcut(step, state)
     if short is not None:
@@ -771,7 +777,37 @@ class TopLayers(protocols.Region):
       memo["selection"] = () if min(selected) < 0 else tuple(sorted(selected))
     return memo["selection"]
 
+  def plan_key(self):
+    return protocols.part_key(
+        self, num_layers=self.num_layers, select_every=self.select_every,
+        group_fn=self.group_fn,
+    )
+
+  def check_planned(self, plan):
+    """A selection: () (every layer) or ``num_layers`` distinct layer
+    indices in increasing order (their range is checked in
+    :meth:`select_planned`, where the number of layers is known)."""
+    if plan is None:
+      return
+    ok = isinstance(plan, tuple) and all(
+        type(i) is int and i >= 0 for i in plan  # pylint: disable=unidiomatic-typecheck
+    )
+    ok = ok and len(plan) in (0, self.num_layers)
+    ok = ok and all(a < b for a, b in zip(plan, plan[1:]))
+    if not ok:
+      raise ValueError(
+          f"plan.region must be None, () (every layer) or a tuple of "
+          f"{self.num_layers} distinct layer indices (Python ints >= 0) in "
+          f"increasing order, got {plan!r}"
+      )
+
   def select_planned(self, step, state, plan):
+    names, _ = self._layers(step.params)
+    if plan and plan[-1] >= len(names):
+      raise ValueError(
+          f"plan.region selects layer {plan[-1]}, but params have "
+          f"{len(names)} layers ({names})"
+      )
     mask = static_layer_mask(step.params, self.group_fn, plan)
     return mask, self.next_state(step, state), jnp.zeros((), jnp.int32)
 
