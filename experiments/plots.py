@@ -55,25 +55,36 @@ def _ylim(ax, lows, highs, pad=0.08):
 
 
 def _spread_labels(ax, xs, ys, labels, colors, min_gap_frac=0.045):
-  """Writes each label beside its point, pushed up where it would overlap a
-  label of a nearby point (a thin line joins a moved label to its point)."""
+  """Writes each label beside its point; labels of nearby points that would
+  overlap are pushed apart (up and down, kept inside the axes), a thin line
+  joining a moved label to its point."""
   y0, y1 = ax.get_ylim()
   x0, x1 = ax.get_xlim()
   gap = min_gap_frac * (y1 - y0)
   near = 0.18 * (x1 - x0)
-  placed: list[tuple[float, float]] = []
-  for i in np.argsort(ys):
-    x, y = xs[i], ys[i]
-    ty = y
-    for px, py in sorted(placed, key=lambda t: t[1]):
-      if abs(px - x) < near and abs(py - ty) < gap:
-        ty = py + gap
-    placed.append((x, ty))
+  ys = np.asarray(ys, np.float64)
+  xs = np.asarray(xs, np.float64)
+  pos = ys.copy()
+  for _ in range(200):
+    moved = False
+    for i in range(len(pos)):
+      for j in range(i + 1, len(pos)):
+        d = pos[j] - pos[i]
+        if abs(xs[i] - xs[j]) < near and abs(d) < gap:
+          push = (gap - abs(d)) / 2 + 1e-9
+          sign = 1.0 if (d > 0 or (d == 0 and ys[j] >= ys[i])) else -1.0
+          pos[j] += sign * push
+          pos[i] -= sign * push
+          moved = True
+    pos = np.clip(pos, y0 + gap / 2, y1 - gap / 2)
+    if not moved:
+      break
+  for i in range(len(pos)):
     ax.annotate(
-        labels[i], (x, y), xytext=(x + 0.012 * (x1 - x0), ty),
+        labels[i], (xs[i], ys[i]), xytext=(xs[i] + 0.012 * (x1 - x0), pos[i]),
         textcoords="data", fontsize=8, color=colors[i], va="center",
         arrowprops=(dict(arrowstyle="-", lw=0.5, color=colors[i])
-                    if abs(ty - y) > 1e-9 else None),
+                    if abs(pos[i] - ys[i]) > 1e-9 else None),
     )
 
 
