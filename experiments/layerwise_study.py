@@ -42,6 +42,7 @@ from typing import Optional
 import numpy as np
 
 from experiments import compare
+from experiments import config as config_lib
 from experiments import methods as methods_lib
 
 RHO = 0.1
@@ -75,17 +76,58 @@ VARIANTS = [
      f"{SHARP2}:rho={RHO},normalize=global,second=selected"),
 ]
 
-#: name -> (extra compare flags, seeds). The digits with 30% label noise and
-#: the small CNN (compare's digits protocol; its two output-side layers
-#: hold 29% of the parameters); MNIST-1D with its MLP (73%), as published
+#: name -> the setting: compare's flags, seeds, the rows it leaves out, and
+#: whether rows the committed comparison of that dataset already ran with
+#: the same settings (``python -m experiments.compare --committed``: SAM at
+#: rho 0.1, GNP, the default) are read from it instead of run again. The
+#: digits with 30% label noise and the small CNN (compare's digits
+#: protocol; its two output-side layers hold 29% of the parameters), where
+#: the earlier study measured the norm over the selection and the
+#: sharpness ranking (README); MNIST-1D with its MLP (73%), as published
 #: and with 30% label noise.
 SETTINGS = {
-    "digits": (["--dataset", "digits"], 5),
-    "mnist1d": (["--dataset", "mnist1d"], 10),
-    "mnist1d_noise30": (["--dataset", "mnist1d", "--label-noise", "0.3"],
-                        10),
+    "digits": dict(flags=["--dataset", "digits"], seeds=5, reuse=True,
+                   skip=(11, 12)),
+    "mnist1d": dict(flags=["--dataset", "mnist1d"], seeds=10, reuse=False,
+                    skip=()),
+    "mnist1d_noise30": dict(
+        flags=["--dataset", "mnist1d", "--label-noise", "0.3"], seeds=10,
+        reuse=False, skip=()),
 }
 DEFAULT_SETTINGS = ("digits", "mnist1d", "mnist1d_noise30")
+
+
+def _committed(setting: dict):
+  """The committed comparison's plan for the setting's dataset, if its base
+  settings are the setting's (else None)."""
+  dataset = setting["flags"][setting["flags"].index("--dataset") + 1]
+  (ref,) = compare.plans(["--committed", "--dataset", dataset])
+  (own,) = compare.plans(setting["flags"])
+  same = (config_lib.config_from_args(ref.args).to_dict()
+          == config_lib.config_from_args(own.args).to_dict())
+  return ref if same else None
+
+
+def _split(setting: dict, reuse: bool):
+  """(VARIANTS indices to run here, {label: committed results dir} to
+  read). SGD always runs here: the time ratios are taken to it."""
+  ref = _committed(setting) if reuse and setting["reuse"] else None
+
+  def effective(name, args):  # the arguments the method is built with
+    return name, dict(methods_lib.METHODS[name].defaults, **args)
+
+  theirs = ({repr(effective(n, a)): lab for (n, a), lab in
+             zip(ref.specs, ref.labels)} if ref is not None else {})
+  run, read = [], {}
+  for i, (lab, (_, spec)) in enumerate(zip(_labels(), VARIANTS)):
+    if i in setting["skip"]:
+      continue
+    key = repr(effective(*compare.parse_methods(spec)[0]))
+    if key in theirs and lab != "sgd":
+      read[lab] = (ref.out, theirs[key])
+    else:
+      run.append(i)
+  return run, read
 
 
 def _labels() -> list[str]:
@@ -93,12 +135,11 @@ def _labels() -> list[str]:
           for _, spec in VARIANTS]
 
 
-def _rows(saved: dict) -> list[dict]:
-  """The study's rows from one setting's ``results.json``: accuracy, its
-  paired difference against SGD and against GNP (95% t-intervals), time."""
-  by_label = {r["label"]: r for r in saved["summary"]}
-  gnp = by_label.get(methods_lib.label(*compare.parse_methods(
-      VARIANTS[2][1])[0]))
+def _rows(summary: list[dict]) -> list[dict]:
+  """The study's rows from one setting's summary rows: accuracy, its paired
+  difference against SGD and against GNP (95% t-intervals), time."""
+  by_label = {r["label"]: r for r in summary}
+  gnp = by_label.get(_labels()[2])
   out = []
   for (name, _), lab in zip(VARIANTS, _labels()):
     row = by_label.get(lab, {})
@@ -117,6 +158,25 @@ def _rows(saved: dict) -> list[dict]:
         "seeds": len(row.get("seeds", [])),
     })
   return out
+
+
+def _summary(saved: dict, read: dict) -> list[dict]:
+  """The setting's summary, with the rows in ``read`` taken from the
+  committed comparison's runs of the same seeds."""
+  if not read:
+    return saved["summary"]
+  runs = list(saved["runs"])
+  for lab, (out, theirs) in read.items():
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      ref = json.load(f)
+    runs += [dict(r, label=lab) for r in ref["runs"]
+             if r["label"] == theirs and r["seed"] < saved["seeds"]]
+  order = [lab for lab in _labels()
+           if any(r["label"] == lab for r in runs)]
+  return compare.summarise(runs, order)
 
 
 def table(rows_by_setting: dict[str, list[dict]]) -> str:
@@ -191,8 +251,11 @@ def render(out: str, names) -> dict[str, list[dict]]:
       saved = json.load(f)
     if not saved.get("complete"):
       continue
-    rows_by_setting[name] = _rows(saved)
-    commands[name] = saved["command"]
+    _, read = _split(SETTINGS[name], saved.get("reuse", False))
+    rows_by_setting[name] = _rows(_summary(saved, read))
+    commands[name] = saved["command"] + (
+        f" (rows {sorted(read)} read from the committed comparison, "
+        "same seeds)" if read else "")
     cpu = saved.get("cpu")
   if not rows_by_setting:
     return {}
@@ -234,20 +297,34 @@ def main(argv: Optional[list[str]] = None) -> dict:
   p.add_argument("--out", default="experiments/results/layerwise")
   p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                  help=f"comma-separated, of {list(SETTINGS)}")
+  p.add_argument("--no-reuse", action="store_true",
+                 help="run every row, none read from the committed "
+                 "comparison")
   args, rest = p.parse_known_args(argv)
   names = args.settings.split(",")
   unknown = [n for n in names if n not in SETTINGS]
   if unknown:
     p.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
-  methods = ",".join(spec for _, spec in VARIANTS)
+  # Reading committed rows needs the committed settings: any other flag
+  # (epochs, seeds beyond them, ...) runs every row.
+  reuse = not (args.no_reuse or args.epochs is not None or rest)
   for name in names:
-    flags, seeds = SETTINGS[name]
-    flags = flags + [
-        "--methods", methods, "--seeds", str(args.seeds or seeds),
+    setting = SETTINGS[name]
+    run, _ = _split(setting, reuse)
+    seeds = args.seeds or setting["seeds"]
+    flags = setting["flags"] + [
+        "--methods", ",".join(VARIANTS[i][1] for i in run),
+        "--seeds", str(seeds),
         "--out", os.path.join(args.out, name), "--no-progress"]
     if args.epochs is not None:
       flags += ["--epochs", str(args.epochs)]
     compare.main(flags + rest)
+    path = os.path.join(args.out, name, "results.json")
+    with open(path) as f:
+      saved = json.load(f)
+    saved["reuse"] = reuse
+    with open(path, "w") as f:
+      json.dump(saved, f)
   rows_by_setting = render(args.out, list(SETTINGS))
   print(table(rows_by_setting))
   return rows_by_setting

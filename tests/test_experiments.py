@@ -859,8 +859,23 @@ def test_layerwise_study_rows_are_registry_methods_with_their_choices():
   assert len(set(labels)) == len(labels)
   assert set(layerwise_study.DEFAULT_SETTINGS) <= set(
       layerwise_study.SETTINGS)
-  assert {f[f.index("--dataset") + 1] for f, _ in
-          layerwise_study.SETTINGS.values()} == {"digits", "mnist1d"}
+  settings = layerwise_study.SETTINGS
+  assert {st["flags"][st["flags"].index("--dataset") + 1] for st in
+          settings.values()} == {"digits", "mnist1d"}
+  # On the digits, the rows the committed comparison ran with the same
+  # settings are read from it (SAM at rho 0.1 is its grid row, GNP and the
+  # layer-wise default are its default rows); SGD runs in the study.
+  run, read = layerwise_study._split(settings["digits"], True)
+  assert read == {
+      "sam (rho=0.1)": ("experiments/results/digits", "sam (rho=0.1)"),
+      "gnp (rho=0.1)": ("experiments/results/digits", "gnp"),
+      "layerwise_sam (rho=0.1)": ("experiments/results/digits",
+                                  "layerwise_sam")}
+  assert 0 in run and not set(run) & set(settings["digits"]["skip"])
+  assert len(run) + len(read) + len(settings["digits"]["skip"]) == len(
+      specs)
+  run, read = layerwise_study._split(settings["digits"], False)
+  assert not read
 
 
 def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
