@@ -155,6 +155,7 @@ def _rows(summary: list[dict]) -> list[dict]:
         "vs_sgd": row.get("vs_sgd"),
         "vs_gnp": vs_gnp,
         "time_rel": row.get("time_rel"),
+        "cpu_rel": row.get("cpu_rel"),
         "seeds": len(row.get("seeds", [])),
     })
   return out
@@ -184,7 +185,7 @@ def table(rows_by_setting: dict[str, list[dict]]) -> str:
   SGD and against GNP, time relative to SGD."""
   names = list(rows_by_setting)
   head = "| variant | " + " | ".join(
-      f"{n}: acc % (± SE) | {n}: Δ vs SGD | {n}: Δ vs GNP | {n}: time / SGD"
+      f"{n}: acc % (± SE) | {n}: Δ vs SGD | {n}: Δ vs GNP | {n}: CPU / SGD"
       for n in names
   ) + " |"
   lines = [head, "|" + "---|" * (1 + 4 * len(names))]
@@ -196,7 +197,7 @@ def table(rows_by_setting: dict[str, list[dict]]) -> str:
       acc = "–" if r["acc_mean"] is None else (
           f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_se']:.2f}"
       )
-      t = "–" if r["time_rel"] is None else f"{r['time_rel']:.2f}x"
+      t = "–" if r["cpu_rel"] is None else f"{r['cpu_rel']:.2f}x"
       cells += [acc, fmt(r["vs_sgd"]), fmt(r["vs_gnp"]), t]
     lines.append(f"| {variant} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -223,14 +224,14 @@ def figure(rows_by_setting: dict[str, list[dict]], path: str) -> None:
       color = "tab:blue" if lo > 0 else "tab:red" if hi < 0 else "dimgrey"
       ax.errorbar(m, y, xerr=[[m - lo], [hi - m]], fmt="o", color=color,
                   capsize=3)
-      if r["time_rel"] is not None:
-        ax.annotate(f"{r['time_rel']:.2f}x", (hi, y), xytext=(4, 0),
+      if r["cpu_rel"] is not None:
+        ax.annotate(f"{r['cpu_rel']:.2f}x", (hi, y), xytext=(4, 0),
                     textcoords="offset points", va="center", fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(ys)
     ax.set_yticklabels([r["variant"] for r in rows], fontsize=8)
     seeds = max(r["seeds"] for r in rows)
-    ax.set_title(f"{name}: {seeds} paired seeds (x: time / SGD)",
+    ax.set_title(f"{name}: {seeds} paired seeds (x: CPU time / SGD)",
                  fontsize=10)
     ax.set_xlabel("accuracy minus SGD's (points), 95% CI")
     ax.grid(alpha=0.3, axis="x")
@@ -272,8 +273,10 @@ def render(out: str, names) -> dict[str, list[dict]]:
       "published MLP, whose two output-side layers hold 73%). Test "
       "accuracy after the last epoch, mean ± standard error; Δ: the paired "
       "difference (same seed) against SGD and against GNP in points, with "
-      "its 95% t-interval; time: wall-clock relative to SGD in the same "
-      f"process (compilation excluded), on {cpu}, shared with other work.",
+      "its 95% t-interval; CPU / SGD: the process's CPU time in training "
+      "relative to SGD's (compilation excluded), on a 2-core "
+      f"{cpu} shared with other work, where wall-clock ratios moved with "
+      "the others' load (they are in each setting's results.md).",
       "",
       table(rows_by_setting),
       "",

@@ -786,6 +786,13 @@ def test_reach_verdict_and_the_figures_ignore_a_diverged_row(tmp_path):
   assert fisher["accuracy"] and not fisher["cheaper_time"]
   assert not fisher["answer"]
   np.testing.assert_allclose(by["sam"]["vs_sgd"]["mean"], 0.05)
+  # With CPU times the cost is read from them, not from the wall-clock.
+  again = compare.add_paired([
+      dict(by["sgd"], cpu_rel=1.0),
+      dict(by["sam"], cpu_rel=1.9),
+      dict(by["looksam"], cpu_rel=2.0)])
+  assert again[2]["reach"]["cost_measure"] == "cpu_rel"
+  assert not again[2]["reach"]["answer"]
   text = "\n".join(compare.findings(rows))
   assert "looksam: reaches the best SAM row minus 0.5 points at lower " \
          "cost? yes" in text
