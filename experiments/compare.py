@@ -801,6 +801,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
   args = todo[0].args
   protocol = next((n for n in ("committed", "full", "long")
                    if getattr(args, n)), "quick")
+  if protocol == "quick" and (args.methods or args.rho_grid):
+    protocol = "custom"  # the rows are the caller's, not the quick ones
   command = "python -m experiments.compare" + (
       "" if not argv else " " + shlex.join(argv))
   t0 = time.perf_counter()
