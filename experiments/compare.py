@@ -498,6 +498,10 @@ def findings(rows: list[dict]) -> list[str]:
     else:
       verdict = "no"
     what = "CPU time" if c["cost_measure"] == "cpu_rel" else "time"
+    if c["accuracy"]:
+      verdict += (" (by gradient evaluations per step it is "
+                  + ("cheaper" if c["cheaper_grads"] else "not cheaper")
+                  + ")")
     out.append(
         f"{r['label']}: reaches the best SAM row minus "
         f"{100 * c['margin']:.1f} points at lower cost? {verdict}. Paired "

@@ -3,7 +3,8 @@ paired differences against SGD.
 
 * :func:`accuracy_vs_cost`: the core rows (each method at its defaults), test
   accuracy (mean ± standard error over seeds) against the training cost
-  relative to SGD, in two panels: measured wall-clock time, and gradient
+  relative to SGD, in two panels: measured CPU time (wall-clock where it is
+  missing), and gradient
   evaluations per step (the hardware-independent count: SGD 1, SAM 2). The
   shape of the figures in the SAM-efficiency papers (LookSAM, SSAM, vSAM,
   layer-wise SAM).
@@ -110,7 +111,11 @@ def accuracy_vs_cost(rows: Sequence[dict], path: str, title: str = ""):
   fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
   cmap = plt.get_cmap("tab10")
   colors = [cmap(i % 10) for i in range(len(rows))]
-  panels = [("time_rel", "wall-clock training time relative to SGD"),
+  # The process's CPU time where every row has it: on a shared machine the
+  # wall-clock ratios move with the others' load.
+  cpu = all(r.get("cpu_rel") is not None for r in rows)
+  panels = [("cpu_rel", "training CPU time relative to SGD") if cpu else
+            ("time_rel", "wall-clock training time relative to SGD"),
             ("grads_rel", "gradient evaluations per step relative to SGD")]
   for ax, (xkey, xlabel) in zip(axes, panels):
     xs = np.array([r[xkey] if r[xkey] is not None else np.nan for r in rows])
