@@ -479,10 +479,12 @@ def findings(rows: list[dict]) -> list[str]:
                f"interval holds 0): " + "; ".join(groups["neither"]) + ".")
   best = best_sam(ok)
   if best is not None:
+    cost = "cpu_rel" if best.get("cpu_rel") is not None else "time_rel"
     out.append(
         f"The best SAM row is {best['label']}: {pct(best['acc_mean'])} ± "
-        f"{pct(best['acc_se'])}%, {_fmt(best['time_rel'], '.2f')}× SGD's "
-        f"time, {best['grads_rel']:.2f} gradients per step."
+        f"{pct(best['acc_se'])}%, {_fmt(best[cost], '.2f')}× SGD's "
+        f"{'CPU ' if cost == 'cpu_rel' else ''}time, {best['grads_rel']:.2f} "
+        "gradients per step."
     )
   for r in ok:
     if "reach" not in r:

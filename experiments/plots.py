@@ -188,7 +188,9 @@ def rho_grids(rows: Sequence[dict], path: str, title: str = "") -> bool:
     for r, x, y, k in zip(rs, rho, acc, keep):
       if k and r["label"] == r["method"]:
         ax.plot(x, y, "o", ms=13, mfc="none", mec="black")
-    lows, highs = list((acc - se)[keep]), list((acc + se)[keep])
+    # The means set the axis: a row that diverged on some seeds has a bar
+    # long enough to flatten the others (it runs off the panel instead).
+    lows, highs = list(acc[keep]), list(acc[keep])
     if sgd is not None:
       ax.axhline(100 * sgd["acc_mean"], color="grey", ls=":", lw=1)
       lows.append(100 * sgd["acc_mean"])
