@@ -414,10 +414,13 @@ def _interval(d: Optional[dict]) -> str:
   """``+1.23 [+0.40, +2.06]`` in points (``–`` without a paired mean)."""
   if not d or d.get("mean") is None:
     return "–"
+
+  def pts(x):  # "+0.00", never "-0.00" for a rounding-size negative
+    return f"{0.0 if abs(100 * x) < 0.005 else 100 * x:+.2f}"
+
   if d["lo"] is None:
-    return f"{100 * d['mean']:+.2f}"
-  return (f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, "
-          f"{100 * d['hi']:+.2f}]")
+    return pts(d["mean"])
+  return f"{pts(d['mean'])} [{pts(d['lo'])}, {pts(d['hi'])}]"
 
 
 def table(rows: list[dict]) -> str:
