@@ -45,7 +45,7 @@ def compare_run(request, tmp_path_factory):
   method once: most of its time) while the other tests run on the other
   core; its XLA optimises less, since its timings are not what is tested.
   """
-  if not any(item.name == "test_compare_tiny_run_on_digits_writes_the_three_"
+  if not any(item.name == "test_compare_tiny_run_on_digits_writes_its_"
              "files" for item in request.session.items):
     yield None  # not selected: nothing to start
     return
@@ -885,7 +885,7 @@ def test_layerwise_study_rows_are_registry_methods_with_their_choices():
   assert not read
 
 
-def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
+def test_compare_tiny_run_on_digits_writes_its_files(compare_run):
   out, proc = compare_run
   stdout, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 0, stderr[-3000:]
@@ -900,7 +900,7 @@ def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
   labels = methods.available() + ["sam (rho=0.1)"]
   assert [r["label"] for r in saved["summary"]] == labels
   assert saved["complete"] and len(saved["runs"]) == 2 * len(labels)
-  assert "python -m experiments.compare --epochs 1" in md
+  assert "python -m experiments.compare --dataset digits --epochs 1" in md
   for row in saved["summary"]:
     assert f"| {row['label']} |" in md
     assert "error" not in row, row
