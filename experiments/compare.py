@@ -1,25 +1,45 @@
 """Compare every method with the same base settings: ``python -m experiments.compare``.
 
-With no arguments it runs the embedded default (well under 10 minutes on a
-2-core CPU): the scikit-learn digits with 30% symmetric label noise, the
-small CNN (``digits_cnn``), 60 epochs, batch 64, SGD momentum 0.9, lr 0.05
-cosine, weight decay 5e-4, SGD and every method in the registry
-(``experiments/methods.py``) at its published defaults, plus a rho grid
-(:data:`RHO_GRIDS`) for SAM (0.02, 0.1 and 0.2 beside its default 0.05: "the
-best SAM row" is the best of the four) and for the methods whose papers
-tuned rho (ASAM, GNP, LookSAM, Sparse SAM-Fisher), 5 seeds. ``--long`` runs the same for 240 epochs,
-about 100 of vSAM's 50-step windows after its warm-up, enough for its
-sampling schedule to reach its working rate (the table's findings report the
-rate it reached and its share of SAM steps). It writes
+With no arguments it runs the quick default, a few minutes on a 2-core CPU:
+the core rows (:data:`CORE_METHODS`: SGD, SAM, ASAM, GNP, layer-wise SAM,
+Sparse SAM with both masks, LookSAM, vSAM, LightSAM, each at its registry
+default) with 3 seeds on both offline datasets, into ``runs/compare/``:
 
-* ``OUT/results.json``: the settings, the command, every run (per-epoch
-  history, wall-clock, compile time, gradient evaluations, the method's
-  diagnostics) and the per-method summary;
-* ``OUT/results.md``: the table (test accuracy mean ± standard error over
-  seeds, the std,
-  wall-clock time relative to SGD, second-gradient evaluations relative to
-  SGD's gradient count);
-* ``OUT/accuracy_vs_cost.png``: accuracy against relative cost.
+* ``digits``: scikit-learn's digits with 30% symmetric label noise and the
+  small CNN (``digits_cnn``);
+* ``mnist1d``: MNIST-1D as published (no label noise) and its MLP
+  (``mnist1d_mlp``);
+
+both for 60 epochs, batch 64, SGD momentum 0.9, lr 0.05 cosine, weight decay
+5e-4. Three seeds give wide intervals; it says so, and where the committed
+evidence is. ``--committed`` reruns the committed tables'
+configuration (:data:`PROTOCOLS`, into ``experiments/results/<dataset>``):
+the core rows plus SAM's rho grid (0.02, 0.1, 0.2 beside the default 0.05:
+"the best SAM row" is the best of the four) and LookSAM's (0.05, 0.2), with
+more seeds. ``--dataset`` runs one dataset. ``--long`` runs the digits for
+240 epochs with every registry method and the older, wider rho grids
+(:data:`RHO_GRIDS`), enough for vSAM's sampling schedule to reach its
+working rate. Each dataset's directory gets
+
+* ``results.json``: the settings, the command, the CPU model, every run
+  (per-epoch history, wall-clock, compile time, gradient evaluations, the
+  method's diagnostics) and the per-method summary with its paired
+  differences;
+* ``results.md``: the table (test accuracy mean ± standard error over
+  seeds, the std, the paired difference against SGD with its 95%
+  t-interval, wall-clock and CPU time relative to SGD, second-gradient
+  evaluations relative to SGD's gradient count) and the findings: which
+  rows are above or below SGD by their interval, and for each efficient
+  method (:data:`EFFICIENT_METHODS`) whether it reaches the best SAM row
+  minus 0.5 points at a lower cost;
+* ``accuracy_vs_cost.png`` (the core rows), ``rho_grids.png`` (the grids,
+  when there are any) and ``paired_vs_sgd.png`` (the forest plot); with
+  several datasets the forest plot of all of them goes to the parent
+  directory.
+
+Pairing: a seed fixes the label noise, the initialisation and the batches,
+so a method's accuracy minus SGD's on the same seed removes what the seed
+alone decides; the interval is Student's t over the seeds' differences.
 
 ``--full`` runs the papers' protocol instead (CIFAR-10, ResNet-18, 200
 epochs, batch 128, lr 0.1, weight decay 5e-4, crop+flip, 3 seeds; needs the
@@ -36,7 +56,9 @@ setting is in ``results.json``'s ``base_config``.
 Runs are interleaved (for each seed, every method, in an order rotated per
 seed) so that a drift in the machine's load spreads over all methods, and
 each method is compiled once for all its seeds. Wall-clock (and CPU time)
-exclude compilation and evaluation.
+exclude compilation and evaluation. Accuracies are deterministic on one
+CPU type; another CPU's float rounding moves single runs (60 epochs on noisy
+labels amplify it), which is why the findings rest on paired intervals.
 """
 
 from __future__ import annotations
@@ -49,7 +71,7 @@ import shlex
 import sys
 import time
 import traceback
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -58,6 +80,7 @@ from experiments import methods as methods_lib
 from experiments import plots
 from experiments import checkpoints
 from experiments import config as config_lib
+from experiments import data as data_lib
 from experiments import trainer as trainer_lib
 
 #: The rho grids of the digits protocols, beside each method's registry
@@ -78,31 +101,92 @@ SAM_RHO_GRID = RHO_GRIDS["sam"]
 DIGITS_GRID = [(name, {"rho": r}) for name, rhos in RHO_GRIDS.items()
                for r in rhos]
 
-#: The base settings of each protocol (command-line flags override them).
+#: The core rows: SGD, SAM, each method of the library at its registry
+#: default (Sparse SAM with both masks, LightSAM-I), LookSAM among them.
+CORE_METHODS = ("sgd", "sam", "asam", "gnp", "layerwise_sam", "ssam_fisher",
+                "ssam_dynamic", "looksam", "vsam", "lightsam")
 
+#: The methods whose papers offer them as cheaper than SAM: for each, the
+#: findings answer whether it reaches the best SAM row minus
+#: :data:`REACH_MARGIN` at a lower cost.
+EFFICIENT_METHODS = ("layerwise_sam", "ssam_fisher", "ssam_dynamic",
+                     "looksam", "vsam")
+REACH_MARGIN = 0.005  # 0.5 points of accuracy
+
+#: The committed tables' rows beside the core ones: SAM's rho grid ("the best
+#: SAM row" is the best of it and the default 0.05) and LookSAM's, the
+#: efficient method whose paper tuned rho.
+COMMITTED_GRID = ([("sam", {"rho": r}) for r in RHO_GRIDS["sam"]]
+                  + [("looksam", {"rho": r}) for r in RHO_GRIDS["looksam"]])
+
+#: The base settings of each offline dataset (command-line flags override
+#: them): the digits with 30% symmetric label noise and the small CNN;
+#: MNIST-1D as published (no label noise) with its published MLP.
+OFFLINE_BASE = {
+    "digits": dict(model="digits_cnn", epochs=60, batch_size=64, lr=0.05,
+                   weight_decay=5e-4, label_noise=0.3),
+    "mnist1d": dict(model="mnist1d_mlp", epochs=60, batch_size=64, lr=0.05,
+                    weight_decay=5e-4, label_noise=0.0),
+}
+
+#: The protocols. ``datasets``: what runs without ``--dataset``;
+#: ``methods``: the rows without ``--methods`` (None: every available
+#: method), then ``extra_methods``; ``seeds``: per dataset; ``out``: per
+#: dataset. ``quick`` is the default, ``committed`` made the committed
+#: tables (``--committed``).
 PROTOCOLS = {
-    "default": dict(
-        dataset="digits", model="digits_cnn", epochs=60, batch_size=64,
-        lr=0.05, weight_decay=5e-4, label_noise=0.3, seeds=5,
-        out="experiments/results/digits",
-        extra_methods=DIGITS_GRID,
+    "quick": dict(
+        datasets=data_lib.OFFLINE_DATASETS, methods=CORE_METHODS,
+        extra_methods=[], seeds={"digits": 3, "mnist1d": 3},
+        out="runs/compare/{dataset}", base=OFFLINE_BASE,
+    ),
+    "committed": dict(
+        datasets=data_lib.OFFLINE_DATASETS, methods=CORE_METHODS,
+        extra_methods=COMMITTED_GRID, seeds={"digits": 8, "mnist1d": 20},
+        out="experiments/results/{dataset}", base=OFFLINE_BASE,
     ),
     # Long enough for vSAM's schedule to reach its working rate: with 22
     # steps an epoch, 3 warm-up epochs and windows of 50 steps, 240 epochs
     # are about 100 windows (the authors' CIFAR logs need that many).
     "long": dict(
-        dataset="digits", model="digits_cnn", epochs=240, batch_size=64,
-        lr=0.05, weight_decay=5e-4, label_noise=0.3, seeds=5,
-        out="experiments/results/digits_long",
-        extra_methods=DIGITS_GRID,
+        datasets=("digits",), methods=None, extra_methods=DIGITS_GRID,
+        seeds={"digits": 5}, out="experiments/results/digits_long",
+        base={"digits": dict(OFFLINE_BASE["digits"], epochs=240)},
     ),
     "full": dict(
-        dataset="cifar10", model="resnet18", epochs=200, batch_size=128,
-        lr=0.1, weight_decay=5e-4, label_noise=0.0, seeds=3,
+        datasets=("cifar10",), methods=None, extra_methods=[], seeds=3,
         out="experiments/results/{dataset}_{model}",
-        extra_methods=[],
+        base=dict(model="resnet18", epochs=200, batch_size=128, lr=0.1,
+                  weight_decay=5e-4, label_noise=0.0),
     ),
 }
+
+#: What the quick default says about itself (printed, and in its tables).
+QUICK_NOTE = (
+    "This is the quick default: the core rows with 3 seeds, so its paired "
+    "intervals are wide (with 2 degrees of freedom the 95% t-interval is "
+    "4.3 standard errors either side). The committed evidence, {digits} "
+    "seeds on the digits and {mnist1d} on MNIST-1D with the SAM and "
+    "LookSAM rho grids, is in experiments/results/digits/ and "
+    "experiments/results/mnist1d/ (results.md, results.json, the figures), "
+    "made by `python -m experiments.compare --committed`."
+).format(**PROTOCOLS["committed"]["seeds"])
+
+
+#: A TFDS dataset outside ``--full``: the papers' model, no label noise,
+#: every available method.
+_TFDS_BASE = dict(model="resnet18", epochs=60, batch_size=64, lr=0.05,
+                  weight_decay=5e-4, label_noise=0.0)
+
+
+class Plan(NamedTuple):
+  """One dataset's run: its parsed flags, output directory, the methods
+  ``[(name, overrides)]`` and their row labels."""
+
+  args: argparse.Namespace
+  out: str
+  specs: list
+  labels: list
 
 
 def parse_methods(
@@ -183,8 +267,88 @@ def _se(x) -> float:
   return _std(x) / float(np.sqrt(x.size)) if x.size > 1 else 0.0
 
 
+def paired_interval(diffs, level: float = 0.95) -> dict:
+  """The mean of paired differences and its two-sided t-interval.
+
+  ``diffs``: one difference per seed (a method's accuracy minus the
+  reference's on the same seed: same label noise, initialisation and
+  batches). Returns ``{"n", "mean", "lo", "hi", "t"}``: ``mean ± t *
+  sd / sqrt(n)`` with ``t`` the ``(1 + level) / 2`` quantile of Student's
+  t with ``n - 1`` degrees of freedom and ``sd`` the sample standard
+  deviation; ``lo``, ``hi`` and ``t`` are None below two seeds.
+  """
+  d = np.asarray(diffs, np.float64)
+  n = int(d.size)
+  if n == 0:
+    return {"n": 0, "mean": None, "lo": None, "hi": None, "t": None}
+  mean = float(d.mean())
+  if n < 2:
+    return {"n": 1, "mean": mean, "lo": None, "hi": None, "t": None}
+  from scipy import stats as sp_stats  # pylint: disable=g-import-not-at-top
+
+  t = float(sp_stats.t.ppf((1.0 + level) / 2.0, n - 1))
+  half = t * float(d.std(ddof=1)) / float(np.sqrt(n))
+  return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "t": t}
+
+
+def _paired(row: dict, ref: dict) -> dict:
+  """``row``'s per-seed accuracy minus ``ref``'s, on their common seeds."""
+  a = dict(zip(row["seeds"], row["accs"]))
+  b = dict(zip(ref["seeds"], ref["accs"]))
+  common = sorted(set(a) & set(b))
+  return dict(paired_interval([a[s] - b[s] for s in common]), seeds=common)
+
+
+def best_sam(rows: list[dict]) -> Optional[dict]:
+  """The SAM row (default or grid) of highest mean accuracy."""
+  sams = [r for r in rows if r["method"] == "sam"
+          and r.get("acc_mean") is not None]
+  return max(sams, key=lambda r: r["acc_mean"]) if sams else None
+
+
+def add_paired(rows: list[dict]) -> list[dict]:
+  """Adds to each row its paired difference against SGD (``vs_sgd``) and
+  against the best SAM row (``vs_best_sam``), and to each efficient
+  method's default row (:data:`EFFICIENT_METHODS`) the answer to "does it
+  reach the best SAM row minus :data:`REACH_MARGIN` at a lower cost?"
+  (``reach``: accuracy by the paired mean, and by the interval's lower end;
+  cost by CPU time relative to SGD, wall-clock where CPU time is missing,
+  and by gradient evaluations)."""
+  ok = [r for r in rows if r.get("acc_mean") is not None]
+  sgd = next((r for r in ok if r["label"] == "sgd"), None)
+  best = best_sam(ok)
+  for r in ok:
+    if sgd is not None and r is not sgd:
+      r["vs_sgd"] = _paired(r, sgd)
+    if best is not None and r is not best:
+      r["vs_best_sam"] = _paired(r, best)
+    if (best is not None and r["method"] in EFFICIENT_METHODS
+        and r["label"] == r["method"]):
+      # The process's CPU time: on a shared machine wall-clock ratios move
+      # with the others' load, CPU time much less.
+      cost = ("cpu_rel" if r.get("cpu_rel") is not None
+              and best.get("cpu_rel") is not None else "time_rel")
+      d = r["vs_best_sam"]
+      r["reach"] = {
+          "best_sam": best["label"],
+          "margin": REACH_MARGIN,
+          "accuracy": d["mean"] >= -REACH_MARGIN,
+          "accuracy_in_interval": (d["lo"] is not None
+                                   and d["lo"] >= -REACH_MARGIN),
+          "cost_measure": cost,
+          "cheaper_time": (r.get(cost) is not None
+                           and best.get(cost) is not None
+                           and r[cost] < best[cost]),
+          "cheaper_grads": r["grads_rel"] < best["grads_rel"],
+      }
+      r["reach"]["answer"] = bool(r["reach"]["accuracy"] and (
+          r["reach"]["cheaper_time"]))
+  return rows
+
+
 def summarise(runs: list[dict], order: list[str]) -> list[dict]:
-  """Per-method rows: accuracy mean/std, cost relative to SGD."""
+  """Per-method rows: accuracy mean/std, cost relative to SGD, paired
+  differences (:func:`add_paired`)."""
   by_label: dict[str, list[dict]] = {lab: [] for lab in order}
   for r in runs:
     by_label[r["label"]].append(r)
@@ -239,29 +403,44 @@ def summarise(runs: list[dict], order: list[str]) -> list[dict]:
     if rates and None not in rates:  # vSAM: the rate its schedule reached
       row["samples_per_window"] = float(np.mean(rates))
     rows.append(row)
-  return rows
+  return add_paired(rows)
 
 
 def _fmt(x, spec, dash="–", suffix=""):
   return dash if x is None else format(x, spec) + suffix
 
 
+def _interval(d: Optional[dict]) -> str:
+  """``+1.23 [+0.40, +2.06]`` in points (``–`` without a paired mean)."""
+  if not d or d.get("mean") is None:
+    return "–"
+
+  def pts(x):  # "+0.00", never "-0.00" for a rounding-size negative
+    return f"{0.0 if abs(100 * x) < 0.005 else 100 * x:+.2f}"
+
+  if d["lo"] is None:
+    return pts(d["mean"])
+  return f"{pts(d['mean'])} [{pts(d['lo'])}, {pts(d['hi'])}]"
+
+
 def table(rows: list[dict]) -> str:
   """The markdown table of :func:`summarise`'s rows."""
   lines = [
-      "| method | test accuracy (%, mean ± SE) | std | wall-clock vs SGD "
+      "| method | test accuracy (%, mean ± SE) | std "
+      "| paired Δ vs SGD (points, 95% CI) | wall-clock vs SGD "
       "| CPU time vs SGD | second-gradient evals / SGD gradients "
       "| train s / run | compile s |",
-      "|---|---|---|---|---|---|---|---|",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     if r.get("acc_mean") is None:
       lines.append(f"| {r['label']} | failed: {r.get('error', '')[:80]} "
-                   "| | | | | | |")
+                   "| | | | | | | |")
       continue
     lines.append(
         f"| {r['label']} | {100 * r['acc_mean']:.2f} ± "
         f"{100 * r.get('acc_se', 0.0):.2f} | {100 * r['acc_std']:.2f}"
+        f" | {_interval(r.get('vs_sgd'))}"
         f" | {_fmt(r['time_rel'], '.2f', suffix='×')}"
         f" | {_fmt(r.get('cpu_rel'), '.2f', suffix='×')}"
         f" | {r['second_rel']:.2f}"
@@ -273,60 +452,77 @@ def table(rows: list[dict]) -> str:
 def findings(rows: list[dict]) -> list[str]:
   """Plain statements read off the table (no judgement beyond the numbers).
 
-  Each SAM row is compared with SGD; every other method with the most
-  accurate SAM row: above its mean, within one of its standard deviations
-  below, or further below.
+  Against SGD, each row's paired difference and its 95% t-interval: above
+  SGD when the interval lies above 0, below when below, otherwise not
+  distinguishable from SGD with these seeds. For each efficient method
+  (:data:`EFFICIENT_METHODS`), whether it reaches the best SAM row minus
+  0.5 points at a lower cost (:func:`add_paired`).
   """
-  ok = {r["label"]: r for r in rows if r.get("acc_mean") is not None}
+  ok = [r for r in rows if r.get("acc_mean") is not None]
   out = []
-  sgd = ok.get("sgd")
-  sams = [r for r in ok.values() if r["method"] == "sam"]
   pct = lambda x: f"{100 * x:.2f}"  # pylint: disable=unnecessary-lambda-assignment
-  if sgd:
-    for sam in sams:
-      d = sam["acc_mean"] - sgd["acc_mean"]
-      noise = max(sam["acc_se"], sgd["acc_se"])
-      if d > noise:
-        verdict = "beats SGD"
-      elif d > 0:
-        verdict = "is ahead of SGD by less than one standard error"
-      else:
-        verdict = "does not beat SGD"
-      out.append(
-          f"{sam['label']} {verdict}: {pct(sam['acc_mean'])} ± "
-          f"{pct(sam['acc_se'])}% vs {pct(sgd['acc_mean'])} ± "
-          f"{pct(sgd['acc_se'])}% ({100 * d:+.2f} points)."
-      )
-  if sams:
-    best = max(sams, key=lambda r: r["acc_mean"])
-    groups: dict[str, list[str]] = {"above": [], "within": [], "below": []}
-    for lab, r in ok.items():
-      if r["method"] in ("sgd", "sam"):
-        continue
-      desc = (f"{lab} ({pct(r['acc_mean'])}%, "
-              f"{_fmt(r['time_rel'], '.2f')}× SGD time, "
-              f"{r['grads_rel']:.2f} gradients/step)")
-      if r["acc_mean"] >= best["acc_mean"]:
-        groups["above"].append(desc)
-      elif r["acc_mean"] >= best["acc_mean"] - best["acc_se"]:
-        groups["within"].append(desc)
-      else:
-        groups["below"].append(desc)
-    ref = f"the best SAM row, {best['label']} ({pct(best['acc_mean'])}%)"
-    if groups["above"]:
-      out.append(f"At or above {ref}: " + "; ".join(groups["above"]) + ".")
-    if groups["within"]:
-      out.append(f"Within one standard error below {ref}: "
-                 + "; ".join(groups["within"]) + ".")
-    if groups["below"]:
-      out.append(f"Further below {ref}: " + "; ".join(groups["below"]) + ".")
-  out += _best_of_grids(ok.values())
-  for lab, r in ok.items():
+  groups: dict[str, list[str]] = {"above": [], "below": [], "neither": []}
+  for r in ok:
+    d = r.get("vs_sgd")
+    if not d or d["lo"] is None:
+      continue
+    desc = f"{r['label']} {_interval(d)}"
+    key = ("above" if d["lo"] > 0 else "below" if d["hi"] < 0
+           else "neither")
+    groups[key].append(desc)
+  n = max((r["vs_sgd"]["n"] for r in ok if r.get("vs_sgd")), default=0)
+  head = (f"Paired difference against SGD in points, 95% t-interval over "
+          f"{n} seeds")
+  if groups["above"]:
+    out.append(f"Above SGD ({head}): " + "; ".join(groups["above"]) + ".")
+  if groups["below"]:
+    out.append(f"Below SGD ({head}): " + "; ".join(groups["below"]) + ".")
+  if groups["neither"]:
+    out.append(f"Not distinguishable from SGD with these seeds (the "
+               f"interval holds 0): " + "; ".join(groups["neither"]) + ".")
+  best = best_sam(ok)
+  if best is not None:
+    cost = "cpu_rel" if best.get("cpu_rel") is not None else "time_rel"
+    out.append(
+        f"The best SAM row is {best['label']}: {pct(best['acc_mean'])} ± "
+        f"{pct(best['acc_se'])}%, {_fmt(best[cost], '.2f')}× SGD's "
+        f"{'CPU ' if cost == 'cpu_rel' else ''}time, {best['grads_rel']:.2f} "
+        "gradients per step."
+    )
+  for r in ok:
+    if "reach" not in r:
+      continue
+    c = r["reach"]
+    d = r["vs_best_sam"]
+    if c["answer"] and c["accuracy_in_interval"]:
+      verdict = "yes, and the whole interval is above the bar"
+    elif c["answer"]:
+      verdict = "yes by its mean (the interval reaches below the bar)"
+    elif c["accuracy"]:
+      verdict = "no: accurate enough, not cheaper"
+    else:
+      verdict = "no"
+    what = "CPU time" if c["cost_measure"] == "cpu_rel" else "time"
+    if c["accuracy"]:
+      verdict += (" (by gradient evaluations per step it is "
+                  + ("cheaper" if c["cheaper_grads"] else "not cheaper")
+                  + ")")
+    out.append(
+        f"{r['label']}: reaches the best SAM row minus "
+        f"{100 * c['margin']:.1f} points at lower cost? {verdict}. Paired "
+        f"difference to {c['best_sam']}: {_interval(d)} points; {what} "
+        f"{_fmt(r.get(c['cost_measure']), '.2f')}× vs "
+        f"{_fmt(best.get(c['cost_measure']), '.2f')}× SGD's; "
+        f"{r['grads_rel']:.2f} vs {best['grads_rel']:.2f} gradients per step."
+    )
+  out += _best_of_grids(ok)
+  for r in ok:
     if "samples_per_window" in r:
       out.append(
-          f"{lab}: its schedule ended at {r['samples_per_window']:.2f} "
-          f"samples per window and took a second gradient on "
-          f"{100 * r['second_rel']:.1f}% of the steps (warm-up included)."
+          f"{r['label']}: its schedule ended at "
+          f"{r['samples_per_window']:.2f} samples per window and took a "
+          f"second gradient on {100 * r['second_rel']:.1f}% of the steps "
+          f"(warm-up included)."
       )
   return out
 
@@ -390,27 +586,36 @@ def write_outputs(out: str, meta: dict, runs: list[dict], rows: list[dict],
       "Second-gradient evals / SGD "
       "gradients: the gradient evaluations a method makes inside its "
       "transform (`sam_optax.stats(...)['grad_evals']`) per training step, "
-      "i.e. relative to SGD's one gradient per step (SAM: 1.00).",
+      "i.e. relative to SGD's one gradient per step (SAM: 1.00). "
+      "Paired Δ vs SGD: the mean over seeds of the row's accuracy minus "
+      "SGD's on the same seed (same label noise, initialisation and "
+      "batches), with its 95% Student-t interval.",
       "",
   ]
+  if meta.get("protocol") == "quick":
+    md += [QUICK_NOTE, ""]
   md += [f"- {s}" for s in findings(rows)]
   md += ["", "Method settings (registry defaults, run-length arguments and "
          "overrides):", ""]
   for r in rows:
     kw = ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items())
     md.append(f"- {r['label']}: {kw or '(base optimizer only)'}")
-  md += ["", "![accuracy vs cost](accuracy_vs_cost.png)", ""]
+  title = f"{settings}"
+  plots.accuracy_vs_cost(
+      rows, os.path.join(out, "accuracy_vs_cost.png"), title=title)
+  md += ["", "![accuracy vs cost, the core rows](accuracy_vs_cost.png)"]
+  if plots.rho_grids(rows, os.path.join(out, "rho_grids.png"), title=title):
+    md += ["", "![the rho grids](rho_grids.png)"]
+  plots.paired_forest({cfg["dataset"]: rows},
+                      os.path.join(out, "paired_vs_sgd.png"))
+  md += ["", "![paired difference against SGD](paired_vs_sgd.png)", ""]
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(md))
-  plots.accuracy_vs_cost(
-      rows, os.path.join(out, "accuracy_vs_cost.png"),
-      title=f"{settings}",
-  )
 
 
-def plan(argv: list[str]):
-  """Parses the command line: (args, output dir, [(method, overrides)],
-  row labels). Flags left out take the protocol's value."""
+def plans(argv: list[str]) -> list[Plan]:
+  """Parses the command line: one :class:`Plan` per dataset. Flags left out
+  take the protocol's value; ``--dataset`` runs that dataset alone."""
   p = argparse.ArgumentParser(
       prog="python -m experiments.compare",
       description="Train SGD and every method with the same base settings.",
@@ -421,6 +626,13 @@ def plan(argv: list[str]):
     if action.dest in ("dataset", "model", "epochs", "batch_size", "lr",
                        "weight_decay"):
       action.default = None
+  seeds = PROTOCOLS["committed"]["seeds"]
+  p.add_argument("--committed", action="store_true",
+                 help="the committed tables' configuration: both offline "
+                 "datasets (or --dataset), the core rows and the SAM and "
+                 f"LookSAM rho grids, {seeds['digits']} seeds on the digits "
+                 f"and {seeds['mnist1d']} on MNIST-1D, into "
+                 "experiments/results/<dataset>")
   p.add_argument("--full", action="store_true",
                  help="the papers' protocol: CIFAR-10 (or --dataset), "
                  "ResNet-18 (or --model), 200 epochs, batch 128, lr 0.1")
@@ -429,70 +641,110 @@ def plan(argv: list[str]):
                  "sampling schedule to reach its working rate")
   p.add_argument("--methods", default=None,
                  help="comma-separated, e.g. sgd,sam:rho=0.1,looksam "
-                 "(default: SGD and every available method)")
+                 "(default: the protocol's rows)")
   p.add_argument("--rho-grid", default=None,
                  help="comma-separated rhos: every method at each")
   p.add_argument("--seeds", type=int, default=None)
-  p.add_argument("--out", default=None)
+  p.add_argument("--out", default=None,
+                 help="output directory (several datasets: one "
+                 "subdirectory each)")
   p.add_argument("--verbose", action="store_true", help="per-epoch logs")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
 
-  if args.full and args.long:
-    p.error("--full and --long are two protocols: choose one")
-  proto = dict(
-      PROTOCOLS["full" if args.full else "long" if args.long else "default"]
-  )
-  if not args.full and args.dataset not in (None, "digits"):
-    # The embedded default's digits-specific settings do not carry over.
-    proto.update(model="resnet18", label_noise=0.0, extra_methods=[],
-                 out="experiments/results/{dataset}_{model}")
-  for key in ("dataset", "model", "epochs", "batch_size", "lr",
-              "weight_decay", "label_noise", "seeds"):
-    if getattr(args, key) is None:
-      setattr(args, key, proto[key])
-  out = args.out or proto["out"].format(dataset=args.dataset, model=args.model)
-  if args.seeds < 1:
+  chosen = [n for n in ("committed", "full", "long") if getattr(args, n)]
+  if len(chosen) > 1:
+    p.error(f"--{' and --'.join(chosen)} are protocols: choose one")
+  proto = PROTOCOLS[chosen[0] if chosen else "quick"]
+  if args.seeds is not None and args.seeds < 1:
     p.error("--seeds must be >= 1")
+  offline = data_lib.OFFLINE_DATASETS
+  if args.dataset is not None and not args.full and args.dataset not in (
+      offline):
+    if args.committed or args.long:
+      p.error(f"--{chosen[0]} runs the offline datasets {list(offline)}, "
+              f"not {args.dataset!r}")
+    # A TFDS dataset: the embedded protocols' settings do not carry over.
+    proto = dict(proto, methods=None, extra_methods=[], seeds=3,
+                 out="experiments/results/{dataset}_{model}",
+                 base={args.dataset: _TFDS_BASE})
+  datasets = (args.dataset,) if args.dataset else proto["datasets"]
+  if args.long and datasets != ("digits",):
+    p.error("--long runs the digits only")
+  out: list[Plan] = []
+  for dataset in datasets:
+    a = argparse.Namespace(**vars(args))
+    a.dataset = dataset
+    # Per dataset, or (--full) one base for any dataset.
+    base = proto["base"].get(dataset, proto["base"])
+    for key in ("model", "epochs", "batch_size", "lr", "weight_decay",
+                "label_noise"):
+      if getattr(a, key) is None:
+        setattr(a, key, base[key])
+    seeds = proto["seeds"]
+    if a.seeds is None:
+      a.seeds = seeds[dataset] if isinstance(seeds, dict) else seeds
+    if args.out is None:
+      path = proto["out"].format(dataset=dataset, model=a.model)
+    else:
+      path = (args.out if len(datasets) == 1
+              else os.path.join(args.out, dataset))
+    try:
+      specs = parse_methods(args.methods)
+    except ValueError as e:
+      p.error(str(e))
+    if args.methods is None and not args.rho_grid:
+      if proto["methods"] is not None:
+        specs = [(n, {}) for n in proto["methods"]
+                 if n in methods_lib.available()]
+      specs += [(n, dict(m)) for n, m in proto["extra_methods"]
+                if n in methods_lib.available()]
+    grid = ([float(x) for x in args.rho_grid.split(",")]
+            if args.rho_grid else None)
+    specs = expand_rho_grid(specs, grid)
+    if not any(n == "sgd" and not m for n, m in specs):
+      specs.insert(0, ("sgd", {}))  # the reference every ratio is taken to
+    labels = [methods_lib.label(n, m) for n, m in specs]
+    if len(set(labels)) != len(labels):
+      p.error(f"--methods lists a method twice: {labels}")
+    out.append(Plan(a, path, specs, labels))
+  return out
 
+
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``; else the platform's)."""
   try:
-    specs = parse_methods(args.methods)
-  except ValueError as e:
-    p.error(str(e))
-  if args.methods is None and not args.rho_grid:
-    specs += [(n, dict(a)) for n, a in proto["extra_methods"]
-              if n in methods_lib.available()]
-  grid = ([float(x) for x in args.rho_grid.split(",")]
-          if args.rho_grid else None)
-  specs = expand_rho_grid(specs, grid)
-  if not any(n == "sgd" and not a for n, a in specs):
-    specs.insert(0, ("sgd", {}))  # the reference every ratio is taken to
-  labels = [methods_lib.label(n, a) for n, a in specs]
-  if len(set(labels)) != len(labels):
-    p.error(f"--methods lists a method twice: {labels}")
-  return args, out, specs, labels
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.lower().startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args, out, specs, labels = plan(argv)
+def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
+  """Trains one dataset's rows for every seed and writes its outputs."""
+  args, out, specs, labels = plan_
   base = config_lib.config_from_args(args)
   meta = {
-      "command": "python -m experiments.compare"
-                 + ("" if not argv else " " + shlex.join(argv)),
+      "command": command,
+      "protocol": protocol,
+      "dataset": args.dataset,
       "base_config": base.to_dict(),
       "label_noise": base.noise,
       "methods": [{"label": lab, "method": n, "method_args": a}
                   for lab, (n, a) in zip(labels, specs)],
       "seeds": args.seeds,
-      "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
-                 f"jax {jax.__version__} on {jax.default_backend()}",
+      "cpu": cpu_model(),
+      "machine": f"{cpu_model()}, {platform.machine()} {os.cpu_count()} "
+                 f"CPUs, jax {jax.__version__} on {jax.default_backend()}",
       "registry_defaults": {
           n: dict(methods_lib.METHODS[n].defaults) for n, _ in specs
       },
   }
-  print(f"compare: {len(specs)} methods x {args.seeds} seeds -> {out}",
-        flush=True)
+  print(f"compare: {args.dataset}, {len(specs)} methods x {args.seeds} "
+        f"seeds -> {out}", flush=True)
   t_start = time.perf_counter()
   trainers: dict[str, trainer_lib.Trainer] = {}
   runs: list[dict] = []
@@ -546,9 +798,35 @@ def main(argv: Optional[list[str]] = None) -> dict:
   print(table(rows))
   for s in findings(rows):
     print("-", s)
-  print(f"wrote {out}/results.json, results.md, accuracy_vs_cost.png "
+  print(f"wrote {out}/results.json, results.md and the figures "
         f"({meta['total_s'] / 60:.1f} min)")
-  return {"rows": rows, "runs": runs, "out": out}
+  return {"rows": rows, "runs": runs, "out": out, "meta": meta}
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+  """Runs every dataset's plan; returns one result per dataset."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  todo = plans(argv)
+  args = todo[0].args
+  protocol = next((n for n in ("committed", "full", "long")
+                   if getattr(args, n)), "quick")
+  if protocol == "quick" and (args.methods or args.rho_grid):
+    protocol = "custom"  # the rows are the caller's, not the quick ones
+  command = "python -m experiments.compare" + (
+      "" if not argv else " " + shlex.join(argv))
+  t0 = time.perf_counter()
+  results = [run_plan(pl, command, protocol) for pl in todo]
+  if len(results) > 1:
+    parent = os.path.commonpath([r["out"] for r in results])
+    plots.paired_forest(
+        {r["meta"]["dataset"]: r["rows"] for r in results},
+        os.path.join(parent, "paired_vs_sgd.png"),
+    )
+    print(f"wrote {parent}/paired_vs_sgd.png")
+  print(f"compare: {(time.perf_counter() - t0) / 60:.1f} min in all")
+  if protocol == "quick":
+    print(QUICK_NOTE)
+  return results
 
 
 if __name__ == "__main__":

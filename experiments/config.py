@@ -145,9 +145,10 @@ class Config:
   """Everything that defines a run (what ``results.json`` records).
 
   Attributes:
-    dataset: ``digits`` or a TFDS name of ``data.TFDS_DATASETS``.
+    dataset: ``digits``, ``mnist1d`` or a TFDS name of
+      ``data.TFDS_DATASETS``.
     model: a name of ``models.MODELS`` (None: ``digits_cnn`` on the digits,
-      ``resnet18`` elsewhere).
+      ``mnist1d_mlp`` on MNIST-1D, ``resnet18`` elsewhere).
     method: a name of ``methods.METHODS``.
     method_args: keyword arguments overriding the method's defaults.
     epochs, batch_size: run length and batch size.
@@ -157,7 +158,7 @@ class Config:
     weight_decay: added to the method's gradient (``add_decayed_weights``).
     label_smoothing: in [0, 1).
     label_noise: share of training labels flipped (None: 0.3 on the digits,
-      0 elsewhere).
+      0 elsewhere, MNIST-1D included).
     seed: parameters, shuffling, label noise and the method's own draws.
     augment: crop/flip for TFDS data (the digits are not augmented: flips
       and crops do not preserve digits' meaning at 8x8).
@@ -208,7 +209,8 @@ class Config:
 
   def __post_init__(self):
     if self.model is None:
-      self.model = "digits_cnn" if self.dataset == "digits" else "resnet18"
+      self.model = data_lib.OFFLINE_DEFAULTS.get(
+          self.dataset, {"model": "resnet18"})["model"]
     if self.dataset not in data_lib.DATASETS:
       raise ValueError(
           f"dataset must be one of {list(data_lib.DATASETS)}, got "
@@ -242,7 +244,8 @@ class Config:
   def noise(self) -> float:
     if self.label_noise is not None:
       return float(self.label_noise)
-    return 0.3 if self.dataset == "digits" else 0.0
+    return data_lib.OFFLINE_DEFAULTS.get(
+        self.dataset, {"label_noise": 0.0})["label_noise"]
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -276,7 +279,8 @@ def add_base_arguments(p: argparse.ArgumentParser) -> None:
   d = Config()
   p.add_argument("--dataset", default=d.dataset, choices=data_lib.DATASETS)
   p.add_argument("--model", default=None, choices=sorted(models_lib.MODELS),
-                 help="default: digits_cnn on the digits, resnet18 elsewhere")
+                 help="default: digits_cnn on the digits, mnist1d_mlp on "
+                 "MNIST-1D, resnet18 elsewhere")
   add_number(p, "epochs", default=d.epochs)
   add_number(p, "batch_size", default=d.batch_size)
   add_number(p, "lr", default=d.lr, help="peak learning rate, cosine decay "

@@ -102,6 +102,28 @@ class DigitsCNN(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
+class MLP(nn.Module):
+  """A ReLU multilayer perceptron: ``fc1`` .. ``fc{n}``, then the ``head``.
+
+  The default is MNIST-1D's published MLP (Greydanus & Kobak, arXiv
+  2011.14439): two hidden layers of 100 on the length-40 signals, 15,210
+  parameters. Its layout is the opposite of :class:`DigitsCNN`'s: the two
+  output-side layers (``fc2`` and ``head``) hold 73% of the parameters
+  (the CNN's ``fc`` and ``head``: 29%).
+  """
+
+  num_classes: int = 10
+  hidden: Sequence[int] = (100, 100)
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    x = x.reshape((x.shape[0], -1))
+    for i, h in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(h, name=f"fc{i + 1}")(x))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
 def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
   # momentum 0.9 / epsilon 1e-5: PyTorch's BatchNorm2d defaults, which the
   # papers' (PyTorch) code uses.
@@ -334,6 +356,7 @@ class ViT(nn.Module):
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "digits_cnn": DigitsCNN,
+    "mnist1d_mlp": MLP,
     "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), width=64),
     "wrn28_10": functools.partial(WideResNet, depth=28, widen=10),
     "pyramidnet110": functools.partial(PyramidNet, depth=110, alpha=270),

@@ -45,7 +45,7 @@ def compare_run(request, tmp_path_factory):
   method once: most of its time) while the other tests run on the other
   core; its XLA optimises less, since its timings are not what is tested.
   """
-  if not any(item.name == "test_compare_tiny_run_on_digits_writes_the_three_"
+  if not any(item.name == "test_compare_tiny_run_on_digits_writes_its_"
              "files" for item in request.session.items):
     yield None  # not selected: nothing to start
     return
@@ -56,7 +56,8 @@ def compare_run(request, tmp_path_factory):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   proc = subprocess.Popen(
-      [sys.executable, "-m", "experiments.compare", "--epochs", "1",
+      [sys.executable, "-m", "experiments.compare", "--dataset", "digits",
+       "--epochs", "1",
        "--seeds", "2", "--batch-size", "256", "--out", out, "--no-progress",
        "--methods", TINY_METHODS] + TINY_CNN, env=env, cwd=root, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
@@ -139,6 +140,60 @@ def test_symmetric_label_noise_is_uniform_over_wrong_classes():
       half, data.symmetric_label_noise(labels, 0.5, 10, seed=3))
   with pytest.raises(ValueError, match="label_noise"):
     data.symmetric_label_noise(labels, 1.5, 10, seed=0)
+
+
+def test_mnist1d_is_generated_offline_with_its_published_shape(monkeypatch):
+  import random
+  import socket
+
+  import requests
+
+  def no_network(*a, **k):
+    raise AssertionError("MNIST-1D must not touch the network")
+
+  monkeypatch.setattr(requests, "get", no_network)
+  monkeypatch.setattr(socket, "socket", no_network)
+  data._mnist1d_split.cache_clear()
+  np.random.seed(123)
+  random.seed(123)
+  np_before, py_before = np.random.get_state()[1].copy(), random.getstate()
+  ds = data.load_mnist1d(label_noise=0.3, seed=4)
+  # The global NumPy and random states the generator seeds are restored.
+  np.testing.assert_array_equal(np.random.get_state()[1], np_before)
+  assert random.getstate() == py_before
+  assert ds.train_images.shape == (4000, 40)
+  assert ds.test_images.shape == (1000, 40)
+  assert ds.train_images.dtype == np.float32 and ds.num_classes == 10
+  assert ds.image_shape == (40,)
+  for y in (ds.train_clean_labels, ds.test_labels):
+    assert y.dtype == np.int32 and y.min() == 0 and y.max() == 9
+  # The generator makes 5,000 // 10 signals of each class, then splits.
+  counts = (np.bincount(ds.train_clean_labels, minlength=10)
+            + np.bincount(ds.test_labels, minlength=10))
+  np.testing.assert_array_equal(counts, np.full(10, 500))
+  # The package standardises the whole set.
+  x = np.concatenate([ds.train_images, ds.test_images])
+  np.testing.assert_allclose([x.mean(), x.std()], [0.0, 1.0], atol=1e-4)
+  # Exactly 30% of the training labels flipped; the same for the seed,
+  # the data the same for every seed.
+  assert (ds.train_labels != ds.train_clean_labels).sum() == 1200
+  again = data.load("mnist1d", label_noise=0.3, seed=4)
+  np.testing.assert_array_equal(again.train_labels, ds.train_labels)
+  other = data.load("mnist1d", seed=5)
+  np.testing.assert_array_equal(other.train_images, ds.train_images)
+  np.testing.assert_array_equal(other.train_labels, other.train_clean_labels)
+  # The labels are the signals' classes: a linear classifier reaches about
+  # the paper's 32% (logistic regression, Greydanus & Kobak), far above
+  # chance; on shuffled labels it is at chance.
+  from sklearn.linear_model import LogisticRegression
+
+  def linear_acc(labels):
+    clf = LogisticRegression(max_iter=300).fit(ds.train_images, labels)
+    return clf.score(ds.test_images, ds.test_labels)
+
+  assert 0.25 < linear_acc(ds.train_clean_labels) < 0.45
+  shuffled = np.random.default_rng(0).permutation(ds.train_clean_labels)
+  assert linear_acc(shuffled) < 0.16
 
 
 def test_augmentations():
@@ -246,6 +301,27 @@ def test_digits_cnn_is_small_cnn_with_patch_convolutions():
   a, b, c, d = both(params, p)
   chex.assert_trees_all_close(a, b, atol=1e-5)
   chex.assert_trees_all_close(c, d, atol=1e-5)
+
+
+def test_mnist1d_mlp_is_the_published_mlp_with_output_heavy_layers():
+  model = models.create("mnist1d_mlp", 10)
+  params = jax.jit(lambda k: models.init(model, k, (40,)))(
+      jax.random.key(0, impl="rbg"))[0]
+  # 40 -> 100 -> 100 -> 10 with biases: 4,100 + 10,100 + 1,010.
+  assert models.num_params(params) == 15_210
+  assert sorted(params) == ["fc1", "fc2", "head"]
+  out_side = models.num_params(params["fc2"]) + models.num_params(
+      params["head"])
+  assert out_side == 11_110  # 73% of the parameters (the CNN's: 29%)
+  x = np.asarray(jax.random.normal(jax.random.key(1), (3, 40)))
+  p = jax.device_get(params)
+  h = np.maximum(x @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+  h = np.maximum(h @ p["fc2"]["kernel"] + p["fc2"]["bias"], 0)
+  ref = h @ p["head"]["kernel"] + p["head"]["bias"]
+  np.testing.assert_allclose(model.apply({"params": params}, x), ref,
+                             rtol=1e-5, atol=1e-5)
+  assert config.Config(dataset="mnist1d").model == "mnist1d_mlp"
+  assert config.Config(dataset="mnist1d").noise == 0.0
 
 
 def test_tiny_variants_run_and_update_batch_stats():
@@ -575,34 +651,201 @@ def test_parse_methods():
   assert grid == [("sgd", {}), ("sam", {"rho": 0.05}), ("sam", {"rho": 0.1})]
 
 
+CORE = ["sgd", "sam", "asam", "gnp", "layerwise_sam", "ssam_fisher",
+        "ssam_dynamic", "looksam", "vsam", "lightsam"]
+
+
 def test_compare_protocols():
-  args, out, specs, labels = compare.plan([])
-  assert (args.dataset, args.model, args.epochs, args.batch_size, args.lr,
-          args.weight_decay, args.label_noise, args.seeds) == (
-              "digits", "digits_cnn", 60, 64, 0.05, 5e-4, 0.3, 5)
-  assert out == "experiments/results/digits"
-  assert labels == methods.available() + RHO_GRID
-  args, out, _, labels = compare.plan(["--long"])
-  assert (args.epochs, args.seeds, out) == (
+  # The quick default: the core rows on both offline datasets, 3 seeds,
+  # outside the committed results.
+  quick = compare.plans([])
+  assert [p.args.dataset for p in quick] == ["digits", "mnist1d"]
+  for p, model, noise in zip(quick, ("digits_cnn", "mnist1d_mlp"),
+                             (0.3, 0.0)):
+    assert (p.args.model, p.args.epochs, p.args.batch_size, p.args.lr,
+            p.args.weight_decay, p.args.label_noise, p.args.seeds) == (
+                model, 60, 64, 0.05, 5e-4, noise, 3)
+    assert p.labels == CORE
+    assert p.out == f"runs/compare/{p.args.dataset}"
+  (one,) = compare.plans(["--dataset", "mnist1d", "--seeds", "2"])
+  assert (one.args.model, one.args.seeds, one.labels) == (
+      "mnist1d_mlp", 2, CORE)
+  (long,) = compare.plans(["--long"])
+  assert (long.args.epochs, long.args.seeds, long.out) == (
       240, 5, "experiments/results/digits_long")
-  assert labels == methods.available() + RHO_GRID
-  with pytest.raises(SystemExit):
-    compare.plan(["--long", "--full"])
-  args, out, _, labels = compare.plan(["--full"])
+  assert long.labels == methods.available() + RHO_GRID
+  for bad in (["--long", "--full"], ["--committed", "--long"],
+              ["--committed", "--dataset", "cifar10"],
+              ["--long", "--dataset", "mnist1d"], ["--methods", "sam,sam"]):
+    with pytest.raises(SystemExit):
+      compare.plans(bad)
+  (full,) = compare.plans(["--full"])
+  args = full.args
   assert (args.dataset, args.model, args.epochs, args.batch_size, args.lr,
-          args.label_noise) == ("cifar10", "resnet18", 200, 128, 0.1, 0.0)
-  assert out == "experiments/results/cifar10_resnet18"
-  assert labels == methods.available()
-  args, out, _, _ = compare.plan(["--full", "--model", "wrn28_10",
-                                  "--dataset", "cifar100", "--epochs", "5"])
-  assert (args.model, args.dataset, args.epochs) == ("wrn28_10", "cifar100", 5)
-  assert out == "experiments/results/cifar100_wrn28_10"
-  args, out, _, labels = compare.plan(["--dataset", "cifar10",
-                                       "--methods", "sam"])
-  assert (args.model, args.label_noise) == ("resnet18", 0.0)
-  assert labels == ["sgd", "sam"]  # SGD is always the reference
-  with pytest.raises(SystemExit):
-    compare.plan(["--methods", "sam,sam"])
+          args.label_noise, args.seeds) == (
+              "cifar10", "resnet18", 200, 128, 0.1, 0.0, 3)
+  assert full.out == "experiments/results/cifar10_resnet18"
+  assert full.labels == methods.available()
+  (full,) = compare.plans(["--full", "--model", "wrn28_10", "--dataset",
+                           "cifar100", "--epochs", "5"])
+  assert (full.args.model, full.args.dataset, full.args.epochs) == (
+      "wrn28_10", "cifar100", 5)
+  assert full.out == "experiments/results/cifar100_wrn28_10"
+  (tfds,) = compare.plans(["--dataset", "cifar10", "--methods", "sam"])
+  assert (tfds.args.model, tfds.args.label_noise) == ("resnet18", 0.0)
+  assert tfds.labels == ["sgd", "sam"]  # SGD is always the reference
+  two = compare.plans(["--out", "/tmp/x", "--methods", "sam"])
+  assert [p.out for p in two] == ["/tmp/x/digits", "/tmp/x/mnist1d"]
+
+
+@pytest.mark.parametrize("dataset", ["digits", "mnist1d"])
+def test_committed_flag_selects_the_committed_configuration(dataset):
+  # The committed results.json says what made it; --committed plans exactly
+  # that: the datasets, rows, seeds, epochs and every base setting.
+  plans = compare.plans(["--committed"])
+  assert [p.args.dataset for p in plans] == ["digits", "mnist1d"]
+  (plan,) = [p for p in plans if p.args.dataset == dataset]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  saved = json.load(open(os.path.join(root, plan.out, "results.json")))
+  assert saved["complete"] and saved["protocol"] == "committed"
+  assert "--committed" in saved["command"]
+  assert plan.out == f"experiments/results/{dataset}"
+  assert plan.labels == [m["label"] for m in saved["methods"]]
+  assert [(n, a) for n, a in plan.specs] == [
+      (m["method"], m["method_args"]) for m in saved["methods"]]
+  assert plan.args.seeds == saved["seeds"]
+  assert sorted({r["seed"] for r in saved["runs"]}) == list(
+      range(saved["seeds"]))
+  assert len(saved["runs"]) == saved["seeds"] * len(plan.labels)
+  base = config.config_from_args(plan.args).to_dict()
+  assert base == saved["base_config"]
+  assert base["epochs"] == 60
+  # The core rows, then SAM's and LookSAM's rho grids.
+  assert plan.labels == CORE + [
+      "sam (rho=0.02)", "sam (rho=0.1)", "sam (rho=0.2)",
+      "looksam (rho=0.05)", "looksam (rho=0.2)"]
+  assert saved["cpu"]
+
+
+def test_paired_interval_against_a_t_table():
+  # Five paired differences; the 97.5% quantile of Student's t with 4
+  # degrees of freedom is 2.776 (a printed t-table).
+  d = np.array([0.01, 0.03, -0.005, 0.02, 0.015])
+  mean = d.sum() / 5
+  sd = np.sqrt(((d - mean) ** 2).sum() / 4)
+  half = 2.776 * sd / np.sqrt(5)
+  got = compare.paired_interval(d)
+  assert got["n"] == 5
+  np.testing.assert_allclose(got["mean"], 0.014)
+  np.testing.assert_allclose(got["t"], 2.776, atol=5e-4)
+  # (the table's 3 decimals of t: 2e-6 on the bounds here)
+  np.testing.assert_allclose([got["lo"], got["hi"]],
+                             [mean - half, mean + half], atol=1e-5)
+  # Two seeds: t = 12.706 (1 degree of freedom); one seed: no interval.
+  got = compare.paired_interval([0.02, 0.04])
+  np.testing.assert_allclose(got["t"], 12.706, atol=5e-4)
+  half = 12.706 * np.std([0.02, 0.04], ddof=1) / np.sqrt(2)
+  np.testing.assert_allclose([got["lo"], got["hi"]],
+                             [0.03 - half, 0.03 + half], atol=1e-5)
+  assert compare.paired_interval([0.1])["lo"] is None
+  # Pairs are formed on the seed: rows that list their seeds in another
+  # order still subtract seed from seed.
+  row = {"seeds": [2, 0, 1], "accs": [0.5, 0.7, 0.9]}
+  ref = {"seeds": [0, 1, 2, 3], "accs": [0.6, 0.6, 0.6, 0.1]}
+  got = compare._paired(row, ref)
+  assert got["seeds"] == [0, 1, 2]
+  np.testing.assert_allclose(got["mean"], np.mean([0.1, 0.3, -0.1]))
+
+
+def test_reach_verdict_and_the_figures_ignore_a_diverged_row(tmp_path):
+  def row(label, method, accs, time_rel, second):
+    return {"label": label, "method": method, "seeds": [0, 1, 2],
+            "accs": accs, "acc_mean": float(np.mean(accs)),
+            "acc_se": float(np.std(accs, ddof=1) / np.sqrt(3)),
+            "time_rel": time_rel, "second_rel": second,
+            "grads_rel": 1 + second, "settings": {}}
+
+  rows = compare.add_paired([
+      row("sgd", "sgd", [0.70, 0.72, 0.71], 1.0, 0.0),
+      row("sam", "sam", [0.75, 0.76, 0.77], 1.9, 1.0),
+      row("sam (rho=0.2)", "sam", [0.10, 0.12, 0.11], 1.9, 1.0),
+      # 0.3 points below the best SAM row on every seed, cheaper.
+      row("looksam", "looksam", [0.747, 0.757, 0.767], 1.3, 0.2),
+      # 1 point below: not reached.
+      row("vsam", "vsam", [0.74, 0.75, 0.76], 1.1, 0.1),
+      # as accurate as SAM, dearer.
+      row("ssam_fisher", "ssam_fisher", [0.75, 0.76, 0.77], 2.0, 1.7),
+  ])
+  by = {r["label"]: r for r in rows}
+  assert by["looksam"]["reach"]["answer"]
+  assert by["looksam"]["reach"]["accuracy_in_interval"]
+  np.testing.assert_allclose(by["looksam"]["vs_best_sam"]["mean"], -0.003)
+  assert not by["vsam"]["reach"]["answer"]
+  assert not by["vsam"]["reach"]["accuracy"]
+  fisher = by["ssam_fisher"]["reach"]
+  assert fisher["accuracy"] and not fisher["cheaper_time"]
+  assert not fisher["answer"]
+  np.testing.assert_allclose(by["sam"]["vs_sgd"]["mean"], 0.05)
+  # With CPU times the cost is read from them, not from the wall-clock.
+  again = compare.add_paired([
+      dict(by["sgd"], cpu_rel=1.0),
+      dict(by["sam"], cpu_rel=1.9),
+      dict(by["looksam"], cpu_rel=2.0)])
+  assert again[2]["reach"]["cost_measure"] == "cpu_rel"
+  assert not again[2]["reach"]["answer"]
+  text = "\n".join(compare.findings(rows))
+  assert "looksam: reaches the best SAM row minus 0.5 points at lower " \
+         "cost? yes" in text
+  assert "vsam: reaches the best SAM row minus 0.5 points at lower cost? " \
+         "no" in text
+  # The diverged grid row (11%) does not stretch the accuracy axis.
+  from experiments import plots
+
+  sams = [dict(r, settings={"rho": rho}) for r, rho in
+          ((by["sam"], 0.05), (by["sam (rho=0.2)"], 0.2))]
+  rows = rows + [dict(by["vsam"], label="lightsam", method="lightsam",
+                      acc_mean=0.12, accs=[0.1, 0.12, 0.14])]
+  lo, hi = plots.accuracy_vs_cost(rows, str(tmp_path / "a.png"))
+  assert 65 < lo < 70 and 77 < hi < 80
+  assert plots.rho_grids(rows[:2] + sams, str(tmp_path / "g.png"))
+  plots.paired_forest({"x": rows, "y": rows}, str(tmp_path / "f.png"))
+  import matplotlib.image
+
+  for name in ("a.png", "g.png", "f.png"):
+    assert matplotlib.image.imread(str(tmp_path / name)).shape[1] > 500
+
+
+def test_compare_on_mnist1d_tiny(tmp_path):
+  out = str(tmp_path / "m")
+  (result,) = compare.main([
+      "--dataset", "mnist1d", "--epochs", "1", "--seeds", "2",
+      "--batch-size", "400", "--methods", "sam,layerwise_sam",
+      "--model-arg", "hidden=(8, 8)", "--out", out, "--no-progress"])
+  assert sorted(os.listdir(out)) == [
+      "accuracy_vs_cost.png", "paired_vs_sgd.png", "results.json",
+      "results.md"]
+  saved = json.load(open(os.path.join(out, "results.json")))
+  assert saved["base_config"]["dataset"] == "mnist1d"
+  assert saved["base_config"]["model"] == "mnist1d_mlp"
+  assert saved["label_noise"] == 0.0
+  with open("/proc/cpuinfo") as f:
+    names = [l.split(":", 1)[1].strip() for l in f
+             if l.startswith("model name")]
+  if names:
+    assert saved["cpu"] == names[0]
+  runs = saved["runs"]
+  assert len(runs) == 6 and all(r["steps"] == 4000 // 400 for r in runs)
+  acc = {(r["label"], r["seed"]): r["final_test_acc"] for r in runs}
+  md = open(os.path.join(out, "results.md")).read()
+  for row in saved["summary"][1:]:
+    d = np.array([acc[(row["label"], s)] - acc[("sgd", s)] for s in (0, 1)])
+    half = 12.706 * d.std(ddof=1) / np.sqrt(2)
+    np.testing.assert_allclose(
+        [row["vs_sgd"]["mean"], row["vs_sgd"]["lo"], row["vs_sgd"]["hi"]],
+        [d.mean(), d.mean() - half, d.mean() + half], rtol=1e-3, atol=1e-9)
+    assert (f"| {row['label']} | " in md
+            and f"{100 * d.mean():+.2f} [" in md)
+  assert result["rows"][0]["label"] == "sgd"
 
 
 def test_layerwise_study_rows_are_registry_methods_with_their_choices():
@@ -611,27 +854,45 @@ def test_layerwise_study_rows_are_registry_methods_with_their_choices():
   specs = [compare.parse_methods(spec)[0] for _, spec in
            layerwise_study.VARIANTS]
   assert all(n in methods.available() for n, _ in specs)
-  # Every runtime row states both choices; the crossing is complete for
-  # both rankings (by gradient and by sharpness) on the selected layers.
-  runtime = [a for n, a in specs if n in ("layerwise_sam_runtime",
-                                          "layerwise_sam_sharpness")]
-  assert all({"normalize", "second"} <= set(a) for a in runtime)
-  for name in ("layerwise_sam_runtime", "layerwise_sam_sharpness"):
-    norms = {a["normalize"] for n, a in specs
-             if n == name and a["second"] == "selected"}
-    assert norms == {"selection", "global"}, name
-  assert ("layerwise_sam", {"rho": layerwise_study.RHO}) in specs  # default
+  default = ("layerwise_sam", {"rho": layerwise_study.RHO})
+  assert specs[:4] == [("sgd", {}), ("sam", {"rho": 0.1}),
+                       ("gnp", {"rho": 0.1}), default]
+  # Each output-side row changes at most two of the default's choices.
+  lw = [a for n, a in specs if n == "layerwise_sam"]
+  assert all(len(set(a) - {"rho"}) <= 2 for a in lw)
+  studied = {k for a in lw for k in a}
+  assert {"num_layers", "second", "alpha", "normalize"} <= studied
   labels = [methods.label(n, a) for n, a in specs]
   assert len(set(labels)) == len(labels)
+  assert set(layerwise_study.DEFAULT_SETTINGS) <= set(
+      layerwise_study.SETTINGS)
+  settings = layerwise_study.SETTINGS
+  assert {st["flags"][st["flags"].index("--dataset") + 1] for st in
+          settings.values()} == {"digits", "mnist1d"}
+  # On the digits, the rows the committed comparison ran with the same
+  # settings are read from it (SAM at rho 0.1 is its grid row, GNP and the
+  # layer-wise default are its default rows); SGD runs in the study.
+  run, read = layerwise_study._split(settings["digits"], True)
+  assert read == {
+      "sam (rho=0.1)": ("experiments/results/digits", "sam (rho=0.1)"),
+      "gnp (rho=0.1)": ("experiments/results/digits", "gnp"),
+      "layerwise_sam (rho=0.1)": ("experiments/results/digits",
+                                  "layerwise_sam")}
+  assert 0 in run and not set(run) & set(settings["digits"]["skip"])
+  assert len(run) + len(read) + len(settings["digits"]["skip"]) == len(
+      specs)
+  run, read = layerwise_study._split(settings["digits"], False)
+  assert not read
 
 
-def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
+def test_compare_tiny_run_on_digits_writes_its_files(compare_run):
   out, proc = compare_run
   stdout, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 0, stderr[-3000:]
   assert "| sam |" in stdout
   files = sorted(os.listdir(out))
-  assert files == ["accuracy_vs_cost.png", "results.json", "results.md"]
+  assert files == ["accuracy_vs_cost.png", "paired_vs_sgd.png",
+                   "results.json", "results.md", "rho_grids.png"]
   saved = json.load(open(os.path.join(out, "results.json")))
   md = open(os.path.join(out, "results.md")).read()
   # Every registry method and one row of SAM's grid (the grids themselves:
@@ -639,7 +900,7 @@ def test_compare_tiny_run_on_digits_writes_the_three_files(compare_run):
   labels = methods.available() + ["sam (rho=0.1)"]
   assert [r["label"] for r in saved["summary"]] == labels
   assert saved["complete"] and len(saved["runs"]) == 2 * len(labels)
-  assert "python -m experiments.compare --epochs 1" in md
+  assert "python -m experiments.compare --dataset digits --epochs 1" in md
   for row in saved["summary"]:
     assert f"| {row['label']} |" in md
     assert "error" not in row, row
