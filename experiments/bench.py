@@ -60,6 +60,7 @@ from jax.sharding import PartitionSpec as P
 
 import sam_optax
 from experiments import config as config_lib
+from experiments.config import Range
 from experiments import methods as methods_lib
 from experiments import models
 from experiments import parallel
@@ -378,17 +379,18 @@ def parse_args(argv=None):
       "and every method available)",
   )
   ap.add_argument("--model", default="small", choices=["small", "resnet18"])
-  ap.add_argument("--batch-size", type=int, default=64)
-  ap.add_argument("--rounds", type=int, default=5)
-  ap.add_argument("--steps", type=int, default=20, help="timed steps per round")
-  ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+  ap.add_argument("--batch-size", type=Range(int, 1).arg, default=64)
+  ap.add_argument("--rounds", type=Range(int, 1).arg, default=5)
+  ap.add_argument("--steps", type=Range(int, 1).arg, default=20, help="timed steps per round")
+  ap.add_argument("--warmup", type=Range(int, 0).arg, default=3, help="untimed steps first")
   ap.add_argument(
-      "--steps-per-epoch", type=int, default=25,
+      "--steps-per-epoch", type=Range(int, 1).arg, default=25,
       help="sets mask refresh periods and warm-ups that are given in epochs",
   )
-  ap.add_argument("--lr", type=float, default=0.01)
+  ap.add_argument("--lr", type=Range(float, 0, open_low=True).arg,
+                  default=0.01)
   ap.add_argument(
-      "--devices", type=int, default=0,
+      "--devices", type=Range(int, 0).arg, default=0,
       help="data-parallel over the first N devices (one mesh, batch sharded, "
       "state replicated); 0: one device, no mesh. For CPU devices set "
       "XLA_FLAGS=--xla_force_host_platform_device_count=N",

@@ -644,7 +644,7 @@ def plans(argv: list[str]) -> list[Plan]:
                  "(default: the protocol's rows)")
   p.add_argument("--rho-grid", default=None,
                  help="comma-separated rhos: every method at each")
-  p.add_argument("--seeds", type=int, default=None)
+  config_lib.add_number(p, "seeds", default=None)
   p.add_argument("--out", default=None,
                  help="output directory (several datasets: one "
                  "subdirectory each)")
@@ -699,8 +699,11 @@ def plans(argv: list[str]) -> list[Plan]:
                  if n in methods_lib.available()]
       specs += [(n, dict(m)) for n, m in proto["extra_methods"]
                 if n in methods_lib.available()]
-    grid = ([float(x) for x in args.rho_grid.split(",")]
-            if args.rho_grid else None)
+    try:
+      grid = ([config_lib.RUN_RANGES["rho"].arg(x.strip())
+               for x in args.rho_grid.split(",")] if args.rho_grid else None)
+    except argparse.ArgumentTypeError as e:
+      p.error(f"argument --rho-grid: each rho {e}")
     specs = expand_rho_grid(specs, grid)
     if not any(n == "sgd" and not m for n, m in specs):
       specs.insert(0, ("sgd", {}))  # the reference every ratio is taken to

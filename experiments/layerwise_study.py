@@ -293,10 +293,10 @@ def render(out: str, names) -> dict[str, list[dict]]:
 
 def main(argv: Optional[list[str]] = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--seeds", type=int, default=None,
-                 help="default: each setting's (digits 5, MNIST-1D 10)")
-  p.add_argument("--epochs", type=int, default=None,
-                 help="default: the compare protocol's (60)")
+  config_lib.add_number(p, "seeds", default=None,
+                        help="default: each setting's (digits 5, MNIST-1D 10)")
+  config_lib.add_number(p, "epochs", default=None,
+                        help="default: the compare protocol's (60)")
   p.add_argument("--out", default="experiments/results/layerwise")
   p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                  help=f"comma-separated, of {list(SETTINGS)}")

@@ -91,8 +91,30 @@ def test_compare_shares_the_checked_base_flags(capsys):
   for flag, value, allowed in BAD_VALUES:
     if flag in train_only:
       continue
-    code, err = _exit(capsys, [f"{flag}={value}"], main=compare.plan)
+    code, err = _exit(capsys, [f"{flag}={value}"], main=compare.plans)
     assert code == 2 and f"argument {flag}: must be {allowed}" in err, err
+
+
+def test_the_other_commands_refuse_bad_numbers_at_parse_time(capsys):
+  # Each was accepted (0, negative or NaN) or gave a traceback ("abc").
+  from experiments import bench  # pylint: disable=g-import-not-at-top
+  from experiments import layerwise_study  # pylint: disable=g-import-not-at-top
+  for main, argv, says in [
+      (compare.plans, ["--seeds", "0"], "argument --seeds: must be"),
+      (compare.plans, ["--rho-grid", "0.05,nan"], "argument --rho-grid"),
+      (compare.plans, ["--rho-grid", "abc"], "argument --rho-grid"),
+      (compare.plans, ["--rho-grid", "-0.1"], "argument --rho-grid"),
+      (bench.parse_args, ["--steps", "0"], "argument --steps: must be"),
+      (bench.parse_args, ["--batch-size", "-1"], "argument --batch-size"),
+      (bench.parse_args, ["--lr", "nan"], "argument --lr: must be"),
+      (bench.parse_args, ["--devices", "-2"], "argument --devices"),
+      (layerwise_study.main, ["--seeds", "0"], "argument --seeds: must be"),
+      (layerwise_study.main, ["--epochs", "nan"], "argument --epochs"),
+      (layerwise_study.main, ["--settings", "nope"], "--settings: unknown"),
+  ]:
+    code, err = _exit(capsys, argv, main=main)
+    assert code == 2 and says in err, (argv, err)
+    assert "Traceback" not in err
 
 
 def test_train_settings_the_parser_cannot_check_are_usage_errors(capsys):

@@ -264,12 +264,13 @@ def layerwise_sam(
   and ``python -m experiments.compare --committed``; the docs' experiments
   page has the tables), on two datasets: the digits with 30% label noise
   and a small CNN whose two output-side layers hold 29% of the weights, and
-  MNIST-1D with
-  its published MLP, whose two output-side layers hold 73%. Rho 0.1, alpha
-  0.8; paired differences against SGD on the same seeds, 95% intervals:
+  MNIST-1D with its published MLP, whose two output-side layers hold 73%.
+  Rho 0.1, alpha 0.8; paired differences against SGD on the same seeds, 95%
+  intervals:
 
-  * digits: +1.04 points [+0.31, +1.77] (8 seeds), the same as GNP
-    (+0.00 [-3.09, +3.09], 5 seeds), at 1.13x SGD's CPU time (GNP 2.09x);
+  * digits: +1.04 points [+0.31, +1.77] (8 seeds), level with GNP (the
+    default minus GNP: +0.00 [-3.09, +3.09], 5 seeds), at 1.13x SGD's CPU
+    time (GNP 2.09x);
   * MNIST-1D: +0.63 [-0.11, +1.37] (20 seeds), below GNP (+1.67
     [+0.86, +2.48]), at 1.93x SGD's CPU time (GNP 2.27x): when the output
     side holds most of the weights, its partial backward is most of a full
