@@ -80,6 +80,9 @@ _BUILTIN = (
 nitpick_ignore_regex = [
     (r"py:.*", _EXTERNAL),
     (r"py:.*", _BUILTIN),
+    # Internal names that appear in signatures only (a part's base class
+    # and the plan key's type); they have no public entry on purpose.
+    (r"py:class", r"(sam_optax\._src\.protocols\.)?(Component|PlanKey)"),
 ]
 
 # -- MyST ---------------------------------------------------------------------

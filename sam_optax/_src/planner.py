@@ -222,7 +222,7 @@ class Planner:
 
   def rho_skip(self, count: int) -> Optional[bool]:
     """Whether the step ``count`` is skipped for its radius (not > 0 and
-    finite: :func:`engine.rho_active`, the device's rule on the same
+    finite: ``engine.rho_active``, the device's rule on the same
     float32 value); None when rho is not a schedule (fixed, known to the
     engine; or injected, known only on the device)."""
     rho = self._spec.rho

@@ -319,7 +319,7 @@ class Region(Component):
     return part_key(self, instance=ById(self))
 
   def check_planned(self, plan: Hashable) -> None:
-    """Raises ValueError unless ``plan`` is a value :meth:`plan` may return
+    """Raises ValueError unless ``plan`` is a value ``plan`` may return
     (None always is: the region then decides as without a plan)."""
     if plan is not None and type(self).plan is Region.plan:
       raise ValueError(
@@ -401,7 +401,7 @@ class Gate(Component):
 
   def check_planned(self, second: Any, after: Hashable) -> None:
     """Raises ValueError unless ``second`` and ``after`` are values
-    :meth:`plan` and :meth:`plan_after` may return (None always is)."""
+    ``plan`` and ``plan_after`` may return (None always is)."""
     check_flag("plan.second", second)
     allowed = {"always": True, "never": False}.get(self.schedule)
     if second is not None and (
@@ -534,7 +534,7 @@ class PlanKey(NamedTuple):
 
 
 def plan_key(rho: Any, region: Region, gate: Gate) -> PlanKey:
-  """The :class:`PlanKey` of a transform with these settings."""
+  """The ``PlanKey`` of a transform with these settings."""
   return PlanKey(
       rho=rho if callable(rho) else None,
       region=region.plan_key(),
@@ -561,7 +561,8 @@ class Plan(NamedTuple):
       window), see :meth:`Gate.plan_after`.
     region: the region's plan (e.g. refresh the mask or not; the selected
       layers).
-    owner: the :class:`PlanKey` of the transform the plan was made for.
+    owner: the ``PlanKey`` of the transform the plan was made for (what
+      identifies it; compared by ``update``).
   """
 
   rho_skip: Optional[bool] = None
