@@ -294,7 +294,7 @@ def test_documented_command_lines_parse():
   from experiments import bench, compare, train  # pylint: disable=g-import-not-at-top
 
   parse = {
-      "compare": compare.plan,
+      "compare": compare.plans,
       "train": lambda argv: train.parser().parse_args(argv),
       "bench": bench.parse_args,
   }
