@@ -167,9 +167,15 @@ def load_digits(label_noise: float = 0.0, seed: int = 0) -> ArrayDataset:
     >>> float((ds.train_labels != ds.train_clean_labels).mean()).__round__(2)
     0.3
   """
-  x_train, y_train, x_test, y_test = _digits_split()
+  return _with_label_noise("digits", _digits_split(), label_noise, seed)
+
+
+def _with_label_noise(name, split, label_noise, seed) -> ArrayDataset:
+  """An offline 10-class dataset from its fixed split, ``label_noise`` of
+  the training labels flipped by ``seed`` (the clean ones kept beside)."""
+  x_train, y_train, x_test, y_test = split
   return ArrayDataset(
-      name="digits",
+      name=name,
       train_images=x_train,
       train_labels=symmetric_label_noise(y_train, label_noise, 10, seed),
       train_clean_labels=y_train,
@@ -221,18 +227,7 @@ def load_mnist1d(label_noise: float = 0.0, seed: int = 0) -> ArrayDataset:
     >>> ds.train_images.shape, ds.test_images.shape, ds.num_classes
     ((4000, 40), (1000, 40), 10)
   """
-  x_train, y_train, x_test, y_test = _mnist1d_split()
-  return ArrayDataset(
-      name="mnist1d",
-      train_images=x_train,
-      train_labels=symmetric_label_noise(y_train, label_noise, 10, seed),
-      train_clean_labels=y_train,
-      test_images=x_test,
-      test_labels=y_test,
-      num_classes=10,
-      label_noise=label_noise,
-      seed=seed,
-  )
+  return _with_label_noise("mnist1d", _mnist1d_split(), label_noise, seed)
 
 
 @functools.lru_cache(maxsize=1)
