@@ -132,10 +132,10 @@ def top_k_mask(
   from ``iota`` inside each pass (never stored), and the op count grows
   linearly with the number of leaves (a few ops per leaf).
 
-  Measured on the (shared, loaded) 2-core CPU of this project for 25M
-  float32 scores in 160 leaves: see the Sparse SAM note in the README. On
-  an accelerator the passes are bandwidth-bound: ``33 + ceil(log2 N)`` reads
-  of 4 bytes per entry (58 for 25M entries, about 3 ms at 2 TB/s).
+  Cost: ``32 + ceil(log2 N)`` counting passes (57 for 25M entries), each
+  a read of 4 bytes per entry and, under sharding, one all-reduce of a
+  scalar per leaf (XLA may combine them); bandwidth-bound on an
+  accelerator, about 3 ms for 25M entries at 2 TB/s.
 
   Args:
     scores: a pytree of float arrays.
