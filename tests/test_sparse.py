@@ -224,6 +224,13 @@ def test_leafwise_top_k_equals_concatenated_top_k():
       assert got.sum() == k
 
 
+def test_top_k_mask_empty_leaves():
+  got = jax.jit(topk.top_k_mask)([jnp.zeros((0, 3)), jnp.array([1., 2.])], 1)
+  assert got[0].shape == (0, 3)
+  np.testing.assert_array_equal(got[1], [False, True])
+  assert topk.top_k_mask([jnp.zeros((0, 3))], 0)[0].shape == (0, 3)
+
+
 def test_top_k_mask_rejects_2_31_entries():
   with pytest.raises(ValueError, match="fewer than 2\\*\\*31"):
     topk.top_k_mask([jax.ShapeDtypeStruct((2**16, 2**15), jnp.float32)], 1)

@@ -169,7 +169,7 @@ def top_k_mask(
   keys = _leaf_keys(leaves, treedef, eligible)
   starts = np.cumsum([0] + sizes[:-1]).tolist()
   k = jnp.asarray(k, jnp.int32)
-  index_bits = max(1, math.ceil(math.log2(n)))
+  index_bits = max(1, math.ceil(math.log2(max(n, 1))))
 
   def at_least(t, u):
     """Per leaf: (key, N - 1 - flat index) >= (t, u), lexicographically.
