@@ -42,7 +42,11 @@ the state is donated, so its buffers are counted once), as a ratio to SGD's
 plans) are compiled again in a subprocess with ``--memory-flags`` added to
 ``XLA_FLAGS`` (default on CPU: the memory-minimizing scheduler,
 ``--xla_cpu_enable_concurrency_optimized_scheduler=false``), column
-``memory (flags)``; ``--memory-flags ""`` skips it. On a GPU the JSON also
+``memory (flags)``; ``--memory-flags ""`` skips it. A step under a
+``lax.cond`` (unplanned LookSAM, vSAM) reads low: XLA:CPU's memory analysis
+does not add the temp buffers of a conditional's branches the way it does
+for straight-line code, so the planned row (one program per branch) is the
+number to trust. On a GPU the JSON also
 holds ``device_peak_bytes``: ``device.memory_stats()["peak_bytes_in_use"]``
 after the row's warm-up steps (the rows warm up one after another, SGD
 first, so it is the running peak of the process up to that row).
@@ -469,7 +473,8 @@ def to_markdown(result: dict[str, Any]) -> str:
   if cfg.get("memory_flags"):
     lines += ["", "memory: compiled peak bytes (argument + output + temp - "
               "alias) / SGD's; memory (flags): the same programs compiled "
-              f"with `{cfg['memory_flags']}`."]
+              f"with `{cfg['memory_flags']}`. Rows with a lax.cond (unplanned "
+              "LookSAM, vSAM) read low: trust their +plan rows."]
   return "\n".join(lines)
 
 
