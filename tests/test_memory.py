@@ -9,7 +9,11 @@ small conv net (``experiments/bench.py``'s ``peak_bytes``: argument + output
 flags XLA:CPU's concurrency-optimized scheduler keeps more buffers alive at
 once for SAM's two passes (about 1.7x SGD for every method); that is the
 scheduler's choice, not the library's overhead, and the benchmark's
-``memory`` column shows it.
+``memory`` column shows it. The steps are the unplanned ones: for LookSAM
+and vSAM, whose second gradient sits in a ``lax.cond``, XLA's memory
+analysis does not count the branch's temps, so their planned SAM steps
+(1.16-1.18x SGD, their stored direction included) are not under this bound;
+see experiments/results/bench/cpu_small_cnn_memory.md.
 """
 
 from __future__ import annotations
