@@ -34,6 +34,23 @@ steps. ``--methods`` takes overrides as ``compare`` does:
 adds ``layerwise_sam_runtime (select_every=10)`` beside the registry's
 every-step re-selection.
 
+Memory (every row): the compiled peak bytes of the row's step, the largest
+over its programs (:func:`peak_bytes`: argument + output + temp - alias of
+``jax.jit(step, donate_argnums=0).lower(...).compile().memory_analysis()``;
+the state is donated, so its buffers are counted once), as a ratio to SGD's
+(``memory``). XLA flags are process-wide, so the same programs (the same
+plans) are compiled again in a subprocess with ``--memory-flags`` added to
+``XLA_FLAGS`` (default on CPU: the memory-minimizing scheduler,
+``--xla_cpu_enable_concurrency_optimized_scheduler=false``), column
+``memory (flags)``; ``--memory-flags ""`` skips it. A step under a
+``lax.cond`` (unplanned LookSAM, vSAM) reads low: XLA:CPU's memory analysis
+does not add the temp buffers of a conditional's branches the way it does
+for straight-line code, so the planned row (one program per branch) is the
+number to trust. On a GPU the JSON also
+holds ``device_peak_bytes``: ``device.memory_stats()["peak_bytes_in_use"]``
+after the row's warm-up steps (the rows warm up one after another, SGD
+first, so it is the running peak of the process up to that row).
+
 Data-parallel (``--devices N``): one mesh over N devices, the batch sharded,
 the state replicated; each method runs with per-device (``shard_map``,
 m-sharpness) and global (sharded ``jit``) perturbation, rows
@@ -242,16 +259,41 @@ def _kind(name: str, before: dict, after: dict) -> str:
   return "skip" if evals else "plain"
 
 
-def run(args) -> dict[str, Any]:
+CPU_MEMORY_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def peak_bytes(compiled) -> int:
+  """The compiled program's peak bytes: ``argument + output + temp -
+  alias`` of its ``memory_analysis()``.
+
+  Arguments and outputs are live for the whole call; ``temp`` is XLA's
+  buffer assignment for everything else (its size is the peak of the
+  intermediate buffers as the schedule orders them); donated arguments
+  that an output reuses (``alias``) would otherwise be counted twice.
+  """
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes
+             + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def _device_peak_bytes():
+  """``peak_bytes_in_use`` of the first device, where the backend reports
+  it (GPUs, TPUs); None on CPU."""
+  if jax.default_backend() == "cpu":
+    return None
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def _build_all(args, total):
+  """(row label -> Row, the batch), as :func:`run` builds them."""
   problem = make_problem(args.model, args.batch_size)
-  total = args.warmup + args.rounds * args.steps
   batch = problem.batch
-  mesh = None
-  steps: dict[str, Row] = {}
   if args.devices:
     mesh = parallel.make_mesh(jax.devices()[: args.devices])
     parallel.check_batch_size(args.batch_size, mesh)
     batch = jax.device_put(batch, parallel.sharded(mesh))
+    steps = {}
     for pert in args.perturbation:
       built = build_steps(args.methods, problem, args.lr, args.steps_per_epoch,
                           total, args.model, mesh=mesh, perturbation=pert,
@@ -260,6 +302,50 @@ def run(args) -> dict[str, Any]:
   else:
     steps = build_steps(args.methods, problem, args.lr, args.steps_per_epoch,
                         total, args.model, planned=args.planned)
+  return problem, steps, batch
+
+
+def compiled_peaks(args, plans: dict[str, list]) -> dict[str, int]:
+  """Row label -> the largest :func:`peak_bytes` over the programs of
+  ``plans[label]``, compiled (not run) in this process."""
+  total = args.warmup + args.rounds * args.steps
+  problem, steps, batch = _build_all(args, total)
+  out = {}
+  for name, row_plans in plans.items():
+    s = steps[name].init(jax.tree.map(jnp.array, problem.params))
+    out[name] = max(
+        peak_bytes(steps[name].step.lower(s, batch, plan=plan).compile())
+        for plan in row_plans)
+  return out
+
+
+def peaks_with_flags(argv, plans, flags: str) -> dict[str, int]:
+  """:func:`compiled_peaks` in a subprocess whose ``XLA_FLAGS`` add
+  ``flags`` (XLA reads its flags once per process)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  with tempfile.TemporaryDirectory() as tmp:
+    plans_file = os.path.join(tmp, "plans.pkl")
+    out_file = os.path.join(tmp, "peaks.json")
+    with open(plans_file, "wb") as f:
+      pickle.dump(plans, f)
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+    subprocess.run(
+        [sys.executable, "-m", "experiments.bench", *argv,
+         "--compile-only", plans_file, "--json", out_file],
+        env=env, check=True)
+    with open(out_file) as f:
+      return json.load(f)
+
+
+def run(args) -> dict[str, Any]:
+  total = args.warmup + args.rounds * args.steps
+  problem, steps, batch = _build_all(args, total)
   names = list(steps)
   reference = names[0]  # SGD (of the first perturbation on a mesh)
   copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731
@@ -268,6 +354,7 @@ def run(args) -> dict[str, Any]:
   compile_s = {n: 0.0 for n in names}
   programs = {n: {} for n in names}  # plan -> compiled program
   planners, counts = {}, {n: 0 for n in names}
+  device_peak = {}
 
   def one_step(name, s):
     """One step of row ``name``: (state, seconds spent compiling)."""
@@ -294,6 +381,7 @@ def run(args) -> dict[str, Any]:
     jax.block_until_ready(s)
     compile_s[name] = time.perf_counter() - t0  # first programs and warm-up
     carry[name] = s
+    device_peak[name] = _device_peak_bytes()
 
   for _ in range(args.rounds):
     for name in names:
@@ -308,6 +396,11 @@ def run(args) -> dict[str, Any]:
       carry[name] = s
 
   sgd_med = statistics.median(times[reference])
+  peaks = {n: max(peak_bytes(c) for c in programs[n].values()) for n in names}
+  flagged = {}
+  if args.memory_flags:
+    flagged = peaks_with_flags(
+        args.argv, {n: list(programs[n]) for n in names}, args.memory_flags)
   rows = {}
   for name in names:
     t = np.asarray(times[name])
@@ -322,6 +415,12 @@ def run(args) -> dict[str, Any]:
         "final_stats": _snapshot(carry[name].opt_state),
         "planned": name in planners,
         "programs": len(programs[name]),
+        "peak_bytes": peaks[name],
+        "memory_ratio": peaks[name] / peaks[reference],
+        "peak_bytes_flags": flagged.get(name),
+        "memory_ratio_flags": (
+            flagged[name] / flagged[reference] if flagged else None),
+        "device_peak_bytes": device_peak[name],
     }
     if name in planners:
       row["planner_reads"] = planners[name].reads
@@ -337,7 +436,7 @@ def run(args) -> dict[str, Any]:
           "steps_per_round": args.steps, "warmup": args.warmup,
           "steps_per_epoch": args.steps_per_epoch,
           "devices": args.devices or 1, "reference": reference,
-          "planned": args.planned,
+          "planned": args.planned, "memory_flags": args.memory_flags,
           "device": str(jax.devices()[0]), "backend": jax.default_backend(),
           "machine": platform.machine(), "jax": jax.__version__, "optax": optax.__version__,
       },
@@ -356,18 +455,27 @@ def to_markdown(result: dict[str, Any]) -> str:
       "",
       "| method | median step | mean step | second-grad step | skipped step "
       "| refresh step | steps with 2nd grad | ms (median) | programs "
-      "| reads / 1000 steps |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "| reads / 1000 steps | memory | memory (flags) | peak MB |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in result["rows"].items():
     reads = r.get("reads_per_1000")
+    peak = r.get("peak_bytes")
+    mb = "—" if peak is None else f"{peak / 2**20:.1f}"
     lines.append(
         f"| {name} | {fmt(r['ratio_median'])} | {fmt(r['ratio_mean'])} | "
         f"{fmt(r['ratio_second'])} | {fmt(r['ratio_skip'])} | "
         f"{fmt(r['ratio_refresh'])} | {100 * r['second_share']:.0f}% | "
         f"{r['median_ms']:.2f} | {r.get('programs', 1)} | "
-        f"{'—' if reads is None else f'{reads:.0f}'} |"
+        f"{'—' if reads is None else f'{reads:.0f}'} | "
+        f"{fmt(r.get('memory_ratio'))} | {fmt(r.get('memory_ratio_flags'))} | "
+        f"{mb} |"
     )
+  if cfg.get("memory_flags"):
+    lines += ["", "memory: compiled peak bytes (argument + output + temp - "
+              "alias) / SGD's; memory (flags): the same programs compiled "
+              f"with `{cfg['memory_flags']}`. Rows with a lax.cond (unplanned "
+              "LookSAM, vSAM) read low: trust their +plan rows."]
   return "\n".join(lines)
 
 
@@ -405,8 +513,23 @@ def parse_args(argv=None):
       help="planned steps (sam_optax.planner): rows name (lax.cond path) and "
       "name+plan (both), only planned rows (yes) or only unplanned (no)",
   )
+  ap.add_argument(
+      "--memory-flags", default=None,
+      help="XLA flags of the second memory column (compiled in a subprocess);"
+      " default on CPU: " + CPU_MEMORY_FLAGS + "; '' to skip",
+  )
+  ap.add_argument("--compile-only", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--json", default="bench_out/bench.json")
+  import sys  # pylint: disable=g-import-not-at-top
+
   args = ap.parse_args(argv)
+  # What the memory subprocess repeats: this command line, minus its output.
+  raw = list(sys.argv[1:] if argv is None else argv)
+  args.argv = [a for i, a in enumerate(raw)
+               if a != "--json" and (i == 0 or raw[i - 1] != "--json")
+               and not a.startswith("--json=")]
+  if args.memory_flags is None:
+    args.memory_flags = CPU_MEMORY_FLAGS if jax.default_backend() == "cpu" else ""
   if args.methods is None:
     items = [("sgd", {}), (ANCHOR, {})] + [
         (n, {}) for n in methods_lib.available() if n != "sgd"]
@@ -441,6 +564,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.compile_only:  # the memory subprocess of `peaks_with_flags`
+    import pickle  # pylint: disable=g-import-not-at-top
+
+    with open(args.compile_only, "rb") as f:
+      plans = pickle.load(f)
+    with open(args.json, "w") as f:
+      json.dump(compiled_peaks(args, plans), f)
+    return
   result = run(args)
   print(to_markdown(result))
   if args.json:

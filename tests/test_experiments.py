@@ -995,10 +995,17 @@ def test_bench_has_planned_rows(tmp_path):
   path = str(tmp_path / "bench.json")
   args = bench.parse_args([
       "--methods", "looksam:k=2", "--rounds", "1", "--steps", "3",
-      "--warmup", "1", "--batch-size", "2", "--json", path])
+      "--warmup", "1", "--batch-size", "2", "--json", path,
+      "--memory-flags", ""])  # no second compilation in a subprocess
   result = bench.run(args)
   rows = result["rows"]
   assert list(rows) == ["sgd", "looksam (k=2)", "looksam (k=2)+plan"]
+  # memory: at least the donated state (float32 params and momentum) once
+  n = sum(np.size(x) for x in jax.tree.leaves(
+      bench.make_problem("small", 2).params))
+  assert rows["sgd"]["peak_bytes"] >= 2 * 4 * n
+  assert rows["sgd"]["memory_ratio"] == 1.0
+  assert rows["looksam (k=2)"]["peak_bytes_flags"] is None
   plan_row = rows["looksam (k=2)+plan"]
   assert plan_row["planned"] and not rows["looksam (k=2)"]["planned"]
   assert plan_row["programs"] == 2  # the SAM step and the reuse step

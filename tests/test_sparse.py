@@ -144,6 +144,98 @@ def test_top_k_mask_exact_count_and_ties_match_reference():
       assert got.sum() == k
 
 
+def _concatenated_top_k_mask(scores, k, eligible=None):
+  """The exact top-k as it was before it worked leaf by leaf (kept as the
+  reference of the same rule): the keys of all leaves concatenated, 32 bit
+  passes for the threshold, ties cut by blocked prefix sums."""
+  leaves, treedef = jax.tree.flatten(scores)
+  shapes = [jnp.shape(x) for x in leaves]
+  sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+  n = sum(sizes)
+  blk = 1 << max(0, math.ceil(math.log2(max(n, 1)) / 2))
+  rows = -(-n // blk)
+  pad = rows * blk - n
+  keys = topk._order_key(jnp.concatenate(
+      [jnp.ravel(x).astype(jnp.float32) for x in leaves]
+      + [jnp.zeros((pad,), jnp.float32)]))
+  valid = jax.lax.broadcasted_iota(jnp.int32, (rows * blk,), 0) < n
+  if eligible is not None:
+    ok = treedef.flatten_up_to(eligible)
+    valid = valid & jnp.concatenate(
+        [jnp.ravel(jnp.broadcast_to(jnp.asarray(o, bool), s))
+         for o, s in zip(ok, shapes)] + [jnp.zeros((pad,), bool)])
+  keys = jnp.where(valid, keys, jnp.uint32(0)).reshape(rows, blk)
+  k = jnp.asarray(k, jnp.int32)
+
+  def decide_bit(i, t):
+    cand = t | (jnp.uint32(1) << (jnp.uint32(31) - i.astype(jnp.uint32)))
+    return jnp.where(jnp.sum(keys >= cand, dtype=jnp.int32) >= k, cand, t)
+
+  t = jax.lax.fori_loop(0, 32, decide_bit, jnp.uint32(0))
+  ties_wanted = k - jnp.sum(keys > t, dtype=jnp.int32)
+  tie = (keys == t) & (keys > 0)
+  per_row = jnp.cumsum(jnp.sum(tie, axis=1, dtype=jnp.int32))
+  row = jnp.minimum(jnp.sum(per_row < ties_wanted, dtype=jnp.int32), rows - 1)
+  before = jnp.where(row > 0, per_row[jnp.maximum(row - 1, 0)], 0)
+  in_row = jnp.cumsum(
+      jax.lax.dynamic_index_in_dim(tie, row, 0, keepdims=False),
+      dtype=jnp.int32)
+  col = jnp.sum(in_row < ties_wanted - before, dtype=jnp.int32)
+  index = (jax.lax.broadcasted_iota(jnp.int32, (rows, blk), 0) * blk
+           + jax.lax.broadcasted_iota(jnp.int32, (rows, blk), 1))
+  chosen = ((keys > t) | (tie & (index <= row * blk + col))) & (k > 0)
+  return chosen.reshape(-1)[:n]
+
+
+def test_leafwise_top_k_equals_concatenated_top_k():
+  """Leaf by leaf (no concatenation) the mask is today's, bit for bit: random
+  scores, all equal, few distinct values (ties spanning leaves), NaN, +-inf,
+  -0.0/+0.0, k = 0, 1, n, eligible masks, k traced (an argument of jit)."""
+  rng = np.random.default_rng(1)
+  shapes = [(4, 3), (), (6,), (2, 1, 3), (1, 5), (3, 2, 2, 2)]
+  like = [np.zeros(s) for s in shapes]
+  n = sum(int(np.prod(s)) for s in shapes)
+  leafwise = jax.jit(topk.top_k_mask)
+  concatenated = jax.jit(_concatenated_top_k_mask)
+  kinds = ["random", "equal", "few", "special"]
+  for trial in range(40):
+    kind = kinds[trial % 4]
+    if kind == "random":
+      vals = rng.standard_normal(n).astype(np.float32)
+    elif kind == "equal":
+      vals = np.full(n, 0.5, np.float32)
+    elif kind == "few":
+      vals = rng.integers(0, 3, n).astype(np.float32)
+    else:
+      vals = rng.integers(-2, 3, n).astype(np.float32)
+      vals[rng.choice(n, 6, replace=False)] = [
+          np.nan, np.nan, -np.inf, np.inf, -0.0, 0.0]
+    elig = rng.random(n) < 0.6 if trial % 3 == 1 else None
+    limit = n if elig is None else int(elig.sum())
+    for k in {0, 1, limit, int(rng.integers(0, limit + 1))}:
+      tree = [jnp.asarray(x, jnp.float32) for x in unflat(vals, like)]
+      e = None if elig is None else unflat(elig, like)
+      got = leafwise(tree, k, eligible=e)
+      chex.assert_trees_all_equal_shapes(got, tree)
+      got = flat(got).astype(bool)
+      want = np.asarray(concatenated(tree, k, e))
+      np.testing.assert_array_equal(got, want, err_msg=f"{kind} k={k}")
+      np.testing.assert_array_equal(got, ref_top_k(vals, k, elig))
+      assert got.sum() == k
+
+
+def test_top_k_mask_empty_leaves():
+  got = jax.jit(topk.top_k_mask)([jnp.zeros((0, 3)), jnp.array([1., 2.])], 1)
+  assert got[0].shape == (0, 3)
+  np.testing.assert_array_equal(got[1], [False, True])
+  assert topk.top_k_mask([jnp.zeros((0, 3))], 0)[0].shape == (0, 3)
+
+
+def test_top_k_mask_rejects_2_31_entries():
+  with pytest.raises(ValueError, match="fewer than 2\\*\\*31"):
+    topk.top_k_mask([jax.ShapeDtypeStruct((2**16, 2**15), jnp.float32)], 1)
+
+
 def test_num_kept_is_exact_floor():
   assert topk.num_kept(100, 0.29) == 71  # 100 * (1 - 0.29) == 70.999... in float
   assert topk.num_kept(10, 0.7) == 3
