@@ -26,8 +26,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 LIMIT = 1.15
-FAMILY = ["sam", "asam", "gnp", "layerwise_sam", "ssam_fisher",
-          "ssam_dynamic", "looksam", "vsam", "lightsam"]
+# The steps whose whole peak the analysis sees: not the unplanned LookSAM
+# and vSAM steps (their second gradient sits in a lax.cond whose temps the
+# analysis leaves out, so a bound on them would hold vacuously), and one
+# Sparse SAM mask (both masks' refresh steps peak alike: 1.14x in the
+# bench).
+FAMILY = ["sam", "asam", "gnp", "layerwise_sam", "ssam_fisher", "lightsam"]
 
 WORKER = """
 import json, sys
