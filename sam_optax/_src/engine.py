@@ -274,8 +274,7 @@ class _Engine:
 
   def split(self, params: PyTree) -> Optional[Trainable]:
     """The trainable sub-tree of ``params`` (None: every leaf trains)."""
-    mask = trainable_mask(self.trainable, params)  # a mismatch fails here
-    return None if mask is None else Trainable.from_mask(mask)
+    return trainable_split(self.trainable, params)
 
   def restricted(self, split: Trainable, params: PyTree) -> "_Engine":
     """This engine on the trainable sub-tree alone: its loss takes the
@@ -590,6 +589,13 @@ def check_trainable(trainable: Any) -> Any:
         f"leaf); got {trainable!r}"
     )
   return trainable
+
+
+def trainable_split(trainable: Any, params: PyTree) -> Optional[Trainable]:
+  """The trainable sub-tree of ``params`` (None: every leaf trains); a
+  ``trainable`` that does not match ``params`` fails here."""
+  mask = trainable_mask(trainable, params)
+  return None if mask is None else Trainable.from_mask(mask)
 
 
 def trainable_mask(trainable: Any, params: PyTree) -> Optional[PyTree]:

@@ -388,16 +388,12 @@ def _on_trainable(
   if trainable is None:
     return inner
 
-  def split(tree):
-    mask = engine.trainable_mask(trainable, tree)
-    return None if mask is None else protocols.Trainable.from_mask(mask)
-
   def init_fn(params):
-    part = split(params)
+    part = engine.trainable_split(trainable, params)
     return inner.init(params if part is None else part.restrict(params))
 
   def update_fn(updates, state, params=None):
-    part = split(updates)
+    part = engine.trainable_split(trainable, updates)
     if part is None:
       return inner.update(updates, state, params)
     sub_params = None if params is None else part.restrict(params)
