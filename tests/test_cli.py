@@ -130,6 +130,30 @@ def test_train_settings_the_parser_cannot_check_are_usage_errors(capsys):
     assert code == 2 and says in err, (argv, err)
 
 
+def test_special_float_method_args_are_numbers_refused_by_their_range(
+    capsys):
+  # "nan" and "inf" are not Python literals: they stayed strings and were
+  # refused as "expected a real number ..., got 'nan'". Every path that
+  # reads key=value (train's --method-arg and --model-arg, compare's and the
+  # bench's --methods, digits_planned) goes through parse_value.
+  from experiments import digits_planned  # pylint: disable=g-import-not-at-top
+
+  for text in ("nan", "NaN", "inf", "-inf", "+Infinity"):
+    value = config.parse_value(text)
+    assert isinstance(value, float) and not math.isfinite(value), text
+  assert config.parse_value("sharpness") == "sharpness"
+  assert config.parse_method_args(["rho=nan"])["rho"] != "nan"
+  (_, a), (_, b) = compare.parse_methods("sam:rho=inf,looksam:rho=-inf")
+  assert a["rho"] == math.inf and b["rho"] == -math.inf
+  for value in ("nan", "inf", "-inf"):
+    code, err = _exit(capsys, TINY + ["--epochs", "1", "--method", "sam",
+                                      "--method-arg", f"rho={value}"])
+    assert code == 2, err
+    assert f"rho must be in [0, inf), got {value}" in err, err
+  code, err = _exit(capsys, ["sam:rho=nan"], main=digits_planned.main)
+  assert code == 2 and "rho must be in [0, inf), got nan" in err, err
+
+
 def test_digits_planned_refuses_bad_methods_before_training(capsys):
   from experiments import digits_planned
 
