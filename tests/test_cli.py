@@ -375,6 +375,44 @@ def test_a_damaged_checkpoint_is_a_clean_error(capsys, finished, tmp_path,
           f"delete {out} (or point --out elsewhere) to start again") in err
 
 
+def test_every_way_out_of_a_run_closes_its_checkpoint_manager(
+    capsys, monkeypatch, finished, tmp_path):
+  # An open orbax manager at exit printed "RuntimeError: Event loop is
+  # closed" tracebacks after the damaged-checkpoint message; the managers
+  # were closed on some exit paths only (not on an error in training).
+  closes = []  # one list per manager opened: a 1 per close()
+  real = checkpoints.checkpoint_manager
+
+  def tracked(path, **kwargs):
+    manager = real(path, **kwargs)
+    calls, close = [], manager.close
+    manager.close = lambda: (calls.append(1), close())[1]
+    closes.append(calls)
+    return manager
+
+  monkeypatch.setattr(checkpoints, "checkpoint_manager", tracked)
+
+  def broken_epoch(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  # A damaged checkpoint (the restore fails), a resume under other settings
+  # (refused after reading the record), a run interrupted in training, one
+  # that finishes.
+  out = _copy(finished[0], tmp_path / "damaged", drop_last=True)
+  DAMAGE["truncated state"](os.path.join(out, "checkpoints", "1"))
+  assert _exit(capsys, TINY + ["--epochs", "2", "--out", out,
+                               "--resume"])[0] == 1
+  out = _copy(finished[0], tmp_path / "other", drop_last=True)
+  assert _exit(capsys, TINY + ["--epochs", "2", "--out", out, "--resume",
+                               "--lr", "0.5"])[0] == 2
+  with monkeypatch.context() as m:
+    m.setattr(trainer.Trainer, "train_epoch", broken_epoch)
+    with pytest.raises(KeyboardInterrupt):
+      train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "stop")])
+  train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "done")])
+  assert closes == [[1]] * 4, closes
+
+
 def test_a_damaged_results_json_does_not_stop_a_resume(finished, tmp_path):
   # The history comes from the checkpoint, and results.json is rewritten
   # (it used to be read: a JSONDecodeError).
