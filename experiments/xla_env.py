@@ -5,28 +5,31 @@ float rounding, so one command gave different numbers on an Intel Xeon and
 an AMD EPYC (29 of 30 quick digits runs, by up to 4.2 points):
 
 * the instruction set of the code it generates: with FMA (AVX2 and later)
-  ``a * b + c`` is rounded once, without it twice, and AVX-512 changes the
-  vector width of reductions. ``--xla_cpu_max_isa`` caps it.
+  ``a * b + c`` is rounded once, without it twice (XLA always lets LLVM
+  fuse them), and AVX-512 widens the vectors. ``--xla_cpu_max_isa=AVX``
+  caps it at what every CPU jaxlib runs on has: no FMA, 256-bit vectors.
 * YNNPACK, the library XLA hands dots, reductions and pooling to
-  (``__ynn_fusion``), picks its kernels from the CPU it detects and ignores
-  ``--xla_cpu_max_isa``: the flag below routes that work back to XLA's own
-  code and Eigen.
-* Eigen's multi-threaded matrix products split the contraction over its
-  threads, one per core: single-threaded, the split no longer depends on
-  the number of cores.
+  (``__ynn_fusion``), picks its kernels from the CPU it detects, outside
+  that cap: ``--xla_cpu_experimental_ynn_fusion_type=`` routes that work
+  back to XLA's own code and Eigen.
+* Eigen's multi-threaded matrix products split the work over one thread
+  per core: ``--xla_cpu_multi_thread_eigen=false`` makes the split
+  independent of the number of cores.
 
 :data:`PINNED` sets all three. The experiments' commands (``compare``,
 ``train``, ``layerwise_study``, ``digits_planned``, ``bench``) call
-:func:`pin_if_command` before they import jax, so their numbers are the same
-on every x86-64 CPU with AVX2 (Intel since 2013, AMD since 2015) with the
-same core count or not. What may still differ: Eigen sizes the blocks of a
-long contraction from the L1/L2 cache sizes the CPU reports, so a CPU with
-other cache sizes can round a weight gradient summed over more than about
-300 positions (the digits CNN's first two layers) differently.
+:func:`pin_if_command` before they import jax. With them a run gives the
+same parameters under every instruction-set cap this project's CPU can
+emulate (:func:`isa_check`; without them, capping at AVX changes them).
+What may still differ on another CPU: Eigen sizes the blocks of a long
+contraction from the L1/L2 cache sizes the CPU reports, so a CPU with other
+cache sizes may round a weight gradient summed over more than about 300
+positions (the digits CNN's first two layers) differently; and another
+jaxlib changes everything.
 
 ``EXPERIMENTS_XLA_PIN=0`` in the environment leaves ``XLA_FLAGS`` as it is
-(XLA's defaults: faster on some CPUs, not reproducible across them). A flag
-of :data:`PINNED` that ``XLA_FLAGS`` already sets keeps the caller's value.
+(XLA's defaults: not reproducible across CPUs). A flag of :data:`PINNED`
+that ``XLA_FLAGS`` sets already keeps the caller's value.
 :func:`describe` is what ``results.json`` records: the CPU, its instruction
 set, the effective flags and whether they were pinned.
 
@@ -45,7 +48,7 @@ from typing import Mapping, MutableMapping, Optional
 
 #: The flags the commands add to ``XLA_FLAGS`` (see the module docstring).
 PINNED: tuple[str, ...] = (
-    "--xla_cpu_max_isa=AVX2",
+    "--xla_cpu_max_isa=AVX",
     "--xla_cpu_experimental_ynn_fusion_type=",
     "--xla_cpu_multi_thread_eigen=false",
 )
@@ -185,16 +188,98 @@ def describe() -> dict:
   return out
 
 
-def _main(argv=None) -> dict:
+#: The instruction-set caps :func:`isa_check` emulates, highest first.
+CAPS = ("AVX2", "AVX", "SSE4_2")
+
+
+def digest(dataset: str, method: str, epochs: int, seed: int = 0) -> str:
+  """sha256 of the parameters after ``epochs`` epochs of ``method`` on
+  ``dataset`` (``experiments.compare``'s base settings), in this process."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from experiments import compare  # pylint: disable=g-import-not-at-top
+  from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+  from experiments import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
+  cfg = config_lib.Config(**dict(compare.OFFLINE_BASE[dataset],
+                                 dataset=dataset, method=method,
+                                 epochs=epochs))
+  state = trainer_lib.Trainer(cfg).run(seed, log=None, progress=False)["state"]
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(state.params):
+    h.update(np.asarray(leaf).tobytes())
+  return h.hexdigest()[:16]
+
+
+def isa_check(dataset: str = "digits", method: str = "sgd", epochs: int = 2,
+              caps=CAPS) -> dict:
+  """The parameters' :func:`digest` under XLA's defaults and pinned, with
+  the instruction set uncapped (``"native"``) and capped at each of
+  ``caps`` (what a CPU with only that instruction set runs): ``{"default"|
+  "pinned": {cap: digest}}``, each run in a fresh process. Caps above this
+  CPU's are skipped (they change nothing)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  order = [name for name, _ in _ISA_LEVELS]  # highest first
+  top = cpu_isa()
+  usable = [c for c in caps if top is None or order.index(c) >= order.index(top)]
+  pinned_isa = next(f.split("=", 1)[1] for f in PINNED
+                    if flag_names([f]) == ["xla_cpu_max_isa"])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out: dict = {}
+  for mode, pin_value in (("default", "0"), ("pinned", "1")):
+    out[mode] = {}
+    for label in ("native", *usable):
+      env = dict(os.environ, **{OPT_OUT_VAR: pin_value})
+      cap = label
+      if mode == "pinned" and cap != "native":
+        # A CPU capped at ``cap`` runs the pin's cap when that is lower.
+        cap = max(cap, pinned_isa, key=order.index)
+      base = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                      if flag_names([f])[0] not in flag_names(PINNED))
+      env["XLA_FLAGS"] = (base + ("" if cap == "native"
+                                  else f" --xla_cpu_max_isa={cap}")).strip()
+      env["PYTHONPATH"] = os.pathsep.join(
+          [root, *filter(None, [env.get("PYTHONPATH")])])
+      proc = subprocess.run(
+          [sys.executable, "-m", "experiments.xla_env", "--digest", dataset,
+           method, str(epochs)], env=env, cwd=root, capture_output=True,
+          text=True, check=True)
+      out[mode][label] = proc.stdout.split()[-1]
+  return out
+
+
+def _main(argv=None):
   """``python -m experiments.xla_env``: pins as the commands do, compiles a
   dot and a reduction, prints :func:`describe` and how many YNNPACK
-  fusions the compiled program holds (0 when pinned) as JSON."""
+  fusions the compiled program holds (0 when pinned) as JSON.
+  ``--isa-check [DATASET METHOD EPOCHS]``: :func:`isa_check`'s table."""
   import argparse  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
 
-  argparse.ArgumentParser(
-      prog="python -m experiments.xla_env",
-      description=_main.__doc__).parse_args(argv)
+  p = argparse.ArgumentParser(
+      prog="python -m experiments.xla_env", description=_main.__doc__)
+  p.add_argument("--isa-check", nargs="*", metavar="DATASET METHOD EPOCHS",
+                 help="train under XLA's defaults and pinned, at every "
+                 "instruction-set cap this CPU can emulate, and compare the "
+                 "parameters (default: digits sgd 2)")
+  p.add_argument("--digest", nargs=3, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.digest:  # one isa_check run, flags set by the caller
+    pin_if_command("__main__")
+    dataset, method, epochs = args.digest
+    print(digest(dataset, method, int(epochs)))
+    return None
+  if args.isa_check is not None:
+    what = dict(zip(("dataset", "method", "epochs"), args.isa_check))
+    if "epochs" in what:
+      what["epochs"] = int(what["epochs"])
+    table = isa_check(**what)
+    for mode, row in table.items():
+      print(f"{mode:8s}", "  ".join(f"{cap}: {d}" for cap, d in row.items()))
+    return table
   pin_if_command("__main__")
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

@@ -30,11 +30,11 @@ def test_pin_adds_the_flags_keeps_the_callers_and_opts_out():
   assert env["XLA_FLAGS"].split() == list(xla_env.PINNED)
 
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
-                      "--xla_cpu_max_isa=AVX"}
+                      "--xla_cpu_max_isa=AVX2"}
   added = xla_env.pin(env)
-  assert "--xla_cpu_max_isa=AVX2" not in added
+  assert "--xla_cpu_max_isa=AVX" not in added
   assert env["XLA_FLAGS"].split() == [
-      "--xla_force_host_platform_device_count=8", "--xla_cpu_max_isa=AVX",
+      "--xla_force_host_platform_device_count=8", "--xla_cpu_max_isa=AVX2",
       *[f for f in xla_env.PINNED if "max_isa" not in f]]
 
   for off in ("0", "false", "No", "off"):
@@ -85,7 +85,7 @@ def _fresh(tmp_path, **env_extra):
 
 def test_a_fresh_command_runs_with_the_pinned_flags(tmp_path):
   out, options = _fresh(tmp_path / "pinned")
-  assert 'xla_cpu_max_isa: "AVX2"' in options
+  assert 'xla_cpu_max_isa: "AVX"' in options
   assert "xla_cpu_multi_thread_eigen: false" in options
   assert out["ynn_fusions"] == 0  # the YNNPACK route is off
   assert out["pinned"] and not out["pin_opt_out"]
@@ -100,3 +100,19 @@ def test_a_fresh_command_runs_with_the_pinned_flags(tmp_path):
   assert "xla_cpu_multi_thread_eigen" not in options
   assert out["ynn_fusions"] > 0
   assert not out["pinned"] and out["pin_opt_out"]
+
+
+@pytest.mark.skipif(xla_env.cpu_isa() not in ("AVX2", "AVX512"),
+                    reason="needs a CPU with FMA to emulate one without")
+def test_isa_check_sees_the_instruction_set_only_without_the_pin():
+  # MNIST-1D, one SGD epoch, each run in a fresh process. Capping the
+  # instruction set at AVX (no FMA: what a CPU without AVX2 runs) changes
+  # XLA's default parameters but not the pinned ones; the pin is not XLA's
+  # defaults (YNNPACK and Eigen's threads are off).
+  table = xla_env.isa_check("mnist1d", "sgd", 1, caps=("AVX",))
+  assert {m: set(r) for m, r in table.items()} == {
+      "default": {"native", "AVX"}, "pinned": {"native", "AVX"}}
+  assert all(len(d) == 16 for r in table.values() for d in r.values())
+  assert table["default"]["native"] != table["default"]["AVX"], table
+  assert table["pinned"]["native"] == table["pinned"]["AVX"], table
+  assert table["pinned"]["native"] != table["default"]["native"], table
