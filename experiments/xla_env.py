@@ -219,7 +219,8 @@ def isa_check(dataset: str = "digits", method: str = "sgd", epochs: int = 2,
   the instruction set uncapped (``"native"``) and capped at each of
   ``caps`` (what a CPU with only that instruction set runs): ``{"default"|
   "pinned": {cap: digest}}``, each run in a fresh process. Caps above this
-  CPU's are skipped (they change nothing)."""
+  CPU's are skipped (they change nothing), and so is a pinned run whose
+  effective cap an earlier one had (the same flags: the same program)."""
   import subprocess  # pylint: disable=g-import-not-at-top
 
   order = [name for name, _ in _ISA_LEVELS]  # highest first
@@ -229,14 +230,20 @@ def isa_check(dataset: str = "digits", method: str = "sgd", epochs: int = 2,
                     if flag_names([f]) == ["xla_cpu_max_isa"])
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out: dict = {}
+  lowest = lambda *isas: max(isas, key=order.index)  # order: highest first
   for mode, pin_value in (("default", "0"), ("pinned", "1")):
     out[mode] = {}
+    done = {}  # effective cap -> digest
     for label in ("native", *usable):
       env = dict(os.environ, **{OPT_OUT_VAR: pin_value})
       cap = label
-      if mode == "pinned" and cap != "native":
+      if mode == "pinned":
         # A CPU capped at ``cap`` runs the pin's cap when that is lower.
-        cap = max(cap, pinned_isa, key=order.index)
+        cap = lowest(top or pinned_isa if cap == "native" else cap,
+                     pinned_isa)
+        if cap in done:
+          out[mode][label] = done[cap]
+          continue
       base = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                       if flag_names([f])[0] not in flag_names(PINNED))
       env["XLA_FLAGS"] = (base + ("" if cap == "native"
@@ -247,7 +254,7 @@ def isa_check(dataset: str = "digits", method: str = "sgd", epochs: int = 2,
           [sys.executable, "-m", "experiments.xla_env", "--digest", dataset,
            method, str(epochs)], env=env, cwd=root, capture_output=True,
           text=True, check=True)
-      out[mode][label] = proc.stdout.split()[-1]
+      out[mode][label] = done[cap] = proc.stdout.split()[-1]
   return out
 
 
