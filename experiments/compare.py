@@ -63,6 +63,9 @@ labels amplify it), which is why the findings rest on paired intervals.
 
 from __future__ import annotations
 
+from experiments import xla_env  # first: XLA reads its flags when jax starts
+xla_env.pin_if_command(__name__)
+
 import argparse
 import json
 import os
@@ -714,16 +717,7 @@ def plans(argv: list[str]) -> list[Plan]:
   return out
 
 
-def cpu_model() -> str:
-  """The CPU's model name (``/proc/cpuinfo``; else the platform's)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.lower().startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+cpu_model = xla_env.cpu_model
 
 
 def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
@@ -740,6 +734,7 @@ def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
                   for lab, (n, a) in zip(labels, specs)],
       "seeds": args.seeds,
       "cpu": cpu_model(),
+      "xla": xla_env.describe(),  # the CPU's ISA and the effective XLA_FLAGS
       "machine": f"{cpu_model()}, {platform.machine()} {os.cpu_count()} "
                  f"CPUs, jax {jax.__version__} on {jax.default_backend()}",
       "registry_defaults": {

@@ -14,6 +14,10 @@ times. ``name:key=value`` overrides method arguments (``compare``'s
 measured on the project's shared 2-core CPU; its output is
 ``experiments/results/digits_planned.jsonl``.
 """
+
+from experiments import xla_env  # first: XLA reads its flags when jax starts
+xla_env.pin_if_command(__name__)
+
 import argparse
 import json
 import sys

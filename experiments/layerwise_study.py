@@ -34,6 +34,9 @@ over seeds) and time relative to SGD per variant and setting.
 
 from __future__ import annotations
 
+from experiments import xla_env  # first: XLA reads its flags when jax starts
+xla_env.pin_if_command(__name__)
+
 import argparse
 import json
 import os

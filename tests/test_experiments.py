@@ -23,6 +23,7 @@ from experiments import config
 from experiments import steps
 from experiments import train
 from experiments import trainer
+from experiments import xla_env
 
 TINY_CNN = ["--model-arg", "widths=(4, 8, 8)", "--model-arg", "hidden=16"]
 # The digits protocols' rho grids: SAM's, and those of the methods whose
@@ -901,6 +902,12 @@ def test_compare_tiny_run_on_digits_writes_its_files(compare_run):
   assert [r["label"] for r in saved["summary"]] == labels
   assert saved["complete"] and len(saved["runs"]) == 2 * len(labels)
   assert "python -m experiments.compare --dataset digits --epochs 1" in md
+  # The command pinned XLA:CPU's flags before jax started (xla_env), on top
+  # of the ones this test set, and says so.
+  assert saved["xla"]["pinned"], saved["xla"]
+  assert saved["xla"]["xla_flags"].split() == [
+      "--xla_backend_optimization_level=0",
+      "--xla_llvm_disable_expensive_passes=true", *xla_env.PINNED]
   for row in saved["summary"]:
     assert f"| {row['label']} |" in md
     assert "error" not in row, row
