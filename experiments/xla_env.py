@@ -6,8 +6,12 @@ an AMD EPYC (29 of 30 quick digits runs, by up to 4.2 points):
 
 * the instruction set of the code it generates: with FMA (AVX2 and later)
   ``a * b + c`` is rounded once, without it twice (XLA always lets LLVM
-  fuse them), and AVX-512 widens the vectors. ``--xla_cpu_max_isa=AVX``
-  caps it at what every CPU jaxlib runs on has: no FMA, 256-bit vectors.
+  fuse them), and AVX-512 widens the vectors. ``--xla_cpu_max_isa=AVX2``
+  caps it at AVX2 with FMA and 256-bit vectors: what every x86-64 CPU since
+  Intel's Haswell (2013) and AMD's Excavator/Zen (2015/2017) generates, so
+  AVX-512 machines and AVX2 machines run the same code. (A CPU with AVX but
+  no AVX2/FMA rounds ``a * b + c`` twice and still differs; capping at AVX
+  would cover it too, but the committed results were made at AVX2.)
 * YNNPACK, the library XLA hands dots, reductions and pooling to
   (``__ynn_fusion``), picks its kernels from the CPU it detects, outside
   that cap: ``--xla_cpu_experimental_ynn_fusion_type=`` routes that work
@@ -20,7 +24,8 @@ an AMD EPYC (29 of 30 quick digits runs, by up to 4.2 points):
 ``train``, ``layerwise_study``, ``digits_planned``, ``bench``) call
 :func:`pin_if_command` before they import jax. With them a run gives the
 same parameters under every instruction-set cap this project's CPU can
-emulate (:func:`isa_check`; without them, capping at AVX changes them).
+emulate down to AVX2 (:func:`isa_check`; without them, capping the
+instruction set changes them).
 What may still differ on another CPU: Eigen sizes the blocks of a long
 contraction from the L1/L2 cache sizes the CPU reports, so a CPU with other
 cache sizes may round a weight gradient summed over more than about 300
@@ -48,7 +53,7 @@ from typing import Mapping, MutableMapping, Optional
 
 #: The flags the commands add to ``XLA_FLAGS`` (see the module docstring).
 PINNED: tuple[str, ...] = (
-    "--xla_cpu_max_isa=AVX",
+    "--xla_cpu_max_isa=AVX2",
     "--xla_cpu_experimental_ynn_fusion_type=",
     "--xla_cpu_multi_thread_eigen=false",
 )

@@ -30,11 +30,11 @@ def test_pin_adds_the_flags_keeps_the_callers_and_opts_out():
   assert env["XLA_FLAGS"].split() == list(xla_env.PINNED)
 
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
-                      "--xla_cpu_max_isa=AVX2"}
+                      "--xla_cpu_max_isa=AVX"}
   added = xla_env.pin(env)
-  assert "--xla_cpu_max_isa=AVX" not in added
+  assert "--xla_cpu_max_isa=AVX2" not in added
   assert env["XLA_FLAGS"].split() == [
-      "--xla_force_host_platform_device_count=8", "--xla_cpu_max_isa=AVX2",
+      "--xla_force_host_platform_device_count=8", "--xla_cpu_max_isa=AVX",
       *[f for f in xla_env.PINNED if "max_isa" not in f]]
 
   for off in ("0", "false", "No", "off"):
@@ -85,7 +85,7 @@ def _fresh(tmp_path, **env_extra):
 
 def test_a_fresh_command_runs_with_the_pinned_flags(tmp_path):
   out, options = _fresh(tmp_path / "pinned")
-  assert 'xla_cpu_max_isa: "AVX"' in options
+  assert 'xla_cpu_max_isa: "AVX2"' in options
   assert "xla_cpu_multi_thread_eigen: false" in options
   assert out["ynn_fusions"] == 0  # the YNNPACK route is off
   assert out["pinned"] and not out["pin_opt_out"]
