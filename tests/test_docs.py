@@ -9,7 +9,8 @@ offline, and the README stays a front page.
   every public name documented, and fails on a reference without one;
 * every error message the library raises has its entry in
   docs/troubleshooting.md;
-* the built site (when built) loads no script or stylesheet over http(s).
+* the built site (when built) loads no script or stylesheet over http(s),
+  and every API entry links to its source.
 """
 
 from __future__ import annotations
@@ -267,6 +268,19 @@ def test_docs_build_and_load_nothing_remote(tmp_path):
   methods = (out / "api" / "methods.html").read_text()
   assert "_static/mathjax/tex-chtml.js" in methods and "\\lVert" in methods
   assert (out / "_static" / "mathjax" / "tex-chtml.js").exists()
+  # Every function and class entry links to its source (viewcode), a page
+  # of the build itself (a method inherited from an internal base has none).
+  entries = 0
+  for page in (out / "api").glob("*.html"):
+    text = page.read_text()
+    for kind, dt in re.findall(
+        r'<dl class="py (function|class)">\s*<dt[^>]*>(.*?)</dt>',
+        text, re.S):
+      entries += 1
+      link = re.search(r'href="([^"#]+)[^"]*"><span class="viewcode-link">', dt)
+      assert link, f"{page.name}: a {kind} entry without a source link"
+      assert (page.parent / link.group(1)).exists(), link.group(1)
+  assert entries > 50
 
 
 # --------------------------------------------------------------------------
