@@ -66,7 +66,7 @@ def test_every_named_example_is_run_by_a_test():
   assert len(names) == len(set(names)), "example names must be unique"
   sources = "".join(
       (ROOT / "tests" / f).read_text()
-      for f in ("test_readme.py", "test_robustness.py"))
+      for f in ("test_readme.py", "test_robustness.py", "test_recipes.py"))
   for name in names:
     assert f'"{name}"' in sources, f"example {name!r} is run by no test"
 

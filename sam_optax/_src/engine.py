@@ -42,6 +42,7 @@ import optax
 
 from sam_optax._src import base
 from sam_optax._src import canonical_conv
+from sam_optax._src import flax_interop
 from sam_optax._src import gate as gate_lib
 from sam_optax._src.protocols import Combine
 from sam_optax._src.protocols import Gate
@@ -168,6 +169,7 @@ def _require_call_arguments(params, batch) -> None:
         "loss_fn(params, batch) takes): call "
         "tx.update(grads, opt_state, params, batch=batch)"
     )
+  flax_interop.check_batch(batch)
   if any(
       isinstance(x, optax.MaskedNode)
       for x in jax.tree.leaves(
