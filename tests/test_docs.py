@@ -50,8 +50,9 @@ def test_page_code_runs(page):
       doc_blocks.run("\n" * b.line + b.code, b.page, scope)
 
 
-GUIDES = ("getting_started", "choosing", "recipes", "planned", "devices",
-          "custom", "migrating", "troubleshooting", "experiments", "benchmark")
+GUIDES = ("getting_started", "choosing", "recipes", "examples", "planned",
+          "devices", "custom", "migrating", "troubleshooting", "experiments",
+          "benchmark")
 
 
 def test_every_guide_page_exists_and_is_in_the_index():
