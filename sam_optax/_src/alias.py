@@ -48,7 +48,7 @@ LeafSelection = gate_lib.LeafSelection
 
 
 def sam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     *,
     has_aux: bool = False,
@@ -68,7 +68,12 @@ def sam(
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with
-      ``has_aux=True``).
+      ``has_aux=True``). Or None (``sam_optax.sam(rho=0.05)``): then every
+      update passes it, ``tx.update(grads, state, params, batch=batch,
+      loss_fn=loss_fn)``, so a loss defined inside your ``train_step``
+      (closing over ``apply_fn``, model state, a dropout key) works as is.
+      Every method takes it both ways; an update's ``loss_fn`` wins over
+      the construction-time one.
     rho: radius, float or schedule; default 0.05 (the paper's CIFAR value).
     has_aux: ``loss_fn`` returns ``(loss, aux)``; perturbed aux is discarded.
     axis_name: ``pmap``/``shard_map`` axis: the output (and every statistic)
@@ -77,13 +82,17 @@ def sam(
       ``pmean``-ed one gives the global SAM step.
     eps: guard added to ``‖g‖``.
     trainable: the parameters the method applies to: None (all), a predicate
-      on the '/'-joined leaf path, or a pytree of Python bools like params.
+      on the '/'-joined leaf path, a pytree of Python bools like params (a
+      dict, an ``eqx.Module``, an ``nnx.State``) or a Flax NNX filter; see
+      :func:`sharpness_aware`.
       Frozen leaves are not perturbed, not differentiated (no backward pass
       below the lowest trainable layer) and not in any norm, mask, ranking
       or statistic: the method on the trainable leaves equals the same
-      method run on those leaves alone. Their output is the incoming
-      gradient, for the base optimizer to freeze (docs, recipes: "Frozen
-      parameters").
+      method run on those leaves alone. Their output is zero, so a plain
+      base optimizer after it leaves them as they are (a chained weight
+      decay still shrinks them: docs, recipes, "Frozen parameters"). To
+      perturb some layers only and train all, use a region
+      (:func:`layerwise_sam` ``layers=``), not ``trainable``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; chain a base optimizer after
@@ -98,6 +107,13 @@ def sam(
     >>> u, state = tx.update(g, state, w, batch=jnp.arange(3.0))
     >>> int(sam_optax.stats(state)["grad_evals"])
     1
+
+    The loss at update time instead:
+
+    >>> tx = optax.chain(sam_optax.sam(rho=0.05), optax.sgd(0.1))
+    >>> state = tx.init(w)
+    >>> u, state = tx.update(g, state, w, batch=jnp.arange(3.0),
+    ...                      loss_fn=loss_fn)
   """
   return engine.sharpness_aware(
       loss_fn,
@@ -112,7 +128,7 @@ def sam(
 
 
 def asam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.5,
     eta: base.ScalarOrSchedule = 0.01,
     *,
@@ -133,7 +149,8 @@ def asam(
   (SamsungLabs/ASAM). Cost: one extra gradient per step.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: radius, float or schedule.
     eta: offset that keeps zero weights perturbable; must be > 0.
     has_aux, axis_name, eps, trainable: as in :func:`sam`.
@@ -156,7 +173,7 @@ def asam(
 
 
 def gnp(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.1,
     alpha: base.ScalarOrSchedule = 0.8,
     *,
@@ -178,7 +195,8 @@ def gnp(
   extra gradient per step.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: finite-difference radius, float or schedule.
     alpha: mixing weight in [0, 1], float or schedule.
     has_aux, axis_name, eps, trainable: as in :func:`sam`.
@@ -206,7 +224,7 @@ def gnp(
 
 
 def layerwise_sam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.1,
     alpha: base.ScalarOrSchedule = 0.8,
     *,
@@ -297,7 +315,8 @@ def layerwise_sam(
   recipe), ``num_layers`` 2.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: radius, float or schedule.
     alpha: mixing weight in [0, 1], float or schedule.
     num_layers: how many layers (without ``layers``), in
@@ -402,7 +421,7 @@ def _ssam_engine(
 
 
 def ssam_fisher(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     sparsity: base.ScalarOrSchedule = 0.5,
     *,
@@ -442,8 +461,9 @@ def ssam_fisher(
   ``mask_refreshes``.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``; for the Fisher it is called on
-      one-example batches (leading axis of size 1).
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`); for the Fisher it is called on one-example
+      batches (leading axis of size 1).
     rho: radius, float or schedule; default 0.05 (the authors' CIFAR value).
     sparsity: share of entries NOT perturbed, in [0, 1]; default 0.5. A
       plain number fixes ``K`` exactly at trace time (and 0 / 1 take the
@@ -500,7 +520,7 @@ def ssam_fisher(
 
 
 def ssam_dynamic(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     sparsity: base.ScalarOrSchedule = 0.5,
     *,
@@ -551,7 +571,8 @@ def ssam_dynamic(
   and ``mask_refreshes``.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: radius, float or schedule; default 0.05.
     sparsity: share of entries NOT perturbed, in [0, 1]; a plain number
       (exact ``K``, shortcuts for 0 and 1), an array or a schedule (``K`` in
@@ -602,7 +623,7 @@ def ssam_dynamic(
 
 
 def ssam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     *,
     mask: PyTree,
@@ -626,7 +647,8 @@ def ssam(
   (``opt_state[0].region.mask`` in ``optax.chain(ssam_fisher(...), ...)``).
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: radius, float or schedule; default 0.05.
     mask: pytree of bools shaped like the params (keyword-only, required).
     has_aux, axis_name, eps, trainable: as in :func:`sam`.
@@ -663,7 +685,7 @@ def ssam(
 
 
 def looksam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.1,
     *,
     k: int = 5,
@@ -699,7 +721,7 @@ def looksam(
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with
-      ``has_aux=True``).
+      ``has_aux=True``), or None to pass it to ``update`` (as in :func:`sam`).
     rho: radius, float or schedule.
     k: period of the SAM steps, an integer >= 1.
     alpha: weight of the reused component, >= 0, float or schedule.
@@ -741,7 +763,7 @@ def looksam(
 
 
 def vsam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     *,
     warmup_steps: Optional[int] = None,
@@ -815,7 +837,7 @@ def vsam(
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with
-      ``has_aux=True``).
+      ``has_aux=True``), or None to pass it to ``update`` (as in :func:`sam`).
     rho: radius, float or schedule.
     warmup_steps: integer >= 0 (None: ``2 * window``).
     window: steps per window, a multiple of ``blocks``, >= ``2 * blocks``.
