@@ -61,14 +61,13 @@ def train_step_plain(model, learning_rate):
 
 
 def train_step_sam_optax(model, learning_rate, rho=0.05):
-  def loss_fn(params, batch):
-    return loss(eqx.combine(params, eqx.filter(model, eqx.is_array, inverse=True)), *batch)
-  optim = optax.chain(sam_optax.sam(loss_fn, rho=rho), optax.adamw(learning_rate))
+  optim = optax.chain(sam_optax.sam(rho=rho), optax.adamw(learning_rate))
 
   @eqx.filter_jit
   def make_step(model, opt_state, x, y):
     loss_value, grads = eqx.filter_value_and_grad(loss)(model, x, y)
-    updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array), batch=(x, y))
+    loss_fn = lambda p, batch: loss(eqx.combine(p, model), *batch)
+    updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array), batch=(x, y), loss_fn=loss_fn)
     model = eqx.apply_updates(model, updates)
     return model, opt_state, loss_value
 

@@ -26,12 +26,13 @@ from examples import synthetic
 
 
 class CNN(nnx.Module):
-  """Flax's MNIST CNN, narrower: conv, BatchNorm, pool, dropout, dense."""
+  """Flax's MNIST CNN, narrower: conv (no bias: BatchNorm follows), BatchNorm,
+  pool, dropout, dense."""
 
   def __init__(self, rngs: nnx.Rngs, width: int = 8):
-    self.conv1 = nnx.Conv(1, width, kernel_size=(3, 3), rngs=rngs)
+    self.conv1 = nnx.Conv(1, width, kernel_size=(3, 3), use_bias=False, rngs=rngs)
     self.bn1 = nnx.BatchNorm(width, rngs=rngs)
-    self.conv2 = nnx.Conv(width, 2 * width, kernel_size=(3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(width, 2 * width, kernel_size=(3, 3), use_bias=False, rngs=rngs)
     self.bn2 = nnx.BatchNorm(2 * width, rngs=rngs)
     self.dropout = nnx.Dropout(0.1)
     self.linear1 = nnx.Linear(7 * 7 * 2 * width, 32, rngs=rngs)
@@ -61,28 +62,27 @@ def train_step_plain(model, learning_rate):
     key = rngs.dropout()
     def loss(params):
       return loss_fn(graphdef, params, rest, batch, key)
-    (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, new_rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
     optimizer.update(model, grads)
-    nnx.update(model, rest)
+    nnx.update(model, new_rest)
     return value
 
   return optimizer, train_step
 
 
 def train_step_sam_optax(model, learning_rate, rho=0.05):
-  def loss(params, batch):
-    graphdef, _, _ = nnx.split(model, nnx.Param, ...)
-    return loss_fn(graphdef, params, batch["rest"], batch["data"], batch["key"])
-  tx = optax.chain(sam_optax.sam(loss, rho=rho, has_aux=True), optax.adamw(learning_rate))
+  tx = optax.chain(sam_optax.sam(rho=rho, has_aux=True), optax.adamw(learning_rate))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
   def train_step(model, optimizer, rngs, batch):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    batch = {"data": batch, "rest": rest, "key": rngs.dropout()}
-    (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
-    optimizer.update(model, grads, batch=batch)
-    nnx.update(model, rest)
+    key = rngs.dropout()
+    def loss(params, batch):
+      return loss_fn(graphdef, params, rest, batch, key)
+    (value, new_rest), grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
+    optimizer.update(model, grads, batch=batch, loss_fn=loss)
+    nnx.update(model, new_rest)
     return value
 
   return optimizer, train_step
@@ -99,10 +99,10 @@ def train_step_contrib(model, learning_rate, rho=0.05):
     key = rngs.dropout()
     def loss(params):
       return loss_fn(graphdef, params, rest, batch, key)
-    (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, new_rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
     grad_fn = lambda p, _: jax.grad(loss, has_aux=True)(p)[0]
     optimizer.update(model, grads, grad_fn=grad_fn)
-    nnx.update(model, rest)
+    nnx.update(model, new_rest)
     return value
 
   return optimizer, train_step

@@ -83,12 +83,7 @@ def train_step_plain(model, variables, learning_rate):
 
 
 def train_step_sam_optax(model, variables, learning_rate, rho=0.05):
-  def loss_fn(params, batch):
-    logits, new_model_state = model.apply(
-        {"params": params, "batch_stats": batch["batch_stats"]}, batch["data"][0],
-        mutable=["batch_stats"])
-    return cross_entropy(logits, batch["data"][1]), new_model_state
-  tx = optax.chain(sam_optax.sam(loss_fn, rho=rho, has_aux=True),
+  tx = optax.chain(sam_optax.sam(rho=rho, has_aux=True),
                    optax.sgd(learning_rate, momentum=0.9, nesterov=True))
   state = TrainState.create(
       apply_fn=model.apply, params=variables["params"],
@@ -96,9 +91,13 @@ def train_step_sam_optax(model, variables, learning_rate, rho=0.05):
 
   @jax.jit
   def train_step(state, batch):
-    batch = {"data": batch, "batch_stats": state.batch_stats}
+    def loss_fn(params, batch):
+      logits, new_model_state = state.apply_fn(
+          {"params": params, "batch_stats": state.batch_stats}, batch[0],
+          mutable=["batch_stats"])
+      return cross_entropy(logits, batch[1]), new_model_state
     (loss, new_model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, batch=batch)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, batch=batch, loss_fn=loss_fn)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           opt_state=opt_state, batch_stats=new_model_state["batch_stats"])
     return state, loss

@@ -70,16 +70,16 @@ def train_step_plain(model, params, learning_rate):
 
 
 def train_step_sam_optax(model, params, learning_rate, rho=0.05):
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["tokens"], rngs={"dropout": batch["rng"]})
-    return next_token_loss(logits, batch["tokens"])
-  tx = optax.chain(sam_optax.sam(loss_fn, rho=rho), optax.adamw(learning_rate, weight_decay=0.1))
+  tx = optax.chain(sam_optax.sam(rho=rho), optax.adamw(learning_rate, weight_decay=0.1))
 
   @jax.jit
   def train_step(params, opt_state, tokens, dropout_rng, step):
-    batch = {"tokens": tokens, "rng": jax.random.fold_in(dropout_rng, step)}
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
+    dropout_rng = jax.random.fold_in(dropout_rng, step)
+    def loss_fn(params, tokens):
+      logits = model.apply({"params": params}, tokens, rngs={"dropout": dropout_rng})
+      return next_token_loss(logits, tokens)
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    updates, opt_state = tx.update(grads, opt_state, params, batch=tokens, loss_fn=loss_fn)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return tx, train_step

@@ -64,12 +64,18 @@ def test_nnx_full_step_is_sam_and_keeps_the_clean_statistics():
   model = scope["MLP"](nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, scope["optimizer"].tx, wrt=nnx.Param)
   # Copies: the states of nnx.split share their variables with the model.
-  _, params0, rest0 = jax.tree.map(jnp.copy, nnx.split(model, nnx.Param, ...))
+  graphdef, params0, rest0 = jax.tree.map(jnp.copy, nnx.split(model, nnx.Param, ...))
   x, y = scope["x"], scope["y"]
-  batch = {"x": x, "y": y, "rest": rest0,
-           "dropout_key": nnx.Rngs(dropout=1).dropout()}
-  out = sam_by_hand(scope["loss_fn"], params0, batch, 0.05, has_aux=True)
-  _, clean_rest = scope["loss_fn"](params0, batch)
+
+  def loss_fn(params, batch):  # the recipe's loss, written out again
+    m = nnx.merge(graphdef, params, rest0, copy=True)
+    logits = m(batch["x"], rngs=nnx.Rngs(dropout=batch["dropout_key"]))
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss, nnx.state(m, nnx.Not(nnx.Param))
+
+  batch = {"x": x, "y": y, "dropout_key": nnx.Rngs(dropout=1).dropout()}
+  out = sam_by_hand(loss_fn, params0, batch, 0.05, has_aux=True)
+  _, clean_rest = loss_fn(params0, batch)
   scope["train_step"](model, optimizer, nnx.Rngs(dropout=1), x, y)
   _, params1, rest1 = nnx.split(model, nnx.Param, ...)
   assert_close(params1, jax.tree.map(lambda w, g: w - 0.05 * g, params0, out),
