@@ -39,9 +39,9 @@ class Decoder(nn.Module):
     x = nn.Embed(self.vocab, self.dim)(tokens)
     x = x + self.param("pos", nn.initializers.normal(0.02), (tokens.shape[1], self.dim))
     mask = nn.make_causal_mask(tokens)
-    y = nn.MultiHeadDotProductAttention(
-        self.heads, dropout_rate=self.dropout_rate, deterministic=not train
-    )(nn.LayerNorm()(x), mask=mask)
+    y = nn.MultiHeadDotProductAttention(  # no biases, as in lm1b
+        self.heads, dropout_rate=self.dropout_rate, deterministic=not train,
+        use_bias=False)(nn.LayerNorm()(x), mask=mask)
     x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = nn.Dense(self.dim)(nn.gelu(nn.Dense(4 * self.dim)(nn.LayerNorm()(x))))
     x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)

@@ -26,22 +26,29 @@ def _requirement_name(req: str) -> str:
   return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def library_imports() -> set[str]:
-  """The top-level packages the library's modules import (any statement,
-  at any depth), less the standard library and sam_optax itself."""
-  found = set()
+def library_imports() -> tuple[set[str], set[str]]:
+  """The top-level packages the library's modules import, less the standard
+  library and sam_optax itself: (at module level, inside functions)."""
+  top, inner = set(), set()
   for path in (ROOT / "sam_optax").rglob("*.py"):
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    module_level = set(map(id, tree.body))
+    for node in ast.walk(tree):
       if isinstance(node, ast.Import):
-        found.update(a.name.split(".")[0] for a in node.names)
+        names = {a.name.split(".")[0] for a in node.names}
       elif isinstance(node, ast.ImportFrom) and node.level == 0:
-        found.add(node.module.split(".")[0])
-  return {m for m in found
-          if m not in sys.stdlib_module_names and m != "sam_optax"}
+        names = {node.module.split(".")[0]}
+      else:
+        continue
+      (top if id(node) in module_level else inner).update(names)
+  third_party = lambda s: {m for m in s
+                           if m not in sys.stdlib_module_names and m != "sam_optax"}
+  return third_party(top), third_party(inner)
 
 
 def test_dependencies_are_exactly_what_the_library_imports():
-  imports = {_requirement_name(m) for m in library_imports()}
+  top, inner = library_imports()
+  imports = {_requirement_name(m) for m in top}
   assert {"jax", "optax", "numpy"} <= imports  # the walk sees the imports
   declared = {_requirement_name(r) for r in PROJECT["dependencies"]}
   assert declared == imports, (
@@ -51,6 +58,11 @@ def test_dependencies_are_exactly_what_the_library_imports():
   test_deps = {_requirement_name(r)
                for r in PROJECT["optional-dependencies"]["test"]}
   assert "chex" in test_deps
+  # An import inside a function is of an optional package (Flax, for an NNX
+  # filter the user passed, so already imported), never needed to import
+  # or run the library without it.
+  optional = {_requirement_name(m) for m in inner} - declared
+  assert optional <= test_deps, optional
 
 
 def test_license_is_apache_2_and_shipped():
