@@ -33,6 +33,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",  # a [source] link on every API entry, offline
     "sphinx.ext.mathjax",
     "sphinx-mathjax-offline",  # MathJax 3 from PyPI, copied into _static
     "myst_parser",
@@ -60,6 +61,13 @@ napoleon_use_rtype = False
 napoleon_attr_annotations = True
 add_module_names = False
 python_use_unqualified_type_names = True
+
+# -- source links -------------------------------------------------------------
+# The public names are imported into sam_optax from sam_optax._src; viewcode
+# follows the import to the module that defines each one and renders that
+# module's highlighted source (no network: the pages are part of the build).
+viewcode_follow_imported_members = True
+viewcode_enable_epub = False
 
 # -- cross-references ---------------------------------------------------------
 # Nitpicky for our own names: every reference whose target is a sam_optax

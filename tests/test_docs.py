@@ -9,7 +9,8 @@ offline, and the README stays a front page.
   every public name documented, and fails on a reference without one;
 * every error message the library raises has its entry in
   docs/troubleshooting.md;
-* the built site (when built) loads no script or stylesheet over http(s).
+* the built site (when built) loads no script or stylesheet over http(s),
+  and every API entry links to its source.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def test_page_code_runs(page):
       doc_blocks.run("\n" * b.line + b.code, b.page, scope)
 
 
-GUIDES = ("getting_started", "choosing", "recipes", "planned", "devices",
-          "custom", "migrating", "troubleshooting", "experiments", "benchmark")
+GUIDES = ("getting_started", "choosing", "recipes", "examples", "planned",
+          "devices", "custom", "migrating", "troubleshooting", "experiments",
+          "benchmark")
 
 
 def test_every_guide_page_exists_and_is_in_the_index():
@@ -65,7 +67,7 @@ def test_every_named_example_is_run_by_a_test():
   assert len(names) == len(set(names)), "example names must be unique"
   sources = "".join(
       (ROOT / "tests" / f).read_text()
-      for f in ("test_readme.py", "test_robustness.py"))
+      for f in ("test_readme.py", "test_robustness.py", "test_recipes.py"))
   for name in names:
     assert f'"{name}"' in sources, f"example {name!r} is run by no test"
 
@@ -267,6 +269,19 @@ def test_docs_build_and_load_nothing_remote(tmp_path):
   methods = (out / "api" / "methods.html").read_text()
   assert "_static/mathjax/tex-chtml.js" in methods and "\\lVert" in methods
   assert (out / "_static" / "mathjax" / "tex-chtml.js").exists()
+  # Every function and class entry links to its source (viewcode), a page
+  # of the build itself (a method inherited from an internal base has none).
+  entries = 0
+  for page in (out / "api").glob("*.html"):
+    text = page.read_text()
+    for kind, dt in re.findall(
+        r'<dl class="py (function|class)">\s*<dt[^>]*>(.*?)</dt>',
+        text, re.S):
+      entries += 1
+      link = re.search(r'href="([^"#]+)[^"]*"><span class="viewcode-link">', dt)
+      assert link, f"{page.name}: a {kind} entry without a source link"
+      assert (page.parent / link.group(1)).exists(), link.group(1)
+  assert entries > 50
 
 
 # --------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import optax
 
 from sam_optax._src import base
 from sam_optax._src import canonical_conv
+from sam_optax._src import flax_interop
 from sam_optax._src import gate as gate_lib
 from sam_optax._src.protocols import ById
 from sam_optax._src.protocols import Combine
@@ -177,6 +178,7 @@ def _require_call_arguments(params, batch) -> None:
         "yourself, then state.replace(step=state.step + 1, params=..., "
         "opt_state=...); see the docs' recipes page, 'Flax linen TrainState'"
     )
+  flax_interop.check_batch(batch)
   if any(
       isinstance(x, optax.MaskedNode)
       for x in jax.tree.leaves(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import collections.abc
-import sys
 from typing import Any
 
 import jax
 import numpy as np
+
+from sam_optax._src import flax_interop
 
 
 def children(node: Any):
@@ -25,7 +26,7 @@ def _unwrap(tree: Any) -> Any:
   """Replaces Flax NNX variables (``nnx.OptState``, ``nnx.Variable``) by the
   arrays they hold; other trees are returned as they are. Flax is not
   imported here: without it loaded there is nothing to unwrap."""
-  nnx = sys.modules.get("flax.nnx")
+  nnx = flax_interop.loaded_nnx()
   variable = getattr(nnx, "Variable", None)
   if variable is None:
     return tree
