@@ -92,11 +92,6 @@ def test_version_has_its_changelog_section():
           f"CHANGELOG.md has no section for {sam_optax.__version__}")
 
 
-def test_project_urls():
-  urls = PROJECT["urls"]
-  assert {"Source", "Documentation", "Issues", "Changelog"} <= set(urls)
-  assert all(u.startswith("https://") for u in urls.values())
-
 
 # --------------------------------------------------------------------------
 # README links: relative, to files of the repository, so they work on a
