@@ -115,6 +115,49 @@ def test_shard_map_matches_single_device(name):
   chex.assert_trees_all_close(p, p1, rtol=1e-4, atol=1e-5)
 
 
+#: Methods with per-example or per-device statistics: Fisher scores, the
+#: dynamic mask's |g| drop, vSAM's statistics, layer rankings at runtime.
+STATISTICS = ("ssam_fisher", "ssam_dynamic", "vsam", "layerwise_sam_runtime",
+              "layerwise_sam_sharpness")
+
+
+@needs8
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("name", STATISTICS)
+def test_shard_map_check_vma_both_settings_match_single_device(name, check_vma):
+  """``jax.shard_map`` with JAX's default ``check_vma=True`` and with False:
+  the per-example / per-device statistics and the parameters equal the one
+  device run. Under check_vma=True the gradient of the replicated
+  parameters is the global mean when the loss is pmean'd (what is passed as
+  ``updates``); under False, the per-device gradient pmean'd."""
+  bs = batches(n=4)
+  p1, s1 = run_single(name, bs)
+  mesh = Mesh(np.array(jax.devices()[:NDEV]), ("d",))
+  tx = build(name, axis_name="d")
+
+  def local(p, s, b):
+    if check_vma:
+      g = jax.grad(lambda q: jax.lax.pmean(mlp_loss(q, b), "d"))(p)
+    else:
+      g = jax.lax.pmean(jax.grad(mlp_loss)(p, b), "d")
+    u, s = tx.update(g, s, p, batch=b)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P(), P("d")), out_specs=(P(), P()),
+      check_vma=check_vma))
+  p = mlp_params()
+  s = tx.init(p)
+  for b in bs:
+    p, s = step(p, s, b)
+  chex.assert_trees_all_close(p, p1, rtol=1e-4, atol=1e-5)
+  st, st1 = sam_optax.stats(s), sam_optax.stats(s1)
+  assert int(st["grad_evals"]) == int(st1["grad_evals"])
+  for key in ("mask_density", "selected_layers"):
+    if key in st1:
+      np.testing.assert_array_equal(np.asarray(st[key]), np.asarray(st1[key]))
+
+
 @needs8
 @pytest.mark.parametrize("name", ALL)
 def test_sharded_jit_matches_single_device(name):

@@ -82,9 +82,11 @@ def unflat(vec, like):
 
 
 def ref_top_k(scores, k, eligible=None):
-  """Largest scores first, lowest index first among equals; NaN lowest."""
-  s = np.where(np.isnan(scores), -np.inf, scores)
-  order = np.lexsort((np.arange(s.size), -s))
+  """Largest scores first (the float64 order: subnormals exact, -0.0 equal
+  to 0.0), lowest index first among equals; NaN below -inf."""
+  s = np.ravel(np.asarray(scores, np.float64))
+  nan = np.isnan(s)
+  order = np.lexsort((np.arange(s.size), -np.where(nan, 0.0, s), nan))
   if eligible is not None:
     order = [i for i in order if eligible[i]]
   out = np.zeros(s.size, bool)
@@ -122,7 +124,8 @@ def n_params(tree):
 
 def test_top_k_mask_exact_count_and_ties_match_reference():
   rng = np.random.default_rng(0)
-  shapes = [(3, 4), (), (5,), (2, 1, 3)]
+  # repeated shapes, apart: handled together (stacked), ranked in leaf order
+  shapes = [(3, 4), (), (5,), (3, 4), (2, 1, 3), (), (5,), (3, 4)]
   n = sum(int(np.prod(s)) for s in shapes)
   f = jax.jit(topk.top_k_mask)
   for trial in range(12):
@@ -192,7 +195,8 @@ def test_leafwise_top_k_equals_concatenated_top_k():
   scores, all equal, few distinct values (ties spanning leaves), NaN, +-inf,
   -0.0/+0.0, k = 0, 1, n, eligible masks, k traced (an argument of jit)."""
   rng = np.random.default_rng(1)
-  shapes = [(4, 3), (), (6,), (2, 1, 3), (1, 5), (3, 2, 2, 2)]
+  shapes = [(4, 3), (), (6,), (2, 1, 3), (4, 3), (1, 5), (), (3, 2, 2, 2),
+            (6,), (4, 3)]
   like = [np.zeros(s) for s in shapes]
   n = sum(int(np.prod(s)) for s in shapes)
   leafwise = jax.jit(topk.top_k_mask)
@@ -222,6 +226,48 @@ def test_leafwise_top_k_equals_concatenated_top_k():
       np.testing.assert_array_equal(got, want, err_msg=f"{kind} k={k}")
       np.testing.assert_array_equal(got, ref_top_k(vals, k, elig))
       assert got.sum() == k
+
+
+def test_top_k_mask_ranks_subnormal_scores_exactly():
+  """float32 subnormals are ranked on their bit pattern, not as floats that
+  XLA:CPU flushes to 0: the issue's case, then random scores near 1e-40
+  (subnormal, with zeros and ties) over leaves of repeated shapes, against
+  the float64 NumPy order."""
+  f = jax.jit(topk.top_k_mask)
+  tiny = np.array([0, 0, 0, 1e-45, 0, 0, 0, 1e-44], np.float32)
+  assert np.flatnonzero(f([jnp.asarray(tiny)], 1)[0]).tolist() == [7]
+  assert np.flatnonzero(f([jnp.asarray(tiny)], 2)[0]).tolist() == [3, 7]
+  assert np.flatnonzero(f([jnp.asarray(-tiny)], 6)[0]).tolist() == [
+      0, 1, 2, 4, 5, 6]
+  rng = np.random.default_rng(3)
+  like = [np.zeros(s) for s in [(3, 5), (7,), (3, 5), (), (7,)]]
+  n = sum(x.size for x in like)
+  for trial in range(30):
+    vals = (rng.standard_normal(n) * 10.0 ** rng.integers(-44, -37, n))
+    vals = vals.astype(np.float32)
+    vals[rng.random(n) < 0.2] = 0.0
+    assert np.count_nonzero(np.abs(vals) < np.finfo(np.float32).tiny) > n // 2
+    k = int(rng.integers(1, n))
+    got = flat(f([jnp.asarray(x) for x in unflat(vals, like)], k)).astype(bool)
+    np.testing.assert_array_equal(got, ref_top_k(vals, k), err_msg=str(trial))
+
+
+def test_top_k_mask_nan_ranks_lowest():
+  """As documented: NaN below -inf (no tie with it), NaNs among themselves
+  by index, and still above ineligible entries."""
+  f = jax.jit(topk.top_k_mask)
+  x = jnp.array([np.nan, -np.inf, 1.0, 2.0], jnp.float32)
+  np.testing.assert_array_equal(f([x], 3)[0], [False, True, True, True])
+  np.testing.assert_array_equal(f([x], 4)[0], [True, True, True, True])
+  y = jnp.array([np.nan, -np.inf, np.nan, 0.0], jnp.float32)
+  np.testing.assert_array_equal(f([y], 3)[0], [True, True, False, True])
+  np.testing.assert_array_equal(
+      f([y], 2, eligible=[np.array([True, False, True, False])])[0],
+      [True, False, True, False])
+  for vals in (np.asarray(x), np.asarray(y)):
+    for k in range(5):
+      np.testing.assert_array_equal(f([jnp.asarray(vals)], k)[0],
+                                    ref_top_k(vals, k))
 
 
 def test_top_k_mask_empty_leaves():

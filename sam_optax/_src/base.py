@@ -482,6 +482,40 @@ def pmean(tree: PyTree, axis_name: Optional[str]) -> PyTree:
   return jax.lax.pmean(tree, axis_name)
 
 
+def _varies(x: Any, axis_name: str) -> bool:
+  """Whether ``x`` is typed as varying over ``axis_name`` (shard_map with
+  ``check_vma=True``)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  varying = getattr(mat, "varying", None)
+  if varying is None:
+    varying = getattr(aval, "vma", ())
+  return axis_name in varying
+
+
+def per_device(tree: PyTree, axis_name: Optional[str], like: Any) -> PyTree:
+  """``tree`` typed as varying over ``axis_name`` where ``like`` is (the
+  batch): then a gradient w.r.t. it is this device's own, as under ``pmap``
+  or ``shard_map(check_vma=False)``.
+
+  Under ``shard_map`` with ``check_vma=True`` (JAX's default), the gradient
+  of a device-varying loss w.r.t. replicated (invariant) parameters is
+  summed over the axis by the transpose of JAX's implicit ``pvary``: a
+  per-example gradient would mix the devices' examples before it is
+  squared, and a ``pmean`` after it would count the devices twice. Without
+  varying values (``check_vma=False``, ``pmap``, no axis) nothing changes.
+  """
+  if axis_name is None or not any(
+      _varies(x, axis_name) for x in jax.tree.leaves(like)
+  ):
+    return tree
+  return jax.tree.map(
+      lambda x: x if _varies(x, axis_name)
+      else jax.lax.pcast(x, (axis_name,), to="varying"),
+      tree,
+  )
+
+
 def psum(tree: PyTree, axis_name: Optional[str]) -> PyTree:
   if axis_name is None:
     return tree

@@ -98,15 +98,47 @@ class SharpnessAwareState(NamedTuple):
 
 
 
-def rho_active(rho: Any) -> Any:
-  """Whether a step perturbs at radius ``rho``: only where ``rho > 0`` and
-  finite. A radius that is 0, negative, NaN or inf (a schedule, or an
-  injected value) makes the step a skipped one: no second gradient, the
-  output is the clean gradient. The one rule of the device (a traced
-  ``rho``), the planner (the host's float32 value) and a static ``rho``."""
-  if isinstance(rho, (float, int)):
-    return bool(rho > 0 and np.isfinite(rho))
-  return jnp.logical_and(rho > 0, jnp.isfinite(rho))
+#: A radius schedule's value counts as 0 below this fraction of the
+#: schedule's scale (:func:`rho_floor`): float32 schedules round with errors
+#: of a few 2**-24 of their scale, and XLA evaluates them differently under
+#: ``jit`` (``c / T`` becomes ``c * (1 / T)``, multiply-adds fuse) than
+#: eagerly, so a schedule that ends at 0 gives 0.0 on the host and 1.1e-9
+#: on the device (``optax.linear_schedule(0.05, 0.0, 100)`` at step 100).
+RHO_FLOOR = 2.0**-16
+
+#: The counts whose values set a schedule's scale (each capped at the step).
+_SCALE_COUNTS = np.array([0] + [2**j for j in range(31)] + [2**31 - 1],
+                         np.int32)
+
+
+def rho_floor(rho: Any, count: Any) -> Any:
+  """The radius a schedule must exceed at step ``count`` to perturb.
+
+  ``RHO_FLOOR`` (2**-16) times the schedule's scale: the largest finite
+  ``|rho(c)|`` over ``c = min(n, count)`` for ``n`` in 0, 1, 2, 4, ...,
+  2**30 and ``count`` itself (so a value that is the largest seen always
+  counts). 0 for a radius that is not a schedule (a number, an injected
+  value). The same function on the host (the planner) and on the device.
+  """
+  if not callable(rho):
+    return 0.0
+  counts = jnp.minimum(jnp.asarray(_SCALE_COUNTS), count)
+  values = jax.vmap(lambda c: base.resolve(rho, c))(counts)
+  scale = jnp.max(jnp.where(jnp.isfinite(values), jnp.abs(values), 0.0))
+  return RHO_FLOOR * scale
+
+
+def rho_active(rho: Any, floor: Any = 0.0) -> Any:
+  """Whether a step perturbs at radius ``rho``: only where ``rho > floor``
+  (0, or for a schedule :func:`rho_floor`) and finite. A radius that is 0,
+  negative, NaN or inf (a schedule, or an injected value), or a schedule's
+  value within rounding of 0, makes the step a skipped one: no second
+  gradient, the output is the clean gradient. The one rule of the device (a
+  traced ``rho``), the planner (the host's float32 value) and a static
+  ``rho``."""
+  if isinstance(rho, (float, int)) and isinstance(floor, (float, int)):
+    return bool(rho > floor and np.isfinite(rho))
+  return jnp.logical_and(rho > floor, jnp.isfinite(rho))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,7 +442,7 @@ class _Engine:
       return rho_active(self.static_rho)
     if plan is not None and plan.rho_skip is not None:
       return not plan.rho_skip
-    return rho_active(step.rho)
+    return rho_active(step.rho, rho_floor(self.rho, step.count))
 
   def run_region(self, step, state, plan):
     """The region's choice: (where, its new state, evals)."""
@@ -478,13 +510,15 @@ class _Engine:
     # canonical_conv.grad does it up front.
     grad = canonical_conv.grad if nested else jax.grad
     needed = where.differentiated()
+    # Each device's own gradient, averaged below (see base.per_device).
+    params = base.per_device(step.params, self.axis_name, step.batch)
     if needed is None:
       perturbed = jax.tree.map(
-          lambda w, d: w + d.astype(w.dtype), step.params, e
+          lambda w, d: w + d.astype(w.dtype), params, e
       )
       h = grad(lambda p: step.loss(p, step.batch))(perturbed)
       return base.pmean(h, self.axis_name)
-    leaves, treedef = jax.tree.flatten(step.params)
+    leaves, treedef = jax.tree.flatten(params)
     chosen = [i for i, m in enumerate(treedef.flatten_up_to(needed)) if m]
     e_leaves = treedef.flatten_up_to(e)
 
@@ -542,6 +576,11 @@ def sharpness_aware(
       injected value) that is 0, negative, NaN or inf at a step makes that
       step a skipped one (no second gradient; the output is the clean
       gradient exactly, and the count advances), with or without a plan.
+      A schedule's value counts as 0 up to ``2**-16`` of its scale (the
+      largest ``|rho|`` at step 0, the powers of two up to the step and the
+      step itself): a schedule that ends at 0 skips from there on although
+      the device computes it as, e.g., 1.1e-9 (see the docs' planned steps
+      page, "The radius").
     geometry: how the perturbation is built (``parts.global_norm()``, ...).
     region: where it applies (default: everywhere).
     gate: when the second gradient is computed (default: every step).

@@ -129,6 +129,9 @@ def fisher_scores(
       else jax.lax.axis_index(axis_name).astype(jnp.int32) * local
   )
 
+  # Each device's own per-example gradients (see base.per_device).
+  params = base.per_device(params, axis_name, batch)
+
   def example_grad(*example_leaves):
     ex = [
         x[None] if ax == 0 else x for x, ax in zip(example_leaves, ax_leaves)
@@ -158,12 +161,14 @@ def fisher_scores(
         g,
     )
 
-  return _sum_in_chunks(sq_sum, params, per_device, chunk)
+  zeros = base.per_device(base.zeros_like_f32(params), axis_name, batch)
+  return _sum_in_chunks(sq_sum, zeros, per_device, chunk)
 
 
-def _sum_in_chunks(sq_sum, params, total: int, chunk: int) -> PyTree:
-  """``Σ sq_sum(start, size)`` over ``total`` examples, ``chunk`` at a time."""
-  acc = base.zeros_like_f32(params)
+def _sum_in_chunks(sq_sum, zeros, total: int, chunk: int) -> PyTree:
+  """``Σ sq_sum(start, size)`` over ``total`` examples, ``chunk`` at a time
+  (``zeros``: the float32 zeros it starts from)."""
+  acc = zeros
   full, rest = divmod(total, chunk)
   if full == 1:
     acc = sq_sum(0, chunk)

@@ -125,6 +125,7 @@ class Planner:
     self._lookahead = False  # peek: a look-ahead from an older state
     self.reads = 0
     self._checked = False
+    self._rho_eval = None
 
   def _read(
       self, opt_state: Any, field: Optional[str], count: Optional[int]
@@ -205,6 +206,7 @@ class Planner:
     probe._last = self._last  # pylint: disable=protected-access
     probe._lookahead = True  # pylint: disable=protected-access
     probe._checked = True  # pylint: disable=protected-access
+    probe._rho_eval = self._rho_eval  # pylint: disable=protected-access
 
     def refuse(opt_state, part, count):
       del opt_state, part, count
@@ -221,16 +223,26 @@ class Planner:
       return None
 
   def rho_skip(self, count: int) -> Optional[bool]:
-    """Whether the step ``count`` is skipped for its radius (not > 0 and
-    finite: ``engine.rho_active``, the device's rule on the same
-    float32 value); None when rho is not a schedule (fixed, known to the
-    engine; or injected, known only on the device)."""
+    """Whether the step ``count`` is skipped for its radius (not above
+    ``engine.rho_floor`` and finite: ``engine.rho_active``, the device's
+    rule on the same float32 values); None when rho is not a schedule
+    (fixed, known to the engine; or injected, known only on the device),
+    and when the value is within a quarter of the floor of the floor
+    (``RHO_FLOOR / 4`` of the schedule's scale, far above the last bits in
+    which the host's and the device's evaluations differ): the host cannot
+    tell the device's side, so the step decides on the device, as without
+    a plan."""
     rho = self._spec.rho
     if self._spec.static_rho is not None or not callable(rho):
       return None
+    if self._rho_eval is None:  # compiled once per planner, on the CPU
+      self._rho_eval = jax.jit(
+          lambda c: (base.resolve(rho, c), engine.rho_floor(rho, c)))
     with jax.default_device(jax.devices("cpu")[0]):
-      value = float(base.resolve(rho, np.int32(count)))
-    return not engine.rho_active(value)
+      value, floor = map(float, self._rho_eval(np.int32(count)))
+    if np.isfinite(value) and abs(value - floor) < floor / 4:
+      return None
+    return not engine.rho_active(value, floor)
 
   def __call__(self, count: Any, opt_state: Any) -> engine.Plan:
     """The plan of step ``count`` from ``opt_state``, the state before that
@@ -310,7 +322,10 @@ def planner(tx: Any) -> Planner:
   * **The radius.** A step perturbs only where rho is > 0 and finite; a
     schedule that is 0, negative, NaN or inf at a step makes it a skipped
     step (no second gradient, the output is the clean gradient, the count
-    advances), planned or not.
+    advances), planned or not. A schedule's value counts as 0 up to
+    ``2**-16`` of its scale, so the host's and the device's evaluations,
+    which differ in the last bits, take the same decision; a value too
+    close to that floor is left to the device (``rho_skip=None``).
   * **A plan belongs to its transform.** It carries the key of the
     transform it was made for (the region's and gate's types and the
     settings that decide plans: ``k``, the vSAM warm-up and window, the

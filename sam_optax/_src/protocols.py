@@ -569,7 +569,8 @@ class Plan(NamedTuple):
     rho_skip: the radius at this step is not a positive finite number (0,
       negative, NaN or inf): the step is skipped (no second gradient; the
       output is the clean gradient), as without a plan. Planned from a
-      radius schedule only.
+      radius schedule only (None also where the schedule is within
+      rounding of its floor: the device decides).
     second: the gate's decision.
     gate_after: the gate's end-of-step work (e.g. vSAM: draw the next
       window), see :meth:`Gate.plan_after`.

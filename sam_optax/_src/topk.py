@@ -47,22 +47,41 @@ def num_params(tree: PyTree) -> int:
 # --------------------------------------------------------------------------
 
 
+#: The key of a NaN score: above the ineligible entries' 0, below -inf's.
+_NAN_KEY = 1
+
+
+def _float32_bits(x: jax.Array) -> jax.Array:
+  """The float32 bit pattern of ``x`` as uint32, exact for subnormals.
+
+  float32 and bfloat16 are read bit by bit (no float operation an XLA
+  backend may flush to zero); other dtypes are converted first."""
+  if x.dtype == jnp.float32:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if x.dtype == jnp.bfloat16:
+    half = jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return half.astype(jnp.uint32) << 16
+  return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+
+
 def _order_key(x: jax.Array) -> jax.Array:
   """uint32 keys whose unsigned order is the float order of ``x``.
 
-  NaN counts as -inf; -0.0 and +0.0 are the same key (a tie).
+  Built on the bit pattern alone, so float32 subnormals keep their order
+  (XLA:CPU flushes them to 0 in float comparisons). NaN ranks lowest (key
+  1, below -inf's 0x007FFFFF); -0.0 and +0.0 are the same key (a tie).
   """
-  x = x.astype(jnp.float32)
-  x = jnp.where(jnp.isnan(x), -jnp.inf, x)
-  x = jnp.where(x == 0, jnp.zeros_like(x), x)
-  b = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  negative = (b >> 31) == 1
-  return jnp.where(negative, ~b, b | jnp.uint32(0x80000000))
+  b = _float32_bits(jnp.asarray(x))
+  magnitude = b & jnp.uint32(0x7FFFFFFF)
+  key = jnp.where((b >> 31) == 1, ~b, b | jnp.uint32(0x80000000))
+  key = jnp.where(magnitude == 0, jnp.uint32(0x80000000), key)
+  return jnp.where(magnitude > jnp.uint32(0x7F800000), jnp.uint32(_NAN_KEY),
+                   key)
 
 
 def _leaf_keys(leaves, treedef, eligible):
   """Every leaf's uint32 order keys, 0 for ineligible entries (never
-  selected: the smallest score's key, NaN's, is 0x007FFFFF)."""
+  selected: the smallest score's key, NaN's, is 1)."""
   keys = [_order_key(x) for x in leaves]
   if eligible is None:
     return keys
@@ -113,7 +132,9 @@ def top_k_mask(
   How (no sort, no scatter, no concatenation, O(N) memory):
 
   1. Every score becomes a uint32 key with the same order (the float32 bit
-     pattern, sign-adjusted), leaf by leaf; ineligible entries get key 0,
+     pattern, sign-adjusted, read as bits so that subnormals keep their
+     order on backends that flush them to 0; NaN gets key 1, below -inf),
+     leaf by leaf; ineligible entries get key 0,
      below every score's. With the entry's reversed flat index ``r = N - 1 -
      i`` (``i`` counted over the leaves in order) the pair ``(key, r)`` is
      distinct for every entry, and its lexicographic order is the order
@@ -193,8 +214,8 @@ def top_k_mask(
     take = count >= k
     return jnp.where(take, cand_t, t), jnp.where(take, cand_u, u)
 
-  # From (0, 0) up: eligible entries have a key >= 0x007FFFFF (the key of
-  # -inf), so only they are ever counted above a set bit.
+  # From (0, 0) up: eligible entries have a key >= 1 (NaN's), so only they
+  # are ever counted above a set bit.
   t, u = jax.lax.fori_loop(
       0, 32 + index_bits, decide_bit, (jnp.uint32(0), jnp.int32(0))
   )
