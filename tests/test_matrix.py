@@ -122,14 +122,15 @@ STATISTICS = ("ssam_fisher", "ssam_dynamic", "vsam", "layerwise_sam_runtime",
 
 
 @needs8
-@pytest.mark.parametrize("check_vma", [True, False])
 @pytest.mark.parametrize("name", STATISTICS)
-def test_shard_map_check_vma_both_settings_match_single_device(name, check_vma):
-  """``jax.shard_map`` with JAX's default ``check_vma=True`` and with False:
-  the per-example / per-device statistics and the parameters equal the one
-  device run. Under check_vma=True the gradient of the replicated
+def test_shard_map_default_check_vma_matches_single_device(name):
+  """``jax.shard_map`` with JAX's default ``check_vma=True`` (here) and with
+  False (:func:`test_shard_map_matches_single_device` runs every method
+  so): the per-example / per-device statistics and the parameters equal the
+  one device run. Under check_vma=True the gradient of the replicated
   parameters is the global mean when the loss is pmean'd (what is passed as
   ``updates``); under False, the per-device gradient pmean'd."""
+  check_vma = True
   bs = batches(n=4)
   p1, s1 = run_single(name, bs)
   mesh = Mesh(np.array(jax.devices()[:NDEV]), ("d",))
