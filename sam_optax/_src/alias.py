@@ -60,8 +60,8 @@ def sam(
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
-    num_splits: int = 1,
-    batch_axes: Any = 0,
+    num_splits: Optional[int] = None,
+    batch_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv 2010.01412).
 
@@ -98,10 +98,10 @@ def sam(
       Equal to ``shard_map`` over ``num_splits`` devices with per-device
       gradients; one sub-batch at a time, so the memory of SAM on one
       sub-batch; 2 batch gradients of work per step (``grad_evals`` counts
-      2). See :func:`sharpness_aware`. Default 1.
-    batch_axes: with ``num_splits``: 0 (every batch leaf is split on its
-      leading axis) or a prefix pytree of the batch with 0 / None (passed
-      whole: model state, a PRNG key) per leaf.
+      2). See :func:`sharpness_aware`. Default None: 1.
+    batch_axes: with ``num_splits``: None (default) or 0 (every batch leaf
+      is split on its leading axis), or a prefix pytree of the batch with
+      0 / None (passed whole: model state, a PRNG key) per leaf.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; chain a base optimizer after
@@ -140,8 +140,8 @@ def asam(
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
-    num_splits: int = 1,
-    batch_axes: Any = 0,
+    num_splits: Optional[int] = None,
+    batch_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM (Kwon et al., ICML 2021, arXiv 2102.11600).
 
@@ -189,8 +189,8 @@ def gnp(
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
-    num_splits: int = 1,
-    batch_axes: Any = 0,
+    num_splits: Optional[int] = None,
+    batch_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient-norm penalty, "generalized SAM" (Zhao, Zhang, Hu, ICML 2022,
   arXiv 2202.03599).
@@ -246,8 +246,8 @@ def gsam(
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
-    num_splits: int = 1,
-    batch_axes: Any = 0,
+    num_splits: Optional[int] = None,
+    batch_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate-gap guided SAM, GSAM (Zhuang et al., ICLR 2022,
   arXiv 2203.08065).

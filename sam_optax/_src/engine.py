@@ -542,8 +542,8 @@ def sharpness_aware(
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
-    num_splits: int = 1,
-    batch_axes: Any = 0,
+    num_splits: Optional[int] = None,
+    batch_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The engine: a sharpness-aware gradient transformation from four parts.
 
@@ -599,13 +599,15 @@ def sharpness_aware(
       Cost: the clean sub-batch gradients are computed here (the
       caller's whole-batch ``g`` cannot give them), so a computed step
       makes 2 batch gradients' work (``grad_evals`` counts 2) where SAM
-      makes 1. Default 1 (one perturbation for the whole batch). The batch
-      size (per device) must be a multiple of it; a leaf that is not per
-      example is marked None in ``batch_axes``.
-    batch_axes: with ``num_splits``: 0 when every batch leaf is batched on
-      its leading axis (default); otherwise a prefix pytree of the batch
-      with 0 (split) or None (passed whole: model state, a PRNG key) per
-      leaf.
+      makes 1. Default None: 1, one perturbation for the whole batch. The
+      batch size (per device) must be a multiple of it; a leaf that is not
+      per example is marked None in ``batch_axes``. Under
+      ``optax.inject_hyperparams`` a given ``num_splits`` goes in
+      ``static_args``.
+    batch_axes: with ``num_splits``: None (default) or 0 when every batch
+      leaf is split on its leading axis; otherwise a prefix pytree of the
+      batch with 0 (split) or None (passed whole: model state, a PRNG key)
+      per leaf.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -642,7 +644,11 @@ def sharpness_aware(
     if not isinstance(part, kind):
       raise ValueError(f"{name} must be a sam_optax {kind.__name__}, got {part!r}")
   check_gate(gate)
-  num_splits = base.static_int("num_splits", num_splits, 1)
+  # None defaults, so that optax.inject_hyperparams (which injects every
+  # numeric argument) leaves them static without static_args.
+  num_splits = 1 if num_splits is None else base.static_int(
+      "num_splits", num_splits, 1)
+  batch_axes = 0 if batch_axes is None else batch_axes
   fisher.check_batch_axes(batch_axes)
   static_rho = None if callable(rho) else base._concrete_float(rho)  # pylint: disable=protected-access
   engine = _Engine(

@@ -10,6 +10,7 @@ steps compile to a program with no second gradient and no conditional.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -63,12 +64,23 @@ def late_phase(
   """
   start = base.static_int("start", start, 0)
   base.check_scalar_or_schedule("rho", rho, 0.0)
+  return LatePhase(rho, start)
 
-  def schedule(count):
-    value = base.resolve(rho, count)
-    return jnp.where(count >= start, value, jnp.zeros((), jnp.float32))
 
-  return schedule
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatePhase:
+  """The schedule :func:`late_phase` returns (a callable of the count, with
+  a readable ``repr`` for logs and result files)."""
+
+  rho: Any
+  start: int
+
+  def __call__(self, count):
+    value = base.resolve(self.rho, count)
+    return jnp.where(count >= self.start, value, jnp.zeros((), jnp.float32))
+
+  def __repr__(self) -> str:
+    return f"late_phase({self.rho!r}, start={self.start})"
 
 
 def rho_from_lr(
