@@ -259,7 +259,7 @@ def gsam(
 
       e      = rho * g / (‖g‖ + eps)
       h      = ∇L_B(w + e)
-      g_perp = g - (<g, h> / (‖h‖² + eps)) * h     # g's part orthogonal to h
+      g_perp = g - (<g, h> / ‖h‖²) * h             # g's part orthogonal to h
       out    = h - alpha * g_perp
 
   ``alpha = 0`` is SAM. The paper ties the radius to the learning rate
@@ -271,8 +271,9 @@ def gsam(
   stable", per their code). The combination is :func:`parts.surrogate_gap`.
 
   This step equals the authors' JAX code (google-research/big_vision,
-  ``trainers/proj/gsam/gsam.py``, ``gsam_gradient``) up to where ``eps``
-  guards a division (they divide by ``‖h‖`` unguarded). Under
+  ``trainers/proj/gsam/gsam.py``, ``gsam_gradient``); like theirs, the
+  projection has no ``eps`` (it is scale-free), but a zero ``h`` gives a
+  zero projection here where theirs divides by 0. Under
   ``axis_name`` the decomposition is of the averaged ``g`` and ``h``; the
   authors decompose each worker's gradients and then average the GSAM
   gradients (the same for ``alpha = 0``; with per-device gradients the two

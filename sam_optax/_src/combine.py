@@ -259,18 +259,21 @@ class SurrogateGap(protocols.Combine):
   the component of ``g`` orthogonal to ``h``, which shrinks the surrogate
   gap ``f_p - f`` without changing the descent on ``f_p``::
 
-      g_perp = g - (<g, h> / (‖h‖² + eps)) * h
+      g_perp = g - (<g, h> / ‖h‖²) * h
       out    = h - alpha * g_perp
 
   ``minimize_fp=False`` (the authors' other option) descends the clean loss
   and adds the part of ``h`` orthogonal to ``g``::
 
-      h_perp = h - (<h, g> / (‖g‖² + eps)) * g
+      h_perp = h - (<h, g> / ‖g‖²) * g
       out    = g + alpha * h_perp
 
   ``alpha = 0`` with ``minimize_fp=True`` is SAM. Inner products and norms
   are global over all leaves, in float32, overflow-safe
-  (``tree_projection_coef``); a zero ``h`` gives a zero projection, not NaN.
+  (``tree_projection_coef``). No ``eps`` is added to the squared norm (the
+  authors' code adds none): the projection is scale-free, so the rule is
+  the same at gradient scales of 1e-30 and 1e30; a zero ``h`` (or ``g``)
+  gives a zero projection, not NaN.
   ``alpha`` is a float or a schedule of the step count.
   """
 
@@ -282,10 +285,10 @@ class SurrogateGap(protocols.Combine):
     g = base.tree_f32(step.grads)
     h = base.tree_f32(second)
     if self.minimize_fp:
-      coef = base.tree_projection_coef(g, h, step.eps)
+      coef = base.tree_projection_coef(g, h)
       out = jax.tree.map(lambda a, b: b - alpha * (a - coef * b), g, h)
     else:
-      coef = base.tree_projection_coef(h, g, step.eps)
+      coef = base.tree_projection_coef(h, g)
       out = jax.tree.map(lambda a, b: a + alpha * (b - coef * a), g, h)
     return base.tree_cast_like(out, step.grads), state
 
