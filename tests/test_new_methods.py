@@ -489,3 +489,58 @@ def test_new_methods_bad_input():
     sam_optax.fsam(mlp_loss, sigma=-1.0)
   with pytest.raises(ValueError, match="rho_max must be in"):
     sam_optax.rho_from_lr(0.1, rho_max=0.01, rho_min=0.1, lr_max=0.1)
+
+
+# --------------------------------------------------------------------------
+# Sharded: the rows tests/helpers.py leaves out of the matrix (the decoupled
+# WSAM and late-phase SAM), on 2 devices.
+# --------------------------------------------------------------------------
+
+
+@needs8
+def test_wsam_decoupled_under_shard_map_equals_one_device():
+  from jax.experimental.shard_map import shard_map
+
+  params, bs = mlp_params(), _batches(2)
+
+  def make(axis_name=None):
+    return sam_optax.wsam(mlp_loss, 0.1, 0.8, axis_name=axis_name,
+                          base_optimizer=optax.sgd(0.1, momentum=0.9),
+                          learning_rate=0.1)
+
+  one, two = make(), make("d")
+  mesh = Mesh(np.array(jax.devices()[:2]), ("d",))
+
+  def local(p, s, b):
+    g = jax.lax.pmean(jax.grad(mlp_loss)(p, b), "d")
+    u, s = two.update(g, s, p, batch=b)
+    return optax.apply_updates(p, u), s
+
+  step2 = jax.jit(shard_map(local, mesh=mesh, in_specs=(P(), P(), P("d")),
+                            out_specs=(P(), P()), check_rep=False))
+  step1 = jax.jit(lambda p, s, b: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *one.update(jax.grad(mlp_loss)(p, b), s, p, batch=b)))
+  p1, s1, p2, s2 = params, one.init(params), params, two.init(params)
+  for b in bs:
+    p1, s1 = step1(p1, s1, b)
+    p2, s2 = step2(p2, s2, b)
+  chex.assert_trees_all_close(p2, p1, rtol=1e-5, atol=1e-6)
+
+
+@needs8
+def test_late_phase_under_sharded_jit_equals_one_device():
+  from jax.sharding import NamedSharding
+
+  start, bs, params = 2, _batches(4), mlp_params()
+  sam_tx, tx, _, late, _ = _sgd_and_late_steps(start)
+  plan_of = sam_optax.planner(sam_tx)
+  mesh = Mesh(np.array(jax.devices()[:2]), ("d",))
+  p1, s1 = params, tx.init(params)
+  p2 = jax.device_put(params, NamedSharding(mesh, P()))
+  s2, plan_of2 = tx.init(p2), sam_optax.planner(sam_tx)
+  for count, b in enumerate(bs):
+    p1, s1 = late(p1, s1, b, plan=plan_of(count, s1))
+    p2, s2 = late(p2, s2, jax.device_put(b, NamedSharding(mesh, P("d"))),
+                  plan=plan_of2(count, s2))
+  chex.assert_trees_all_close(p2, p1, rtol=1e-5, atol=1e-6)
+  assert int(sam_optax.stats(s2)["grad_evals"]) == len(bs) - start
