@@ -366,7 +366,7 @@ def test_num_splits_planned_and_trainable():
                                                    params["l2"]), b)))
   np.testing.assert_allclose(flat(out["l2"]), np.mean(expected, axis=0),
                              rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(flat(out["l1"]), flat(g["l1"]), rtol=1e-6)
+  chex.assert_trees_all_equal(out["l1"], jax.tree.map(jnp.zeros_like, g["l1"]))
 
 
 def test_num_splits_bad_input():
@@ -544,3 +544,28 @@ def test_late_phase_under_sharded_jit_equals_one_device():
                   plan=plan_of2(count, s2))
   chex.assert_trees_all_close(p2, p1, rtol=1e-5, atol=1e-6)
   assert int(sam_optax.stats(s2)["grad_evals"]) == len(bs) - start
+
+
+@pytest.mark.parametrize("make", [
+    lambda f, **k: sam_optax.gsam(f, rho=0.1, alpha=0.3, **k),
+    lambda f, **k: sam_optax.fsam(f, rho=0.1, **k),
+    lambda f, **k: sam_optax.wsam(f, rho=0.1, gamma=0.8, **k),
+    lambda f, **k: sam_optax.wsam(f, rho=0.1, gamma=0.8, learning_rate=0.1,
+                                  base_optimizer=optax.sgd(0.1, momentum=0.9),
+                                  **k),
+    lambda f, **k: sam_optax.sam(f, rho=0.1, num_splits=2, **k),
+])
+def test_loss_at_update_time_and_frozen_leaves_get_zero(make):
+  """The loss given to update equals the loss given at construction; with
+  trainable= the frozen layer's output is zero (the decoupled WSAM too)."""
+  params, batch = mlp_params(), make_batch(n=8)
+  g = jax.grad(mlp_loss)(params, batch)
+  built, late = make(mlp_loss), make(None)
+  a = built.update(g, built.init(params), params, batch=batch)[0]
+  b = late.update(g, late.init(params), params, batch=batch,
+                  loss_fn=mlp_loss)[0]
+  chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
+  frozen = make(mlp_loss, trainable=lambda p: p.startswith("l2"))
+  out = frozen.update(g, frozen.init(params), params, batch=batch)[0]
+  chex.assert_trees_all_equal(out["l1"], jax.tree.map(jnp.zeros_like, g["l1"]))
+  assert np.all(np.abs(flat(out["l2"])) > 0)

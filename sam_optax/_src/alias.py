@@ -39,6 +39,7 @@ from sam_optax._src import engine
 from sam_optax._src import gate as gate_lib
 from sam_optax._src import geometry as geometry_lib
 from sam_optax._src import layers as layers_lib
+from sam_optax._src import lightsam as lightsam_lib
 from sam_optax._src import region as region_lib
 
 PyTree = Any
@@ -53,7 +54,7 @@ LeafSelection = gate_lib.LeafSelection
 
 
 def sam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     *,
     has_aux: bool = False,
@@ -75,7 +76,12 @@ def sam(
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with
-      ``has_aux=True``).
+      ``has_aux=True``). Or None (``sam_optax.sam(rho=0.05)``): then every
+      update passes it, ``tx.update(grads, state, params, batch=batch,
+      loss_fn=loss_fn)``, so a loss defined inside your ``train_step``
+      (closing over ``apply_fn``, model state, a dropout key) works as is.
+      Every method takes it both ways; an update's ``loss_fn`` wins over
+      the construction-time one.
     rho: radius, float or schedule; default 0.05 (the paper's CIFAR value).
     has_aux: ``loss_fn`` returns ``(loss, aux)``; perturbed aux is discarded.
     axis_name: ``pmap``/``shard_map`` axis: the output (and every statistic)
@@ -84,13 +90,17 @@ def sam(
       ``pmean``-ed one gives the global SAM step.
     eps: guard added to ``‖g‖``.
     trainable: the parameters the method applies to: None (all), a predicate
-      on the '/'-joined leaf path, or a pytree of Python bools like params.
+      on the '/'-joined leaf path, a pytree of Python bools like params (a
+      dict, an ``eqx.Module``, an ``nnx.State``) or a Flax NNX filter; see
+      :func:`sharpness_aware`.
       Frozen leaves are not perturbed, not differentiated (no backward pass
       below the lowest trainable layer) and not in any norm, mask, ranking
       or statistic: the method on the trainable leaves equals the same
-      method run on those leaves alone. Their output is the incoming
-      gradient, for the base optimizer to freeze (docs, recipes: "Frozen
-      parameters").
+      method run on those leaves alone. Their output is zero, so a plain
+      base optimizer after it leaves them as they are (a chained weight
+      decay still shrinks them: docs, recipes, "Frozen parameters"). To
+      perturb some layers only and train all, use a region
+      (:func:`layerwise_sam` ``layers=``), not ``trainable``.
     num_splits: m-sharpness on one device: perturb each of ``num_splits``
       contiguous sub-batches with its own gradient and return the mean of
       their second gradients (Foret et al.'s ``m`` = batch size /
@@ -116,6 +126,13 @@ def sam(
     >>> u, state = tx.update(g, state, w, batch=jnp.arange(3.0))
     >>> int(sam_optax.stats(state)["grad_evals"])
     1
+
+    The loss at update time instead:
+
+    >>> tx = optax.chain(sam_optax.sam(rho=0.05), optax.sgd(0.1))
+    >>> state = tx.init(w)
+    >>> u, state = tx.update(g, state, w, batch=jnp.arange(3.0),
+    ...                      loss_fn=loss_fn)
   """
   return engine.sharpness_aware(
       loss_fn,
@@ -132,7 +149,7 @@ def sam(
 
 
 def asam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.5,
     eta: base.ScalarOrSchedule = 0.01,
     *,
@@ -155,7 +172,8 @@ def asam(
   (SamsungLabs/ASAM). Cost: one extra gradient per step.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: radius, float or schedule.
     eta: offset that keeps zero weights perturbable; must be > 0.
     has_aux, axis_name, eps, trainable, num_splits, batch_axes: as in
@@ -181,7 +199,7 @@ def asam(
 
 
 def gnp(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.1,
     alpha: base.ScalarOrSchedule = 0.8,
     *,
@@ -205,7 +223,8 @@ def gnp(
   extra gradient per step.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: finite-difference radius, float or schedule.
     alpha: mixing weight in [0, 1], float or schedule.
     has_aux, axis_name, eps, trainable, num_splits, batch_axes: as in
@@ -237,7 +256,7 @@ def gnp(
 
 
 def gsam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     alpha: base.ScalarOrSchedule = 0.4,
     *,
@@ -286,7 +305,8 @@ def gsam(
   step, like SAM.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: radius, float or schedule (e.g. :func:`rho_from_lr`).
     alpha: weight of the surrogate-gap term, >= 0, float or schedule.
     minimize_fp: True (GSAM, descend the perturbed loss) or False (descend
@@ -343,7 +363,7 @@ class WSAMState(NamedTuple):
 
 
 def wsam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     gamma: base.ScalarOrSchedule = 0.9,
     *,
@@ -391,7 +411,8 @@ def wsam(
   this transform for the clean one. Cost: one extra gradient per step.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: radius, float or schedule.
     gamma: sharpness weight in [0, 1), float or schedule.
     base_optimizer: None (coupled gradient transform) or the base optimizer
@@ -399,8 +420,8 @@ def wsam(
     learning_rate: the base optimizer's learning rate (float or schedule of
       the step count), required with ``base_optimizer``.
     has_aux, axis_name, eps, trainable: as in :func:`sam`. Decoupled, the
-      base optimizer gets ``g`` averaged over ``axis_name`` and frozen
-      leaves' updates are the base optimizer's alone.
+      base optimizer gets ``g`` averaged over ``axis_name`` and runs on the
+      trainable leaves alone: frozen leaves get a zero update.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -456,7 +477,10 @@ def wsam(
       eps=eps,
       trainable=trainable,
   )
-  inner = optax.with_extra_args_support(base_optimizer)
+  # The base optimizer on the trainable leaves alone (frozen: a zero
+  # update), as LightSAM's descent.
+  inner = optax.with_extra_args_support(
+      lightsam_lib.on_trainable(base_optimizer, trainable))
 
   def init_fn(params):
     return WSAMState(sam=ascent.init(params), base=inner.init(params))
@@ -469,12 +493,15 @@ def wsam(
     scale = base.resolve(learning_rate, count) * base.resolve(
         _wsam_alpha(gamma), count
     )
+    sharp = jax.tree.map(
+        lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), h, g)
+    part = engine.trainable_split(trainable, g)
+    if part is not None:  # no sharpness term on frozen leaves
+      sharp = part.merge(part.restrict(sharp), jax.tree.map(
+          jnp.zeros_like, part.frozen(sharp)))
     out = jax.tree.map(
-        lambda a, x, y: (
-            a.astype(jnp.float32)
-            - scale * (x.astype(jnp.float32) - y.astype(jnp.float32))
-        ).astype(a.dtype),
-        u, h, g,
+        lambda a, x: (a.astype(jnp.float32) - scale * x).astype(a.dtype),
+        u, sharp,
     )
     return out, WSAMState(sam=sam_state, base=base_state)
 
@@ -483,7 +510,7 @@ def wsam(
 
 
 def fsam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     sigma: base.ScalarOrSchedule = 1.0,
     lmbda: base.ScalarOrSchedule = 0.9,
@@ -518,7 +545,8 @@ def fsam(
   0.95 (and logs 0.6). Cost: one extra gradient per step, like SAM.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: radius, float or schedule.
     sigma: weight of the removed average, >= 0, float or schedule.
     lmbda: decay of the moving average, in [0, 1], float or schedule.
@@ -554,7 +582,7 @@ def fsam(
 
 
 def layerwise_sam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.1,
     alpha: base.ScalarOrSchedule = 0.8,
     *,
@@ -645,7 +673,8 @@ def layerwise_sam(
   recipe), ``num_layers`` 2.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: radius, float or schedule.
     alpha: mixing weight in [0, 1], float or schedule.
     num_layers: how many layers (without ``layers``), in
@@ -750,7 +779,7 @@ def _ssam_engine(
 
 
 def ssam_fisher(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     sparsity: base.ScalarOrSchedule = 0.5,
     *,
@@ -790,8 +819,9 @@ def ssam_fisher(
   ``mask_refreshes``.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``; for the Fisher it is called on
-      one-example batches (leading axis of size 1).
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`); for the Fisher it is called on one-example
+      batches (leading axis of size 1).
     rho: radius, float or schedule; default 0.05 (the authors' CIFAR value).
     sparsity: share of entries NOT perturbed, in [0, 1]; default 0.5. A
       plain number fixes ``K`` exactly at trace time (and 0 / 1 take the
@@ -848,7 +878,7 @@ def ssam_fisher(
 
 
 def ssam_dynamic(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     sparsity: base.ScalarOrSchedule = 0.5,
     *,
@@ -899,7 +929,8 @@ def ssam_dynamic(
   and ``mask_refreshes``.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: radius, float or schedule; default 0.05.
     sparsity: share of entries NOT perturbed, in [0, 1]; a plain number
       (exact ``K``, shortcuts for 0 and 1), an array or a schedule (``K`` in
@@ -950,7 +981,7 @@ def ssam_dynamic(
 
 
 def ssam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     *,
     mask: PyTree,
@@ -974,7 +1005,8 @@ def ssam(
   (``opt_state[0].region.mask`` in ``optax.chain(ssam_fisher(...), ...)``).
 
   Args:
-    loss_fn: ``loss_fn(params, batch)``.
+    loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
+      (as in :func:`sam`).
     rho: radius, float or schedule; default 0.05.
     mask: pytree of bools shaped like the params (keyword-only, required).
     has_aux, axis_name, eps, trainable: as in :func:`sam`.
@@ -1011,7 +1043,7 @@ def ssam(
 
 
 def looksam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.1,
     *,
     k: int = 5,
@@ -1047,7 +1079,7 @@ def looksam(
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with
-      ``has_aux=True``).
+      ``has_aux=True``), or None to pass it to ``update`` (as in :func:`sam`).
     rho: radius, float or schedule.
     k: period of the SAM steps, an integer >= 1.
     alpha: weight of the reused component, >= 0, float or schedule.
@@ -1089,7 +1121,7 @@ def looksam(
 
 
 def vsam(
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     rho: base.ScalarOrSchedule = 0.05,
     *,
     warmup_steps: Optional[int] = None,
@@ -1163,7 +1195,7 @@ def vsam(
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with
-      ``has_aux=True``).
+      ``has_aux=True``), or None to pass it to ``update`` (as in :func:`sam`).
     rho: radius, float or schedule.
     warmup_steps: integer >= 0 (None: ``2 * window``).
     window: steps per window, a multiple of ``blocks``, >= ``2 * blocks``.

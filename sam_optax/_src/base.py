@@ -152,6 +152,20 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
   return value
 
 
+def inject_hint(name: str, value: Any) -> str:
+  """The end of an error message for an argument that should be a callable
+  and is an array: what ``optax.inject_hyperparams`` passes when it called
+  the callable as a schedule of the step count."""
+  if not (hasattr(value, "dtype") or isinstance(value, bool)):
+    return ""
+  return (
+      f". Under optax.inject_hyperparams, a callable {name} (a predicate, a "
+      "filter, an eqx.Module mask) is called as a schedule of the step count "
+      f"and its value passed on: list {name!r} in static_args, "
+      f"optax.inject_hyperparams(method, static_args=({name!r},))"
+  )
+
+
 def check_scalar_or_schedule(
     name: str, value: Any, low: Optional[float] = 0.0, **kw
 ) -> None:
@@ -256,12 +270,18 @@ def resolve(value: ScalarOrSchedule, count: Array) -> Array:
 # --------------------------------------------------------------------------
 
 
-def key_name(key: Any) -> str:
-  """One path entry as text: a dict key, an attribute name or an index."""
+def raw_key(key: Any) -> Any:
+  """One path entry as its key: a dict key, an attribute name or an index
+  (what Flax NNX paths hold)."""
   for attr in ("key", "name", "idx"):
     if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+      return getattr(key, attr)
+  return key
+
+
+def key_name(key: Any) -> str:
+  """One path entry as text: a dict key, an attribute name or an index."""
+  return str(raw_key(key))
 
 
 def path_str(path: tuple[Any, ...]) -> str:
@@ -442,6 +462,17 @@ def cond(pred: Any, true_fn: Callable, false_fn: Callable, operand: Any):
   if isinstance(pred, bool):
     return true_fn(operand) if pred else false_fn(operand)
   return jax.lax.cond(pred, true_fn, false_fn, operand)
+
+
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def saturating_add(counter: Array, n: Any) -> Array:
+  """``counter + n`` for an int32 counter and an increment ``n >= 0``,
+  stopping at int32's largest value instead of wrapping to a negative
+  number (``optax.safe_increment``'s rule, for any increment)."""
+  n = jnp.asarray(n, jnp.int32)
+  return jnp.minimum(counter, INT32_MAX - n) + n
 
 
 def pmean(tree: PyTree, axis_name: Optional[str]) -> PyTree:

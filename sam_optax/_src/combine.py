@@ -136,7 +136,7 @@ class OrthogonalReuse(protocols.Combine):
     else:
       scale = alpha * base.tree_norm(g) / (base.tree_norm(gv) + step.eps)
       out = jax.tree.map(lambda a, v: a + scale * v, g, gv)
-    new_state = state._replace(since=state.since + 1)
+    new_state = state._replace(since=base.saturating_add(state.since, 1))
     return base.tree_cast_like(out, step.grads), new_state
 
 
@@ -214,7 +214,7 @@ class DecayedReuse(protocols.Combine):
     return base.tree_cast_like(second, step.grads), new_state
 
   def skipped(self, step, state):
-    since = state.since + 1
+    since = base.saturating_add(state.since, 1)
     active = since <= self.max_reuse
     lam = jnp.where(
         active,

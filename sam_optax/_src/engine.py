@@ -44,6 +44,7 @@ from sam_optax._src import base
 from sam_optax._src import canonical_conv
 from sam_optax._src import fisher
 from sam_optax._src import gate as gate_lib
+from sam_optax._src.protocols import ById
 from sam_optax._src.protocols import Combine
 from sam_optax._src.protocols import Gate
 from sam_optax._src.protocols import Geometry
@@ -67,10 +68,13 @@ class SharpnessAwareState(NamedTuple):
     count: number of ``update`` calls with a finite clean and second
       gradient (int32): the step number every schedule reads. A step with a
       NaN or inf leaves the whole state as it was, ``count`` included.
+      It saturates at ``2**31 - 1`` (``optax.safe_increment``), as does
+      every counter of the parts: none wraps to a negative value.
     grad_evals: gradient evaluations of ``loss_fn`` made inside the transform
-      (int32). A second gradient counts 1 (2 with ``num_splits > 1``: the
-      sub-batches' clean and second gradients); per-example gradients count 1 per
-      example (see the method's docstring). The clean gradient the caller
+      (int32, saturating at ``2**31 - 1``). A second gradient counts 1
+      (2 with ``num_splits > 1``: the sub-batches' clean and second
+      gradients); per-example gradients count 1 per example (see the
+      method's docstring). The clean gradient the caller
       computed is not counted: SGD's cost is one gradient per step.
     geometry: state of the perturbation geometry (e.g. adaptive accumulators).
     region: state of the region (e.g. a sparse mask, a layer selection).
@@ -114,11 +118,12 @@ class Spec:
   static_rho: Optional[float]
   region: Region
   gate: Gate
+  trainable: Hashable = None  # trainable_key(trainable=)
 
   @property
   def key(self) -> PlanKey:
     """The key every plan made for this transform carries."""
-    return plan_key(self.rho, self.region, self.gate)
+    return plan_key(self.rho, self.region, self.gate, self.trainable)
 
 
 _SPEC_ATTR = "_sam_optax_spec"
@@ -168,7 +173,11 @@ def _require_call_arguments(params, batch) -> None:
     raise ValueError(
         "sam_optax transforms need the keyword argument `batch` (the batch "
         "loss_fn(params, batch) takes): call "
-        "tx.update(grads, opt_state, params, batch=batch)"
+        "tx.update(grads, opt_state, params, batch=batch). Flax's "
+        "TrainState.apply_gradients(grads=..., batch=...) does not pass "
+        "batch on (its extra keywords go to .replace): call state.tx.update "
+        "yourself, then state.replace(step=state.step + 1, params=..., "
+        "opt_state=...); see the docs' recipes page, 'Flax linen TrainState'"
     )
   if any(
       isinstance(x, optax.MaskedNode)
@@ -239,7 +248,8 @@ class _Engine:
   ``update`` is the step of the module docstring, in named pieces.
   """
 
-  loss: Callable[[PyTree, Any], jax.Array]
+  loss: Optional[Callable[[PyTree, Any], jax.Array]]  # None: at update
+  has_aux: bool
   rho: Any
   static_rho: Optional[float]  # None: a schedule or an injected value
   geometry: Geometry
@@ -292,24 +302,49 @@ class _Engine:
     )
 
   def update(
-      self, updates, state, params=None, *, batch=_MISSING, plan=None, **extra
+      self, updates, state, params=None, *, batch=_MISSING, plan=None,
+      loss_fn=None, **extra
   ):
     del extra  # other extra arguments are for other transforms in the chain
     _require_call_arguments(params, batch)
+    engine = self.with_loss(loss_fn)
     plan = check_plan(
-        plan, plan_key(self.rho, self.region, self.gate), self.region,
-        self.gate,
+        plan,
+        plan_key(self.rho, self.region, self.gate,
+                 trainable_key(self.trainable)),
+        self.region, self.gate,
     )
     split = self.split(params)
     if split is None:
-      return self.run(updates, state, params, batch, plan)
-    # The method runs on the trainable sub-tree alone; frozen leaves get
-    # the incoming gradient (averaged over axis_name).
-    out, new_state = self.restricted(split, params).run(
+      return engine.run(updates, state, params, batch, plan)
+    # The method runs on the trainable sub-tree alone; frozen leaves get a
+    # zero output, so a base optimizer chained after it does not move them.
+    out, new_state = engine.restricted(split, params).run(
         split.restrict(updates), state, split.restrict(params), batch, plan
     )
-    frozen = base.pmean(split.frozen(updates), self.axis_name)
+    frozen = jax.tree.map(jnp.zeros_like, split.frozen(updates))
     return split.merge(out, frozen), new_state
+
+  def with_loss(self, loss_fn: Optional[Callable]) -> "_Engine":
+    """This engine with the loss of this call: ``update``'s ``loss_fn``
+    where given (it wins over the construction-time one), else the one
+    given at construction."""
+    if loss_fn is None:
+      if self.loss is None:
+        raise ValueError(
+            "this sam_optax transform was built without a loss_fn and "
+            "update got none: pass it at construction, e.g. "
+            "sam_optax.sam(loss_fn, rho=0.05), or at update, "
+            "tx.update(grads, opt_state, params, batch=batch, "
+            "loss_fn=loss_fn), with loss_fn(params, batch) -> scalar"
+        )
+      return self
+    if not callable(loss_fn):
+      raise ValueError(
+          "update's loss_fn must be callable, loss_fn(params, batch) -> "
+          f"scalar (or (scalar, aux) with has_aux=True), got {loss_fn!r}"
+      )
+    return dataclasses.replace(self, loss=_scalar_loss(loss_fn, self.has_aux))
 
   def run(self, updates, state, params, batch, plan):
     """One step on every leaf of ``params`` (the trainable sub-tree)."""
@@ -353,7 +388,8 @@ class _Engine:
         (state.count, state.geometry, state.region, state.gate, state.combine),
     )
     new_state = SharpnessAwareState(
-        kept[0], state.grad_evals + evals + region_evals, *kept[1:]
+        kept[0], base.saturating_add(state.grad_evals, evals + region_evals),
+        *kept[1:]
     )
     return base.tree_cast_like(out, updates), new_state
 
@@ -531,7 +567,7 @@ class _Engine:
 
 
 def sharpness_aware(
-    loss_fn: Callable[..., Any],
+    loss_fn: Optional[Callable[..., Any]] = None,
     rho: base.ScalarOrSchedule = 0.05,
     *,
     geometry: Geometry,
@@ -550,7 +586,10 @@ def sharpness_aware(
   Args:
     loss_fn: ``loss_fn(params, batch)`` returning a scalar, or ``(scalar,
       aux)`` when ``has_aux`` is True (the aux of perturbed evaluations is
-      discarded).
+      discarded). Or None: then every ``update`` call passes it,
+      ``update(..., batch=batch, loss_fn=loss_fn)`` (a closure defined
+      inside the user's ``train_step`` works). A ``loss_fn`` given to
+      ``update`` wins over the construction-time one.
     rho: perturbation radius, a float >= 0 or a schedule of the step count.
       ``rho=0`` gives the clean gradient and evaluates nothing. A step
       perturbs only where the radius is > 0 and finite: a schedule (or an
@@ -566,8 +605,15 @@ def sharpness_aware(
     eps: guard added to every norm that divides.
     trainable: the parameters the method applies to (frozen ones: a
       backbone, embeddings): None (all), a predicate on the '/'-joined leaf
-      path (``lambda p: p.startswith("head/")``), or a pytree of Python
-      bools with the structure of params. Every part runs on the
+      path (``lambda p: p.startswith("head/")``), leaf path prefixes (a
+      str or a sequence of them, ``"head"`` or ``("head", "neck/dense")``,
+      matched at '/' boundaries as vSAM's ``stat_leaves``; not callable, so
+      ``optax.inject_hyperparams`` needs no ``static_args`` for them), a
+      pytree of Python bools with the structure of params (a dict, an ``eqx.Module`` of
+      bools, which is a mask even though it is callable, an ``nnx.State``),
+      or a Flax NNX filter (``nnx.PathContains("head")``,
+      ``nnx.All(nnx.Param, ...)``, called on each variable with its path,
+      as NNX does). Every part runs on the
       trainable leaves alone (:class:`parts.Trainable`), so the method on
       them equals the same method run on those leaves alone, with the
       frozen ones closed over in ``loss_fn``: frozen leaves are never
@@ -580,12 +626,14 @@ def sharpness_aware(
       leaves set to None). Settings that name or count leaves (``layers=``,
       ``num_layers=``, ``stat_leaves=``) refer to trainable ones: naming a
       frozen one fails at ``init``. A fixed mask is given with the
-      structure of the full params; its frozen leaves are ignored. Frozen
-      leaves get the incoming gradient (averaged over ``axis_name``) in
-      the output: freeze them in the base optimizer (e.g.
-      ``optax.multi_transform`` with ``optax.set_to_zero()`` chained after
-      this transform). Use this instead of wrapping the transform in
-      ``optax.masked``.
+      structure of the full params; its frozen leaves are ignored. The
+      output on frozen leaves is zero, so a plain base optimizer chained
+      after it does not train them (a chained weight decay, or a
+      momentum carried from before, still moves them: see the docs'
+      recipes, "Frozen parameters"). Use this instead of wrapping the
+      transform in ``optax.masked``. To perturb some leaves only and
+      train all of them, use a region (``layerwise_sam(layers=...)``,
+      ``ssam(mask=...)``), not ``trainable``.
     num_splits: m-sharpness on one device (Foret et al.'s ``m``): on a
       computed step, the batch is cut into ``num_splits`` contiguous
       sub-batches ``B_i`` of ``m = size / num_splits`` examples; each is
@@ -628,8 +676,7 @@ def sharpness_aware(
     >>> int(state.grad_evals)
     2
   """
-  if not callable(loss_fn):
-    raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
+  check_loss_fn(loss_fn)
   base.check_scalar_or_schedule("rho", rho, 0.0)
   base.check_range("eps", eps, 0.0, low_open=True)
   if axis_name is not None and not isinstance(axis_name, str):
@@ -652,28 +699,94 @@ def sharpness_aware(
   fisher.check_batch_axes(batch_axes)
   static_rho = None if callable(rho) else base._concrete_float(rho)  # pylint: disable=protected-access
   engine = _Engine(
-      loss=_scalar_loss(loss_fn, has_aux), rho=rho, static_rho=static_rho,
+      loss=None if loss_fn is None else _scalar_loss(loss_fn, has_aux),
+      has_aux=bool(has_aux), rho=rho, static_rho=static_rho,
       geometry=geometry, region=region, gate=gate, combine=combine,
       axis_name=axis_name, eps=eps, trainable=check_trainable(trainable),
       num_splits=num_splits, batch_axes=batch_axes,
   )
   tx = optax.GradientTransformationExtraArgs(engine.init, engine.update)
-  return attach_spec(tx, Spec(rho, static_rho, region, gate))
+  return attach_spec(
+      tx, Spec(rho, static_rho, region, gate, trainable_key(engine.trainable))
+  )
+
+
+def check_loss_fn(loss_fn: Any) -> None:
+  """Construction-time check of ``loss_fn``: a callable, or None (then
+  every ``update`` call passes ``loss_fn=``)."""
+  if loss_fn is not None and not callable(loss_fn):
+    hint = ""
+    if isinstance(loss_fn, (int, float)) or hasattr(loss_fn, "dtype"):
+      hint = (
+          " (a number as the first argument is taken for loss_fn: pass the "
+          "radius by keyword, e.g. sam_optax.sam(rho=0.05))"
+      )
+    raise ValueError(
+        "loss_fn must be callable, loss_fn(params, batch), or None (then "
+        f"pass loss_fn= to every update call), got {loss_fn!r}{hint}"
+    )
+
+
+def _is_mask(trainable: Any) -> bool:
+  """A non-empty pytree of Python bools: a mask, even when it is callable
+  (an ``eqx.Module`` of bools, built the Equinox way with
+  ``jax.tree.map(lambda _: False, model)``), never a predicate."""
+  leaves = jax.tree.leaves(trainable)
+  return bool(leaves) and all(isinstance(x, (bool, np.bool_)) for x in leaves)
+
+
+def _nnx_filter(trainable: Any) -> Optional[Callable]:
+  """A Flax NNX filter (``nnx.PathContains("head")``, ``nnx.Param``,
+  ``nnx.All(...)``, ...) as its ``(path, variable) -> bool`` predicate; None
+  for anything else."""
+  kind = trainable if isinstance(trainable, type) else type(trainable)
+  if not getattr(kind, "__module__", "").startswith("flax.nnx"):
+    return None
+  from flax.nnx import filterlib  # pylint: disable=g-import-not-at-top
+  return filterlib.to_predicate(trainable)
+
+
+def _path_prefixes(trainable: Any) -> Optional[tuple[str, ...]]:
+  """A path prefix or a sequence of them, as a tuple; None otherwise."""
+  if isinstance(trainable, str):
+    return (trainable,)
+  if (isinstance(trainable, (tuple, list)) and trainable
+      and all(isinstance(s, str) for s in trainable)):
+    return tuple(trainable)
+  return None
 
 
 def check_trainable(trainable: Any) -> Any:
-  """Construction-time check of ``trainable`` (see :func:`sharpness_aware`)."""
-  if trainable is None or callable(trainable):
+  """Construction-time check of ``trainable`` (see :func:`sharpness_aware`);
+  path prefixes come back as a tuple."""
+  if (prefixes := _path_prefixes(trainable)) is not None:
+    return prefixes
+  if trainable is None or callable(trainable) or (
+      _is_mask(trainable) and not isinstance(trainable, (bool, np.bool_))):
     return trainable
-  bad = [x for x in jax.tree.leaves(trainable)
-         if not isinstance(x, (bool, np.bool_))]
-  if bad or not jax.tree.leaves(trainable):
-    raise ValueError(
-        "trainable must be None, a predicate on the '/'-joined leaf path, or "
-        "a pytree of Python bools with the structure of params (one per "
-        f"leaf); got {trainable!r}"
-    )
-  return trainable
+  raise ValueError(
+      "trainable must be None, a predicate on the '/'-joined leaf path, a "
+      "Flax NNX filter, leaf path prefixes (a str or a sequence of str), or "
+      "a pytree of Python bools with the structure of params (one per leaf: "
+      "a dict, an eqx.Module, an nnx.State); got "
+      f"{trainable!r}{base.inject_hint('trainable', trainable)}"
+  )
+
+
+def trainable_key(trainable: Any) -> Hashable:
+  """``trainable=`` (as :func:`check_trainable` returns it) in the hashable
+  form a :class:`PlanKey` holds: None, the predicate by identity, or a
+  mask's structure, flags and frozen paths."""
+  if trainable is None:
+    return None
+  if _path_prefixes(trainable) is not None:
+    return ("paths", tuple(trainable))
+  if not _is_mask(trainable):
+    return ById(trainable)
+  leaves, treedef = jax.tree.flatten(trainable)
+  flags = tuple(bool(x) for x in leaves)
+  frozen = tuple(p for p, t in zip(base.leaf_paths(trainable), flags) if not t)
+  return ("mask", treedef, frozen, flags)
 
 
 def trainable_split(trainable: Any, params: PyTree) -> Optional[Trainable]:
@@ -683,11 +796,43 @@ def trainable_split(trainable: Any, params: PyTree) -> Optional[Trainable]:
   return None if mask is None else Trainable.from_mask(mask)
 
 
+def _nnx_flags(pred: Callable, params: PyTree) -> list[bool]:
+  """One flag per leaf of ``params`` from an NNX filter's predicate, called
+  as NNX calls it: on each variable (an ``nnx.Variable`` of an
+  ``nnx.State``, else the leaf) with its path of raw keys."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  flags = []
+  for path, node in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=is_var)[0]:
+    keep = pred(tuple(base.raw_key(k) for k in path), node)
+    flags += [bool(keep)] * len(jax.tree.leaves(node))
+  return flags
+
+
 def trainable_mask(trainable: Any, params: PyTree) -> Optional[PyTree]:
   """The trainable leaves as a pytree of Python bools (None: all of them)."""
   if trainable is None:
     return None
-  if callable(trainable):
+  if _is_mask(trainable):
+    base.check_same_structure(trainable, params, "trainable", shapes=False)
+    mask = jax.tree.map(bool, trainable)
+  elif (pred := _nnx_filter(trainable)) is not None:
+    flags = _nnx_flags(pred, params)
+    mask = jax.tree.unflatten(jax.tree.structure(params), flags)
+  elif (prefixes := _path_prefixes(trainable)) is not None:
+    keys = gate_lib.leaf_keys(params)
+    unknown = [s for s in prefixes
+               if not any(gate_lib.select_leaves(keys, [s]))]
+    if unknown:
+      raise ValueError(
+          f"trainable names paths that are not in params: {unknown}; "
+          f"params have the leaf paths {base.leaf_paths(params)}"
+      )
+    flags = gate_lib.select_leaves(keys, prefixes)
+    mask = jax.tree.unflatten(jax.tree.structure(params), flags)
+  else:
     paths = base.leaf_paths(params)
     flags = []
     for path in paths:
@@ -699,9 +844,6 @@ def trainable_mask(trainable: Any, params: PyTree) -> Optional[PyTree]:
         )
       flags.append(bool(keep))
     mask = jax.tree.unflatten(jax.tree.structure(params), flags)
-  else:
-    base.check_same_structure(trainable, params, "trainable", shapes=False)
-    mask = jax.tree.map(bool, trainable)
   flags = jax.tree.leaves(mask)
   if not any(flags):
     raise ValueError(

@@ -391,7 +391,8 @@ class VariationSampling(protocols.Gate):
         probability=jnp.where(warm, 1.0, rate / self.window).astype(
             jnp.float32
         ),
-        since=jnp.where(go, 0, state.since + 1).astype(jnp.int32),
+        since=jnp.where(go, 0, base.saturating_add(state.since, 1)).astype(
+            jnp.int32),
     )
 
   def observe(self, step, second, state):
@@ -414,15 +415,16 @@ class VariationSampling(protocols.Gate):
         block_root_variance(norm, self.blocks)
     )
     return state._replace(
-        samples=state.samples + 1, ratio=ratio, norm=norm,
+        samples=base.saturating_add(state.samples, 1), ratio=ratio, norm=norm,
         root_variance=root_variance,
     )
 
   def prepares_after(self, count):
     """Whether the step ``count`` is the last before a window starts."""
-    nxt = count + 1
-    return (nxt >= self.warmup_steps) & (
-        (nxt - self.warmup_steps) % self.window == 0
+    # count + 1 >= warmup and (count + 1 - warmup) % window == 0, written
+    # without count + 1, which would wrap at a saturated count (2**31 - 1)
+    return (count >= self.warmup_steps - 1) & (
+        (count - self.warmup_steps) % self.window == self.window - 1
     )
 
   def after(self, step, state, planned=None):
@@ -478,12 +480,13 @@ def _check_stat_leaves_arg(stat_leaves: LeafSelection) -> LeafSelection:
   if stat_leaves is not None and not callable(stat_leaves):
     if isinstance(stat_leaves, str):
       stat_leaves = (stat_leaves,)
-    stat_leaves = tuple(stat_leaves)
+    elif not hasattr(stat_leaves, "dtype"):  # an array: the message below
+      stat_leaves = tuple(stat_leaves)
     if not stat_leaves or not all(isinstance(s, str) for s in stat_leaves):
       raise ValueError(
           "stat_leaves must be None, a predicate on the '/'-joined leaf path, "
           f"or a non-empty sequence of leaf paths or path prefixes; got "
-          f"{stat_leaves!r}"
+          f"{stat_leaves!r}{base.inject_hint('stat_leaves', stat_leaves)}"
       )
   return stat_leaves
 

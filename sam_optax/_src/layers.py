@@ -131,7 +131,7 @@ def check_group_fn(group_fn):
   if group_fn is not None and not callable(group_fn):
     raise ValueError(
         "group_fn must be a callable (leaf path str -> layer name str) or "
-        f"None, got {group_fn!r}"
+        f"None, got {group_fn!r}{base.inject_hint('group_fn', group_fn)}"
     )
 
 

@@ -379,7 +379,7 @@ def adaptive_perturbation(
   return AdaptivePerturbation(variant=variant, b1=b1, b2=b2, eps=eps)
 
 
-def _on_trainable(
+def on_trainable(
     inner: optax.GradientTransformation, trainable: Any
 ) -> optax.GradientTransformation:
   """``inner`` run on the trainable leaves alone (the sub-tree of
@@ -418,8 +418,8 @@ def _adaptive_update(variant, b1, b2, eps) -> optax.GradientTransformation:
 
 
 def lightsam(
-    loss_fn: Callable,
-    learning_rate: base.ScalarOrSchedule,
+    loss_fn: Optional[Callable] = None,
+    learning_rate: Optional[base.ScalarOrSchedule] = None,
     rho: Optional[base.ScalarOrSchedule] = None,
     *,
     variant: str = "adagrad_norm",
@@ -487,8 +487,11 @@ def lightsam(
   defaults as a safe scale to tune from, not a tuned value.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)`` (``(loss, aux)`` with ``has_aux``).
-    learning_rate: ``lr`` > 0, float or schedule of the step count.
+    loss_fn: ``loss_fn(params, batch)`` (``(loss, aux)`` with ``has_aux``),
+      or None to pass it to every update, ``tx.update(grads, state, params,
+      batch=batch, loss_fn=loss_fn)`` (as in :func:`sam_optax.sam`).
+    learning_rate: ``lr`` > 0, float or schedule of the step count
+      (required; ``lightsam(learning_rate=0.1)`` without a loss).
     rho: perturbation scale >= 0, float or schedule; None takes the
       variant's default (0.1, 0.003, 3e-4; see above). ``rho = 0`` gives
       the plain adaptive optimizer on the clean gradient with no second
@@ -531,6 +534,12 @@ def lightsam(
     1
   """
   base.check_choice("variant", variant, VARIANTS)
+  if learning_rate is None:
+    raise ValueError(
+        "lightsam needs learning_rate (it is the full optimizer): "
+        "lightsam(loss_fn, learning_rate, ...), or "
+        "lightsam(learning_rate=..., ...) with the loss passed to update"
+    )
   if rho is None:
     rho = DEFAULT_RHO[variant]
   base.check_scalar_or_schedule("rho", rho, 0.0)
@@ -543,7 +552,7 @@ def lightsam(
   )
   tx = optax.chain(
       ascent,
-      _on_trainable(_adaptive_update(variant, b1, b2, eps), trainable),
+      on_trainable(_adaptive_update(variant, b1, b2, eps), trainable),
       optax.scale_by_learning_rate(learning_rate),
   )
   return engine.attach_spec(tx, engine.spec_of(ascent))  # for the planner

@@ -314,8 +314,9 @@ def planner(tx: Any) -> Planner:
   * **A plan belongs to its transform.** It carries the key of the
     transform it was made for (the region's and gate's types and the
     settings that decide plans: ``k``, the vSAM warm-up and window, the
-    masks' ``update_every``, ``num_layers`` and ``select_every``, the rho
-    schedule); ``update`` raises ValueError for a plan of another transform
+    masks' ``update_every``, ``num_layers``, ``select_every`` and
+    ``group_fn``, the rho schedule, and ``trainable=``, which renumbers the
+    layers a selection indexes); ``update`` raises ValueError for a plan of another transform
     or other settings, and for a malformed or hand-made one. Transforms
     with equal settings share plans.
   * **One state, the one before the step.** Where a plan reads the device,

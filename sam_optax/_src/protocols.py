@@ -506,11 +506,16 @@ class PlanKey(NamedTuple):
       a schedule.
     region: the region's :meth:`Region.plan_key`.
     gate: the gate's :meth:`Gate.plan_key`.
+    trainable: what ``trainable=`` freezes (None: nothing): it renumbers
+      the layers and leaves the parts see, so a plan's layer indices mean
+      other layers under another ``trainable``. A predicate is compared by
+      identity, a mask by its structure and flags.
   """
 
   rho: Hashable
   region: Hashable
   gate: Hashable
+  trainable: Hashable = None
 
   def describe(self) -> str:
     """The key in words (no memory addresses: the same in every process)."""
@@ -527,18 +532,27 @@ class PlanKey(NamedTuple):
       return f"{kind.__name__}({inner})"
 
     rho = "a number" if self.rho is None else f"the schedule {name(self.rho)}"
-    return f"rho {rho}, region {part(self.region)}, gate {part(self.gate)}"
+    out = f"rho {rho}, region {part(self.region)}, gate {part(self.gate)}"
+    if self.trainable is None:
+      return out + ", every leaf trainable"
+    if isinstance(self.trainable, ById):
+      return out + f", trainable= the predicate {name(self.trainable.obj)}"
+    return out + f", trainable= a mask freezing {self.trainable[2]}"
 
   def __repr__(self) -> str:
     return f"PlanKey({self.describe()})"
 
 
-def plan_key(rho: Any, region: Region, gate: Gate) -> PlanKey:
-  """The ``PlanKey`` of a transform with these settings."""
+def plan_key(
+    rho: Any, region: Region, gate: Gate, trainable: Hashable = None
+) -> PlanKey:
+  """The ``PlanKey`` of a transform with these settings (``trainable``:
+  the hashable form of ``trainable=``, see ``engine.trainable_key``)."""
   return PlanKey(
       rho=rho if callable(rho) else None,
       region=region.plan_key(),
       gate=gate.plan_key(),
+      trainable=trainable,
   )
 
 
@@ -602,6 +616,12 @@ def check_plan(
           "same schedule (the same function); under "
           "optax.inject_hyperparams build the planner with a number for rho "
           "(the injected value is then decided on the device)."
+      )
+    if owner.trainable != key.trainable:
+      hint += (
+          " A plan fits only a transform with the same trainable= (the "
+          "same predicate object, or a mask freezing the same leaves): "
+          "its layer indices count the trainable layers."
       )
     raise ValueError(
         "plan was made for another transform or other static settings: "

@@ -309,7 +309,9 @@ class FisherMask(RefreshedMask):
         scale=base.tree_scale(step.grads),
     )
     mask = topk.top_k_mask(base.psum(f, step.axis_name), k)
-    return MaskState(mask=mask, refreshes=state.refreshes + 1)
+    return MaskState(
+        mask=mask, refreshes=base.saturating_add(state.refreshes, 1)
+    )
 
   def refresh_evals(self):
     return self.num_samples
@@ -444,7 +446,7 @@ class DynamicMask(RefreshedMask):
     )
     return DynamicMaskState(
         mask=jax.tree.map(jnp.logical_or, keep, grow),
-        refreshes=state.refreshes + 1,
+        refreshes=base.saturating_add(state.refreshes, 1),
         key=jax.random.key_data(key),
     )
 
@@ -730,7 +732,7 @@ class TopLayers(protocols.Region):
     due = self.reselects_after(step.count)
     return state._replace(
         selected=jnp.where(due, top.astype(jnp.int32), state.selected),
-        refreshes=state.refreshes + due.astype(jnp.int32),
+        refreshes=base.saturating_add(state.refreshes, due),
     )
 
   def next_state(self, step, state):
@@ -885,6 +887,7 @@ def fixed_layers(
   """
   layers_lib.check_group_fn(group_fn)
   flags = _layer_flags(normalize, second)
+  given = layers
   if isinstance(layers, str):
     layers = (layers,)
   if callable(layers):
@@ -896,7 +899,8 @@ def fixed_layers(
   if layers is None or not all(isinstance(p, str) for p in layers):
     raise ValueError(
         "layers must be None, a layer path (str), a sequence of layer paths "
-        f"or a predicate on the path; got {layers!r}"
+        f"or a predicate on the path; got {given!r}"
+        f"{base.inject_hint('layers', given)}"
     )
   if not layers:
     raise ValueError("layers must name at least one layer; got an empty list")

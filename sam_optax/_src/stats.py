@@ -60,6 +60,12 @@ def stats(opt_state: Any) -> dict[str, Any]:
   own entries (mask density, sampling rate, ...); ``inject_hyperparams``
   contributes its hyperparameters as ``hyperparams/<name>``.
 
+  The counters (``count``, ``grad_evals``, ``mask_refreshes``,
+  ``layer_refreshes``, ``steps_since_sample``, ...) are int32 and saturate
+  at ``2**31 - 1`` (``optax.safe_increment``'s rule): they never wrap to a
+  negative value. Past that many steps, ``count`` stays at its largest
+  value, and so does every decision read from it.
+
   With one sam_optax state the keys are bare (``"grad_evals"``); with several,
   each key is prefixed by the state's path (``"1/grad_evals"``). Values are
   JAX arrays:
