@@ -491,7 +491,11 @@ class _Engine:
     batched one with different weights per split, which XLA runs as
     grouped convolutions).
     """
-    grad = canonical_conv.grad if nested else jax.grad
+    # The scan body is not XLA's entry computation, so XLA:CPU would not
+    # canonicalize its convolutions (about 20x slower on the benchmark CNN,
+    # as inside a lax.cond): canonical_conv.grad does it up front.
+    del nested
+    grad = canonical_conv.grad
     parts, rebuild = fisher.split_batch(
         step.batch, self.batch_axes, self.num_splits
     )
@@ -502,7 +506,7 @@ class _Engine:
       g = grad(lambda p: step.loss(p, batch))(step.params)
       sub = dataclasses.replace(step, updates=g, batch=batch)
       e, new = self.geometry.perturb(sub, geometry_state, where)
-      h = self.second_gradient(sub, where.restrict(e), where, nested,
+      h = self.second_gradient(sub, where.restrict(e), where, True,
                                reduce=False)
       total = jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, h)
       return (total, new), None
