@@ -73,6 +73,28 @@ METHODS: dict[str, MethodSpec] = {
             short_run={"rho": 0.1, "alpha": 0.8},
         ),
         MethodSpec(
+            "gsam", "gsam", {"rho": 0.05, "alpha": 0.4},
+            short_run={"rho": 0.1, "alpha": 0.4},
+        ),
+        # the coupled form (a gradient transform before the base optimizer);
+        # the decoupled one needs the base optimizer and its learning rate
+        MethodSpec(
+            "wsam", "wsam", {"rho": 0.05, "gamma": 0.9},
+            short_run={"rho": 0.1, "gamma": 0.8},
+        ),
+        MethodSpec(
+            "fsam", "fsam", {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9},
+            short_run={"rho": 0.1, "sigma": 1.0, "lmbda": 0.6},
+        ),
+        # late-phase SAM: SGD for the first half of the run, then SAM
+        MethodSpec(
+            "sam_late", "sam", {},
+            run_args=lambda spe, total: {
+                "rho": sam_optax.late_phase(0.05, start=total // 2)},
+            # SGD steps 0-2, SAM steps 3-5
+            short_run={"rho": sam_optax.late_phase(0.1, start=3)},
+        ),
+        MethodSpec(
             "layerwise_sam",
             "layerwise_sam",
             # the output side, found from the graph (static: the fast path)

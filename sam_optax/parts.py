@@ -28,8 +28,11 @@ from sam_optax._src.protocols import Where
 from sam_optax._src.protocols import apply_mask
 
 # Geometries.
+from sam_optax._src.geometry import Friendly
+from sam_optax._src.geometry import FriendlyState
 from sam_optax._src.geometry import NormBall
 from sam_optax._src.geometry import adaptive
+from sam_optax._src.geometry import friendly
 from sam_optax._src.geometry import global_norm
 from sam_optax._src.lightsam import AdaptivePerturbation
 from sam_optax._src.lightsam import AdaptivePerturbationState
@@ -73,10 +76,12 @@ from sam_optax._src.combine import DecayedReuse
 from sam_optax._src.combine import Mix
 from sam_optax._src.combine import OrthogonalReuse
 from sam_optax._src.combine import Replace
+from sam_optax._src.combine import SurrogateGap
 from sam_optax._src.combine import decayed_reuse
 from sam_optax._src.combine import mix
 from sam_optax._src.combine import orthogonal_reuse
 from sam_optax._src.combine import replace
+from sam_optax._src.combine import surrogate_gap
 
 # The building blocks of the masks.
 from sam_optax._src.fisher import fisher_scores

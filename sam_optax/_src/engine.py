@@ -42,6 +42,7 @@ import optax
 
 from sam_optax._src import base
 from sam_optax._src import canonical_conv
+from sam_optax._src import fisher
 from sam_optax._src import flax_interop
 from sam_optax._src import gate as gate_lib
 from sam_optax._src.protocols import ById
@@ -71,9 +72,10 @@ class SharpnessAwareState(NamedTuple):
       It saturates at ``2**31 - 1`` (``optax.safe_increment``), as does
       every counter of the parts: none wraps to a negative value.
     grad_evals: gradient evaluations of ``loss_fn`` made inside the transform
-      (int32, saturating at ``2**31 - 1``). A second gradient counts 1;
-      per-example gradients count 1 per example (see the method's
-      docstring). The clean gradient the caller
+      (int32, saturating at ``2**31 - 1``). A second gradient counts 1
+      (2 with ``num_splits > 1``: the sub-batches' clean and second
+      gradients); per-example gradients count 1 per example (see the
+      method's docstring). The clean gradient the caller
       computed is not counted: SGD's cost is one gradient per step.
     geometry: state of the perturbation geometry (e.g. adaptive accumulators).
     region: state of the region (e.g. a sparse mask, a layer selection).
@@ -291,6 +293,8 @@ class _Engine:
   axis_name: Optional[str]
   eps: float
   trainable: Any = None
+  num_splits: int = 1
+  batch_axes: Any = 0
 
   def init(self, params: PyTree) -> SharpnessAwareState:
     base.check_params(params)
@@ -482,12 +486,19 @@ class _Engine:
     nested = not isinstance(go, bool)  # the branch runs inside a lax.cond
 
     def computed(_):
-      e, geometry_state = self.geometry.perturb(step, state.geometry, where)
-      second = self.second_gradient(step, where.restrict(e), where, nested)
+      if self.num_splits == 1:
+        e, geometry_state = self.geometry.perturb(step, state.geometry, where)
+        second = self.second_gradient(step, where.restrict(e), where, nested)
+      else:
+        second, geometry_state = self.split_second_gradient(
+            step, state.geometry, where, nested
+        )
       out, combine_state = self.combine.computed(step, second, state.combine)
       observed = (self.region.observe(step, second, chosen[0]),
                   self.gate.observe(step, second, chosen[1]))
-      one = jnp.ones((), jnp.int32)
+      # m-sharpness: num_splits clean and num_splits second sub-batch
+      # gradients, each on 1/num_splits of the batch: 2 batch gradients.
+      one = jnp.asarray(1 if self.num_splits == 1 else 2, jnp.int32)
       finite = base.tree_all_finite(second)
       return out, geometry_state, combine_state, observed, one, finite
 
@@ -499,13 +510,62 @@ class _Engine:
 
     return computed, skipped
 
-  def second_gradient(self, step: Step, e: PyTree, where: Where, nested: bool):
-    """grad loss(w + e), averaged over devices, shaped like params.
+  def split_second_gradient(self, step, geometry_state, where, nested):
+    """m-sharpness on one device: the mean over ``num_splits`` contiguous
+    sub-batches ``B_i`` of ``grad L_{B_i}(w + e_i)``, each ``e_i`` built by
+    the geometry from that sub-batch's own clean gradient ``g_i`` (averaged
+    over devices once, at the end), and the geometry's new state (from the
+    last sub-batch: a geometry updates its state from ``step.grads``, the
+    whole batch's gradient, which every sub-batch step carries).
+
+    One sub-batch at a time (``lax.scan``): the memory of one SAM step on a
+    sub-batch, not ``num_splits`` copies of the parameters, gradients and
+    activations that a ``vmap`` over the splits would hold (and a ``vmap``
+    with per-split weights turns every matmul and convolution into a
+    batched one with different weights per split, which XLA runs as
+    grouped convolutions).
+    """
+    # The scan body is not XLA's entry computation, so XLA:CPU would not
+    # canonicalize its convolutions (about 20x slower on the benchmark CNN,
+    # as inside a lax.cond): canonical_conv.grad does it up front.
+    del nested
+    grad = canonical_conv.grad
+    parts, rebuild = fisher.split_batch(
+        step.batch, self.batch_axes, self.num_splits
+    )
+
+    def one(carry, sliced):
+      total, _ = carry
+      batch = rebuild(sliced)
+      # This device's own sub-batch gradient (see base.per_device).
+      own = base.per_device(step.params, self.axis_name, batch)
+      g = grad(lambda p: step.loss(p, batch))(own)
+      sub = dataclasses.replace(step, updates=g, batch=batch)
+      e, new = self.geometry.perturb(sub, geometry_state, where)
+      h = self.second_gradient(sub, where.restrict(e), where, True,
+                               reduce=False)
+      total = jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, h)
+      return (total, new), None
+
+    init = (base.zeros_like_f32(step.params), geometry_state)
+    (total, new), _ = jax.lax.scan(one, init, parts)
+    mean = jax.tree.map(
+        lambda t, g: (t / self.num_splits).astype(g.dtype), total, step.grads
+    )
+    return base.pmean(mean, self.axis_name), new
+
+  def second_gradient(
+      self, step: Step, e: PyTree, where: Where, nested: bool,
+      reduce: bool = True,
+  ):
+    """grad loss(w + e), averaged over devices (unless ``reduce`` is
+    False), shaped like params.
 
     Only the leaves ``where.differentiated()`` names are differentiated;
     the others are passed through as the very same arrays and their entry
     in the result is the clean gradient.
     """
+    axis_name = self.axis_name if reduce else None
     # Inside a lax.cond XLA:CPU skips its convolution canonicalization;
     # canonical_conv.grad does it up front.
     grad = canonical_conv.grad if nested else jax.grad
@@ -517,7 +577,7 @@ class _Engine:
           lambda w, d: w + d.astype(w.dtype), params, e
       )
       h = grad(lambda p: step.loss(p, step.batch))(perturbed)
-      return base.pmean(h, self.axis_name)
+      return base.pmean(h, axis_name)
     leaves, treedef = jax.tree.flatten(params)
     chosen = [i for i, m in enumerate(treedef.flatten_up_to(needed)) if m]
     e_leaves = treedef.flatten_up_to(e)
@@ -529,7 +589,7 @@ class _Engine:
       return step.loss(jax.tree.unflatten(treedef, full), step.batch)
 
     h = grad(partial_loss)([leaves[i] for i in chosen])
-    h = base.pmean(h, self.axis_name)
+    h = base.pmean(h, axis_name)
     out = list(treedef.flatten_up_to(step.grads))
     for j, i in enumerate(chosen):
       out[i] = h[j]
@@ -560,6 +620,8 @@ def sharpness_aware(
     axis_name: Optional[str] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
+    num_splits: Optional[int] = None,
+    batch_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The engine: a sharpness-aware gradient transformation from four parts.
 
@@ -619,6 +681,28 @@ def sharpness_aware(
       transform in ``optax.masked``. To perturb some leaves only and
       train all of them, use a region (``layerwise_sam(layers=...)``,
       ``ssam(mask=...)``), not ``trainable``.
+    num_splits: m-sharpness on one device (Foret et al.'s ``m``): on a
+      computed step, the batch is cut into ``num_splits`` contiguous
+      sub-batches ``B_i`` of ``m = size / num_splits`` examples; each is
+      perturbed with its own clean gradient ``g_i = ∇L_{B_i}(w)`` (the
+      geometry's ``e_i``) and the second gradient is the mean of
+      ``∇L_{B_i}(w + e_i)``, which the combination then uses as usual
+      (with the whole batch's ``g``). The same result as ``shard_map``
+      over ``num_splits`` devices, each given its sub-batch and its own
+      gradient as ``updates``, with ``axis_name`` set. The sub-batches run
+      one after the other (``lax.scan``: the memory of one sub-batch step).
+      Cost: the clean sub-batch gradients are computed here (the
+      caller's whole-batch ``g`` cannot give them), so a computed step
+      makes 2 batch gradients' work (``grad_evals`` counts 2) where SAM
+      makes 1. Default None: 1, one perturbation for the whole batch. The
+      batch size (per device) must be a multiple of it; a leaf that is not
+      per example is marked None in ``batch_axes``. Under
+      ``optax.inject_hyperparams`` a given ``num_splits`` goes in
+      ``static_args``.
+    batch_axes: with ``num_splits``: None (default) or 0 when every batch
+      leaf is split on its leading axis; otherwise a prefix pytree of the
+      batch with 0 (split) or None (passed whole: model state, a PRNG key)
+      per leaf.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -654,12 +738,19 @@ def sharpness_aware(
     if not isinstance(part, kind):
       raise ValueError(f"{name} must be a sam_optax {kind.__name__}, got {part!r}")
   check_gate(gate)
+  # None defaults, so that optax.inject_hyperparams (which injects every
+  # numeric argument) leaves them static without static_args.
+  num_splits = 1 if num_splits is None else base.static_int(
+      "num_splits", num_splits, 1)
+  batch_axes = 0 if batch_axes is None else batch_axes
+  fisher.check_batch_axes(batch_axes)
   static_rho = None if callable(rho) else base._concrete_float(rho)  # pylint: disable=protected-access
   engine = _Engine(
       loss=None if loss_fn is None else _scalar_loss(loss_fn, has_aux),
       has_aux=bool(has_aux), rho=rho, static_rho=static_rho,
       geometry=geometry, region=region, gate=gate, combine=combine,
       axis_name=axis_name, eps=eps, trainable=check_trainable(trainable),
+      num_splits=num_splits, batch_axes=batch_axes,
   )
   tx = optax.GradientTransformationExtraArgs(engine.init, engine.update)
   return attach_spec(

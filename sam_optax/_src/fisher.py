@@ -1,4 +1,6 @@
-"""The empirical Fisher diagonal from per-example gradients (Sparse SAM-F).
+"""The empirical Fisher diagonal from per-example gradients (Sparse SAM-F),
+and the slicing of a batch into examples or sub-batches (``batch_axes``)
+that it shares with m-sharpness (``num_splits``).
 
 Per-example gradients are computed in chunks (``vmap`` inside a
 ``fori_loop``), so at most ``chunk_size`` gradient copies exist at once.
@@ -17,6 +19,55 @@ from sam_optax._src import base
 PyTree = Any
 
 
+def check_batch_axes(batch_axes: Any) -> None:
+  """Construction-time check: ``batch_axes`` is 0, None, or a pytree of
+  Python 0/None."""
+  for ax in jax.tree.leaves(batch_axes, is_leaf=lambda x: x is None):
+    if isinstance(ax, jax.Array):  # what inject_hyperparams makes of a 0
+      raise ValueError(
+          "batch_axes must be given as Python 0/None (it fixes how the batch "
+          "is sliced), got a JAX array; under optax.inject_hyperparams list "
+          "'batch_axes' in static_args"
+      )
+    if ax is not None and (isinstance(ax, bool) or ax != 0):
+      raise ValueError(f"batch_axes leaves must be 0 or None, got {ax!r}")
+
+
+def split_batch(batch: Any, batch_axes: Any, num_splits: int):
+  """The batch as ``num_splits`` contiguous sub-batches, for ``lax.scan``.
+
+  Returns ``(parts, rebuild)``: ``parts`` is the list of the batched leaves
+  (``batch_axes`` 0), each reshaped to ``(num_splits, size // num_splits,
+  ...)``; ``rebuild(slices)`` turns one slice of each (what ``scan`` gives
+  its body) back into a batch, with the leaves marked None passed whole.
+  Sub-batch ``i`` holds examples ``[i*m, (i+1)*m)``, ``m = size //
+  num_splits``: the split of ``shard_map`` with ``P(axis)`` over
+  ``num_splits`` devices.
+  """
+  leaves, treedef, axes, size = batched_leaves(
+      batch, batch_axes, "num_splits sub-batches"
+  )
+  if size % num_splits:
+    raise ValueError(
+        f"num_splits must divide the batch size: got num_splits={num_splits} "
+        f"for a batch of {size} examples (on this device); use a batch size "
+        "that is a multiple of num_splits"
+    )
+  per = size // num_splits
+  parts = [
+      jnp.reshape(x, (num_splits, per) + tuple(np.shape(x)[1:]))
+      for x, ax in zip(leaves, axes) if ax == 0
+  ]
+
+  def rebuild(slices):
+    it = iter(slices)
+    return jax.tree.unflatten(
+        treedef, [next(it) if ax == 0 else x for x, ax in zip(leaves, axes)]
+    )
+
+  return parts, rebuild
+
+
 def _expand_axes(batch_axes: Any, batch: Any) -> PyTree:
   """``batch_axes`` (0/None, a prefix of ``batch``) broadcast to every leaf."""
   try:
@@ -33,9 +84,12 @@ def _expand_axes(batch_axes: Any, batch: Any) -> PyTree:
     ) from None
 
 
-def _batched_leaves(batch: Any, batch_axes: Any):
+def batched_leaves(
+    batch: Any, batch_axes: Any, purpose: str = "per-example gradients"
+):
   """(leaves, treedef, axis per leaf, per-example count), with clear errors
-  for batch leaves that cannot be sliced per example."""
+  for batch leaves that cannot be sliced per example (``purpose`` names
+  what slices them in the messages)."""
   axes = _expand_axes(batch_axes, batch)
   leaves, treedef = jax.tree.flatten(batch)
   ax_leaves = treedef.flatten_up_to(axes)
@@ -51,7 +105,7 @@ def _batched_leaves(batch: Any, batch_axes: Any):
     )
   if not sizes:
     raise ValueError(
-        "per-example gradients need at least one batched leaf in the batch "
+        f"{purpose} need at least one batched leaf in the batch "
         "(batch_axes 0)"
     )
   if len(sizes) > 1:
@@ -62,7 +116,7 @@ def _batched_leaves(batch: Any, batch_axes: Any):
         if ax == 0 and np.ndim(x) > 0
     }
     raise ValueError(
-        "per-example gradients slice every batch leaf marked 0 in batch_axes "
+        f"{purpose} slice every batch leaf marked 0 in batch_axes "
         f"on its leading axis, but their sizes differ: {found}; mark the "
         "leaves that are not per example (model state, a PRNG key) None in "
         "batch_axes, e.g. batch_axes={'x': 0, 'y': 0, 'state': None}"
@@ -113,7 +167,7 @@ def fisher_scores(
       prefix pytree of the batch with 0/None per leaf.
     axis_name: the ``pmap``/``shard_map`` axis the batch is split over.
   """
-  leaves, treedef, ax_leaves, local = _batched_leaves(batch, batch_axes)
+  leaves, treedef, ax_leaves, local = batched_leaves(batch, batch_axes)
   devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
   if num_samples > local * devices:
     where = "" if devices == 1 else f" = {devices} devices x {local}"

@@ -10,7 +10,7 @@ outside the region afterwards.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,3 +62,83 @@ def adaptive(eta: base.ScalarOrSchedule = 0.01) -> NormBall:
   """ASAM's geometry: ``e = rho * T² g / (‖T g‖ + eps)`` with ``T = |w| + eta``."""
   base.check_scalar_or_schedule("eta", eta, 0.0, low_open=True)
   return NormBall(eta=eta)
+
+
+class FriendlyState(NamedTuple):
+  """Friendly SAM's memory.
+
+  Attributes:
+    momentum: the exponential moving average ``m`` of the clean gradients of
+      the computed steps so far (float32, shaped like the params).
+    started: whether ``m`` holds a gradient yet (False before the first
+      computed step).
+  """
+
+  momentum: Any
+  started: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Friendly(protocols.Geometry):
+  r"""Friendly SAM's perturbation (Li et al., CVPR 2024, arXiv 2403.12350).
+
+  The full-gradient component of SAM's perturbation does not help
+  generalization; F-SAM removes an estimate of it, the moving average ``m``
+  of past gradients, and perturbs along what is left (the batch-specific
+  part)::
+
+      d = g - sigma * m                 (d = g on the first step: m is empty)
+      m = lmbda * m + (1 - lmbda) * g   (m = g on the first step)
+      e = rho * d / (‖d‖ + eps)
+
+  ``d`` uses ``m`` from before this step's gradient enters it, as in the
+  authors' code (nblt/F-SAM, ``FriendlySAM.first_step``). ``m`` is updated
+  from the gradient averaged over ``axis_name`` (so every device keeps the
+  same state); ``d`` from ``updates`` as passed (per device: m-sharpness).
+  It advances on steps that compute a second gradient only (a step skipped
+  for its radius leaves it as it was). Norms in float32; a zero ``d`` gives
+  ``e = 0``.
+  """
+
+  sigma: Any = 1.0
+  lmbda: Any = 0.9
+
+  def init(self, params):
+    return FriendlyState(
+        momentum=base.zeros_like_f32(params),
+        started=jnp.zeros((), bool),
+    )
+
+  def perturb(self, step: protocols.Step, state, where: protocols.Where):
+    sigma = base.resolve(self.sigma, step.count)
+    lmbda = base.resolve(self.lmbda, step.count)
+    started = state.started
+    d = jax.tree.map(
+        lambda g, m: jnp.where(
+            started, g.astype(jnp.float32) - sigma * m, g.astype(jnp.float32)
+        ),
+        step.updates,
+        state.momentum,
+    )
+    momentum = jax.tree.map(
+        lambda g, m: jnp.where(
+            started,
+            lmbda * m + (1.0 - lmbda) * g.astype(jnp.float32),
+            g.astype(jnp.float32),
+        ),
+        step.grads,
+        state.momentum,
+    )
+    factor = step.rho / (base.tree_norm(where.norm_domain(d)) + step.eps)
+    e = jax.tree.map(lambda x: factor * x, d)
+    return e, FriendlyState(momentum=momentum, started=jnp.ones((), bool))
+
+
+def friendly(
+    sigma: base.ScalarOrSchedule = 1.0, lmbda: base.ScalarOrSchedule = 0.9
+) -> Friendly:
+  """Friendly SAM's geometry (see :class:`Friendly`): ``sigma >= 0``,
+  ``lmbda`` in [0, 1]."""
+  base.check_scalar_or_schedule("sigma", sigma, 0.0)
+  base.check_scalar_or_schedule("lmbda", lmbda, 0.0, high=1.0)
+  return Friendly(sigma=sigma, lmbda=lmbda)

@@ -379,7 +379,7 @@ def adaptive_perturbation(
   return AdaptivePerturbation(variant=variant, b1=b1, b2=b2, eps=eps)
 
 
-def _on_trainable(
+def on_trainable(
     inner: optax.GradientTransformation, trainable: Any
 ) -> optax.GradientTransformation:
   """``inner`` run on the trainable leaves alone (the sub-tree of
@@ -552,7 +552,7 @@ def lightsam(
   )
   tx = optax.chain(
       ascent,
-      _on_trainable(_adaptive_update(variant, b1, b2, eps), trainable),
+      on_trainable(_adaptive_update(variant, b1, b2, eps), trainable),
       optax.scale_by_learning_rate(learning_rate),
   )
   return engine.attach_spec(tx, engine.spec_of(ascent))  # for the planner

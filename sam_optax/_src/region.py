@@ -498,15 +498,7 @@ def fisher_mask(
   num_samples = base.static_int("num_samples", num_samples, 1)
   update_every = base.static_int("update_every", update_every, 1)
   chunk_size = base.static_int("chunk_size", chunk_size, 1)
-  for ax in jax.tree.leaves(batch_axes, is_leaf=lambda x: x is None):
-    if isinstance(ax, jax.Array):  # what inject_hyperparams makes of a 0
-      raise ValueError(
-          "batch_axes must be given as Python 0/None (it fixes how the batch "
-          "is sliced), got a JAX array; under optax.inject_hyperparams list "
-          "'batch_axes' in static_args"
-      )
-    if ax is not None and (isinstance(ax, bool) or ax != 0):
-      raise ValueError(f"batch_axes leaves must be 0 or None, got {ax!r}")
+  fisher_lib.check_batch_axes(batch_axes)
   return FisherMask(
       sparsity=sparsity,
       num_samples=num_samples,
