@@ -32,6 +32,9 @@ COMMON_ALT = {
     "axis_name": "d",
     "eps": 1e-6,
     "trainable": HEAD,
+    # m-sharpness changes how the second gradient is computed, not when.
+    "num_splits": 2,
+    "batch_axes": (0, 0),
 }
 COMMON_KEY = {"rho", "trainable"}
 
@@ -65,6 +68,13 @@ CASES = {
          "gains": (0.2, 0.2), "decay": 0.5, "max_reuse": 1,
          "initial_rate": 2.0, "seed": 1, "stat_leaves": ("l2",)},
         {"warmup_steps", "window"}),
+    "gsam": ({}, {"alpha": 0.5, "minimize_fp": False}, set()),
+    "wsam": (
+        {"base_optimizer": optax.sgd(0.1), "learning_rate": 0.1},
+        {"gamma": 0.8, "base_optimizer": optax.sgd(0.2, momentum=0.9),
+         "learning_rate": 0.2},
+        set()),
+    "fsam": ({}, {"sigma": 0.5, "lmbda": 0.5}, set()),
     "lightsam": (
         {"learning_rate": 0.1},
         {"learning_rate": 0.2, "variant": "adam", "b1": 0.8, "b2": 0.99},
