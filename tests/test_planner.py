@@ -787,3 +787,57 @@ def test_a_planner_forgets_its_reads_when_the_count_jumps():
   # Consecutive steps of one run reuse the read.
   assert plan_of(6, states[1.0, 10.0][6]).region == (1,)
   assert plan_of.reads == 2
+
+
+# --------------------------------------------------------------------------
+# Planned steps never wait on the device inside the loop: a plan's device
+# reads are copies started (asynchronously) one call earlier.
+# --------------------------------------------------------------------------
+
+
+def test_planned_steps_make_no_blocking_read_while_steps_are_queued(
+    monkeypatch):
+  """200 planned steps of every method, dispatched without waiting: every
+  host transfer the planner makes is of a copy it started at an earlier
+  call (a read of the state just given would wait for the step in flight);
+  the lagged methods' planned run equals the unplanned one."""
+  from sam_optax._src import planner as planner_lib  # pylint: disable=g-import-not-at-top
+
+  calls = [0]  # planner calls so far
+  started = {}  # id(copy) -> the call that started it
+  transfers = []  # (call, started at or None)
+  real_start, real_host = planner_lib._start_host_copy, planner_lib._host
+
+  def start(x):
+    y = real_start(x)
+    started[id(y)] = (calls[0], y)  # keep y alive: ids stay unique
+    return y
+
+  def host(x):
+    transfers.append((calls[0], started.get(id(x), (None,))[0]))
+    return real_host(x)
+
+  monkeypatch.setattr(planner_lib, "_start_host_copy", start)
+  monkeypatch.setattr(planner_lib, "_host", host)
+  bs = tm.batches(n=4)
+  lagged = {"vsam", "layerwise_sam_runtime", "layerwise_sam_sharpness"}
+  for name in tm.ALL:
+    tx = tm.build(name)
+    plan_of = sam_optax.planner(tm.sam_transform(name))
+    step = _stepper(tx, mlp_loss)
+    p = q = mlp_params()
+    s = r = tx.init(p)
+    transfers.clear()
+    for count in range(200):
+      calls[0] += 1
+      plan = plan_of(count, s)
+      p, s = step(p, s, bs[count % 4], plan=plan)  # not waited for
+      if name in lagged and count < 16:
+        q, r = step(q, r, bs[count % 4])
+        chex.assert_trees_all_close(p, q, rtol=1e-6, atol=1e-7)
+    blocking = [t for t in transfers if t[1] is None or t[1] >= t[0]]
+    assert not blocking, (name, blocking[:3])
+    assert plan_of.blocking_reads == 0, name
+    if name in lagged:  # they do read the device, once per decision
+      assert plan_of.reads > 0 and len(transfers) > 0, name
+
