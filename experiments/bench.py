@@ -25,8 +25,7 @@ Planned steps (``sam_optax.planner``, ``--planned both``, the default): every
 sam_optax method gets a second row ``name+plan`` where the host plans each
 step and calls the program compiled for that plan (no ``lax.cond`` in it);
 the planning is inside the timed step, and so is any device read the planner
-makes (``reads_per_1000`` steps in the JSON; ``blocking_reads``: those that
-waited for the step just dispatched, see ``docs/planned.md``). SGD and the optax anchor have
+makes (``reads_per_1000`` steps in the JSON). SGD and the optax anchor have
 nothing to plan and get one row. ``--planned no`` / ``yes``: only unplanned /
 planned rows (SGD stays the reference either way). Every program (a row's
 one, or one per distinct plan) is compiled ahead of time, outside the timed
@@ -480,7 +479,6 @@ def run(args) -> dict[str, Any]:
     if name in planners:
       row["planner_reads"] = planners[name].reads
       row["reads_per_1000"] = 1e3 * planners[name].reads / counts[name]
-      row["blocking_reads"] = planners[name].blocking_reads
     for kind in ("second", "skip", "refresh"):
       sel = t[k == kind]
       row[f"ratio_{kind}"] = float(np.median(sel)) / sgd_med if sel.size else None
