@@ -19,7 +19,6 @@ import copy
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sam_optax._src import base
@@ -69,21 +68,6 @@ def _host(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
-def _start_host_copy(x: Any) -> Any:
-  """A state leaf's copy on its way to the host: its own device buffer
-  (the state's may be donated to the next step), with the transfer
-  started (``copy_to_host_async``); :func:`_host` then takes it without
-  waiting for anything dispatched after it."""
-  if isinstance(x, jax.Array):
-    if not x.is_fully_addressable:  # replicated over hosts: any local copy
-      x = x.addressable_data(0)
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    x = jnp.copy(x)
-    x.copy_to_host_async()
-  return x
-
-
 class _Differs:
   """A state leaf whose members (of a batched state) differ: any use of it
   in a plan raises, naming the cause."""
@@ -128,20 +112,9 @@ class Planner:
   the count given. Make a new planner for a new run (or call it with counts
   that restart from 0), and plan each step from the state before that step.
 
-  Reads are lagged where the parts allow it (vSAM's pattern, a runtime
-  layer selection): the value a plan needs is in the state one step
-  earlier, so the planner starts copying it to the host (asynchronously)
-  when it plans that earlier step and takes it at the next call, without
-  waiting for the step dispatched in between. A planner that did not plan
-  the step before (a new planner, a restart, a jump) reads the state it is
-  given instead, which waits for the steps already dispatched.
-
   Attributes:
-    reads: how many times a plan read device memory so far (lagged reads
-      and blocking ones).
-    blocking_reads: how many of them read the state given to the call
-      (waiting for every step dispatched before it) rather than a copy
-      started one call earlier.
+    reads: how many times a plan read device memory so far (each read waits
+      for the steps already dispatched to finish).
   """
 
   def __init__(self, spec: engine.Spec):
@@ -151,10 +124,7 @@ class Planner:
     self._last: Optional[int] = None  # the last count planned
     self._lookahead = False  # peek: a look-ahead from an older state
     self.reads = 0
-    self.blocking_reads = 0
     self._checked = False
-    self._started: dict[str, tuple[int, Any, Any]] = {}  # lagged reads
-    self._prefetching = True
 
   def _read(
       self, opt_state: Any, field: Optional[str], count: Optional[int]
@@ -168,32 +138,7 @@ class Planner:
     member is that value, one that differs raises when a plan uses it."""
     state = find_state(opt_state)
     self.reads += 1
-    self.blocking_reads += 1
-    return self._decode(_host(state.count), getattr(state, field or "count"),
-                        field, count)
-
-  def _read_lagged(self, part: str, count: int) -> Any:
-    """``part``'s state before step ``count - 1``, from the copy started
-    when that step was planned, or None if it was not."""
-    started = self._started.pop(part, None)
-    if started is None or started[0] != count - 1:
-      return None
-    self.reads += 1
-    return self._decode(_host(started[1]), started[2], part, count - 1)
-
-  def _start_reads(self, count: int, opt_state: Any) -> None:
-    """Starts the host copies the next plan takes (:meth:`Component.prefetch`)."""
-    for name in ("gate", "region"):
-      if getattr(self._spec, name).prefetch(count):
-        state = find_state(opt_state)
-        self._started[name] = (
-            count, _start_host_copy(state.count),
-            jax.tree.map(_start_host_copy, getattr(state, name)))
-
-  def _decode(self, counts: np.ndarray, tree: Any, field: Optional[str],
-              count: Optional[int]) -> Any:
-    """``tree`` (a state field) on the host, for the state whose count is
-    ``counts``; see :meth:`_read`."""
+    counts = _host(state.count)
     batch = counts.shape  # () for one state
     if field is None:
       if np.any(counts != counts.flat[0]):
@@ -220,7 +165,7 @@ class Planner:
         return first
       return _Differs(self._batched_message(batch, f"{field} state", None))
 
-    return jax.tree.map(member, tree)
+    return jax.tree.map(member, getattr(state, field))
 
   def _batched_message(self, batch, what, values) -> str:
     shown = "" if values is None else f" ({_show(values)})"
@@ -237,13 +182,8 @@ class Planner:
 
   def _reader(
       self, opt_state: Any, part: str, count: int
-  ) -> Callable[..., PyTree]:
-    def read(lagged: bool = False):
-      if lagged:
-        return self._read_lagged(part, count)
-      return self._read(opt_state, part, count)
-
-    return read
+  ) -> Callable[[], PyTree]:
+    return lambda: self._read(opt_state, part, count)
 
   def _moved_to(self, count: int) -> None:
     """Forgets what was read when ``count`` does not follow the last count
@@ -265,13 +205,11 @@ class Planner:
     probe._last = self._last  # pylint: disable=protected-access
     probe._lookahead = True  # pylint: disable=protected-access
     probe._checked = True  # pylint: disable=protected-access
-    probe._prefetching = False  # pylint: disable=protected-access
 
     def refuse(opt_state, part, count):
       del opt_state, part, count
 
-      def read(lagged=False):
-        del lagged
+      def read():
         raise _NeedsRead
 
       return read
@@ -311,7 +249,7 @@ class Planner:
       self._checked = True
     self._moved_to(count)
     spec = self._spec
-    plan = engine.Plan(
+    return engine.Plan(
         rho_skip=self.rho_skip(count),
         second=spec.gate.plan(
             count, self._reader(opt_state, "gate", count), self._memo["gate"]
@@ -323,9 +261,6 @@ class Planner:
         ),
         owner=self._key,
     )
-    if self._prefetching:
-      self._start_reads(count, opt_state)
-    return plan
 
 
 def _show(values: np.ndarray) -> str:

@@ -240,15 +240,6 @@ class Component:
     del trainable
     return self
 
-  def prefetch(self, count: int) -> bool:
-    """Host-side: whether ``plan(count + 1)`` reads this part's state as it
-    is before step ``count`` (``read(lagged=True)``). The planner then
-    starts that read, asynchronously, when it plans step ``count``, and
-    the next plan takes its value without waiting for the step dispatched
-    in between (the default: no such read)."""
-    del count
-    return False
-
 
 class Geometry(Component):
   """Builds the perturbation ``e`` from the clean gradient.
@@ -277,12 +268,9 @@ class Region(Component):
   ``count`` and returns a hashable value fixing the region's decision for
   that step (None: nothing to plan); ``select_planned(step, state, plan)``
   then takes that step with no conditional. ``read()`` returns this part's
-  state before step ``count`` as NumPy arrays (a device read that waits for
-  the step dispatched last: use it only when the decision depends on device
-  state and no lagged read is at hand); ``read(lagged=True)`` returns its
-  state before step ``count - 1``, from the read the planner started then
-  (see :meth:`prefetch`), or None when it did not plan that step; ``memo``
-  is a dict the planner keeps for this part between calls.
+  state as NumPy arrays (a device read; use it only when the decision
+  depends on device state); ``memo`` is a dict the planner keeps for this
+  part between calls.
 
   ``observe(step, second, state)`` runs on computed steps only, after the
   second gradient (``second``, shaped like params; the clean gradient on
