@@ -94,6 +94,9 @@ ANCHOR = "optax_contrib_sam"
 FIXED_LAYERS = {
     "small": ("fc", "head"),
     "resnet18": ("stage4_1/Conv_1", "stage4_1/BatchNorm_1", "head"),
+    "resnet50": ("stage4_2/Conv_2", "stage4_2/BatchNorm_2", "head"),
+    "transformer": ("final_ln", "head"),
+    "transformer_deep": ("final_ln", "head"),
 }
 
 
@@ -108,17 +111,37 @@ class Problem(NamedTuple):
   has_bn: bool
 
 
+#: The benchmark's models: name -> (constructor, image side, what it is).
+#: The zoo (``small``, ``resnet50``, ``transformer``, ``transformer_deep``)
+#: has the leaf counts of real models at sizes a CPU runs: compile time
+#: grows with the number of leaves, not with their size.
+MODELS = {
+    "small": (lambda: models.SmallCNN(num_classes=10), 32,
+              "SmallCNN, 10 leaves"),
+    "resnet18": (lambda: models.ResNet(num_classes=10), 32,
+                 "ResNet-18 (CIFAR), 62 leaves, 11.2M parameters"),
+    "resnet50": (lambda: models.BottleneckResNet(num_classes=10, width=8), 16,
+                 "ResNet-50 layout with BatchNorm, width 8: 161 leaves"),
+    "transformer": (
+        lambda: models.ViT(num_classes=10, dim=32, depth=12, heads=2), 16,
+        "ViT encoder, 12 blocks of width 32: 200 leaves"),
+    "transformer_deep": (
+        lambda: models.ViT(num_classes=10, dim=32, depth=25, heads=2), 16,
+        "ViT encoder, 25 blocks of width 32: 408 leaves"),
+}
+
+
 def make_problem(model_name: str, batch_size: int, seed: int = 0) -> Problem:
-  """The benchmark model and a synthetic CIFAR-shaped batch, with the loss
-  and forward pass of the training code (``experiments/steps.py``)."""
+  """The benchmark model (:data:`MODELS`) and a synthetic batch of its
+  image size, with the loss and forward pass of the training code
+  (``experiments/steps.py``)."""
   rng = np.random.default_rng(seed)
-  if model_name == "small":
-    model = models.SmallCNN(num_classes=10)
-  elif model_name == "resnet18":
-    model = models.ResNet(num_classes=10)  # ResNet-18, CIFAR variant
-  else:
-    raise ValueError(f"--model must be 'small' or 'resnet18', got {model_name!r}")
-  shape = (batch_size, 32, 32, 3)
+  if model_name not in MODELS:
+    raise ValueError(
+        f"--model must be one of {sorted(MODELS)}, got {model_name!r}")
+  make, side, _ = MODELS[model_name]
+  model = make()
+  shape = (batch_size, side, side, 3)
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
   variables = model.init(jax.random.PRNGKey(seed), x[:2], train=False)
@@ -230,12 +253,31 @@ def build_steps(
     jitted = jax.jit(step, donate_argnums=0, static_argnames="plan",
                      **shardings)
     lab = methods_lib.label(name, user)
-    if planned in ("no", "both") or sam_tx is None:
+    plans = planned in ("yes", "both") or (
+        planned == "auto" and sam_tx is not None
+        and _plans_change_program(sam_tx, problem.params))
+    if planned in ("no", "both", "auto") or sam_tx is None:
       out[lab] = Row(init, jitted, None)
-    if planned in ("yes", "both") and sam_tx is not None:
+    if plans and sam_tx is not None:
       out[lab + "+plan"] = Row(
           init, jitted, lambda sam_tx=sam_tx: sam_optax.planner(sam_tx))
   return out
+
+
+def _plans_change_program(sam_tx, params) -> bool:
+  """Whether ``sam_tx``'s plans ever set a field (its planned program
+  differs from the unplanned one): a method whose gate and region take
+  every decision statically (SAM, a fixed layer set) plans nothing."""
+  state = sam_tx.init(params)
+  plan_of = sam_optax.planner(sam_tx)
+  gate = getattr(sam_tx.update, "_sam_optax_spec").gate
+  if gate.schedule not in ("always", "never"):
+    return True
+  # A static gate's plan repeats its schedule; what else a plan sets
+  # (the radius, the gate's end-of-step work, the region) changes the program.
+  return any(
+      any(x is not None for x in (p.rho_skip, p.gate_after, p.region))
+      for p in (plan_of.peek(c, state) for c in (0, 1)) if p is not None)
 
 
 def _snapshot(opt_state) -> dict[str, float]:
@@ -355,6 +397,7 @@ def run(args) -> dict[str, Any]:
 
   carry, times, kinds = {}, {n: [] for n in names}, {n: [] for n in names}
   compile_s = {n: 0.0 for n in names}
+  compile_cpu = {n: [0.0, 0.0] for n in names}  # lower, compile (CPU s)
   programs = {n: {} for n in names}  # plan -> compiled program
   planners, counts = {}, {n: 0 for n in names}
   device_peak = {}
@@ -366,7 +409,12 @@ def run(args) -> dict[str, Any]:
     spent = 0.0
     if plan not in programs[name]:  # compiled ahead, not timed
       t = time.perf_counter()
-      programs[name][plan] = row.step.lower(s, batch, plan=plan).compile()
+      c0 = time.process_time()
+      lowered = row.step.lower(s, batch, plan=plan)
+      c1 = time.process_time()
+      programs[name][plan] = lowered.compile()
+      compile_cpu[name][0] += c1 - c0
+      compile_cpu[name][1] += time.process_time() - c1
       spent = time.perf_counter() - t
       compile_s[name] += spent
     s, _ = programs[name][plan](s, batch)
@@ -399,6 +447,8 @@ def run(args) -> dict[str, Any]:
       carry[name] = s
 
   sgd_med = statistics.median(times[reference])
+  cpu = {n: sum(compile_cpu[n]) for n in names}
+  anchor = next((n for n in names if n.split("@")[0] == ANCHOR), None)
   peaks = {n: max(peak_bytes(c) for c in programs[n].values()) for n in names}
   flagged = {}
   if args.memory_flags:
@@ -415,6 +465,10 @@ def run(args) -> dict[str, Any]:
         "steps": int(t.size),
         "second_share": float(np.mean((k == "second") | (k == "refresh"))),
         "compile_s": compile_s[name],
+        "lower_cpu_s": compile_cpu[name][0],
+        "compile_cpu_s": cpu[name],
+        "compile_ratio": cpu[name] / cpu[reference],
+        "compile_ratio_anchor": cpu[name] / cpu[anchor] if anchor else None,
         "final_stats": _snapshot(carry[name].opt_state),
         "planned": name in planners,
         "programs": len(programs[name]),
@@ -459,8 +513,9 @@ def to_markdown(result: dict[str, Any]) -> str:
       "",
       "| method | median step | mean step | second-grad step | skipped step "
       "| refresh step | steps with 2nd grad | ms (median) | programs "
-      "| reads / 1000 steps | memory | memory (flags) | peak MB |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "| reads / 1000 steps | memory | memory (flags) | peak MB "
+      "| compile | compile / optax | compile CPU s |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in result["rows"].items():
     reads = r.get("reads_per_1000")
@@ -473,8 +528,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{r['median_ms']:.2f} | {r.get('programs', 1)} | "
         f"{'—' if reads is None else f'{reads:.0f}'} | "
         f"{fmt(r.get('memory_ratio'))} | {fmt(r.get('memory_ratio_flags'))} | "
-        f"{mb} |"
+        f"{mb} | {fmt(r.get('compile_ratio'))} | "
+        f"{fmt(r.get('compile_ratio_anchor'))} | "
+        f"{r.get('compile_cpu_s', 0):.1f} |"
     )
+  lines += ["", "compile: CPU seconds of lower + compile of the row's "
+            "programs (all of its plans), / SGD's and / optax.contrib.sam's."]
   if cfg.get("memory_flags"):
     lines += ["", "memory: compiled peak bytes (argument + output + temp - "
               "alias) / SGD's; memory (flags): the same programs compiled "
@@ -490,7 +549,7 @@ def parse_args(argv=None):
       help="comma-separated registry names (default: sgd, the optax anchor "
       "and every method available)",
   )
-  ap.add_argument("--model", default="small", choices=["small", "resnet18"])
+  ap.add_argument("--model", default="small", choices=sorted(MODELS))
   ap.add_argument("--batch-size", type=Range(int, 1).arg, default=64)
   ap.add_argument("--rounds", type=Range(int, 1).arg, default=5)
   ap.add_argument("--steps", type=Range(int, 1).arg, default=20, help="timed steps per round")
@@ -513,9 +572,11 @@ def parse_args(argv=None):
       "method gets a row per perturbation (name@perturbation)",
   )
   ap.add_argument(
-      "--planned", default="both", choices=["both", "yes", "no"],
+      "--planned", default="both", choices=["both", "yes", "no", "auto"],
       help="planned steps (sam_optax.planner): rows name (lax.cond path) and "
-      "name+plan (both), only planned rows (yes) or only unplanned (no)",
+      "name+plan (both), only planned rows (yes), only unplanned (no), or "
+      "both where plans change the program (auto: not SAM, whose plan is "
+      "empty)",
   )
   ap.add_argument(
       "--memory-flags", default=None,

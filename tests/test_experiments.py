@@ -1019,3 +1019,33 @@ def test_bench_has_planned_rows(tmp_path):
   assert plan_row["reads_per_1000"] == 0  # k is a function of the count
   assert plan_row["n_second"] + plan_row["n_skip"] == 3
   assert "looksam (k=2)+plan" in bench.to_markdown(result)
+  # compile: CPU seconds of lower + compile of every program of the row
+  assert rows["sgd"]["compile_ratio"] == 1.0
+  assert all(r["compile_cpu_s"] > r["lower_cpu_s"] > 0 for r in rows.values())
+  assert rows["sgd"]["compile_ratio_anchor"] is None  # no optax row
+  # --planned auto: a planned row only where plans change the program
+  auto = bench.build_steps(["sam", "looksam"], bench.make_problem("small", 2),
+                           0.01, 25, 100, planned="auto")
+  assert list(auto) == ["sam", "looksam", "looksam+plan"]
+
+
+def test_bench_zoo_has_the_leaf_counts_of_real_models():
+  """The zoo's models: ResNet-50's layout (161 leaves, BatchNorm), and
+  transformer encoders of 200 and 408 leaves (shapes only, no compile)."""
+  from experiments import bench
+
+  want = {"resnet50": 161, "transformer": 200, "transformer_deep": 408}
+  for name, leaves in want.items():
+    make, side, _ = bench.MODELS[name]
+    variables = jax.eval_shape(
+        lambda make=make, side=side: make().init(
+            jax.random.PRNGKey(0), jnp.zeros((1, side, side, 3)),
+            train=False))
+    assert len(jax.tree.leaves(variables["params"])) == leaves, name
+    assert bool(jax.tree.leaves(variables.get("batch_stats", {}))) == (
+        name == "resnet50")
+  full = jax.eval_shape(lambda: models.create("resnet50", 1000).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False))
+  # torchvision's ResNet-50 (25,557,032) with a 3x3 stem for its 7x7 one
+  assert models.num_params(full["params"]) == 25_557_032 - 7 * 7 * 3 * 64 + (
+      3 * 3 * 3 * 64)
