@@ -3,7 +3,8 @@
 With no arguments it runs the quick default, a few minutes on a 2-core CPU:
 the core rows (:data:`CORE_METHODS`: SGD, SAM, ASAM, GNP, layer-wise SAM,
 Sparse SAM with both masks, LookSAM, vSAM, LightSAM, each at its registry
-default) with 3 seeds on both offline datasets, into ``runs/compare/``:
+default) with 3 seeds on the digits and MNIST-1D (their ``long`` regime),
+into ``runs/compare/``:
 
 * ``digits``: scikit-learn's digits with 30% symmetric label noise and the
   small CNN (``digits_cnn``);
@@ -12,43 +13,59 @@ default) with 3 seeds on both offline datasets, into ``runs/compare/``:
 
 both for 60 epochs, batch 64, SGD momentum 0.9, lr 0.05 cosine, weight decay
 5e-4. Three seeds give wide intervals; it says so, and where the committed
-evidence is. ``--committed`` reruns the committed tables'
-configuration (:data:`PROTOCOLS`, into ``experiments/results/<dataset>``):
-the core rows plus SAM's rho grid (0.02, 0.1, 0.2 beside the default 0.05:
-"the best SAM row" is the best of the four) and LookSAM's (0.05, 0.2), with
-more seeds. ``--dataset`` runs one dataset. ``--long`` runs the digits for
-240 epochs with every registry method and the older, wider rho grids
-(:data:`RHO_GRIDS`), enough for vSAM's sampling schedule to reach its
-working rate. Each dataset's directory gets
+evidence is. The first run of each row compiles its programs; a status
+line ("compiling looksam ...", then its compile time) says so.
 
-* ``results.json``: the settings, the command, the CPU model, every run
-  (per-epoch history, wall-clock, compile time, gradient evaluations, the
-  method's diagnostics) and the per-method summary with its paired
-  differences;
+``--committed`` runs the committed tables' configuration (:data:`PROTOCOLS`):
+Fashion-MNIST (``fashion_mnist``, the small residual CNN), the digits and
+MNIST-1D, each in two regimes (:data:`REGIMES`: ``short``, clean labels
+and few epochs, the model under-fitting; ``long``, the model fitting its
+training set, with label noise memorising it), with SGD's learning-rate
+grid (the best SGD row is the reference of every paired difference), each
+method's default row and a grid of its main setting (:data:`TUNING_GRID`,
+:data:`CHEAP_GRID`). Like every protocol it writes under ``runs/`` by
+default (``runs/committed/<dataset>/<regime>``); the committed copies are
+replaced only on purpose: ``--committed --dataset fashion_mnist --out
+experiments/results/fashion_mnist --overwrite`` (:mod:`experiments.outputs`
+refuses any output under ``experiments/results/`` that holds files
+otherwise). ``--dataset`` runs one dataset, ``--regime`` one regime.
+``--long`` runs the digits for 240 epochs with every registry method and
+the older, wider rho grids (:data:`RHO_GRIDS`), enough for vSAM's sampling
+schedule to reach its working rate. Each output directory gets
+
+* ``results.json``: the settings, the command, the CPU model and its
+  instruction-set flags, the XLA flags, every run (per-epoch history,
+  wall-clock, CPU and compile time, gradient evaluations, the method's
+  diagnostics) and the per-method summary with its paired differences;
 * ``results.md``: the table (test accuracy mean ± standard error over
-  seeds, the std, the paired difference against SGD with its 95%
-  t-interval, wall-clock and CPU time relative to SGD, second-gradient
-  evaluations relative to SGD's gradient count) and the findings: which
-  rows are above or below SGD by their interval, and for each efficient
-  method (:data:`EFFICIENT_METHODS`) whether it reaches the best SAM row
-  minus 0.5 points at a lower cost;
-* ``accuracy_vs_cost.png`` (the core rows), ``rho_grids.png`` (the grids,
-  when there are any) and ``paired_vs_sgd.png`` (the forest plot); with
-  several datasets the forest plot of all of them goes to the parent
-  directory.
+  seeds, training accuracy, the paired difference against the best SGD
+  row and against the best SAM row with 95% t-intervals, CPU time relative
+  to SGD, gradients per step) and the findings: which rows are above or
+  below the best SGD row by their interval, each method's default row and
+  its best row against it (default-vs-best-SGD, best-vs-best), and for each
+  efficient method (:data:`EFFICIENT_METHODS`) whether it reaches the best
+  SAM row minus 0.5 points at a lower cost;
+* ``accuracy_vs_cost.png``, ``rho_grids.png`` (when there are rho grids),
+  ``paired_vs_sgd.png`` (the forest plot; with several datasets or
+  regimes the forest plot of all of them goes to the parent directory) and
+  ``train_loss.png`` (the training loss per epoch of SGD's, SAM's and
+  LookSAM's rows, when there is a LookSAM row).
 
 Pairing: a seed fixes the label noise, the initialisation and the batches,
 so a method's accuracy minus SGD's on the same seed removes what the seed
 alone decides; the interval is Student's t over the seeds' differences.
+The best SGD row is chosen by its mean over the same seeds, which favours
+it slightly (a conservative reference).
 
 ``--full`` runs the papers' protocol instead (CIFAR-10, ResNet-18, 200
 epochs, batch 128, lr 0.1, weight decay 5e-4, crop+flip, 3 seeds; needs the
 data prepared for TFDS and an accelerator). Any base setting can be
-overridden (``--dataset``, ``--model``, ``--epochs``, ...). Methods are
-``--methods sgd,sam,looksam`` with optional overrides,
-``--methods "sam:rho=0.1,looksam:k=10"`` (a comma before a name starts a new
-method); ``--rho-grid 0.05,0.1,0.2`` runs every method at each rho instead of
-its default.
+overridden (``--dataset``, ``--model``, ``--epochs``, ``--train-size``,
+...). Methods are ``--methods sgd,sam,looksam`` with optional overrides,
+``--methods "sam:rho=0.1,looksam:k=10,sgd:lr=0.1"`` (a comma before a name
+starts a new method; ``lr`` sets that row's base learning rate);
+``--rho-grid 0.05,0.1,0.2`` runs every method at each rho instead of its
+default.
 
 Steps are planned (``sam_optax.planner``) unless ``--no-planned``; the
 setting is in ``results.json``'s ``base_config``.
@@ -56,9 +73,8 @@ setting is in ``results.json``'s ``base_config``.
 Runs are interleaved (for each seed, every method, in an order rotated per
 seed) so that a drift in the machine's load spreads over all methods, and
 each method is compiled once for all its seeds. Wall-clock (and CPU time)
-exclude compilation and evaluation. Accuracies are deterministic on one
-CPU type; another CPU's float rounding moves single runs (60 epochs on noisy
-labels amplify it), which is why the findings rest on paired intervals.
+exclude compilation and evaluation; the test set is evaluated once, after
+the last epoch.
 """
 
 from __future__ import annotations
@@ -159,7 +175,7 @@ _BASE = dict(batch_size=64, lr=0.05, weight_decay=5e-4, train_size=None)
 #: test on the whole 10,000.
 REGIMES = {
     "digits": {
-        "short": dict(_BASE, model="digits_cnn", epochs=8, label_noise=0.0),
+        "short": dict(_BASE, model="digits_cnn", epochs=2, label_noise=0.0),
         "long": dict(_BASE, model="digits_cnn", epochs=60, label_noise=0.3),
     },
     "mnist1d": {
