@@ -62,6 +62,9 @@ m-sharpness) and global (sharded ``jit``) perturbation, rows
 
 from __future__ import annotations
 
+from experiments import xla_env  # first: XLA reads its flags when jax starts
+xla_env.pin_if_command(__name__)
+
 import argparse
 import json
 import platform
@@ -439,6 +442,7 @@ def run(args) -> dict[str, Any]:
           "planned": args.planned, "memory_flags": args.memory_flags,
           "device": str(jax.devices()[0]), "backend": jax.default_backend(),
           "machine": platform.machine(), "jax": jax.__version__, "optax": optax.__version__,
+          "xla": xla_env.describe(),
       },
       "sgd_median_ms": 1e3 * sgd_med,
       "rows": rows,

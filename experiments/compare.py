@@ -79,6 +79,9 @@ the last epoch.
 
 from __future__ import annotations
 
+from experiments import xla_env  # first: XLA reads its flags when jax starts
+xla_env.pin_if_command(__name__)
+
 import argparse
 import json
 import os
@@ -928,16 +931,7 @@ def plans(argv: list[str]) -> list[Plan]:
   return out
 
 
-def cpu_model() -> str:
-  """The CPU's model name (``/proc/cpuinfo``; else the platform's)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.lower().startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+cpu_model = xla_env.cpu_model
 
 
 def row_config(base: config_lib.Config, name: str,
@@ -967,7 +961,7 @@ def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
                   for lab, (n, a) in zip(labels, specs)],
       "seeds": args.seeds,
       "cpu": cpu_model(),
-      **xla_configuration(),
+      "xla": xla_env.describe(),  # the CPU's ISA and the effective XLA_FLAGS
       "machine": f"{cpu_model()}, {platform.machine()} {os.cpu_count()} "
                  f"CPUs, jax {jax.__version__} on {jax.default_backend()}",
       "registry_defaults": {
@@ -1047,24 +1041,6 @@ def _status(bar, text: str) -> None:
     bar.write(text)
   else:
     print(text, flush=True)
-
-
-def xla_configuration() -> dict:
-  """What XLA:CPU was told, for ``results.json``: the ``XLA_FLAGS`` the
-  process runs with and the CPU's instruction-set flags."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  isa = []
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          have = set(line.split(":", 1)[1].split())
-          isa = [x for x in ("sse4_2", "avx", "avx2", "fma", "avx512f",
-                             "avx512_bf16", "amx_tile") if x in have]
-          break
-  except OSError:
-    pass
-  return {"xla_flags": flags, "cpu_isa": isa}
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:

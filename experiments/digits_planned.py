@@ -15,6 +15,10 @@ times. ``name:key=value`` overrides method arguments (``compare``'s
 project's shared 2-core CPU, is ``experiments/results/digits_planned.jsonl``
 (replaced only with ``--out`` there and ``--overwrite``).
 """
+
+from experiments import xla_env  # first: XLA reads its flags when jax starts
+xla_env.pin_if_command(__name__)
+
 import argparse
 import json
 import os

@@ -38,6 +38,9 @@ and ``--overwrite`` (:mod:`experiments.outputs`).
 
 from __future__ import annotations
 
+from experiments import xla_env  # first: XLA reads its flags when jax starts
+xla_env.pin_if_command(__name__)
+
 import argparse
 import json
 import os

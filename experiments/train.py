@@ -44,6 +44,9 @@ benchmark), ``parallel.py`` (mesh, sharding, ``jax.distributed``),
 
 from __future__ import annotations
 
+from experiments import xla_env  # first: XLA reads its flags when jax starts
+xla_env.pin_if_command(__name__)
+
 import argparse
 import sys
 from typing import Optional

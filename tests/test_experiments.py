@@ -226,7 +226,7 @@ def test_compare_on_mock_fashion_mnist_tuned_sgd_is_the_reference(tmp_path):
   saved = json.load(open(os.path.join(out, "results.json")))
   assert saved["base_config"]["dataset"] == "fashion_mnist"
   assert saved["base_config"]["model"] == "fashion_resnet"
-  assert "xla_flags" in saved and saved["cpu"]
+  assert saved["xla"]["xla_flags"] is not None and saved["cpu"]
   runs = saved["runs"]
   assert len(runs) == 6 and all(r["steps"] == 2 * 3 for r in runs)
   acc = {(r["label"], r["seed"]): r["final_test_acc"] for r in runs}

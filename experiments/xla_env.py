@@ -1,0 +1,211 @@
+"""XLA:CPU settings that keep the experiments' numbers the same across CPUs.
+
+XLA:CPU compiles for the CPU it runs on, and three of its choices change
+float rounding, so one command gave different numbers on an Intel Xeon and
+an AMD EPYC (29 of 30 quick digits runs, by up to 4.2 points):
+
+* the instruction set of the code it generates: with FMA (AVX2 and later)
+  ``a * b + c`` is rounded once, without it twice, and AVX-512 changes the
+  vector width of reductions. ``--xla_cpu_max_isa`` caps it.
+* YNNPACK, the library XLA hands dots, reductions and pooling to
+  (``__ynn_fusion``), picks its kernels from the CPU it detects and ignores
+  ``--xla_cpu_max_isa``: the flag below routes that work back to XLA's own
+  code and Eigen.
+* Eigen's multi-threaded matrix products split the contraction over its
+  threads, one per core: single-threaded, the split no longer depends on
+  the number of cores.
+
+:data:`PINNED` sets all three. The experiments' commands (``compare``,
+``train``, ``layerwise_study``, ``digits_planned``, ``bench``) call
+:func:`pin_if_command` before they import jax, so their numbers are the same
+on every x86-64 CPU with AVX2 (Intel since 2013, AMD since 2015) with the
+same core count or not. What may still differ: Eigen sizes the blocks of a
+long contraction from the L1/L2 cache sizes the CPU reports, so a CPU with
+other cache sizes can round a weight gradient summed over more than about
+300 positions (the digits CNN's first two layers) differently.
+
+``EXPERIMENTS_XLA_PIN=0`` in the environment leaves ``XLA_FLAGS`` as it is
+(XLA's defaults: faster on some CPUs, not reproducible across them). A flag
+of :data:`PINNED` that ``XLA_FLAGS`` already sets keeps the caller's value.
+:func:`describe` is what ``results.json`` records: the CPU, its instruction
+set, the effective flags and whether they were pinned.
+
+>>> sorted(flag_names(PINNED))  # doctest: +NORMALIZE_WHITESPACE
+['xla_cpu_experimental_ynn_fusion_type', 'xla_cpu_max_isa',
+ 'xla_cpu_multi_thread_eigen']
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import warnings
+from typing import Mapping, MutableMapping, Optional
+
+#: The flags the commands add to ``XLA_FLAGS`` (see the module docstring).
+PINNED: tuple[str, ...] = (
+    "--xla_cpu_max_isa=AVX2",
+    "--xla_cpu_experimental_ynn_fusion_type=",
+    "--xla_cpu_multi_thread_eigen=false",
+)
+
+#: ``0`` (or ``false``/``no``/``off``) turns the pinning off.
+OPT_OUT_VAR = "EXPERIMENTS_XLA_PIN"
+
+# What the last pin() call did, for describe().
+_STATE: dict = {"called": False, "added": [], "late": False}
+
+
+def flag_names(flags_text) -> list[str]:
+  """``"--a=1 --b"`` (or a sequence of flags) -> ``["a", "b"]``."""
+  items = flags_text.split() if isinstance(flags_text, str) else flags_text
+  return [f.lstrip("-").split("=", 1)[0] for f in items if f.startswith("-")]
+
+
+def enabled(environ: Optional[Mapping[str, str]] = None) -> bool:
+  """False when :data:`OPT_OUT_VAR` says ``0``/``false``/``no``/``off``."""
+  environ = os.environ if environ is None else environ
+  value = environ.get(OPT_OUT_VAR, "1").strip().lower()
+  return value not in ("0", "false", "no", "off")
+
+
+def backend_started() -> bool:
+  """Whether jax has created its backends (XLA read its flags then)."""
+  if "jax" not in sys.modules:
+    return False
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):  # an older or newer jax
+    return False
+
+
+def pin(environ: Optional[MutableMapping[str, str]] = None) -> list[str]:
+  """Adds :data:`PINNED` to ``XLA_FLAGS``; returns the flags it added.
+
+  A flag ``XLA_FLAGS`` sets already keeps its value; nothing is added when
+  :data:`OPT_OUT_VAR` opts out. XLA reads ``XLA_FLAGS`` once, when jax
+  creates its backends: called after that (with the real environment) it
+  warns that this process keeps its flags (its subprocesses get the new
+  ones).
+  """
+  real = environ is None
+  environ = os.environ if real else environ
+  if not enabled(environ):
+    if real:
+      _STATE.update(called=True, added=[], late=False)
+    return []
+  current = environ.get("XLA_FLAGS", "")
+  have = set(flag_names(current))
+  added = [f for f in PINNED if flag_names([f])[0] not in have]
+  if added:
+    environ["XLA_FLAGS"] = " ".join([current.strip(), *added]).strip()
+  if real:
+    late = bool(added) and backend_started()
+    _STATE.update(called=True, added=added, late=late)
+    if late:
+      warnings.warn(
+          "experiments.xla_env.pin(): jax has already started its backends, "
+          "so this process keeps its XLA flags; call it before the first "
+          "jax computation", RuntimeWarning, stacklevel=2)
+  return added
+
+
+def pin_if_command(module_name: str) -> list[str]:
+  """:func:`pin` when ``module_name`` is ``"__main__"`` (the module runs
+  as ``python -m ...``), else nothing: importing an entry module from a
+  test or a notebook leaves that process's flags alone."""
+  return pin() if module_name == "__main__" else []
+
+
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``; else the platform's)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.lower().startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+#: XLA's ``--xla_cpu_max_isa`` levels and the ``/proc/cpuinfo`` flags each
+#: needs, highest first.
+_ISA_LEVELS = (
+    ("AVX512", ("avx512f",)),
+    ("AVX2", ("avx2", "fma")),
+    ("AVX", ("avx",)),
+    ("SSE4_2", ("sse4_2",)),
+)
+
+
+def cpu_isa() -> Optional[str]:
+  """The highest of XLA's ISA levels the CPU has (None: unknown, e.g. not
+  Linux or not x86)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((set(line.split(":", 1)[1].split()) for line in f
+                    if line.startswith("flags")), set())
+  except OSError:
+    return None
+  for name, needs in _ISA_LEVELS:
+    if all(n in flags for n in needs):
+      return name
+  return None
+
+
+def describe() -> dict:
+  """The machine and the XLA settings, for ``results.json``.
+
+  ``xla_flags``: ``XLA_FLAGS`` now (what XLA read, when nothing changed it
+  after jax started); ``pinned``: every flag of :data:`PINNED` is in it with
+  its pinned value and was there before jax started its backends.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  present = set(flags.split())
+  out = {
+      "cpu": cpu_model(),
+      "cpu_isa": cpu_isa(),
+      "cpu_count": os.cpu_count(),
+      "machine": platform.machine(),
+      "xla_flags": flags,
+      "pinned": all(f in present for f in PINNED) and not _STATE["late"],
+      "pin_flags": list(PINNED),
+      "pin_opt_out": not enabled(),
+  }
+  jax = sys.modules.get("jax")
+  if jax is not None:
+    out["jax"] = jax.__version__
+    jaxlib = sys.modules.get("jaxlib")
+    if jaxlib is not None:
+      from jaxlib import version  # pylint: disable=g-import-not-at-top
+      out["jaxlib"] = version.__version__
+  return out
+
+
+def _main(argv=None) -> dict:
+  """``python -m experiments.xla_env``: pins as the commands do, compiles a
+  dot and a reduction, prints :func:`describe` and how many YNNPACK
+  fusions the compiled program holds (0 when pinned) as JSON."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+
+  argparse.ArgumentParser(
+      prog="python -m experiments.xla_env",
+      description=_main.__doc__).parse_args(argv)
+  pin_if_command("__main__")
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  x = jnp.ones((256, 64), jnp.float32)
+  w = jnp.ones((64, 32), jnp.float32)
+  text = jax.jit(lambda x, w: (x @ w).sum(0)).lower(x, w).compile().as_text()
+  out = dict(describe(), ynn_fusions=text.count('"__ynn_fusion"'))
+  print(json.dumps(out, indent=1))
+  return out
+
+
+if __name__ == "__main__":
+  _main()
