@@ -268,10 +268,23 @@ class Config:
 
 
 def parse_value(text: str) -> Any:
-  """A Python literal if ``text`` is one, else the string."""
+  """A Python literal if ``text`` is one, else a float if ``float`` reads
+  it (``nan``, ``inf``, ``-Infinity``: not literals, and left as strings
+  they were refused as "not a real number" instead of by the argument's
+  range), else the string.
+
+  >>> parse_value("0.1"), parse_value("(1, 2)"), parse_value("sharpness")
+  (0.1, (1, 2), 'sharpness')
+  >>> parse_value("nan"), parse_value("-inf")
+  (nan, -inf)
+  """
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
+    pass
+  try:
+    return float(text)
+  except ValueError:
     return text
 
 

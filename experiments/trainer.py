@@ -40,6 +40,7 @@ evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -586,8 +587,17 @@ class Trainer:
     An unreadable checkpoint raises :class:`checkpoints.CheckpointError`.
     ``eval_every`` and ``checkpoint_every`` (epochs, >= 1; the last epoch
     is always evaluated and saved) may differ between a run and its resume.
-    Only process 0 logs.
+    Only process 0 logs. The checkpoint manager is closed on every way
+    out (an error or an interrupt included), before the caller's handler
+    runs.
     """
+    with contextlib.ExitStack() as closing:
+      return self._run(seed, out, resume, log, progress, checkpoint_every,
+                       eval_every, closing)
+
+  def _run(self, seed, out, resume, log, progress, checkpoint_every,
+           eval_every, closing: contextlib.ExitStack) -> dict:
+    """:meth:`run`; ``closing`` closes what it opens."""
     cfg = self.cfg
     seed = cfg.seed if seed is None else seed
     for name, value in (("seed", seed), ("eval_every", eval_every),
@@ -601,14 +611,11 @@ class Trainer:
     start, record, manager = 0, None, None
     if out is not None:
       manager = self._open_out(out, resume)
+      closing.callback(manager.close)
       if resume:
         start = int(manager.latest_step())
-        try:
-          record = checkpoints.load_record(manager, start)
-          _check_resumable(out, record, settings, self.mesh.size)
-        except Exception:
-          manager.close()
-          raise
+        record = checkpoints.load_record(manager, start)
+        _check_resumable(out, record, settings, self.mesh.size)
         history = record.get("history", [])[:start]
 
     ds = self.dataset
@@ -622,11 +629,7 @@ class Trainer:
     # A fresh planner per run: it remembers what it read of this run's state.
     self.planner = sam_optax.planner(self.sam_tx) if self.planned else None
     if record is not None:
-      try:
-        state = checkpoints.restore(manager, start, state)
-      except checkpoints.CheckpointError:
-        manager.close()
-        raise
+      state = checkpoints.restore(manager, start, state)
       if self.planner is not None:  # reads counted over the whole run
         self.planner.reads = int(record.get("planner_reads") or 0)
       if log:
@@ -686,7 +689,6 @@ class Trainer:
       bar.close()
     if manager is not None:
       manager.wait_until_finished()
-      manager.close()
     result["state"] = state
     return result
 

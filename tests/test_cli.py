@@ -130,6 +130,30 @@ def test_train_settings_the_parser_cannot_check_are_usage_errors(capsys):
     assert code == 2 and says in err, (argv, err)
 
 
+def test_special_float_method_args_are_numbers_refused_by_their_range(
+    capsys):
+  # "nan" and "inf" are not Python literals: they stayed strings and were
+  # refused as "expected a real number ..., got 'nan'". Every path that
+  # reads key=value (train's --method-arg and --model-arg, compare's and the
+  # bench's --methods, digits_planned) goes through parse_value.
+  from experiments import digits_planned  # pylint: disable=g-import-not-at-top
+
+  for text in ("nan", "NaN", "inf", "-inf", "+Infinity"):
+    value = config.parse_value(text)
+    assert isinstance(value, float) and not math.isfinite(value), text
+  assert config.parse_value("sharpness") == "sharpness"
+  assert config.parse_method_args(["rho=nan"])["rho"] != "nan"
+  (_, a), (_, b) = compare.parse_methods("sam:rho=inf,looksam:rho=-inf")
+  assert a["rho"] == math.inf and b["rho"] == -math.inf
+  for value in ("nan", "inf", "-inf"):
+    code, err = _exit(capsys, TINY + ["--epochs", "1", "--method", "sam",
+                                      "--method-arg", f"rho={value}"])
+    assert code == 2, err
+    assert f"rho must be in [0, inf), got {value}" in err, err
+  code, err = _exit(capsys, ["sam:rho=nan"], main=digits_planned.main)
+  assert code == 2 and "rho must be in [0, inf), got nan" in err, err
+
+
 def test_digits_planned_refuses_bad_methods_before_training(capsys):
   from experiments import digits_planned
 
@@ -349,6 +373,44 @@ def test_a_damaged_checkpoint_is_a_clean_error(capsys, finished, tmp_path,
   assert f"of checkpoint {step} (" in err
   assert (f"delete {step} to resume from the checkpoint of epoch 1, or "
           f"delete {out} (or point --out elsewhere) to start again") in err
+
+
+def test_every_way_out_of_a_run_closes_its_checkpoint_manager(
+    capsys, monkeypatch, finished, tmp_path):
+  # An open orbax manager at exit printed "RuntimeError: Event loop is
+  # closed" tracebacks after the damaged-checkpoint message; the managers
+  # were closed on some exit paths only (not on an error in training).
+  closes = []  # one list per manager opened: a 1 per close()
+  real = checkpoints.checkpoint_manager
+
+  def tracked(path, **kwargs):
+    manager = real(path, **kwargs)
+    calls, close = [], manager.close
+    manager.close = lambda: (calls.append(1), close())[1]
+    closes.append(calls)
+    return manager
+
+  monkeypatch.setattr(checkpoints, "checkpoint_manager", tracked)
+
+  def broken_epoch(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  # A damaged checkpoint (the restore fails), a resume under other settings
+  # (refused after reading the record), a run interrupted in training, one
+  # that finishes.
+  out = _copy(finished[0], tmp_path / "damaged", drop_last=True)
+  DAMAGE["truncated state"](os.path.join(out, "checkpoints", "1"))
+  assert _exit(capsys, TINY + ["--epochs", "2", "--out", out,
+                               "--resume"])[0] == 1
+  out = _copy(finished[0], tmp_path / "other", drop_last=True)
+  assert _exit(capsys, TINY + ["--epochs", "2", "--out", out, "--resume",
+                               "--lr", "0.5"])[0] == 2
+  with monkeypatch.context() as m:
+    m.setattr(trainer.Trainer, "train_epoch", broken_epoch)
+    with pytest.raises(KeyboardInterrupt):
+      train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "stop")])
+  train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "done")])
+  assert closes == [[1]] * 4, closes
 
 
 def test_a_damaged_results_json_does_not_stop_a_resume(finished, tmp_path):
