@@ -927,33 +927,45 @@ def test_committed_protocol_two_regimes_tuned_sgd_and_grids():
   assert one.args.epochs == 10
 
 
-@pytest.mark.parametrize("dataset", ["digits", "mnist1d"])
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "digits", "mnist1d"])
 def test_committed_flag_selects_the_committed_configuration(dataset):
-  # The committed results.json says what made it; --committed plans exactly
-  # that: the datasets, rows, seeds, epochs and every base setting.
-  plans = compare.plans(["--committed"])
-  assert [p.args.dataset for p in plans] == ["digits", "mnist1d"]
-  (plan,) = [p for p in plans if p.args.dataset == dataset]
+  # Each committed results.json says what made it; the README's command
+  # (--committed --dataset D --out experiments/results/D --overwrite) plans
+  # exactly that: the regimes, rows, seeds, epochs and every base setting,
+  # under the pinned XLA flags.
+  from experiments import xla_env  # pylint: disable=g-import-not-at-top
+
+  out = f"experiments/results/{dataset}"
+  plans = compare.plans(["--committed", "--dataset", dataset, "--out", out,
+                         "--overwrite"])
+  assert [p.regime for p in plans] == ["short", "long"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  saved = json.load(open(os.path.join(root, plan.out, "results.json")))
-  assert saved["complete"] and saved["protocol"] == "committed"
-  assert "--committed" in saved["command"]
-  assert plan.out == f"experiments/results/{dataset}"
-  assert plan.labels == [m["label"] for m in saved["methods"]]
-  assert [(n, a) for n, a in plan.specs] == [
-      (m["method"], m["method_args"]) for m in saved["methods"]]
-  assert plan.args.seeds == saved["seeds"]
-  assert sorted({r["seed"] for r in saved["runs"]}) == list(
-      range(saved["seeds"]))
-  assert len(saved["runs"]) == saved["seeds"] * len(plan.labels)
-  base = config.config_from_args(plan.args).to_dict()
-  assert base == saved["base_config"]
-  assert base["epochs"] == 60
-  # The core rows, then SAM's and LookSAM's rho grids.
-  assert plan.labels == CORE + [
-      "sam (rho=0.02)", "sam (rho=0.1)", "sam (rho=0.2)",
-      "looksam (rho=0.05)", "looksam (rho=0.2)"]
-  assert saved["cpu"]
+  for plan in plans:
+    assert plan.out == f"{out}/{plan.regime}"
+    saved = json.load(open(os.path.join(root, plan.out, "results.json")))
+    assert saved["complete"] and saved["protocol"] == "committed"
+    assert saved["regime"] == plan.regime
+    assert saved["command"] == (
+        f"python -m experiments.compare --committed --dataset {dataset} "
+        f"--out {out} --overwrite --no-progress")
+    assert plan.labels == [m["label"] for m in saved["methods"]]
+    assert [(n, a) for n, a in plan.specs] == [
+        (m["method"], m["method_args"]) for m in saved["methods"]]
+    assert plan.args.seeds == saved["seeds"]
+    assert sorted({r["seed"] for r in saved["runs"]}) == list(
+        range(saved["seeds"]))
+    assert len(saved["runs"]) == saved["seeds"] * len(plan.labels)
+    assert not any("error" in r for r in saved["runs"])
+    base = config.config_from_args(plan.args).to_dict()
+    assert base == saved["base_config"]
+    # SGD's learning-rate grid, each method's default row.
+    assert plan.labels[0] == "sgd"
+    assert {"sgd (lr=0.02)", "sgd (lr=0.1)"} <= set(plan.labels)
+    assert set(compare.DECIDED_METHODS) <= set(plan.labels)
+    # Made under the pinned XLA flags, on a recorded CPU.
+    assert saved["xla"]["pinned"] and saved["cpu"]
+    flags = saved["xla"]["xla_flags"].split()
+    assert all(f in flags for f in xla_env.PINNED)
 
 
 def test_paired_interval_against_a_t_table():
@@ -1242,3 +1254,56 @@ def test_bench_has_planned_rows(tmp_path):
   assert plan_row["reads_per_1000"] == 0  # k is a function of the count
   assert plan_row["n_second"] + plan_row["n_skip"] == 3
   assert "looksam (k=2)+plan" in bench.to_markdown(result)
+
+
+def test_summary_tables_and_the_rule_for_a_default(tmp_path):
+  # Two cells, hand-made rows: the best SGD row is the reference of each
+  # cell (lr 0.1 in one, the base lr in the other); a default below it in
+  # one cell fails the rule; SAM helps only where its interval is above 0.
+  from experiments import summary  # pylint: disable=g-import-not-at-top
+
+  def row(label, method, accs):
+    return {"label": label, "method": method, "seeds": [0, 1, 2],
+            "accs": accs, "acc_mean": float(np.mean(accs)),
+            "acc_se": 0.0, "time_rel": 1.0, "second_rel": 0.0,
+            "grads_rel": 1.0, "settings": {}}
+
+  cells = {
+      ("digits", "short"): [
+          row("sgd", "sgd", [0.70, 0.71, 0.72]),
+          row("sgd (lr=0.1)", "sgd", [0.72, 0.73, 0.74]),
+          row("sam", "sam", [0.75, 0.77, 0.76]),
+          row("looksam", "looksam", [0.76, 0.765, 0.77]),
+      ],
+      ("digits", "long"): [
+          row("sgd", "sgd", [0.80, 0.81, 0.82]),
+          row("sgd (lr=0.1)", "sgd", [0.60, 0.61, 0.62]),
+          row("sam", "sam", [0.80, 0.815, 0.82]),
+          row("looksam", "looksam", [0.70, 0.71, 0.72]),
+      ],
+  }
+  for (d, r), rows in cells.items():
+    folder = tmp_path / d / r
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(
+        {"complete": True, "summary": compare.add_paired(rows)}))
+  loaded = summary.load(str(tmp_path))
+  assert set(loaded) == set(cells)
+  short = summary.regime_table(loaded, "short")
+  # looksam - best SGD (lr 0.1) per seed: +4, +3.5, +3 points.
+  d = np.array([0.04, 0.035, 0.03])
+  half = 4.303 * d.std(ddof=1) / np.sqrt(3)
+  assert (f"| looksam | +{100 * d.mean():.2f} [+{100 * (d.mean() - half):.2f},"
+          f" +{100 * (d.mean() + half):.2f}] ↑ |") in short
+  assert "| sgd (lr=0.1) | best SGD (73.0%) |" in short
+  long = summary.regime_table(loaded, "long")
+  assert "| sgd | best SGD (81.0%) |" in long
+  assert "| looksam | -10.00 [-10.00, -10.00] ↓ |" in long.replace(
+      "−", "-")
+  c = summary.default_checks(loaded, "looksam")
+  assert c["cells"]["digits", "short"] == {
+      "verdict": "above", "sam_helps": True, "reaches_sam": True}
+  assert c["cells"]["digits", "long"]["verdict"] == "below"
+  assert not c["cells"]["digits", "long"]["sam_helps"]  # SAM level there
+  assert not c["holds"] and c["reaches"]
+  assert summary.default_checks(loaded, "sam")["holds"]
