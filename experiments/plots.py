@@ -219,17 +219,20 @@ def rho_grids(rows: Sequence[dict], path: str, title: str = "") -> bool:
 
 
 def _forest_rows(rows) -> list[dict]:
-  """One row per method (its defaults), and the best SAM row when that is a
-  grid row."""
+  """One row per method (its defaults), each followed by that method's best
+  row when that is a grid row (the best SAM row among them): the
+  default-vs-best-SGD and the best-vs-best comparisons."""
   ok = [r for r in _ok(rows) if r.get("vs_sgd")
         and r["vs_sgd"].get("mean") is not None]
-  out = [r for r in ok if r["label"] == r["method"]]
-  sams = [r for r in _ok(rows) if r["method"] == "sam"]
-  if sams:
-    best = max(sams, key=lambda r: r["acc_mean"])
-    if best["label"] != "sam" and best in ok:
-      out.insert(1 + next((i for i, r in enumerate(out)
-                           if r["label"] == "sam"), 0), best)
+  out = []
+  for r in ok:
+    if r["label"] != r["method"]:
+      continue
+    out.append(r)
+    mine = [x for x in _ok(rows) if x["method"] == r["method"]]
+    best = max(mine, key=lambda x: x["acc_mean"])
+    if best is not r and best in ok:
+      out.append(best)
   return out
 
 
@@ -273,7 +276,8 @@ def paired_forest(rows_by_dataset: dict[str, Sequence[dict]], path: str,
     ax.set_yticklabels(labels, fontsize=9)
     n = max(r["vs_sgd"]["n"] for r in rows)
     ax.set_title(f"{name}: {n} paired seeds", fontsize=10)
-    ax.set_xlabel("accuracy minus SGD's on the same seed (points), 95% CI")
+    ax.set_xlabel("accuracy minus the best SGD row's on the same seed "
+                  "(points), 95% CI")
     ax.grid(alpha=0.3, axis="x")
   if title:
     fig.suptitle(title, fontsize=10)
