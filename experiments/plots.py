@@ -318,6 +318,9 @@ def train_loss_curves(rows: Sequence[dict], runs: Sequence[dict], path: str,
     ax.plot(np.arange(1, len(y) + 1), y, styles.get(method, "-"),
             label=lab, lw=1.6)
   ax.set_yscale("log")
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel("epoch")
   ax.set_ylabel("training loss (mean over the epoch and the seeds)")
   ax.grid(True, which="both", alpha=0.3)
