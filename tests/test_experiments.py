@@ -186,7 +186,10 @@ def test_fashion_resnet_layout():
   # Residual stages with BatchNorm; the stem halves the side, each later
   # stage halves it again; the head is a small share of the weights.
   model = models.create("fashion_resnet", 10)
-  params, stats = models.init(model, jax.random.key(0), (28, 28, 1))
+  # Jitted, with an rbg key (XLA:CPU compiles threefry's initialisers
+  # several times slower), as the trainer does.
+  params, stats = jax.jit(lambda k: models.init(model, k, (28, 28, 1)))(
+      jax.random.key(0, impl="rbg"))
   assert set(params) == {"stem", "stem_bn", "stage1", "stage2", "stage3",
                          "head"}
   assert {"conv1", "bn1", "conv2", "bn2"} <= set(params["stage1"])
@@ -195,19 +198,25 @@ def test_fashion_resnet_layout():
   assert models.num_params(params) == 19810
   assert models.num_params(params["head"]) == 330
   x = jnp.ones((3, 28, 28, 1))
-  assert model.apply({"params": params, "batch_stats": stats}, x,
-                     train=False).shape == (3, 10)
+  assert jax.eval_shape(
+      lambda p, s: model.apply({"params": p, "batch_stats": s}, x,
+                               train=False), params, stats).shape == (3, 10)
   # A strided PatchConv is the stride-1 convolution at rows/cols 0, 2, ...
   conv = models.PatchConv(5, strides=2)
   x = jax.random.normal(jax.random.key(1), (2, 7, 7, 3))
-  v = conv.init(jax.random.key(2), x)
-  full = models.PatchConv(5).apply(v, x)
-  np.testing.assert_allclose(conv.apply(v, x), full[:, ::2, ::2],
-                             rtol=1e-5, atol=1e-5)
-  ref = jax.lax.conv_general_dilated(
-      x, v["params"]["kernel"], (2, 2), ((1, 1), (1, 1)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC")) + v["params"]["bias"]
-  np.testing.assert_allclose(conv.apply(v, x), ref, rtol=1e-4, atol=1e-4)
+  v = jax.jit(conv.init)(jax.random.key(2, impl="rbg"), x)
+
+  @jax.jit
+  def both(v, x):
+    ref = jax.lax.conv_general_dilated(
+        x, v["params"]["kernel"], (2, 2), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + v["params"]["bias"]
+    return conv.apply(v, x), models.PatchConv(5).apply(v, x), ref
+
+  strided, full, ref = both(v, x)
+  np.testing.assert_allclose(strided, full[:, ::2, ::2], rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(strided, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_compare_on_mock_fashion_mnist_tuned_sgd_is_the_reference(tmp_path):
