@@ -3,7 +3,8 @@
 With no arguments it runs the quick default, a few minutes on a 2-core CPU:
 the core rows (:data:`CORE_METHODS`: SGD, SAM, ASAM, GNP, layer-wise SAM,
 Sparse SAM with both masks, LookSAM, vSAM, LightSAM, each at its registry
-default) with 3 seeds on both offline datasets, into ``runs/compare/``:
+default) with 3 seeds on the digits and MNIST-1D (their ``long`` regime),
+into ``runs/compare/``:
 
 * ``digits``: scikit-learn's digits with 30% symmetric label noise and the
   small CNN (``digits_cnn``);
@@ -12,43 +13,59 @@ default) with 3 seeds on both offline datasets, into ``runs/compare/``:
 
 both for 60 epochs, batch 64, SGD momentum 0.9, lr 0.05 cosine, weight decay
 5e-4. Three seeds give wide intervals; it says so, and where the committed
-evidence is. ``--committed`` reruns the committed tables'
-configuration (:data:`PROTOCOLS`, into ``experiments/results/<dataset>``):
-the core rows plus SAM's rho grid (0.02, 0.1, 0.2 beside the default 0.05:
-"the best SAM row" is the best of the four) and LookSAM's (0.05, 0.2), with
-more seeds. ``--dataset`` runs one dataset. ``--long`` runs the digits for
-240 epochs with every registry method and the older, wider rho grids
-(:data:`RHO_GRIDS`), enough for vSAM's sampling schedule to reach its
-working rate. Each dataset's directory gets
+evidence is. The first run of each row compiles its programs; a status
+line ("compiling looksam ...", then its compile time) says so.
 
-* ``results.json``: the settings, the command, the CPU model, every run
-  (per-epoch history, wall-clock, compile time, gradient evaluations, the
-  method's diagnostics) and the per-method summary with its paired
-  differences;
+``--committed`` runs the committed tables' configuration (:data:`PROTOCOLS`):
+Fashion-MNIST (``fashion_mnist``, the small residual CNN), the digits and
+MNIST-1D, each in two regimes (:data:`REGIMES`: ``short``, clean labels
+and few epochs, the model under-fitting; ``long``, the model fitting its
+training set, with label noise memorising it), with SGD's learning-rate
+grid (the best SGD row is the reference of every paired difference), each
+method's default row and a grid of its main setting (:data:`TUNING_GRID`,
+:data:`CHEAP_GRID`). Like every protocol it writes under ``runs/`` by
+default (``runs/committed/<dataset>/<regime>``); the committed copies are
+replaced only on purpose: ``--committed --dataset fashion_mnist --out
+experiments/results/fashion_mnist --overwrite`` (:mod:`experiments.outputs`
+refuses any output under ``experiments/results/`` that holds files
+otherwise). ``--dataset`` runs one dataset, ``--regime`` one regime.
+``--long`` runs the digits for 240 epochs with every registry method and
+the older, wider rho grids (:data:`RHO_GRIDS`), enough for vSAM's sampling
+schedule to reach its working rate. Each output directory gets
+
+* ``results.json``: the settings, the command, the CPU model and its
+  instruction-set flags, the XLA flags, every run (per-epoch history,
+  wall-clock, CPU and compile time, gradient evaluations, the method's
+  diagnostics) and the per-method summary with its paired differences;
 * ``results.md``: the table (test accuracy mean ± standard error over
-  seeds, the std, the paired difference against SGD with its 95%
-  t-interval, wall-clock and CPU time relative to SGD, second-gradient
-  evaluations relative to SGD's gradient count) and the findings: which
-  rows are above or below SGD by their interval, and for each efficient
-  method (:data:`EFFICIENT_METHODS`) whether it reaches the best SAM row
-  minus 0.5 points at a lower cost;
-* ``accuracy_vs_cost.png`` (the core rows), ``rho_grids.png`` (the grids,
-  when there are any) and ``paired_vs_sgd.png`` (the forest plot); with
-  several datasets the forest plot of all of them goes to the parent
-  directory.
+  seeds, training accuracy, the paired difference against the best SGD
+  row and against the best SAM row with 95% t-intervals, CPU time relative
+  to SGD, gradients per step) and the findings: which rows are above or
+  below the best SGD row by their interval, each method's default row and
+  its best row against it (default-vs-best-SGD, best-vs-best), and for each
+  efficient method (:data:`EFFICIENT_METHODS`) whether it reaches the best
+  SAM row minus 0.5 points at a lower cost;
+* ``accuracy_vs_cost.png``, ``rho_grids.png`` (when there are rho grids),
+  ``paired_vs_sgd.png`` (the forest plot; with several datasets or
+  regimes the forest plot of all of them goes to the parent directory) and
+  ``train_loss.png`` (the training loss per epoch of SGD's, SAM's and
+  LookSAM's rows, when there is a LookSAM row).
 
 Pairing: a seed fixes the label noise, the initialisation and the batches,
 so a method's accuracy minus SGD's on the same seed removes what the seed
 alone decides; the interval is Student's t over the seeds' differences.
+The best SGD row is chosen by its mean over the same seeds, which favours
+it slightly (a conservative reference).
 
 ``--full`` runs the papers' protocol instead (CIFAR-10, ResNet-18, 200
 epochs, batch 128, lr 0.1, weight decay 5e-4, crop+flip, 3 seeds; needs the
 data prepared for TFDS and an accelerator). Any base setting can be
-overridden (``--dataset``, ``--model``, ``--epochs``, ...). Methods are
-``--methods sgd,sam,looksam`` with optional overrides,
-``--methods "sam:rho=0.1,looksam:k=10"`` (a comma before a name starts a new
-method); ``--rho-grid 0.05,0.1,0.2`` runs every method at each rho instead of
-its default.
+overridden (``--dataset``, ``--model``, ``--epochs``, ``--train-size``,
+...). Methods are ``--methods sgd,sam,looksam`` with optional overrides,
+``--methods "sam:rho=0.1,looksam:k=10,sgd:lr=0.1"`` (a comma before a name
+starts a new method; ``lr`` sets that row's base learning rate);
+``--rho-grid 0.05,0.1,0.2`` runs every method at each rho instead of its
+default.
 
 Steps are planned (``sam_optax.planner``) unless ``--no-planned``; the
 setting is in ``results.json``'s ``base_config``.
@@ -56,9 +73,8 @@ setting is in ``results.json``'s ``base_config``.
 Runs are interleaved (for each seed, every method, in an order rotated per
 seed) so that a drift in the machine's load spreads over all methods, and
 each method is compiled once for all its seeds. Wall-clock (and CPU time)
-exclude compilation and evaluation. Accuracies are deterministic on one
-CPU type; another CPU's float rounding moves single runs (60 epochs on noisy
-labels amplify it), which is why the findings rest on paired intervals.
+exclude compilation and evaluation; the test set is evaluated once, after
+the last epoch.
 """
 
 from __future__ import annotations
@@ -84,6 +100,7 @@ from experiments import plots
 from experiments import checkpoints
 from experiments import config as config_lib
 from experiments import data as data_lib
+from experiments import outputs
 from experiments import trainer as trainer_lib
 
 #: The rho grids of the digits protocols, beside each method's registry
@@ -116,21 +133,74 @@ EFFICIENT_METHODS = ("layerwise_sam", "ssam_fisher", "ssam_dynamic",
                      "looksam", "vsam")
 REACH_MARGIN = 0.005  # 0.5 points of accuracy
 
-#: The committed tables' rows beside the core ones: SAM's rho grid ("the best
-#: SAM row" is the best of it and the default 0.05) and LookSAM's, the
-#: efficient method whose paper tuned rho.
+#: The tuning grid of the committed tables, beside each method's default
+#: row: SGD's learning rate (the best SGD row is the reference of every
+#: paired difference), SAM's rho ("the best SAM row" is the best of these
+#: and the default 0.05), LookSAM's alpha (the weight of its reused
+#: component: 0 is SAM every k-th step and plain SGD between), LightSAM's
+#: learning rate. A row's ``lr`` sets the base optimizer's peak learning
+#: rate (:data:`BASE_ROW_KEYS`); every other key is a method argument.
+TUNING_GRID = [
+    ("sgd", {"lr": 0.02}), ("sgd", {"lr": 0.1}),
+    ("sam", {"rho": 0.1}),
+    ("looksam", {"alpha": 0.0}), ("looksam", {"alpha": 0.3}),
+    ("lightsam", {"learning_rate": 0.3}),
+]
+#: More of the grid where runs are cheap (the digits and MNIST-1D): SAM at
+#: rho 0.2, LookSAM's reuse period k and a smaller LightSAM learning rate.
+CHEAP_GRID = [("sam", {"rho": 0.2}), ("looksam", {"k": 2}),
+              ("lightsam", {"learning_rate": 0.1})]
+#: The grid of the older committed tables (SAM's and LookSAM's rho), kept
+#: for ``--methods`` users who want them.
 COMMITTED_GRID = ([("sam", {"rho": r}) for r in RHO_GRIDS["sam"]]
                   + [("looksam", {"rho": r}) for r in RHO_GRIDS["looksam"]])
 
-#: The base settings of each offline dataset (command-line flags override
-#: them): the digits with 30% symmetric label noise and the small CNN;
-#: MNIST-1D as published (no label noise) with its published MLP.
-OFFLINE_BASE = {
-    "digits": dict(model="digits_cnn", epochs=60, batch_size=64, lr=0.05,
-                   weight_decay=5e-4, label_noise=0.3),
-    "mnist1d": dict(model="mnist1d_mlp", epochs=60, batch_size=64, lr=0.05,
-                    weight_decay=5e-4, label_noise=0.0),
+#: Row keys that set the base configuration rather than a method argument.
+BASE_ROW_KEYS = ("lr",)
+
+#: The methods whose defaults the committed evidence decides, with SGD and
+#: SAM: the committed default rows (ASAM, GNP and Sparse SAM are left out
+#: of the committed runs to fit them in a working session of a 2-core
+#: machine; their older evidence is the 60-epoch digits and MNIST-1D runs
+#: of the quick protocol's settings).
+DECIDED_METHODS = ("sgd", "sam", "layerwise_sam", "looksam", "vsam",
+                   "lightsam")
+
+_BASE = dict(batch_size=64, lr=0.05, weight_decay=5e-4, train_size=None)
+
+#: The two regimes of each offline dataset (command-line flags override
+#: them). ``short``: clean labels and few epochs, the model still
+#: under-fitting (training accuracy below 100%); ``long``: many epochs, the
+#: model fitting its training set (with label noise: memorising wrong
+#: labels). The digits' ``long`` regime is the earlier protocol (30%
+#: symmetric noise, 60 epochs), MNIST-1D's is the benchmark as published
+#: (clean, 60 epochs: the MLP reaches 100% training accuracy and about 67%
+#: test). Fashion-MNIST (the small residual CNN, ``fashion_resnet``):
+#: ``short`` trains on a fixed 5,000-image subset for 3 epochs (SGD: about
+#: 83% training accuracy), ``long`` on a 600-image subset with 25% wrong
+#: labels for 40 epochs (SGD memorises them); both test on the whole
+#: 10,000.
+REGIMES = {
+    "digits": {
+        "short": dict(_BASE, model="digits_cnn", epochs=2, label_noise=0.0),
+        "long": dict(_BASE, model="digits_cnn", epochs=60, label_noise=0.3),
+    },
+    "mnist1d": {
+        "short": dict(_BASE, model="mnist1d_mlp", epochs=10,
+                      label_noise=0.0),
+        "long": dict(_BASE, model="mnist1d_mlp", epochs=60, label_noise=0.0),
+    },
+    "fashion_mnist": {
+        "short": dict(_BASE, model="fashion_resnet", epochs=3,
+                      label_noise=0.0, train_size=5000),
+        "long": dict(_BASE, model="fashion_resnet", epochs=40,
+                     label_noise=0.25, train_size=600),
+    },
 }
+#: The base settings of the quick default (each dataset's ``long`` regime):
+#: the digits with 30% symmetric label noise and the small CNN; MNIST-1D as
+#: published (no label noise) with its published MLP.
+OFFLINE_BASE = {d: REGIMES[d]["long"] for d in ("digits", "mnist1d")}
 
 #: The protocols. ``datasets``: what runs without ``--dataset``;
 #: ``methods``: the rows without ``--methods`` (None: every available
@@ -139,57 +209,75 @@ OFFLINE_BASE = {
 #: tables (``--committed``).
 PROTOCOLS = {
     "quick": dict(
-        datasets=data_lib.OFFLINE_DATASETS, methods=CORE_METHODS,
-        extra_methods=[], seeds={"digits": 3, "mnist1d": 3},
-        out="runs/compare/{dataset}", base=OFFLINE_BASE,
+        datasets=("digits", "mnist1d"), regimes=("long",),
+        methods=CORE_METHODS, extra_methods=[],
+        seeds={"digits": 3, "mnist1d": 3, "fashion_mnist": 3},
+        out="runs/compare/{dataset}", base=REGIMES,
     ),
+    # Fashion-MNIST first (the standard benchmark, the costliest runs), then
+    # the digits and MNIST-1D; each in both regimes, SGD tuned, each
+    # method's default row and its grid.
     "committed": dict(
-        datasets=data_lib.OFFLINE_DATASETS, methods=CORE_METHODS,
-        extra_methods=COMMITTED_GRID, seeds={"digits": 8, "mnist1d": 20},
-        out="experiments/results/{dataset}", base=OFFLINE_BASE,
+        datasets=("fashion_mnist", "digits", "mnist1d"),
+        regimes=("short", "long"),
+        methods=DECIDED_METHODS,
+        extra_methods={"fashion_mnist": TUNING_GRID,
+                       "digits": TUNING_GRID + CHEAP_GRID,
+                       "mnist1d": TUNING_GRID + CHEAP_GRID},
+        seeds={"digits": 5, "mnist1d": 5, "fashion_mnist": 3},
+        out="runs/committed/{dataset}/{regime}", base=REGIMES,
     ),
     # Long enough for vSAM's schedule to reach its working rate: with 22
     # steps an epoch, 3 warm-up epochs and windows of 50 steps, 240 epochs
     # are about 100 windows (the authors' CIFAR logs need that many).
     "long": dict(
-        datasets=("digits",), methods=None, extra_methods=DIGITS_GRID,
-        seeds={"digits": 5}, out="experiments/results/digits_long",
-        base={"digits": dict(OFFLINE_BASE["digits"], epochs=240)},
+        datasets=("digits",), regimes=("long",), methods=None,
+        extra_methods=DIGITS_GRID, seeds={"digits": 5},
+        out="runs/long/{dataset}",
+        base={"digits": {"long": dict(REGIMES["digits"]["long"],
+                                      epochs=240)}},
     ),
     "full": dict(
-        datasets=("cifar10",), methods=None, extra_methods=[], seeds=3,
-        out="experiments/results/{dataset}_{model}",
+        datasets=("cifar10",), regimes=("long",), methods=None,
+        extra_methods=[], seeds=3, out="runs/full/{dataset}_{model}",
         base=dict(model="resnet18", epochs=200, batch_size=128, lr=0.1,
-                  weight_decay=5e-4, label_noise=0.0),
+                  weight_decay=5e-4, label_noise=0.0, train_size=None),
     ),
 }
 
+#: Where each protocol's committed results are (``--out`` for
+#: ``--overwrite`` to replace them).
+COMMITTED_OUT = "experiments/results/{dataset}/{regime}"
+
 #: What the quick default says about itself (printed, and in its tables).
 QUICK_NOTE = (
-    "This is the quick default: the core rows with 3 seeds, so its paired "
-    "intervals are wide (with 2 degrees of freedom the 95% t-interval is "
-    "4.3 standard errors either side). The committed evidence, {digits} "
-    "seeds on the digits and {mnist1d} on MNIST-1D with the SAM and "
-    "LookSAM rho grids, is in experiments/results/digits/ and "
-    "experiments/results/mnist1d/ (results.md, results.json, the figures), "
-    "made by `python -m experiments.compare --committed`."
-).format(**PROTOCOLS["committed"]["seeds"])
+    "This is the quick default: the core rows with 3 seeds, one regime, "
+    "SGD untuned, so its paired intervals are wide (with 2 degrees of "
+    "freedom the 95% t-interval is 4.3 standard errors either side). The "
+    "committed evidence (Fashion-MNIST, the digits and MNIST-1D, each in a "
+    "short and a long regime, SGD's learning rate tuned, each method's "
+    "default and a grid of its main setting) is in "
+    "experiments/results/<dataset>/<regime>/ (results.md, results.json, "
+    "the figures), made by `python -m experiments.compare --committed`; "
+    "docs/choosing.md reads it."
+)
 
 
 #: A TFDS dataset outside ``--full``: the papers' model, no label noise,
 #: every available method.
 _TFDS_BASE = dict(model="resnet18", epochs=60, batch_size=64, lr=0.05,
-                  weight_decay=5e-4, label_noise=0.0)
+                  weight_decay=5e-4, label_noise=0.0, train_size=None)
 
 
 class Plan(NamedTuple):
-  """One dataset's run: its parsed flags, output directory, the methods
-  ``[(name, overrides)]`` and their row labels."""
+  """One dataset's run in one regime: its parsed flags, output directory,
+  the methods ``[(name, overrides)]`` and their row labels."""
 
   args: argparse.Namespace
   out: str
   specs: list
   labels: list
+  regime: str = "long"
 
 
 def parse_methods(
@@ -302,27 +390,40 @@ def _paired(row: dict, ref: dict) -> dict:
   return dict(paired_interval([a[s] - b[s] for s in common]), seeds=common)
 
 
+def best_of(rows: list[dict], method: str) -> Optional[dict]:
+  """``method``'s row (default or grid) of highest mean accuracy."""
+  mine = [r for r in rows if r["method"] == method
+          and r.get("acc_mean") is not None]
+  return max(mine, key=lambda r: r["acc_mean"]) if mine else None
+
+
 def best_sam(rows: list[dict]) -> Optional[dict]:
   """The SAM row (default or grid) of highest mean accuracy."""
-  sams = [r for r in rows if r["method"] == "sam"
-          and r.get("acc_mean") is not None]
-  return max(sams, key=lambda r: r["acc_mean"]) if sams else None
+  return best_of(rows, "sam")
+
+
+def best_sgd(rows: list[dict]) -> Optional[dict]:
+  """The SGD row (of the learning-rate grid) of highest mean accuracy: the
+  reference of every paired difference."""
+  return best_of(rows, "sgd")
 
 
 def add_paired(rows: list[dict]) -> list[dict]:
-  """Adds to each row its paired difference against SGD (``vs_sgd``) and
-  against the best SAM row (``vs_best_sam``), and to each efficient
+  """Adds to each row its paired difference against the best SGD row
+  (``vs_sgd``, :func:`best_sgd`: SGD at its best learning rate; its
+  ``ref`` names that row) and against the best SAM row (``vs_best_sam``),
+  and to each efficient
   method's default row (:data:`EFFICIENT_METHODS`) the answer to "does it
   reach the best SAM row minus :data:`REACH_MARGIN` at a lower cost?"
   (``reach``: accuracy by the paired mean, and by the interval's lower end;
   cost by CPU time relative to SGD, wall-clock where CPU time is missing,
   and by gradient evaluations)."""
   ok = [r for r in rows if r.get("acc_mean") is not None]
-  sgd = next((r for r in ok if r["label"] == "sgd"), None)
+  sgd = best_sgd(ok)
   best = best_sam(ok)
   for r in ok:
     if sgd is not None and r is not sgd:
-      r["vs_sgd"] = _paired(r, sgd)
+      r["vs_sgd"] = dict(_paired(r, sgd), ref=sgd["label"])
     if best is not None and r is not best:
       r["vs_best_sam"] = _paired(r, best)
     if (best is not None and r["method"] in EFFICIENT_METHODS
@@ -377,6 +478,7 @@ def summarise(runs: list[dict], order: list[str]) -> list[dict]:
       rows.append(row)
       continue
     accs = [r["final_test_acc"] for r in ok]
+    train_accs = [r.get("final_train_acc") for r in ok]
     times = [r["train_s"] for r in ok]
     cpu = [r.get("train_cpu_s") for r in ok]
     second = [r["second_grads_per_step"] for r in ok]
@@ -389,8 +491,12 @@ def summarise(runs: list[dict], order: list[str]) -> list[dict]:
         acc_std=_std(accs),
         acc_se=_se(accs),
         accs=accs,
+        train_acc_mean=(float(np.mean(train_accs))
+                        if None not in train_accs else None),
         train_s_mean=float(np.mean(times)),
         compile_s=float(np.mean([r["compile_s"] for r in ok])),
+        compile_cpu_s=(float(np.mean([r["compile_cpu_s"] for r in ok]))
+                       if all("compile_cpu_s" in r for r in ok) else None),
         time_rel=(
             float(np.mean(times) / sgd_mean_time) if sgd_mean_time else None
         ),
@@ -409,8 +515,8 @@ def summarise(runs: list[dict], order: list[str]) -> list[dict]:
   return add_paired(rows)
 
 
-def _fmt(x, spec, dash="–", suffix=""):
-  return dash if x is None else format(x, spec) + suffix
+def _fmt(x, spec, dash="–", suffix="", scale=1.0):
+  return dash if x is None else format(scale * x, spec) + suffix
 
 
 def _interval(d: Optional[dict]) -> str:
@@ -427,27 +533,34 @@ def _interval(d: Optional[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-  """The markdown table of :func:`summarise`'s rows."""
+  """The markdown table of :func:`summarise`'s rows: test and training
+  accuracy, the paired differences against the best SGD and the best SAM
+  row, CPU time and gradients per step relative to SGD, compile time (the
+  wall-clock ratio, the std and the training seconds are in
+  ``results.json``)."""
   lines = [
-      "| method | test accuracy (%, mean ± SE) | std "
-      "| paired Δ vs SGD (points, 95% CI) | wall-clock vs SGD "
-      "| CPU time vs SGD | second-gradient evals / SGD gradients "
-      "| train s / run | compile s |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "| method | test acc. % (± SE) | train acc. % "
+      "| Δ vs best SGD (95% CI) | Δ vs best SAM (95% CI) "
+      "| CPU time / SGD | grads / step | compile CPU s |",
+      "|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     if r.get("acc_mean") is None:
       lines.append(f"| {r['label']} | failed: {r.get('error', '')[:80]} "
-                   "| | | | | | | |")
+                   "| | | | | | |")
       continue
+    cost = r.get("cpu_rel") if r.get("cpu_rel") is not None else r.get(
+        "time_rel")
+    ref = "(reference)" if "vs_sgd" not in r and r["method"] == "sgd" else (
+        _interval(r.get("vs_sgd")))
     lines.append(
         f"| {r['label']} | {100 * r['acc_mean']:.2f} ± "
-        f"{100 * r.get('acc_se', 0.0):.2f} | {100 * r['acc_std']:.2f}"
-        f" | {_interval(r.get('vs_sgd'))}"
-        f" | {_fmt(r['time_rel'], '.2f', suffix='×')}"
-        f" | {_fmt(r.get('cpu_rel'), '.2f', suffix='×')}"
-        f" | {r['second_rel']:.2f}"
-        f" | {r['train_s_mean']:.1f} | {r['compile_s']:.1f} |"
+        f"{100 * r.get('acc_se', 0.0):.2f}"
+        f" | {_fmt(r.get('train_acc_mean'), '.1f', scale=100)}"
+        f" | {ref} | {_interval(r.get('vs_best_sam'))}"
+        f" | {_fmt(cost, '.2f', suffix='×')}"
+        f" | {r['grads_rel']:.2f}"
+        f" | {_fmt(r.get('compile_cpu_s', r['compile_s']), '.0f')} |"
     )
   return "\n".join(lines)
 
@@ -474,8 +587,18 @@ def findings(rows: list[dict]) -> list[str]:
            else "neither")
     groups[key].append(desc)
   n = max((r["vs_sgd"]["n"] for r in ok if r.get("vs_sgd")), default=0)
-  head = (f"Paired difference against SGD in points, 95% t-interval over "
-          f"{n} seeds")
+  sgd = best_sgd(ok)
+  if sgd is not None:
+    grid = [r for r in ok if r["method"] == "sgd"]
+    if len(grid) > 1:
+      out.append(
+          f"The reference is the best SGD row, {sgd['label']} "
+          f"({pct(sgd['acc_mean'])}% test accuracy) of "
+          + ", ".join(f"{r['label']} ({pct(r['acc_mean'])}%)" for r in grid)
+          + " (the best by its mean over the same seeds, which favours it "
+          "slightly).")
+  head = (f"Paired difference against the best SGD row in points, 95% "
+          f"t-interval over {n} seeds")
   if groups["above"]:
     out.append(f"Above SGD ({head}): " + "; ".join(groups["above"]) + ".")
   if groups["below"]:
@@ -518,6 +641,13 @@ def findings(rows: list[dict]) -> list[str]:
         f"{_fmt(best.get(c['cost_measure']), '.2f')}× SGD's; "
         f"{r['grads_rel']:.2f} vs {best['grads_rel']:.2f} gradients per step."
     )
+  for v in method_verdicts(ok):
+    text = f"{v['method']}: the default row {_interval(v['default'])}"
+    if v["best_label"] != v["method"]:
+      text += (f"; its best row, {v['best_label']}, "
+               f"{_interval(v['best'])}")
+    out.append(text + " against the best SGD row (best-vs-best and "
+               "default-vs-best-SGD).")
   out += _best_of_grids(ok)
   for r in ok:
     if "samples_per_window" in r:
@@ -528,6 +658,34 @@ def findings(rows: list[dict]) -> list[str]:
           f"(warm-up included)."
       )
   return out
+
+
+def method_verdicts(rows: list[dict]) -> list[dict]:
+  """For each method but SGD with a default row (the row labelled with the
+  method's name): that row's paired difference against the best SGD row
+  (``default``) and its best row's (``best``, ``best_label``; the default
+  itself when it is the best), each with ``verdict`` ``above`` / ``below``
+  / ``level`` (the 95% interval above 0, below 0, or holding it)."""
+  ok = [r for r in rows if r.get("acc_mean") is not None]
+  out = []
+  for name in dict.fromkeys(r["method"] for r in ok):
+    default = next((r for r in ok if r["label"] == name), None)
+    if name == "sgd" or default is None or "vs_sgd" not in default:
+      continue
+    best = best_of(ok, name)
+    out.append({
+        "method": name, "default": default["vs_sgd"],
+        "default_verdict": _verdict(default["vs_sgd"]),
+        "best_label": best["label"], "best": best.get("vs_sgd"),
+        "best_verdict": _verdict(best.get("vs_sgd")),
+    })
+  return out
+
+
+def _verdict(d: Optional[dict]) -> Optional[str]:
+  if not d or d.get("lo") is None:
+    return None
+  return "above" if d["lo"] > 0 else "below" if d["hi"] < 0 else "level"
 
 
 def _best_of_grids(rows) -> list[str]:
@@ -554,6 +712,11 @@ def _best_of_grids(rows) -> list[str]:
   return out
 
 
+def _panel(meta: dict, with_regime: bool) -> str:
+  return (f"{meta['dataset']}, {meta['regime']}" if with_regime
+          else meta["dataset"])
+
+
 def write_outputs(out: str, meta: dict, runs: list[dict], rows: list[dict],
                   done: bool = True) -> None:
   os.makedirs(out, exist_ok=True)
@@ -564,8 +727,11 @@ def write_outputs(out: str, meta: dict, runs: list[dict], rows: list[dict],
   if not done:
     return
   cfg = meta["base_config"]
+  subset = (f" ({cfg['train_size']} training images)"
+            if cfg.get("train_size") else "")
   settings = (
-      f"{cfg['dataset']}, label noise {meta['label_noise']}, "
+      f"{cfg['dataset']}{subset}, {meta.get('regime', 'long')} regime, "
+      f"label noise {meta['label_noise']}, "
       f"{cfg['model']}, {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
       f"SGD momentum {cfg['momentum']}, lr {cfg['lr']} cosine, weight decay "
       f"{cfg['weight_decay']}, {meta['seeds']} seeds"
@@ -581,18 +747,20 @@ def write_outputs(out: str, meta: dict, runs: list[dict], rows: list[dict],
       "",
       table(rows),
       "",
-      "Test accuracy after the last epoch, mean ± standard error over seeds "
-      "(the sample std in its own column). "
-      "Wall-clock: training time (compilation and evaluation excluded) "
-      "divided by SGD's, averaged over seeds; CPU time: the same with the "
-      "process's CPU time, less sensitive to other load on a shared machine. "
-      "Second-gradient evals / SGD "
-      "gradients: the gradient evaluations a method makes inside its "
-      "transform (`sam_optax.stats(...)['grad_evals']`) per training step, "
-      "i.e. relative to SGD's one gradient per step (SAM: 1.00). "
-      "Paired Δ vs SGD: the mean over seeds of the row's accuracy minus "
-      "SGD's on the same seed (same label noise, initialisation and "
-      "batches), with its 95% Student-t interval.",
+      "Test accuracy after the last epoch, mean ± standard error over "
+      "seeds. Train acc.: the accuracy on the training labels (the noisy "
+      "ones where there is label noise) during the last epoch, mean over "
+      "seeds: near 100% the model fits (memorises) its training set. "
+      "Δ vs best SGD: the mean over seeds of the row's test accuracy minus "
+      "the best SGD row's (SGD at its best learning rate of the grid) on "
+      "the same seed (same label noise, initialisation and batches), in "
+      "points, with its 95% Student-t interval; Δ vs best SAM: the same "
+      "against the best SAM row. CPU time / SGD: the process's training "
+      "CPU time (compilation and evaluation excluded) divided by the "
+      "default SGD row's (wall-clock where CPU time is missing; both, and "
+      "the std, are in results.json). Grads / step: gradient evaluations "
+      "per training step (SGD 1, SAM 2; `sam_optax.stats(...)"
+      "['grad_evals']`).",
       "",
   ]
   if meta.get("protocol") == "quick":
@@ -609,16 +777,27 @@ def write_outputs(out: str, meta: dict, runs: list[dict], rows: list[dict],
   md += ["", "![accuracy vs cost, the core rows](accuracy_vs_cost.png)"]
   if plots.rho_grids(rows, os.path.join(out, "rho_grids.png"), title=title):
     md += ["", "![the rho grids](rho_grids.png)"]
-  plots.paired_forest({cfg["dataset"]: rows},
+  plots.paired_forest({_panel(meta, "regime" in meta): rows},
                       os.path.join(out, "paired_vs_sgd.png"))
   md += ["", "![paired difference against SGD](paired_vs_sgd.png)", ""]
+  if plots.train_loss_curves(rows, runs, os.path.join(out, "train_loss.png"),
+                             title=title):
+    md += ["![training loss per epoch: SGD, SAM, LookSAM](train_loss.png)",
+           ""]
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(md))
 
 
+def _per_dataset(value, dataset):
+  return value.get(dataset, ()) if isinstance(value, dict) else value
+
+
 def plans(argv: list[str]) -> list[Plan]:
-  """Parses the command line: one :class:`Plan` per dataset. Flags left out
-  take the protocol's value; ``--dataset`` runs that dataset alone."""
+  """Parses the command line: one :class:`Plan` per dataset and regime.
+  Flags left out take the protocol's value; ``--dataset`` runs that
+  dataset alone, ``--regime`` that regime alone. Refuses (a usage error)
+  an output directory under ``experiments/results/`` that holds results
+  unless ``--overwrite`` (:func:`experiments.outputs.check_output`)."""
   p = argparse.ArgumentParser(
       prog="python -m experiments.compare",
       description="Train SGD and every method with the same base settings.",
@@ -631,26 +810,36 @@ def plans(argv: list[str]) -> list[Plan]:
       action.default = None
   seeds = PROTOCOLS["committed"]["seeds"]
   p.add_argument("--committed", action="store_true",
-                 help="the committed tables' configuration: both offline "
-                 "datasets (or --dataset), the core rows and the SAM and "
-                 f"LookSAM rho grids, {seeds['digits']} seeds on the digits "
-                 f"and {seeds['mnist1d']} on MNIST-1D, into "
-                 "experiments/results/<dataset>")
+                 help="the committed tables' configuration: Fashion-MNIST, "
+                 "the digits and MNIST-1D (or --dataset), each in a short "
+                 "and a long regime (or --regime), SGD's learning-rate grid, "
+                 "each method's default and grid; "
+                 f"{seeds['fashion_mnist']} seeds on Fashion-MNIST, "
+                 f"{seeds['digits']} on the others; into "
+                 "runs/committed/<dataset>/<regime> (the committed copies: "
+                 "--out experiments/results/<dataset> --overwrite)")
   p.add_argument("--full", action="store_true",
                  help="the papers' protocol: CIFAR-10 (or --dataset), "
                  "ResNet-18 (or --model), 200 epochs, batch 128, lr 0.1")
   p.add_argument("--long", action="store_true",
                  help="the digits for 240 epochs: enough for vSAM's "
                  "sampling schedule to reach its working rate")
+  p.add_argument("--regime", default=None, choices=("short", "long"),
+                 help="an offline dataset's regime: short (clean labels, "
+                 "few epochs, under-fitting) or long (many epochs, "
+                 "fitting the training set); default: the protocol's "
+                 "(quick: long; --committed: both)")
   p.add_argument("--methods", default=None,
-                 help="comma-separated, e.g. sgd,sam:rho=0.1,looksam "
-                 "(default: the protocol's rows)")
+                 help="comma-separated, e.g. sgd,sam:rho=0.1,looksam,"
+                 "sgd:lr=0.1 (lr: the base learning rate of that row; "
+                 "default: the protocol's rows)")
   p.add_argument("--rho-grid", default=None,
                  help="comma-separated rhos: every method at each")
   config_lib.add_number(p, "seeds", default=None)
   p.add_argument("--out", default=None,
-                 help="output directory (several datasets: one "
-                 "subdirectory each)")
+                 help="output directory (several datasets or regimes: one "
+                 "subdirectory each); default under runs/")
+  outputs.add_arguments(p)
   p.add_argument("--verbose", action="store_true", help="per-epoch logs")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
@@ -669,65 +858,106 @@ def plans(argv: list[str]) -> list[Plan]:
               f"not {args.dataset!r}")
     # A TFDS dataset: the embedded protocols' settings do not carry over.
     proto = dict(proto, methods=None, extra_methods=[], seeds=3,
-                 out="experiments/results/{dataset}_{model}",
-                 base={args.dataset: _TFDS_BASE})
+                 regimes=("long",), out="runs/compare/{dataset}_{model}",
+                 base=_TFDS_BASE)
+  if args.regime is not None and (args.full or proto["base"] is _TFDS_BASE):
+    p.error("--regime is for the offline datasets "
+            f"{list(offline)}")
   datasets = (args.dataset,) if args.dataset else proto["datasets"]
   if args.long and datasets != ("digits",):
     p.error("--long runs the digits only")
+  if args.long and args.regime not in (None, "long"):
+    p.error("--long runs the digits' long regime only")
+  regimes = (args.regime,) if args.regime else proto["regimes"]
+  several = len(datasets) * len(regimes) > 1
   out: list[Plan] = []
   for dataset in datasets:
-    a = argparse.Namespace(**vars(args))
-    a.dataset = dataset
-    # Per dataset, or (--full) one base for any dataset.
-    base = proto["base"].get(dataset, proto["base"])
-    for key in ("model", "epochs", "batch_size", "lr", "weight_decay",
-                "label_noise"):
-      if getattr(a, key) is None:
-        setattr(a, key, base[key])
-    seeds = proto["seeds"]
-    if a.seeds is None:
-      a.seeds = seeds[dataset] if isinstance(seeds, dict) else seeds
-    if args.out is None:
-      path = proto["out"].format(dataset=dataset, model=a.model)
-    else:
-      path = (args.out if len(datasets) == 1
-              else os.path.join(args.out, dataset))
-    try:
-      specs = parse_methods(args.methods)
-    except ValueError as e:
-      p.error(str(e))
-    if args.methods is None and not args.rho_grid:
-      if proto["methods"] is not None:
-        specs = [(n, {}) for n in proto["methods"]
-                 if n in methods_lib.available()]
-      specs += [(n, dict(m)) for n, m in proto["extra_methods"]
-                if n in methods_lib.available()]
-    try:
-      grid = ([config_lib.RUN_RANGES["rho"].arg(x.strip())
-               for x in args.rho_grid.split(",")] if args.rho_grid else None)
-    except argparse.ArgumentTypeError as e:
-      p.error(f"argument --rho-grid: each rho {e}")
-    specs = expand_rho_grid(specs, grid)
-    if not any(n == "sgd" and not m for n, m in specs):
-      specs.insert(0, ("sgd", {}))  # the reference every ratio is taken to
-    labels = [methods_lib.label(n, m) for n, m in specs]
-    if len(set(labels)) != len(labels):
-      p.error(f"--methods lists a method twice: {labels}")
-    out.append(Plan(a, path, specs, labels))
+    for regime in regimes:
+      a = argparse.Namespace(**vars(args))
+      a.dataset = dataset
+      a.regime = regime
+      # Per dataset and regime, or (--full, TFDS) one base for any dataset.
+      base = proto["base"]
+      if dataset in base:
+        base = base[dataset][regime]
+      for key in ("model", "epochs", "batch_size", "lr", "weight_decay",
+                  "label_noise", "train_size"):
+        if getattr(a, key) is None:
+          setattr(a, key, base[key])
+      seeds = proto["seeds"]
+      if a.seeds is None:
+        a.seeds = seeds[dataset] if isinstance(seeds, dict) else seeds
+      if args.out is None:
+        path = proto["out"].format(dataset=dataset, model=a.model,
+                                   regime=regime)
+      elif not several:
+        path = args.out
+      else:
+        parts = ([dataset] if len(datasets) > 1 else []) + (
+            [regime] if len(regimes) > 1 else [])
+        path = os.path.join(args.out, *parts)
+      try:
+        specs = parse_methods(args.methods)
+      except ValueError as e:
+        p.error(str(e))
+      if args.methods is None and not args.rho_grid:
+        names = _per_dataset(proto["methods"], dataset)
+        if names is not None:
+          specs = [(n, {}) for n in names if n in methods_lib.available()]
+        specs += [(n, dict(m)) for n, m in
+                  _per_dataset(proto["extra_methods"], dataset)
+                  if n in methods_lib.available()]
+      try:
+        grid = ([config_lib.RUN_RANGES["rho"].arg(x.strip())
+                 for x in args.rho_grid.split(",")] if args.rho_grid
+                else None)
+      except argparse.ArgumentTypeError as e:
+        p.error(f"argument --rho-grid: each rho {e}")
+      specs = expand_rho_grid(specs, grid)
+      for name, margs in specs:
+        for key in BASE_ROW_KEYS:
+          if key in margs:
+            try:
+              config_lib.check_range(key, margs[key])
+            except ValueError as e:
+              p.error(f"--methods: {name}: {e}")
+      if not any(n == "sgd" and not m for n, m in specs):
+        specs.insert(0, ("sgd", {}))  # the reference every ratio is taken to
+      labels = [methods_lib.label(n, m) for n, m in specs]
+      if len(set(labels)) != len(labels):
+        p.error(f"--methods lists a method twice: {labels}")
+      out.append(Plan(a, path, specs, labels, regime))
+  try:
+    outputs.check_output([pl.out for pl in out], args.overwrite)
+  except outputs.OverwriteError as e:
+    p.error(str(e))
   return out
 
 
 cpu_model = xla_env.cpu_model
 
 
+def row_config(base: config_lib.Config, name: str,
+               margs: dict) -> config_lib.Config:
+  """The configuration of one row: ``base`` with the method, its
+  arguments, and the row's base settings (:data:`BASE_ROW_KEYS`, e.g. the
+  learning rate of an SGD grid row)."""
+  base_keys = {k: v for k, v in margs.items() if k in BASE_ROW_KEYS}
+  method_args = {k: v for k, v in margs.items() if k not in BASE_ROW_KEYS}
+  return config_lib.Config(**dict(
+      base.to_dict(), method=name, method_args=method_args, seed=0,
+      **base_keys))
+
+
 def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
   """Trains one dataset's rows for every seed and writes its outputs."""
-  args, out, specs, labels = plan_
+  args, out, specs, labels, regime = plan_
   base = config_lib.config_from_args(args)
   meta = {
       "command": command,
       "protocol": protocol,
       "dataset": args.dataset,
+      "regime": regime,
       "base_config": base.to_dict(),
       "label_noise": base.noise,
       "methods": [{"label": lab, "method": n, "method_args": a}
@@ -741,8 +971,8 @@ def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
           n: dict(methods_lib.METHODS[n].defaults) for n, _ in specs
       },
   }
-  print(f"compare: {args.dataset}, {len(specs)} methods x {args.seeds} "
-        f"seeds -> {out}", flush=True)
+  print(f"compare: {args.dataset} ({regime} regime), {len(specs)} rows x "
+        f"{args.seeds} seeds -> {out}", flush=True)
   t_start = time.perf_counter()
   trainers: dict[str, trainer_lib.Trainer] = {}
   runs: list[dict] = []
@@ -762,17 +992,23 @@ def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
         bar.set_description(f"seed {seed} {lab}")
       run = {"label": lab, "method": name, "method_args": margs, "seed": seed}
       try:
-        if lab not in trainers:
-          cfg = config_lib.Config(**dict(
-              base.to_dict(), method=name, method_args=margs, seed=0
-          ))
-          trainers[lab] = trainer_lib.Trainer(cfg)
+        first = lab not in trainers
+        if first:
+          trainers[lab] = trainer_lib.Trainer(row_config(base, name, margs))
+          # The first run of a row compiles its programs (reused by the
+          # other seeds): say so, it can take a while.
+          _status(bar, f"compiling {lab} (and training seed {seed})")
         res = trainers[lab].run(
             seed,
             log=(lambda s, lab=lab, seed=seed: print(f"[{lab} s{seed}] {s}"))
             if args.verbose else None,
             progress=False,
+            # The test set once, after the last epoch (the table's number);
+            # the per-epoch training loss and accuracy are in the history.
+            eval_every=trainers[lab].cfg.epochs,
         )
+        if first:
+          _status(bar, f"compiled {lab} in {trainers[lab].compile_s:.1f} s")
         res.pop("state")
         res.pop("config")
         run.update(res)
@@ -801,6 +1037,15 @@ def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
   return {"rows": rows, "runs": runs, "out": out, "meta": meta}
 
 
+def _status(bar, text: str) -> None:
+  """A status line: above the progress bar, or printed."""
+  if bar is not None:
+    bar.set_description(text[:60])
+    bar.write(text)
+  else:
+    print(text, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
   """Runs every dataset's plan; returns one result per dataset."""
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -813,11 +1058,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
   command = "python -m experiments.compare" + (
       "" if not argv else " " + shlex.join(argv))
   t0 = time.perf_counter()
+  parent = os.path.commonpath([pl.out for pl in todo])
+  if len(todo) > 1:  # refused before any training, like the plans' outs
+    try:
+      outputs.check_output(os.path.join(parent, "paired_vs_sgd.png"),
+                           args.overwrite)
+    except outputs.OverwriteError as e:
+      raise SystemExit(f"python -m experiments.compare: error: {e}")
   results = [run_plan(pl, command, protocol) for pl in todo]
   if len(results) > 1:
-    parent = os.path.commonpath([r["out"] for r in results])
     plots.paired_forest(
-        {r["meta"]["dataset"]: r["rows"] for r in results},
+        {_panel(r["meta"], len({x["meta"]["regime"] for x in results}) > 1):
+         r["rows"] for r in results},
         os.path.join(parent, "paired_vs_sgd.png"),
     )
     print(f"wrote {parent}/paired_vs_sgd.png")

@@ -101,6 +101,7 @@ RANGES = {
     "padding": Range(int, 0),
     "cutout": Range(int, 0),
     "image_size": Range(int, 1),
+    "train_size": Range(int, 1),
     "workers": Range(int, 0),
 }
 
@@ -145,10 +146,11 @@ class Config:
   """Everything that defines a run (what ``results.json`` records).
 
   Attributes:
-    dataset: ``digits``, ``mnist1d`` or a TFDS name of
+    dataset: ``digits``, ``mnist1d``, ``fashion_mnist`` or a TFDS name of
       ``data.TFDS_DATASETS``.
     model: a name of ``models.MODELS`` (None: ``digits_cnn`` on the digits,
-      ``mnist1d_mlp`` on MNIST-1D, ``resnet18`` elsewhere).
+      ``mnist1d_mlp`` on MNIST-1D, ``fashion_resnet`` on Fashion-MNIST,
+      ``resnet18`` elsewhere).
     method: a name of ``methods.METHODS``.
     method_args: keyword arguments overriding the method's defaults.
     epochs, batch_size: run length and batch size.
@@ -164,7 +166,11 @@ class Config:
       and crops do not preserve digits' meaning at 8x8).
     padding, cutout: crop padding and cutout size for TFDS data.
     image_size: model input size for TFDS data (None: the dataset's).
-    data_dir: TFDS data directory (None: TFDS's default).
+    data_dir: TFDS data directory (None: TFDS's default); for
+      Fashion-MNIST the directory of its IDX files (None: Debian's
+      ``/usr/share/datasets/fashion-mnist``) or of a prepared TFDS copy.
+    train_size: Fashion-MNIST only: train on a fixed class-balanced subset
+      of this many images (None: all 60,000).
     workers: grain worker processes (0: threads only).
     model_args: keyword arguments of the model constructor.
     perturbation: on several devices, ``per-device`` (m-sharpness: each
@@ -202,6 +208,7 @@ class Config:
   cutout: int = 0
   image_size: Optional[int] = None
   data_dir: Optional[str] = None
+  train_size: Optional[int] = None
   workers: int = 0
   model_args: dict = dataclasses.field(default_factory=dict)
   perturbation: str = parallel.DEFAULT_PERTURBATION
@@ -239,6 +246,10 @@ class Config:
     for name in RANGES:
       if getattr(self, name) is not None:
         check_range(name, getattr(self, name))
+    if self.train_size is not None and self.dataset != "fashion_mnist":
+      raise ValueError(
+          f"train_size is for fashion_mnist only, got it for "
+          f"{self.dataset!r}")
 
   @property
   def noise(self) -> float:
@@ -312,7 +323,13 @@ def add_base_arguments(p: argparse.ArgumentParser) -> None:
   add_number(p, "cutout", default=d.cutout,
              help="cutout square side (0: none; 16 on CIFAR)")
   add_number(p, "image_size", default=None)
-  p.add_argument("--data-dir", default=None, help="TFDS data directory")
+  p.add_argument("--data-dir", default=None,
+                 help="TFDS data directory; Fashion-MNIST's IDX files "
+                 "(default /usr/share/datasets/fashion-mnist, Debian's "
+                 "dataset-fashion-mnist) or a prepared TFDS copy")
+  add_number(p, "train_size", default=None,
+             help="Fashion-MNIST: a fixed class-balanced subset of the "
+             "training images (default: all)")
   add_number(p, "workers", default=0,
              help="grain worker processes (0: threads)")
   p.add_argument("--model-arg", action="append", default=[],
@@ -348,6 +365,7 @@ def config_from_args(args, **extra) -> Config:
       cutout=args.cutout,
       image_size=args.image_size,
       data_dir=args.data_dir,
+      train_size=args.train_size,
       workers=args.workers,
       model_args=parse_method_args(args.model_arg),
       perturbation=args.perturbation,

@@ -16,6 +16,14 @@ memory, :class:`TfdsDataset` for streamed data):
   nothing is downloaded. A different kind of data from the digits: a
   sequence, where the published MLP reaches about 68% and a CNN about 94%.
   No label noise by default (the benchmark as published).
+* ``fashion_mnist`` (no download at run time): Fashion-MNIST (Xiao, Rasul &
+  Vollgraf 2017, arXiv 1708.07747), 60,000 + 10,000 28x28 grey images of
+  clothing in 10 classes, read from the original IDX files that Debian's
+  package ``dataset-fashion-mnist`` installs under
+  ``/usr/share/datasets/fashion-mnist/`` (``data_dir`` elsewhere), or from a
+  prepared TFDS ``fashion_mnist`` in ``data_dir``. ``train_size`` takes a
+  fixed class-balanced subset of the training images (the same for every
+  seed); the test set is always the whole 10,000.
 * ``cifar10``, ``cifar100``, ``oxford_flowers102`` through
   ``tfds.data_source`` (array_record files, random access, no TensorFlow)
   and a `grain <https://github.com/google/grain>`_ pipeline: per-epoch
@@ -59,12 +67,13 @@ TFDS_DATASETS = {
 
 #: The datasets generated or shipped by an installed package: nothing is
 #: downloaded, the whole set lives in memory.
-OFFLINE_DATASETS = ("digits", "mnist1d")
+OFFLINE_DATASETS = ("digits", "mnist1d", "fashion_mnist")
 
 #: Each offline dataset's model (``models.MODELS``) and default label noise.
 OFFLINE_DEFAULTS = {
     "digits": dict(model="digits_cnn", label_noise=0.3),
     "mnist1d": dict(model="mnist1d_mlp", label_noise=0.0),
+    "fashion_mnist": dict(model="fashion_resnet", label_noise=0.0),
 }
 
 DATASETS = OFFLINE_DATASETS + tuple(TFDS_DATASETS)
@@ -247,6 +256,206 @@ def _mnist1d_split():
     random.setstate(py_state)
   out = (raw["x"].astype(np.float32), raw["y"].astype(np.int32),
          raw["x_test"].astype(np.float32), raw["y_test"].astype(np.int32))
+  for a in out:
+    a.setflags(write=False)  # shared by every call
+  return out
+
+
+# --------------------------------------------------------------------------
+# Fashion-MNIST from the original IDX files.
+# --------------------------------------------------------------------------
+
+#: Where Debian's ``dataset-fashion-mnist`` installs the IDX files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+#: The four files of the original distribution (gzipped or not).
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+#: (examples, rows, cols) of each split, as published.
+FASHION_MNIST_SHAPES = {"train": (60000, 28, 28), "test": (10000, 28, 28)}
+
+
+class DataFilesError(FileNotFoundError):
+  """A dataset's files are missing; the message says how to get them."""
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+  """An IDX file of unsigned bytes (gzipped when ``path`` ends in ``.gz``).
+
+  The format (LeCun et al.'s MNIST page): a big-endian magic number
+  ``0x0000 08 ndim`` (``08``: unsigned byte), ``ndim`` big-endian uint32
+  dimensions, then the data. Raises ``ValueError`` naming the file when the
+  magic number, the number of dimensions or the data length is not what
+  they say.
+  """
+  import gzip  # pylint: disable=g-import-not-at-top
+
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    raw = f.read()
+  if len(raw) < 4 + 4 * ndim:
+    raise ValueError(f"{path}: {len(raw)} bytes, too short for an IDX file")
+  magic = int.from_bytes(raw[:4], "big")
+  if magic != 0x0800 + ndim:
+    raise ValueError(
+        f"{path}: IDX magic number {magic:#010x}, expected {0x0800 + ndim:#010x}"
+        f" (unsigned bytes, {ndim} dimensions)"
+    )
+  dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big")
+               for i in range(ndim))
+  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+  if data.size != int(np.prod(dims)):
+    raise ValueError(
+        f"{path}: the header says {dims} ({int(np.prod(dims))} bytes of "
+        f"data), the file holds {data.size}"
+    )
+  return data.reshape(dims)
+
+
+def _find_idx(data_dir: str, stem: str) -> Optional[str]:
+  import os  # pylint: disable=g-import-not-at-top
+
+  for name in (stem + ".gz", stem):
+    path = os.path.join(data_dir, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def missing_fashion_message(data_dir: str, missing: list[str]) -> str:
+  return (
+      f"Fashion-MNIST: {', '.join(missing)} not found in {data_dir}. Install "
+      "the original IDX files with Debian's package: `apt-get install -y "
+      "dataset-fashion-mnist` (they go to "
+      f"{FASHION_MNIST_DIR}), or put the four files (gzipped or not) in a "
+      "directory and pass --data-dir DIR; or prepare TFDS's fashion_mnist in "
+      "a directory (`tfds build fashion_mnist --data_dir DIR "
+      "--file_format=array_record` on a machine with network access) and "
+      "pass --data-dir DIR."
+  )
+
+
+def _fashion_from_idx(data_dir: str):
+  paths = {k: _find_idx(data_dir, v) for k, v in FASHION_MNIST_FILES.items()}
+  missing = [FASHION_MNIST_FILES[k] + "[.gz]" for k, v in paths.items()
+             if v is None]
+  if missing:
+    return None, missing
+  out = {k: read_idx(v, 3 if k.endswith("images") else 1)
+         for k, v in paths.items()}
+  for split in ("train", "test"):
+    images, labels = out[f"{split}_images"], out[f"{split}_labels"]
+    if images.shape[1:] != FASHION_MNIST_SHAPES[split][1:]:
+      raise ValueError(
+          f"{paths[split + '_images']}: images of shape {images.shape[1:]}, "
+          f"Fashion-MNIST's are {FASHION_MNIST_SHAPES[split][1:]}"
+      )
+    if labels.shape[0] != images.shape[0]:
+      raise ValueError(
+          f"{paths[split + '_labels']}: {labels.shape[0]} labels for "
+          f"{images.shape[0]} images in {paths[split + '_images']}"
+      )
+    if labels.size and int(labels.max()) > 9:
+      raise ValueError(
+          f"{paths[split + '_labels']}: label {int(labels.max())}, "
+          "Fashion-MNIST's are 0..9"
+      )
+  return (out["train_images"], out["train_labels"], out["test_images"],
+          out["test_labels"]), []
+
+
+def _fashion_from_tfds(data_dir: str):
+  """The splits from a prepared TFDS ``fashion_mnist`` in ``data_dir``, or
+  None when there is none (or TFDS is not installed)."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  try:
+    train = tfds.data_source("fashion_mnist", split="train",
+                             data_dir=data_dir)
+    test = tfds.data_source("fashion_mnist", split="test", data_dir=data_dir)
+  except Exception:  # pylint: disable=broad-except
+    return None  # not prepared there
+  def arrays(source):
+    records = [source[i] for i in range(len(source))]
+    images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+    labels = np.asarray([int(r["label"]) for r in records], np.uint8)
+    return images.reshape(images.shape[0], 28, 28), labels
+  return arrays(train) + arrays(test)
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_raw(data_dir: str):
+  split, missing = _fashion_from_idx(data_dir)
+  if split is None:
+    split = _fashion_from_tfds(data_dir)
+  if split is None:
+    raise DataFilesError(missing_fashion_message(data_dir, missing))
+  return split
+
+
+def balanced_subset(labels: np.ndarray, size: int, num_classes: int,
+                    seed: int = 0) -> np.ndarray:
+  """Sorted indices of ``size`` examples, ``size // num_classes`` of each
+  class (the remainder to the first classes), drawn with ``seed``."""
+  labels = np.asarray(labels)
+  if not 1 <= size <= labels.shape[0]:
+    raise ValueError(
+        f"train_size must be in [1, {labels.shape[0]}], got {size}")
+  rng = np.random.default_rng(np.random.SeedSequence([seed, 0xFA5]))
+  per = [size // num_classes + (c < size % num_classes)
+         for c in range(num_classes)]
+  idx = []
+  for c in range(num_classes):
+    members = np.flatnonzero(labels == c)
+    if per[c] > members.size:
+      raise ValueError(
+          f"train_size {size}: class {c} has only {members.size} examples")
+    idx.append(rng.permutation(members)[: per[c]])
+  return np.sort(np.concatenate(idx))
+
+
+FASHION_SUBSET_SEED = 0  # the fixed training subset; never the run's seed.
+
+
+def load_fashion_mnist(label_noise: float = 0.0, seed: int = 0, *,
+                       data_dir: Optional[str] = None,
+                       train_size: Optional[int] = None) -> ArrayDataset:
+  """Fashion-MNIST from its IDX files (or a prepared TFDS copy).
+
+  Images are 28x28x1 float32, scaled to [0, 1] and standardised with the
+  (sub)set's training mean and std. ``train_size``: a fixed class-balanced
+  subset of the 60,000 training images (the same for every ``seed``; None:
+  all); the test set is the whole 10,000. ``seed`` only picks which training
+  labels ``label_noise`` corrupts. Missing files: :class:`DataFilesError`
+  naming the apt package and the TFDS route.
+
+  Example (needs ``dataset-fashion-mnist`` installed):
+    >>> ds = load_fashion_mnist(train_size=1000)  # doctest: +SKIP
+    >>> ds.train_images.shape, ds.test_images.shape  # doctest: +SKIP
+    ((1000, 28, 28, 1), (10000, 28, 28, 1))
+  """
+  return _with_label_noise(
+      "fashion_mnist",
+      _fashion_split(data_dir or FASHION_MNIST_DIR, train_size),
+      label_noise, seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_split(data_dir: str, train_size: Optional[int]):
+  x_train, y_train, x_test, y_test = _fashion_raw(data_dir)
+  if train_size is not None and train_size != x_train.shape[0]:
+    keep = balanced_subset(y_train, train_size, 10, FASHION_SUBSET_SEED)
+    x_train, y_train = x_train[keep], y_train[keep]
+  x_train = x_train.astype(np.float32)[..., None] / 255.0
+  x_test = x_test.astype(np.float32)[..., None] / 255.0
+  mean, std = float(x_train.mean()), float(x_train.std())
+  out = ((x_train - mean) / std, y_train.astype(np.int32),
+         (x_test - mean) / std, y_test.astype(np.int32))
   for a in out:
     a.setflags(write=False)  # shared by every call
   return out
@@ -483,9 +692,17 @@ def load(
     seed: int = 0,
     data_dir: Optional[str] = None,
     image_size: Optional[int] = None,
+    train_size: Optional[int] = None,
 ):
-  """:func:`load_digits` or :func:`load_mnist1d` for the offline datasets,
-  else :func:`load_tfds`."""
+  """:func:`load_digits`, :func:`load_mnist1d` or :func:`load_fashion_mnist`
+  for the offline datasets, else :func:`load_tfds`. ``train_size`` (a fixed
+  subset of the training set) is Fashion-MNIST's only."""
+  if train_size is not None and name != "fashion_mnist":
+    raise ValueError(
+        f"train_size is for fashion_mnist only, got it for {name!r}")
+  if name == "fashion_mnist":
+    return load_fashion_mnist(label_noise, seed, data_dir=data_dir,
+                              train_size=train_size)
   if name == "digits":
     return load_digits(label_noise=label_noise, seed=seed)
   if name == "mnist1d":

@@ -10,9 +10,10 @@ line per method: median epoch time of each mode (the first, compiling,
 epoch left out), their sums, final test accuracy of each, the largest
 parameter difference, the planner's reads, the planned programs, compile
 times. ``name:key=value`` overrides method arguments (``compare``'s
-``--methods`` syntax). The run below was
-measured on the project's shared 2-core CPU; its output is
-``experiments/results/digits_planned.jsonl``.
+``--methods`` syntax). The lines also go to ``--out`` (default
+``runs/digits_planned.jsonl``). The committed run, measured on the
+project's shared 2-core CPU, is ``experiments/results/digits_planned.jsonl``
+(replaced only with ``--out`` there and ``--overwrite``).
 """
 
 from experiments import xla_env  # first: XLA reads its flags when jax starts
@@ -20,6 +21,7 @@ xla_env.pin_if_command(__name__)
 
 import argparse
 import json
+import os
 import sys
 
 import jax
@@ -28,6 +30,7 @@ import numpy as np
 import sam_optax
 from experiments import compare
 from experiments import methods as methods_lib
+from experiments import outputs
 from experiments.config import Config
 from experiments.trainer import Trainer
 
@@ -38,7 +41,15 @@ def main(argv):
       description="Planned against unplanned training on the digits.")
   p.add_argument("methods", help="comma-separated, compare's --methods "
                  "syntax, e.g. sam,looksam:k=2,vsam")
+  p.add_argument("--out", default="runs/digits_planned.jsonl",
+                 help="where the JSON lines go (default "
+                 "runs/digits_planned.jsonl)")
+  outputs.add_arguments(p)
   args = p.parse_args(argv)
+  try:
+    outputs.check_output(args.out, args.overwrite)
+  except outputs.OverwriteError as e:
+    p.error(str(e))
   try:
     specs = compare.parse_methods(args.methods)
     for method, margs in specs:  # the method's own checks, before training
@@ -70,6 +81,9 @@ def main(argv):
     r["ratio"] = r["planned_epoch_ms"] / r["scan_epoch_ms"]
     print(json.dumps(r), flush=True)
     out.append(r)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in out)
   return out
 
 

@@ -1,7 +1,8 @@
 """The layer-wise SAM study: which rule delivers GNP's accuracy at SGD's cost.
 
-    python -m experiments.layerwise_study            # 5 seeds, two settings
+    python -m experiments.layerwise_study            # into runs/layerwise
     python -m experiments.layerwise_study --seeds 2 --epochs 5 --out /tmp/lw
+    python -m experiments.layerwise_study --out experiments/results/layerwise --overwrite
 
 Every variant of :func:`sam_optax.layerwise_sam` in its own row, beside
 SGD, SAM and GNP at the same radius (rho 0.1; GNP and layer-wise alpha 0.8),
@@ -29,7 +30,10 @@ re-selection.
 
 It writes ``OUT/<setting>/`` (``experiments.compare``'s files per setting)
 and ``OUT/results.md`` / ``OUT/study.png``: accuracy (mean ± standard error
-over seeds) and time relative to SGD per variant and setting.
+over seeds) and time relative to SGD per variant and setting. ``OUT`` is
+``runs/layerwise`` by default; the committed study
+(``experiments/results/layerwise``) is replaced only with ``--out`` there
+and ``--overwrite`` (:mod:`experiments.outputs`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import numpy as np
 from experiments import compare
 from experiments import config as config_lib
 from experiments import methods as methods_lib
+from experiments import outputs
 
 RHO = 0.1
 
@@ -98,14 +103,22 @@ SETTINGS = {
         reuse=False, skip=()),
 }
 DEFAULT_SETTINGS = ("digits", "mnist1d", "mnist1d_noise30")
+#: The committed comparison whose rows the study may read (the long regime:
+#: the digits with 30% label noise, 60 epochs).
+COMMITTED = "experiments/results/{dataset}/long"
+#: The study's default output directory; the committed copy is
+#: ``experiments/results/layerwise``.
+DEFAULT_OUT = "runs/layerwise"
 
 
 def _committed(setting: dict):
   """The committed comparison's plan for the setting's dataset, if its base
   settings are the setting's (else None)."""
   dataset = setting["flags"][setting["flags"].index("--dataset") + 1]
-  (ref,) = compare.plans(["--committed", "--dataset", dataset])
-  (own,) = compare.plans(setting["flags"])
+  (ref,) = compare.plans(["--committed", "--dataset", dataset, "--regime",
+                          "long", "--out", COMMITTED.format(dataset=dataset),
+                          "--overwrite"])
+  (own,) = compare.plans(setting["flags"] + ["--out", "runs/layerwise"])
   same = (config_lib.config_from_args(ref.args).to_dict()
           == config_lib.config_from_args(own.args).to_dict())
   return ref if same else None
@@ -300,7 +313,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="default: each setting's (digits 5, MNIST-1D 10)")
   config_lib.add_number(p, "epochs", default=None,
                         help="default: the compare protocol's (60)")
-  p.add_argument("--out", default="experiments/results/layerwise")
+  p.add_argument("--out", default=DEFAULT_OUT,
+                 help="output directory (default runs/layerwise; the "
+                 "committed study is experiments/results/layerwise, "
+                 "replaced only with --overwrite)")
+  outputs.add_arguments(p)
   p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                  help=f"comma-separated, of {list(SETTINGS)}")
   p.add_argument("--no-reuse", action="store_true",
@@ -311,9 +328,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
   unknown = [n for n in names if n not in SETTINGS]
   if unknown:
     p.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
+  # Before any training: the study writes OUT/<setting>/ and OUT's own
+  # files; committed ones are replaced only with --overwrite.
+  try:
+    outputs.check_output(
+        [os.path.join(args.out, n) for n in names]
+        + [os.path.join(args.out, f) for f in ("results.md", "study.json",
+                                               "study.png")],
+        args.overwrite)
+  except outputs.OverwriteError as e:
+    p.error(str(e))
+  if args.overwrite:
+    rest = rest + ["--overwrite"]
   # Reading committed rows needs the committed settings: any other flag
   # (epochs, seeds beyond them, ...) runs every row.
-  reuse = not (args.no_reuse or args.epochs is not None or rest)
+  reuse = not (args.no_reuse or args.epochs is not None or rest
+               and rest != ["--overwrite"])
   for name in names:
     setting = SETTINGS[name]
     run, _ = _split(setting, reuse)

@@ -11,6 +11,8 @@ paired differences against SGD.
 * :func:`rho_grids`: one panel per method run at several rhos.
 * :func:`paired_forest`: each method's paired difference against SGD with
   its 95% interval, one row per method, one panel per dataset.
+* :func:`train_loss_curves`: the training loss per epoch (mean over seeds)
+  of SGD, SAM and LookSAM's rows: how fast each fits its training set.
 
 The accuracy axes are set by the rows that trained: a row more than
 :data:`OFF_SCALE` points below the median of the drawn rows (a diverged
@@ -217,17 +219,20 @@ def rho_grids(rows: Sequence[dict], path: str, title: str = "") -> bool:
 
 
 def _forest_rows(rows) -> list[dict]:
-  """One row per method (its defaults), and the best SAM row when that is a
-  grid row."""
+  """One row per method (its defaults), each followed by that method's best
+  row when that is a grid row (the best SAM row among them): the
+  default-vs-best-SGD and the best-vs-best comparisons."""
   ok = [r for r in _ok(rows) if r.get("vs_sgd")
         and r["vs_sgd"].get("mean") is not None]
-  out = [r for r in ok if r["label"] == r["method"]]
-  sams = [r for r in _ok(rows) if r["method"] == "sam"]
-  if sams:
-    best = max(sams, key=lambda r: r["acc_mean"])
-    if best["label"] != "sam" and best in ok:
-      out.insert(1 + next((i for i, r in enumerate(out)
-                           if r["label"] == "sam"), 0), best)
+  out = []
+  for r in ok:
+    if r["label"] != r["method"]:
+      continue
+    out.append(r)
+    mine = [x for x in _ok(rows) if x["method"] == r["method"]]
+    best = max(mine, key=lambda x: x["acc_mean"])
+    if best is not r and best in ok:
+      out.append(best)
   return out
 
 
@@ -271,10 +276,58 @@ def paired_forest(rows_by_dataset: dict[str, Sequence[dict]], path: str,
     ax.set_yticklabels(labels, fontsize=9)
     n = max(r["vs_sgd"]["n"] for r in rows)
     ax.set_title(f"{name}: {n} paired seeds", fontsize=10)
-    ax.set_xlabel("accuracy minus SGD's on the same seed (points), 95% CI")
+    ax.set_xlabel("accuracy minus the best SGD row's on the same seed "
+                  "(points), 95% CI")
     ax.grid(alpha=0.3, axis="x")
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+#: The methods whose training-loss curves :func:`train_loss_curves` draws.
+CURVE_METHODS = ("sgd", "sam", "looksam")
+
+
+def train_loss_curves(rows: Sequence[dict], runs: Sequence[dict], path: str,
+                      title: str = "", methods=CURVE_METHODS) -> bool:
+  """The training loss per epoch, mean over seeds (log scale), of every row
+  of ``methods`` (SGD's and SAM's grids and LookSAM's alpha/k rows
+  included). Returns False (nothing drawn) without a LookSAM row or without
+  per-epoch histories."""
+  chosen = [r for r in _ok(rows) if r["method"] in methods]
+  if not any(r["method"] == "looksam" for r in chosen):
+    return False
+  curves = {}
+  for r in chosen:
+    hs = [run["history"] for run in runs
+          if run["label"] == r["label"] and "history" in run]
+    if not hs or min(len(h) for h in hs) < 2:
+      continue
+    n = min(len(h) for h in hs)
+    curves[r["label"]] = np.mean(
+        [[h[i]["train_loss"] for i in range(n)] for h in hs], axis=0)
+  if not curves:
+    return False
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(8, 5))
+  styles = {"sgd": ":", "sam": "--", "looksam": "-"}
+  for lab, y in curves.items():
+    method = lab.split(" ")[0]
+    ax.plot(np.arange(1, len(y) + 1), y, styles.get(method, "-"),
+            label=lab, lw=1.6)
+  ax.set_yscale("log")
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("training loss (mean over the epoch and the seeds)")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8, ncol=2)
+  if title:
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True

@@ -55,6 +55,7 @@ import jax
 
 from experiments import checkpoints
 from experiments import methods as methods_lib
+from experiments import outputs
 from experiments import parallel
 from experiments.config import add_base_arguments
 from experiments.config import add_number
@@ -86,7 +87,9 @@ def parser() -> argparse.ArgumentParser:
                  metavar="KEY=VALUE",
                  help="any other method keyword, e.g. --method-arg k=5")
   add_number(p, "seed", default=0)
-  p.add_argument("--out", default=None, help="results/checkpoint directory")
+  p.add_argument("--out", default=None, help="results/checkpoint directory "
+                 "(default: none, nothing written)")
+  outputs.add_arguments(p)
   p.add_argument("--resume", action="store_true",
                  help="continue from the latest checkpoint in --out (the "
                  "same settings; only --data-dir, --workers, --eval-every, "
@@ -116,6 +119,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
   args = p.parse_args(argv)
   if args.resume and args.out is None:
     p.error("--resume needs --out")
+  if args.out is not None:
+    try:  # committed results are replaced only on purpose
+      outputs.check_output(args.out, args.overwrite)
+    except outputs.OverwriteError as e:
+      p.error(str(e))
   if (args.process_id is not None and args.num_processes is not None
       and args.process_id >= args.num_processes):
     p.error(f"--process-id {args.process_id} must be < --num-processes "

@@ -744,6 +744,7 @@ def _summary(history: list[dict], trainer: Trainer, state: TrainState) -> dict:
       "train_s": float(sum(h["epoch_s"] for h in history)),
       "train_cpu_s": float(sum(h.get("epoch_cpu_s", 0.0) for h in history)),
       "compile_s": trainer.compile_s,
+      "compile_cpu_s": trainer.compile_cpu_s,
       "steps": last["steps"],
       "grad_evals": last["grad_evals"],
       "second_grads_per_step": last["grad_evals"] / last["steps"],
@@ -760,6 +761,7 @@ def _load(cfg: Config, seed: int):
       seed=seed,
       data_dir=cfg.data_dir,
       image_size=cfg.image_size,
+      train_size=cfg.train_size,
   )
 
 

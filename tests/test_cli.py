@@ -441,3 +441,96 @@ def test_a_damaged_checkpoint_in_the_real_command(finished, tmp_path):
   assert (f"error: cannot read the run record of checkpoint "
           f"{os.path.join(out, 'checkpoints', '1')}") in proc.stderr
   assert "(or point --out elsewhere) to start again" in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# Committed results: no command writes over them unless --overwrite.
+# --------------------------------------------------------------------------
+
+
+def _committed_files():
+  results = os.path.join(ROOT, "experiments", "results")
+  return {f: (os.path.getmtime(f), os.path.getsize(f))
+          for f in glob.glob(os.path.join(results, "**"), recursive=True)
+          if os.path.isfile(f)}
+
+
+def test_every_command_refuses_to_overwrite_committed_results(capsys):
+  # Each command pointed at a committed result (a one-epoch trial once
+  # replaced the complete committed digits study within a minute) exits
+  # with a usage error naming --overwrite, before any training, and every
+  # committed file is left as it was.
+  from experiments import digits_planned  # pylint: disable=g-import-not-at-top
+  from experiments import layerwise_study  # pylint: disable=g-import-not-at-top
+
+  results = os.path.join(ROOT, "experiments", "results")
+  before = _committed_files()
+  assert before, "no committed results to protect?"
+  cases = [
+      (compare.plans, ["--committed", "--dataset", "digits", "--regime",
+                       "long", "--out", os.path.join(results, "digits")]),
+      (compare.plans, ["--dataset", "mnist1d", "--epochs", "1", "--out",
+                       os.path.join(results, "mnist1d")]),
+      (compare.plans, ["--out", results]),  # datasets' subdirectories
+      (compare.plans, ["--long", "--out",
+                       os.path.join(results, "digits_long")]),
+      (layerwise_study.main, ["--seeds", "1", "--epochs", "1", "--out",
+                              os.path.join(results, "layerwise")]),
+      (train.main, TINY + ["--epochs", "1", "--out",
+                           os.path.join(results, "mnist1d")]),
+      (digits_planned.main, ["sam", "--out", os.path.join(
+          results, "digits_planned.jsonl")]),
+  ]
+  for main, argv in cases:
+    code, err = _exit(capsys, argv, main=main)
+    assert code == 2 and "holds committed results" in err, (argv, err)
+    assert "pass --overwrite to replace them on purpose" in err
+    assert "Traceback" not in err
+  assert _committed_files() == before
+  # With --overwrite the same plans are accepted (nothing is written here).
+  (plan,) = compare.plans(["--dataset", "mnist1d", "--out",
+                           os.path.join(results, "mnist1d"), "--overwrite"])
+  assert plan.out == os.path.join(results, "mnist1d")
+
+
+def test_commands_write_under_runs_by_default():
+  from experiments import digits_planned  # pylint: disable=g-import-not-at-top
+  from experiments import layerwise_study  # pylint: disable=g-import-not-at-top
+  from experiments import outputs  # pylint: disable=g-import-not-at-top
+
+  for argv in ([], ["--committed"], ["--long"], ["--full"],
+               ["--dataset", "cifar10"], ["--dataset", "fashion_mnist"]):
+    for plan in compare.plans(argv):
+      assert plan.out.startswith("runs/"), (argv, plan.out)
+      assert not outputs.is_committed_area(plan.out)
+  assert layerwise_study.DEFAULT_OUT == "runs/layerwise"
+  p = train.parser()
+  assert p.parse_args([]).out is None  # train writes nothing unless asked
+  import inspect  # pylint: disable=g-import-not-at-top
+
+  assert '"runs/digits_planned.jsonl"' in inspect.getsource(
+      digits_planned.main)
+
+
+def test_check_output_rule(tmp_path, monkeypatch):
+  from experiments import outputs  # pylint: disable=g-import-not-at-top
+
+  results = tmp_path / "results"
+  (results / "a").mkdir(parents=True)
+  (results / "a" / "results.json").write_text("{}")
+  (results / "empty").mkdir()
+  monkeypatch.setattr(outputs, "RESULTS_DIR", str(results))
+  link = tmp_path / "link"
+  link.symlink_to(results / "a")
+  for path in (results / "a", results / "a" / "results.json", results,
+               link, tmp_path / "x" / ".." / "results" / "a"):
+    with pytest.raises(outputs.OverwriteError, match="results.json"):
+      outputs.check_output(str(path), overwrite=False)
+    outputs.check_output(str(path), overwrite=True)
+  # Allowed: a new or empty directory there, anything elsewhere.
+  for path in (results / "new", results / "empty", tmp_path / "runs" / "a",
+               tmp_path):
+    outputs.check_output(str(path), overwrite=False)
+  # Several paths: refused if any is.
+  with pytest.raises(outputs.OverwriteError):
+    outputs.check_output([str(results / "new"), str(results / "a")], False)

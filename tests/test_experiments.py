@@ -73,6 +73,196 @@ def compare_run(request, tmp_path_factory):
 # --------------------------------------------------------------------------
 
 
+def _write_idx(path, array, magic=None):
+  """An IDX file of unsigned bytes as LeCun's MNIST page describes it
+  (gzipped when ``path`` ends in .gz), written independently of the
+  loader."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+
+  array = np.asarray(array, np.uint8)
+  head = struct.pack(">I", magic if magic is not None else 0x800 + array.ndim)
+  head += struct.pack(f">{array.ndim}I", *array.shape)
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "wb") as f:
+    f.write(head + array.tobytes())
+
+
+def _mock_fashion(folder, n_train=60, n_test=20, seed=0):
+  """Fashion-MNIST's four files with random 28x28 images, ``n_train /
+  10`` of each class (the test files uncompressed, as a user might have
+  them)."""
+  rng = np.random.default_rng(seed)
+  folder.mkdir(parents=True, exist_ok=True)
+  raw = {
+      "train_images": rng.integers(0, 256, (n_train, 28, 28)),
+      "train_labels": rng.permutation(np.arange(n_train) % 10),
+      "test_images": rng.integers(0, 256, (n_test, 28, 28)),
+      "test_labels": np.arange(n_test) % 10,
+  }
+  for key, stem in data.FASHION_MNIST_FILES.items():
+    name = stem + (".gz" if key.startswith("train") else "")
+    _write_idx(folder / name, raw[key])
+  return {k: np.asarray(v, np.uint8) for k, v in raw.items()}
+
+
+def test_fashion_mnist_is_read_from_its_idx_files(tmp_path):
+  raw = _mock_fashion(tmp_path / "fm")
+  ds = data.load_fashion_mnist(data_dir=str(tmp_path / "fm"))
+  assert ds.name == "fashion_mnist" and ds.num_classes == 10
+  assert ds.train_images.shape == (60, 28, 28, 1)
+  assert ds.test_images.shape == (20, 28, 28, 1)
+  # Pixels scaled to [0, 1], standardised with the training set's mean and
+  # std, the same affine map on the test set.
+  x = raw["train_images"].astype(np.float64) / 255.0
+  mean, std = x.mean(), x.std()
+  np.testing.assert_allclose(ds.train_images[..., 0], (x - mean) / std,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      ds.test_images[..., 0],
+      (raw["test_images"] / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(ds.train_labels, raw["train_labels"])
+  np.testing.assert_array_equal(ds.test_labels, raw["test_labels"])
+  # A fixed class-balanced subset, the same for every seed; the seed only
+  # picks the noisy labels (exactly round(noise * n), none in the test set).
+  a = data.load_fashion_mnist(0.25, seed=1, data_dir=str(tmp_path / "fm"),
+                              train_size=20)
+  b = data.load_fashion_mnist(0.25, seed=2, data_dir=str(tmp_path / "fm"),
+                              train_size=20)
+  np.testing.assert_array_equal(a.train_images, b.train_images)
+  np.testing.assert_array_equal(a.train_clean_labels, b.train_clean_labels)
+  assert np.bincount(a.train_clean_labels, minlength=10).tolist() == [2] * 10
+  assert (a.train_labels != a.train_clean_labels).sum() == 5
+  assert not np.array_equal(a.train_labels, b.train_labels)
+  # Every subset image is one of the training images, with its label.
+  rows = {raw["train_images"][i].tobytes(): raw["train_labels"][i]
+          for i in range(60)}
+  x20 = raw["train_images"][data.balanced_subset(raw["train_labels"], 20,
+                                                 10)]
+  assert sorted(rows[im.tobytes()] for im in x20) == sorted(
+      a.train_clean_labels.tolist())
+  # Through the common entry point and the config (Fashion-MNIST only).
+  got = data.load("fashion_mnist", data_dir=str(tmp_path / "fm"),
+                  train_size=30)
+  assert got.num_train == 30
+  with pytest.raises(ValueError, match="train_size is for fashion_mnist"):
+    data.load("digits", train_size=30)
+  with pytest.raises(ValueError, match="train_size is for fashion_mnist"):
+    config.Config(dataset="digits", train_size=30)
+  with pytest.raises(ValueError, match=r"train_size must be in \[1, 60\]"):
+    data.load_fashion_mnist(data_dir=str(tmp_path / "fm"), train_size=61)
+
+
+def test_fashion_mnist_missing_or_damaged_files_are_clear_errors(tmp_path):
+  empty = tmp_path / "none"
+  empty.mkdir()
+  with pytest.raises(data.DataFilesError) as e:
+    data.load_fashion_mnist(data_dir=str(empty))
+  msg = str(e.value)
+  assert "apt-get install -y dataset-fashion-mnist" in msg
+  assert "tfds build fashion_mnist" in msg and "--data-dir" in msg
+  assert "train-images-idx3-ubyte[.gz]" in msg and str(empty) in msg
+  # A wrong magic number, a short file, images of another size.
+  _mock_fashion(tmp_path / "magic")
+  _write_idx(tmp_path / "magic" / "t10k-labels-idx1-ubyte",
+             np.zeros(20), magic=0x803)
+  with pytest.raises(ValueError, match="magic number 0x00000803, expected "
+                     "0x00000801"):
+    data.load_fashion_mnist(data_dir=str(tmp_path / "magic"))
+  _mock_fashion(tmp_path / "short")
+  path = tmp_path / "short" / "t10k-labels-idx1-ubyte"
+  path.write_bytes(path.read_bytes()[:-3])
+  with pytest.raises(ValueError, match=r"the header says \(20,\)"):
+    data.load_fashion_mnist(data_dir=str(tmp_path / "short"))
+  (tmp_path / "size").mkdir()
+  for key, stem in data.FASHION_MNIST_FILES.items():
+    shape = (10, 8, 8) if key.endswith("images") else (10,)
+    _write_idx(tmp_path / "size" / stem, np.zeros(shape))
+  with pytest.raises(ValueError, match=r"images of shape \(8, 8\), "
+                     r"Fashion-MNIST's are \(28, 28\)"):
+    data.load_fashion_mnist(data_dir=str(tmp_path / "size"))
+
+
+def test_fashion_resnet_layout():
+  # Residual stages with BatchNorm; the stem halves the side, each later
+  # stage halves it again; the head is a small share of the weights.
+  model = models.create("fashion_resnet", 10)
+  # Jitted, with an rbg key (XLA:CPU compiles threefry's initialisers
+  # several times slower), as the trainer does.
+  params, stats = jax.jit(lambda k: models.init(model, k, (28, 28, 1)))(
+      jax.random.key(0, impl="rbg"))
+  assert set(params) == {"stem", "stem_bn", "stage1", "stage2", "stage3",
+                         "head"}
+  assert {"conv1", "bn1", "conv2", "bn2"} <= set(params["stage1"])
+  assert {"proj", "proj_bn"} <= set(params["stage2"])
+  assert jax.tree.leaves(stats)
+  assert models.num_params(params) == 19810
+  assert models.num_params(params["head"]) == 330
+  x = jnp.ones((3, 28, 28, 1))
+  assert jax.eval_shape(
+      lambda p, s: model.apply({"params": p, "batch_stats": s}, x,
+                               train=False), params, stats).shape == (3, 10)
+  # A strided PatchConv is the stride-1 convolution at rows/cols 0, 2, ...
+  conv = models.PatchConv(5, strides=2)
+  x = jax.random.normal(jax.random.key(1), (2, 7, 7, 3))
+  v = jax.jit(conv.init)(jax.random.key(2, impl="rbg"), x)
+
+  @jax.jit
+  def both(v, x):
+    ref = jax.lax.conv_general_dilated(
+        x, v["params"]["kernel"], (2, 2), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + v["params"]["bias"]
+    return conv.apply(v, x), models.PatchConv(5).apply(v, x), ref
+
+  strided, full, ref = both(v, x)
+  np.testing.assert_allclose(strided, full[:, ::2, ::2], rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(strided, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_compare_on_mock_fashion_mnist_tuned_sgd_is_the_reference(tmp_path):
+  # The whole command on mock Fashion-MNIST files: an SGD learning-rate
+  # grid, the best SGD row the reference of every paired difference,
+  # training accuracy in the table, LookSAM's loss curves drawn.
+  _mock_fashion(tmp_path / "fm", n_train=60, n_test=20)
+  out = str(tmp_path / "out")
+  (result,) = compare.main([
+      "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "fm"),
+      "--train-size", "48", "--epochs", "2", "--seeds", "2",
+      "--batch-size", "16",
+      "--methods", "sgd,sgd:lr=0.5,looksam:k=2",
+      "--model-arg", "widths=(4,)", "--model-arg", "stem=4",
+      "--out", out, "--no-progress"])
+  saved = json.load(open(os.path.join(out, "results.json")))
+  assert saved["base_config"]["dataset"] == "fashion_mnist"
+  assert saved["base_config"]["model"] == "fashion_resnet"
+  assert saved["xla"]["xla_flags"] is not None and saved["cpu"]
+  runs = saved["runs"]
+  assert len(runs) == 6 and all(r["steps"] == 2 * 3 for r in runs)
+  acc = {(r["label"], r["seed"]): r["final_test_acc"] for r in runs}
+  mean = {lab: np.mean([acc[lab, s] for s in (0, 1)])
+          for lab in ("sgd", "sgd (lr=0.5)", "looksam (k=2)")}
+  ref = max(("sgd", "sgd (lr=0.5)"), key=lambda lab: mean[lab])
+  by = {r["label"]: r for r in saved["summary"]}
+  assert "vs_sgd" not in by[ref]
+  d = np.array([acc["looksam (k=2)", s] - acc[ref, s] for s in (0, 1)])
+  got = by["looksam (k=2)"]["vs_sgd"]
+  assert got["ref"] == ref
+  np.testing.assert_allclose(got["mean"], d.mean(), atol=1e-12)
+  half = 12.706 * d.std(ddof=1) / np.sqrt(2)
+  np.testing.assert_allclose([got["lo"], got["hi"]],
+                             [d.mean() - half, d.mean() + half], atol=1e-4)
+  md = open(os.path.join(out, "results.md")).read()
+  for lab in mean:
+    train = np.mean([r["final_train_acc"] for r in runs
+                     if r["label"] == lab])
+    assert f"| {lab} | {100 * mean[lab]:.2f} ± " in md
+    assert f" | {100 * train:.1f} | " in md
+  assert "The reference is the best SGD row, " + ref in md
+  assert os.path.exists(os.path.join(out, "train_loss.png"))
+  assert result["meta"]["regime"] == "long"
+
+
 def test_digits_split_is_fixed_and_noise_deterministic_per_seed():
   from sklearn.datasets import load_digits as sk_load
 
@@ -673,7 +863,7 @@ def test_compare_protocols():
       "mnist1d_mlp", 2, CORE)
   (long,) = compare.plans(["--long"])
   assert (long.args.epochs, long.args.seeds, long.out) == (
-      240, 5, "experiments/results/digits_long")
+      240, 5, "runs/long/digits")
   assert long.labels == methods.available() + RHO_GRID
   for bad in (["--long", "--full"], ["--committed", "--long"],
               ["--committed", "--dataset", "cifar10"],
@@ -685,47 +875,110 @@ def test_compare_protocols():
   assert (args.dataset, args.model, args.epochs, args.batch_size, args.lr,
           args.label_noise, args.seeds) == (
               "cifar10", "resnet18", 200, 128, 0.1, 0.0, 3)
-  assert full.out == "experiments/results/cifar10_resnet18"
+  assert full.out == "runs/full/cifar10_resnet18"
   assert full.labels == methods.available()
   (full,) = compare.plans(["--full", "--model", "wrn28_10", "--dataset",
                            "cifar100", "--epochs", "5"])
   assert (full.args.model, full.args.dataset, full.args.epochs) == (
       "wrn28_10", "cifar100", 5)
-  assert full.out == "experiments/results/cifar100_wrn28_10"
+  assert full.out == "runs/full/cifar100_wrn28_10"
   (tfds,) = compare.plans(["--dataset", "cifar10", "--methods", "sam"])
   assert (tfds.args.model, tfds.args.label_noise) == ("resnet18", 0.0)
   assert tfds.labels == ["sgd", "sam"]  # SGD is always the reference
   two = compare.plans(["--out", "/tmp/x", "--methods", "sam"])
   assert [p.out for p in two] == ["/tmp/x/digits", "/tmp/x/mnist1d"]
+  # A row may set the base learning rate (SGD's grid); refused out of range.
+  (grid,) = compare.plans(["--dataset", "digits", "--methods",
+                           "sgd,sgd:lr=0.1,sam:rho=0.1"])
+  assert grid.specs == [("sgd", {}), ("sgd", {"lr": 0.1}),
+                        ("sam", {"rho": 0.1})]
+  cfg = compare.row_config(config.config_from_args(grid.args), "sgd",
+                           {"lr": 0.1})
+  assert (cfg.lr, cfg.method_args) == (0.1, {})
+  with pytest.raises(SystemExit):
+    compare.plans(["--methods", "sgd:lr=-1"])
 
 
-@pytest.mark.parametrize("dataset", ["digits", "mnist1d"])
-def test_committed_flag_selects_the_committed_configuration(dataset):
-  # The committed results.json says what made it; --committed plans exactly
-  # that: the datasets, rows, seeds, epochs and every base setting.
+def test_committed_protocol_two_regimes_tuned_sgd_and_grids():
+  # Every dataset in a short (clean, under-fitting) and a long regime, SGD's
+  # learning-rate grid, each method's default row beside its grid; into
+  # runs/ unless --out says otherwise.
   plans = compare.plans(["--committed"])
-  assert [p.args.dataset for p in plans] == ["digits", "mnist1d"]
-  (plan,) = [p for p in plans if p.args.dataset == dataset]
+  assert [(p.args.dataset, p.regime) for p in plans] == [
+      (d, r) for d in ("fashion_mnist", "digits", "mnist1d")
+      for r in ("short", "long")]
+  for p in plans:
+    assert p.out == f"runs/committed/{p.args.dataset}/{p.regime}"
+    assert p.args.seeds == (3 if p.args.dataset == "fashion_mnist" else 5)
+    sgd = [m for n, m in p.specs if n == "sgd"]
+    assert sgd == [{}, {"lr": 0.02}, {"lr": 0.1}]
+    assert {"sam", "looksam", "lightsam", "vsam", "layerwise_sam"} <= {
+        n for n, m in p.specs if not m}
+    assert ("looksam", {"alpha": 0.0}) in p.specs
+    assert ("lightsam", {"learning_rate": 0.3}) in p.specs
+  by = {(p.args.dataset, p.regime): p.args for p in plans}
+  assert (by["fashion_mnist", "short"].train_size,
+          by["fashion_mnist", "short"].epochs,
+          by["fashion_mnist", "short"].label_noise) == (5000, 3, 0.0)
+  assert (by["fashion_mnist", "long"].train_size,
+          by["fashion_mnist", "long"].epochs,
+          by["fashion_mnist", "long"].label_noise) == (600, 40, 0.25)
+  assert (by["digits", "long"].epochs, by["digits", "long"].label_noise) == (
+      60, 0.3)
+  assert by["digits", "short"].label_noise == 0.0
+  assert by["digits", "short"].epochs < by["digits", "long"].epochs
+  # One dataset, both regimes, into the committed directory on purpose.
+  two = compare.plans(["--committed", "--dataset", "digits", "--out",
+                       "/tmp/committed_digits"])
+  assert [p.out for p in two] == ["/tmp/committed_digits/short",
+                                  "/tmp/committed_digits/long"]
+  (one,) = compare.plans(["--committed", "--dataset", "mnist1d",
+                          "--regime", "short"])
+  assert one.args.epochs == 10
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "digits", "mnist1d"])
+def test_committed_flag_selects_the_committed_configuration(dataset):
+  # Each committed results.json says what made it; the README's command
+  # (--committed --dataset D --out experiments/results/D --overwrite) plans
+  # exactly that: the regimes, rows, seeds, epochs and every base setting,
+  # under the pinned XLA flags.
+  from experiments import xla_env  # pylint: disable=g-import-not-at-top
+
+  out = f"experiments/results/{dataset}"
+  plans = compare.plans(["--committed", "--dataset", dataset, "--out", out,
+                         "--overwrite"])
+  assert [p.regime for p in plans] == ["short", "long"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  saved = json.load(open(os.path.join(root, plan.out, "results.json")))
-  assert saved["complete"] and saved["protocol"] == "committed"
-  assert "--committed" in saved["command"]
-  assert plan.out == f"experiments/results/{dataset}"
-  assert plan.labels == [m["label"] for m in saved["methods"]]
-  assert [(n, a) for n, a in plan.specs] == [
-      (m["method"], m["method_args"]) for m in saved["methods"]]
-  assert plan.args.seeds == saved["seeds"]
-  assert sorted({r["seed"] for r in saved["runs"]}) == list(
-      range(saved["seeds"]))
-  assert len(saved["runs"]) == saved["seeds"] * len(plan.labels)
-  base = config.config_from_args(plan.args).to_dict()
-  assert base == saved["base_config"]
-  assert base["epochs"] == 60
-  # The core rows, then SAM's and LookSAM's rho grids.
-  assert plan.labels == CORE + [
-      "sam (rho=0.02)", "sam (rho=0.1)", "sam (rho=0.2)",
-      "looksam (rho=0.05)", "looksam (rho=0.2)"]
-  assert saved["cpu"]
+  for plan in plans:
+    assert plan.out == f"{out}/{plan.regime}"
+    saved = json.load(open(os.path.join(root, plan.out, "results.json")))
+    assert saved["complete"] and saved["protocol"] == "committed"
+    assert saved["regime"] == plan.regime
+    # The dataset's command, or the same for one regime into its directory.
+    assert saved["command"] in (
+        f"python -m experiments.compare --committed --dataset {dataset} "
+        f"--out {out} --overwrite --no-progress",
+        f"python -m experiments.compare --committed --dataset {dataset} "
+        f"--regime {plan.regime} --out {plan.out} --overwrite --no-progress")
+    assert plan.labels == [m["label"] for m in saved["methods"]]
+    assert [(n, a) for n, a in plan.specs] == [
+        (m["method"], m["method_args"]) for m in saved["methods"]]
+    assert plan.args.seeds == saved["seeds"]
+    assert sorted({r["seed"] for r in saved["runs"]}) == list(
+        range(saved["seeds"]))
+    assert len(saved["runs"]) == saved["seeds"] * len(plan.labels)
+    assert not any("error" in r for r in saved["runs"])
+    base = config.config_from_args(plan.args).to_dict()
+    assert base == saved["base_config"]
+    # SGD's learning-rate grid, each method's default row.
+    assert plan.labels[0] == "sgd"
+    assert {"sgd (lr=0.02)", "sgd (lr=0.1)"} <= set(plan.labels)
+    assert set(compare.DECIDED_METHODS) <= set(plan.labels)
+    # Made under the pinned XLA flags, on a recorded CPU.
+    assert saved["xla"]["pinned"] and saved["cpu"]
+    flags = saved["xla"]["xla_flags"].split()
+    assert all(f in flags for f in xla_env.PINNED)
 
 
 def test_paired_interval_against_a_t_table():
@@ -874,11 +1127,10 @@ def test_layerwise_study_rows_are_registry_methods_with_their_choices():
   # settings are read from it (SAM at rho 0.1 is its grid row, GNP and the
   # layer-wise default are its default rows); SGD runs in the study.
   run, read = layerwise_study._split(settings["digits"], True)
+  committed = "experiments/results/digits/long"
   assert read == {
-      "sam (rho=0.1)": ("experiments/results/digits", "sam (rho=0.1)"),
-      "gnp (rho=0.1)": ("experiments/results/digits", "gnp"),
-      "layerwise_sam (rho=0.1)": ("experiments/results/digits",
-                                  "layerwise_sam")}
+      "sam (rho=0.1)": (committed, "sam (rho=0.1)"),
+      "layerwise_sam (rho=0.1)": (committed, "layerwise_sam")}
   assert 0 in run and not set(run) & set(settings["digits"]["skip"])
   assert len(run) + len(read) + len(settings["digits"]["skip"]) == len(
       specs)
@@ -919,8 +1171,10 @@ def test_compare_tiny_run_on_digits_writes_its_files(compare_run):
     np.testing.assert_allclose(row["acc_std"], accs.std(ddof=1))
     se = accs.std(ddof=1) / np.sqrt(accs.size)
     np.testing.assert_allclose(row["acc_se"], se)
+    train = np.mean([r["final_train_acc"] for r in runs])
+    np.testing.assert_allclose(row["train_acc_mean"], train)
     assert (f"{100 * accs.mean():.2f} ± {100 * se:.2f} | "
-            f"{100 * accs.std(ddof=1):.2f}") in md
+            f"{100 * train:.1f} |") in md
     sgd_t = np.mean([r["train_s"] for r in saved["runs"]
                      if r["label"] == "sgd"])
     np.testing.assert_allclose(
@@ -1049,3 +1303,56 @@ def test_bench_zoo_has_the_leaf_counts_of_real_models():
   # torchvision's ResNet-50 (25,557,032) with a 3x3 stem for its 7x7 one
   assert models.num_params(full["params"]) == 25_557_032 - 7 * 7 * 3 * 64 + (
       3 * 3 * 3 * 64)
+
+
+def test_summary_tables_and_the_rule_for_a_default(tmp_path):
+  # Two cells, hand-made rows: the best SGD row is the reference of each
+  # cell (lr 0.1 in one, the base lr in the other); a default below it in
+  # one cell fails the rule; SAM helps only where its interval is above 0.
+  from experiments import summary  # pylint: disable=g-import-not-at-top
+
+  def row(label, method, accs):
+    return {"label": label, "method": method, "seeds": [0, 1, 2],
+            "accs": accs, "acc_mean": float(np.mean(accs)),
+            "acc_se": 0.0, "time_rel": 1.0, "second_rel": 0.0,
+            "grads_rel": 1.0, "settings": {}}
+
+  cells = {
+      ("digits", "short"): [
+          row("sgd", "sgd", [0.70, 0.71, 0.72]),
+          row("sgd (lr=0.1)", "sgd", [0.72, 0.73, 0.74]),
+          row("sam", "sam", [0.75, 0.77, 0.76]),
+          row("looksam", "looksam", [0.76, 0.765, 0.77]),
+      ],
+      ("digits", "long"): [
+          row("sgd", "sgd", [0.80, 0.81, 0.82]),
+          row("sgd (lr=0.1)", "sgd", [0.60, 0.61, 0.62]),
+          row("sam", "sam", [0.80, 0.815, 0.82]),
+          row("looksam", "looksam", [0.70, 0.71, 0.72]),
+      ],
+  }
+  for (d, r), rows in cells.items():
+    folder = tmp_path / d / r
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(
+        {"complete": True, "summary": compare.add_paired(rows)}))
+  loaded = summary.load(str(tmp_path))
+  assert set(loaded) == set(cells)
+  short = summary.regime_table(loaded, "short")
+  # looksam - best SGD (lr 0.1) per seed: +4, +3.5, +3 points.
+  d = np.array([0.04, 0.035, 0.03])
+  half = 4.303 * d.std(ddof=1) / np.sqrt(3)
+  assert (f"| looksam | +{100 * d.mean():.2f} [+{100 * (d.mean() - half):.2f},"
+          f" +{100 * (d.mean() + half):.2f}] ↑ |") in short
+  assert "| sgd (lr=0.1) | best SGD (73.0%) |" in short
+  long = summary.regime_table(loaded, "long")
+  assert "| sgd | best SGD (81.0%) |" in long
+  assert "| looksam | -10.00 [-10.00, -10.00] ↓ |" in long.replace(
+      "−", "-")
+  c = summary.default_checks(loaded, "looksam")
+  assert c["cells"]["digits", "short"] == {
+      "verdict": "above", "sam_helps": True, "reaches_sam": True}
+  assert c["cells"]["digits", "long"]["verdict"] == "below"
+  assert not c["cells"]["digits", "long"]["sam_helps"]  # SAM level there
+  assert not c["holds"] and c["reaches"]
+  assert summary.default_checks(loaded, "sam")["holds"]
