@@ -83,6 +83,7 @@ from experiments import config as config_lib
 from experiments.config import Range
 from experiments import methods as methods_lib
 from experiments import models
+from experiments import outputs
 from experiments import parallel
 from experiments import steps as steps_lib
 
@@ -584,10 +585,17 @@ def parse_args(argv=None):
       " default on CPU: " + CPU_MEMORY_FLAGS + "; '' to skip",
   )
   ap.add_argument("--compile-only", default=None, help=argparse.SUPPRESS)
-  ap.add_argument("--json", default="bench_out/bench.json")
+  ap.add_argument("--json", default="runs/bench/bench.json")
+  outputs.add_arguments(ap)
   import sys  # pylint: disable=g-import-not-at-top
 
   args = ap.parse_args(argv)
+  if args.json and not args.compile_only:
+    # Before any compile: a committed result is replaced only on purpose.
+    try:
+      outputs.check_output(args.json, args.overwrite)
+    except outputs.OverwriteError as e:
+      ap.error(str(e))
   # What the memory subprocess repeats: this command line, minus its output.
   raw = list(sys.argv[1:] if argv is None else argv)
   args.argv = [a for i, a in enumerate(raw)

@@ -460,6 +460,7 @@ def test_every_command_refuses_to_overwrite_committed_results(capsys):
   # replaced the complete committed digits study within a minute) exits
   # with a usage error naming --overwrite, before any training, and every
   # committed file is left as it was.
+  from experiments import bench  # pylint: disable=g-import-not-at-top
   from experiments import digits_planned  # pylint: disable=g-import-not-at-top
   from experiments import layerwise_study  # pylint: disable=g-import-not-at-top
 
@@ -480,6 +481,8 @@ def test_every_command_refuses_to_overwrite_committed_results(capsys):
                            os.path.join(results, "mnist1d")]),
       (digits_planned.main, ["sam", "--out", os.path.join(
           results, "digits_planned.jsonl")]),
+      (bench.parse_args, ["--json", os.path.join(
+          results, "bench", "cpu_small_cnn.json")]),
   ]
   for main, argv in cases:
     code, err = _exit(capsys, argv, main=main)
@@ -510,6 +513,9 @@ def test_commands_write_under_runs_by_default():
 
   assert '"runs/digits_planned.jsonl"' in inspect.getsource(
       digits_planned.main)
+  from experiments import bench  # pylint: disable=g-import-not-at-top
+
+  assert bench.parse_args(["--methods", "sgd"]).json == "runs/bench/bench.json"
 
 
 def test_check_output_rule(tmp_path, monkeypatch):
