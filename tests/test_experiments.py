@@ -1140,7 +1140,7 @@ def test_layerwise_study_rows_are_registry_methods_with_their_choices():
 
 def test_compare_tiny_run_on_digits_writes_its_files(compare_run):
   out, proc = compare_run
-  stdout, stderr = proc.communicate(timeout=600)
+  stdout, stderr = proc.communicate(timeout=1800)
   assert proc.returncode == 0, stderr[-3000:]
   assert "| sam |" in stdout
   files = sorted(os.listdir(out))
