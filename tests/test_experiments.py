@@ -52,6 +52,7 @@ def compare_run(request, tmp_path_factory):
     return
   out = str(tmp_path_factory.mktemp("compare") / "cmp")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      "--xla_cpu_use_fusion_emitters=false "
       "--xla_backend_optimization_level=0 "
       "--xla_llvm_disable_expensive_passes=true"))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1158,6 +1159,7 @@ def test_compare_tiny_run_on_digits_writes_its_files(compare_run):
   # of the ones this test set, and says so.
   assert saved["xla"]["pinned"], saved["xla"]
   assert saved["xla"]["xla_flags"].split() == [
+      "--xla_cpu_use_fusion_emitters=false",
       "--xla_backend_optimization_level=0",
       "--xla_llvm_disable_expensive_passes=true", *xla_env.PINNED]
   for row in saved["summary"]:
