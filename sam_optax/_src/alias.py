@@ -47,6 +47,24 @@ LayerSpec = region_lib.LayerSpec
 GroupFn = region_lib.GroupFn
 LeafSelection = gate_lib.LeafSelection
 
+# The engine's keywords every method takes and passes through as given (its
+# signature lists them, so that users and the API docs see them); the
+# methods with m-sharpness also take the engine's num_splits and batch_axes.
+_COMMON = ("has_aux", "axis_name", "eps", "trainable")
+_SPLITS = ("num_splits", "batch_axes")
+
+
+def _engine(args: dict[str, Any], **parts: Any):
+  """:func:`engine.sharpness_aware` for a method: ``args`` is the method's
+  ``locals()`` (its arguments), from which ``loss_fn``, ``rho`` and the
+  common keywords pass through; ``parts`` are the method's own choices.
+  ``num_splits`` and ``batch_axes`` pass only for a method that takes
+  ``num_splits`` (ssam_fisher's ``batch_axes`` is its Fisher's)."""
+  names = _COMMON + (_SPLITS if "num_splits" in args else ())
+  return engine.sharpness_aware(
+      args["loss_fn"], args["rho"], **parts, **{k: args[k] for k in names}
+  )
+
 
 # --------------------------------------------------------------------------
 # SAM, ASAM, GNP.
@@ -134,17 +152,10 @@ def sam(
     >>> u, state = tx.update(g, state, w, batch=jnp.arange(3.0),
     ...                      loss_fn=loss_fn)
   """
-  return engine.sharpness_aware(
-      loss_fn,
-      rho,
+  return _engine(
+      locals(),
       geometry=geometry_lib.global_norm(),
       combine=combine_lib.replace(),
-      has_aux=has_aux,
-      axis_name=axis_name,
-      eps=eps,
-      trainable=trainable,
-      num_splits=num_splits,
-      batch_axes=batch_axes,
   )
 
 
@@ -184,17 +195,10 @@ def asam(
     >>> tx = optax.chain(sam_optax.asam(lambda w, b: jnp.sum(w * b)),
     ...                  optax.sgd(0.1))
   """
-  return engine.sharpness_aware(
-      loss_fn,
-      rho,
+  return _engine(
+      locals(),
       geometry=geometry_lib.adaptive(eta),
       combine=combine_lib.replace(),
-      has_aux=has_aux,
-      axis_name=axis_name,
-      eps=eps,
-      trainable=trainable,
-      num_splits=num_splits,
-      batch_axes=batch_axes,
   )
 
 
@@ -236,17 +240,10 @@ def gnp(
     >>> tx = optax.chain(sam_optax.gnp(lambda w, b: jnp.sum(w * b)),
     ...                  optax.sgd(0.1))
   """
-  return engine.sharpness_aware(
-      loss_fn,
-      rho,
+  return _engine(
+      locals(),
       geometry=geometry_lib.global_norm(),
       combine=combine_lib.mix(alpha),
-      has_aux=has_aux,
-      axis_name=axis_name,
-      eps=eps,
-      trainable=trainable,
-      num_splits=num_splits,
-      batch_axes=batch_axes,
   )
 
 
@@ -326,17 +323,10 @@ def gsam(
     >>> int(sam_optax.stats(state)["grad_evals"])
     1
   """
-  return engine.sharpness_aware(
-      loss_fn,
-      rho,
+  return _engine(
+      locals(),
       geometry=geometry_lib.global_norm(),
       combine=combine_lib.surrogate_gap(alpha, minimize_fp=minimize_fp),
-      has_aux=has_aux,
-      axis_name=axis_name,
-      eps=eps,
-      trainable=trainable,
-      num_splits=num_splits,
-      batch_axes=batch_axes,
   )
 
 
@@ -445,15 +435,10 @@ def wsam(
           "base_optimizer= with it (or leave both out for the coupled "
           "gradient transform)"
       )
-    return engine.sharpness_aware(
-        loss_fn,
-        rho,
+    return _engine(
+        locals(),
         geometry=geometry_lib.global_norm(),
         combine=combine_lib.Mix(alpha=_wsam_alpha(gamma)),
-        has_aux=has_aux,
-        axis_name=axis_name,
-        eps=eps,
-        trainable=trainable,
     )
   if not isinstance(base_optimizer, optax.GradientTransformation):
     raise ValueError(
@@ -467,15 +452,10 @@ def wsam(
         "to the update scaled by it)"
     )
   base.check_scalar_or_schedule("learning_rate", learning_rate, 0.0)
-  ascent = engine.sharpness_aware(
-      loss_fn,
-      rho,
+  ascent = _engine(
+      locals(),
       geometry=geometry_lib.global_norm(),
       combine=combine_lib.replace(),
-      has_aux=has_aux,
-      axis_name=axis_name,
-      eps=eps,
-      trainable=trainable,
   )
   # The base optimizer on the trainable leaves alone (frozen: a zero
   # update), as LightSAM's descent.
@@ -564,15 +544,10 @@ def fsam(
     >>> bool(state[0].geometry.started)
     True
   """
-  return engine.sharpness_aware(
-      loss_fn,
-      rho,
+  return _engine(
+      locals(),
       geometry=geometry_lib.friendly(sigma, lmbda),
       combine=combine_lib.replace(),
-      has_aux=has_aux,
-      axis_name=axis_name,
-      eps=eps,
-      trainable=trainable,
   )
 
 
@@ -753,16 +728,11 @@ def layerwise_sam(
     region = region_lib.top_layers(
         num_layers, select_every=select_every, by=select_by, **choices
     )
-  return engine.sharpness_aware(
-      loss_fn,
-      rho,
+  return _engine(
+      locals(),
       geometry=geometry_lib.global_norm(),
       region=region,
       combine=combine_lib.mix(alpha),
-      has_aux=has_aux,
-      axis_name=axis_name,
-      eps=eps,
-      trainable=trainable,
   )
 
 
@@ -771,20 +741,15 @@ def layerwise_sam(
 # --------------------------------------------------------------------------
 
 
-def _ssam_engine(
-    loss_fn, rho, region, skip, has_aux, axis_name, eps, trainable
-):
-  return engine.sharpness_aware(
-      loss_fn,
-      rho,
+def _ssam_engine(args: dict[str, Any], region: Any, skip: bool):
+  """Sparse SAM on ``region`` (``args``: the method's ``locals()``); a
+  mask known at construction to be empty (``skip``) computes nothing."""
+  return _engine(
+      args,
       geometry=geometry_lib.global_norm(),
       region=region,
       gate=gate_lib.never() if skip else None,
       combine=combine_lib.replace(),
-      has_aux=has_aux,
-      axis_name=axis_name,
-      eps=eps,
-      trainable=trainable,
   )
 
 
@@ -876,14 +841,7 @@ def ssam_fisher(
       batch_axes=batch_axes,
   )
   return _ssam_engine(
-      loss_fn,
-      rho,
-      region,
-      region_lib.static_sparsity(region.sparsity) == 1.0,
-      has_aux,
-      axis_name,
-      eps,
-      trainable,
+      locals(), region, region_lib.static_sparsity(region.sparsity) == 1.0
   )
 
 
@@ -979,14 +937,7 @@ def ssam_dynamic(
       exact_count=exact_count,
   )
   return _ssam_engine(
-      loss_fn,
-      rho,
-      region,
-      region_lib.static_sparsity(region.sparsity) == 1.0,
-      has_aux,
-      axis_name,
-      eps,
-      trainable,
+      locals(), region, region_lib.static_sparsity(region.sparsity) == 1.0
   )
 
 
@@ -1040,11 +991,7 @@ def ssam(
       isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(arrays)
   )
   skip = concrete and not any(np.any(m) for m in jax.tree.leaves(arrays))
-  return _ssam_engine(
-      loss_fn, rho, region_lib.FixedMask(mask=arrays), skip, has_aux,
-      axis_name, eps,
-      trainable,
-  )
+  return _ssam_engine(locals(), region_lib.FixedMask(mask=arrays), skip)
 
 
 # --------------------------------------------------------------------------
@@ -1132,16 +1079,11 @@ def looksam(
     2
   """
   k = base.static_int("k", k, 1)
-  return engine.sharpness_aware(
-      loss_fn,
-      rho,
+  return _engine(
+      locals(),
       geometry=geometry_lib.global_norm(),
       gate=gate_lib.every_k(k),
       combine=combine_lib.orthogonal_reuse(alpha, per_leaf=per_leaf),
-      has_aux=has_aux,
-      axis_name=axis_name,
-      eps=eps,
-      trainable=trainable,
   )
 
 
@@ -1286,14 +1228,9 @@ def vsam(
       stat_leaves=stat_leaves,
       eps=eps,
   )
-  return engine.sharpness_aware(
-      loss_fn,
-      rho,
+  return _engine(
+      locals(),
       geometry=geometry_lib.global_norm(),
       gate=gate,
       combine=combine_lib.decayed_reuse(decay, max_reuse),
-      has_aux=has_aux,
-      axis_name=axis_name,
-      eps=eps,
-      trainable=trainable,
   )
