@@ -426,6 +426,25 @@ def wsam(
     >>> int(sam_optax.stats(state)["grad_evals"])
     1
   """
+  _check_wsam(gamma, base_optimizer, learning_rate)
+  if base_optimizer is None:  # coupled: gnp's mix with a = gamma / (1 - gamma)
+    return _engine(
+        locals(),
+        geometry=geometry_lib.global_norm(),
+        combine=combine_lib.Mix(alpha=_wsam_alpha(gamma)),
+    )
+  ascent = _engine(
+      locals(),
+      geometry=geometry_lib.global_norm(),
+      combine=combine_lib.replace(),
+  )
+  return _wsam_decoupled(
+      ascent, base_optimizer, learning_rate, gamma, axis_name, trainable
+  )
+
+
+def _check_wsam(gamma, base_optimizer, learning_rate) -> None:
+  """wsam's own arguments; each form takes its own (see :func:`wsam`)."""
   base.check_scalar_or_schedule("gamma", gamma, 0.0, high=1.0,
                                 high_open=True)
   if base_optimizer is None:
@@ -435,11 +454,7 @@ def wsam(
           "base_optimizer= with it (or leave both out for the coupled "
           "gradient transform)"
       )
-    return _engine(
-        locals(),
-        geometry=geometry_lib.global_norm(),
-        combine=combine_lib.Mix(alpha=_wsam_alpha(gamma)),
-    )
+    return
   if not isinstance(base_optimizer, optax.GradientTransformation):
     raise ValueError(
         "wsam: base_optimizer must be an optax GradientTransformation (e.g. "
@@ -452,11 +467,13 @@ def wsam(
         "to the update scaled by it)"
     )
   base.check_scalar_or_schedule("learning_rate", learning_rate, 0.0)
-  ascent = _engine(
-      locals(),
-      geometry=geometry_lib.global_norm(),
-      combine=combine_lib.replace(),
-  )
+
+
+def _wsam_decoupled(
+    ascent, base_optimizer, learning_rate, gamma, axis_name, trainable
+) -> optax.GradientTransformationExtraArgs:
+  """The full optimizer ``base_optimizer(g) - lr * a * (h - g)``, with
+  ``h`` from ``ascent`` (SAM on the same settings)."""
   # The base optimizer on the trainable leaves alone (frozen: a zero
   # update), as LightSAM's descent.
   inner = optax.with_extra_args_support(
@@ -473,12 +490,7 @@ def wsam(
     scale = base.resolve(learning_rate, count) * base.resolve(
         _wsam_alpha(gamma), count
     )
-    sharp = jax.tree.map(
-        lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), h, g)
-    part = engine.trainable_split(trainable, g)
-    if part is not None:  # no sharpness term on frozen leaves
-      sharp = part.merge(part.restrict(sharp), jax.tree.map(
-          jnp.zeros_like, part.frozen(sharp)))
+    sharp = _wsam_sharpness(h, g, trainable)
     out = jax.tree.map(
         lambda a, x: (a.astype(jnp.float32) - scale * x).astype(a.dtype),
         u, sharp,
@@ -487,6 +499,17 @@ def wsam(
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
   return engine.attach_spec(tx, engine.spec_of(ascent))  # for the planner
+
+
+def _wsam_sharpness(h: PyTree, g: PyTree, trainable: Any) -> PyTree:
+  """The sharpness term ``h - g`` in float32, zero on frozen leaves."""
+  sharp = jax.tree.map(
+      lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), h, g)
+  part = engine.trainable_split(trainable, g)
+  if part is not None:  # no sharpness term on frozen leaves
+    sharp = part.merge(part.restrict(sharp), jax.tree.map(
+        jnp.zeros_like, part.frozen(sharp)))
+  return sharp
 
 
 def fsam(
