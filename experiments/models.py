@@ -14,7 +14,7 @@ All models take ``train: bool``: BatchNorm uses batch statistics (and updates
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -229,12 +229,15 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
   """CIFAR ResNet: 3x3 stem (no max-pool), four stages of basic blocks.
 
-  ``stage_sizes=(2, 2, 2, 2)``, ``width=64`` is ResNet-18.
+  ``stage_sizes=(2, 2, 2, 2)``, ``width=64`` is ResNet-18. Stage ``i``'s
+  blocks (``block``, a class attribute) get ``width * 2**i`` features, the
+  first of each stage after the first a stride of 2.
   """
 
   num_classes: int = 10
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
+  block: ClassVar[type[nn.Module]] = BasicBlock
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -244,7 +247,7 @@ class ResNet(nn.Module):
     for i, n in enumerate(self.stage_sizes):
       for j in range(n):
         strides = 2 if (i > 0 and j == 0) else 1
-        x = BasicBlock(self.width * 2**i, strides, name=f"stage{i + 1}_{j}")(
+        x = self.block(self.width * 2**i, strides, name=f"stage{i + 1}_{j}")(
             x, train
         )
     x = jnp.mean(x, axis=(1, 2))
@@ -278,7 +281,7 @@ class Bottleneck(nn.Module):
     return nn.relu(y + residual)
 
 
-class BottleneckResNet(nn.Module):
+class BottleneckResNet(ResNet):
   """ResNet-50's layout (stages of 3, 4, 6, 3 bottleneck blocks, 161
   parameter leaves) with :class:`ResNet`'s CIFAR stem (3x3, no max-pool).
 
@@ -287,23 +290,8 @@ class BottleneckResNet(nn.Module):
   the same number of leaves, runs on a CPU.
   """
 
-  num_classes: int = 10
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
-  width: int = 64
-
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False,
-                kernel_init=_conv_init, name="stem")(x)
-    x = nn.relu(_batch_norm(train, "stem_bn")(x))
-    for i, n in enumerate(self.stage_sizes):
-      for j in range(n):
-        strides = 2 if (i > 0 and j == 0) else 1
-        x = Bottleneck(self.width * 2**i, strides, name=f"stage{i + 1}_{j}")(
-            x, train
-        )
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="head")(x)
+  block: ClassVar[type[nn.Module]] = Bottleneck
 
 
 # --------------------------------------------------------------------------
