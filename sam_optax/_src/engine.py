@@ -707,7 +707,9 @@ def sharpness_aware(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
     clean gradient as ``updates`` and requires ``params`` and ``batch=``;
-    ``plan=`` (from :func:`sam_optax.planner`) is optional.
+    it also reads ``loss_fn=`` (the loss at update time: needed when none
+    was given here, and it wins over this one) and ``plan=`` (optional, from
+    :func:`sam_optax.planner`); other keywords pass through unread.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
