@@ -54,7 +54,9 @@ _COMMON = ("has_aux", "axis_name", "eps", "trainable")
 _SPLITS = ("num_splits", "batch_axes")
 
 
-def _engine(args: dict[str, Any], **parts: Any):
+def _engine(
+    args: dict[str, Any], **parts: Any
+) -> optax.GradientTransformationExtraArgs:
   """:func:`engine.sharpness_aware` for a method: ``args`` is the method's
   ``locals()`` (its arguments), from which ``loss_fn``, ``rho`` and the
   common keywords pass through; ``parts`` are the method's own choices.
