@@ -19,7 +19,8 @@ method, host copies of the replicated arrays) and ``OUT/<phase>_p<I>.json``
 (``sam_optax.stats`` after every step). Nothing happens at import (pytest
 imports this file when it collects doctests).
 
-``--planned`` plans every step on the host (``sam_optax.planner``,
+``--planned global`` (a comma-separated list of perturbations) plans every
+step of those runs on the host (``sam_optax.planner``,
 ``plan = planner(count, opt_state)``), passes the plan to a step jitted with
 ``static_argnames="plan"`` and logs it beside the stats, so the test can
 require identical plans in both processes.
@@ -62,9 +63,9 @@ def parse(argv):
   p.add_argument("--perturbations", default="global,per-device",
                  help="comma-separated: global and/or per-device")
   p.add_argument("--methods", default=",".join(METHODS))
-  p.add_argument("--planned", action="store_true",
-                 help="plan every step on the host (sam_optax.planner) and "
-                 "log the plans")
+  p.add_argument("--planned", default="",
+                 help="comma-separated perturbations whose steps are planned "
+                 "on the host (sam_optax.planner), the plans logged")
   p.add_argument("--checkpoint-perturbations", default="global",
                  help="the runs that write a checkpoint in phase train")
   return p.parse_args(argv)
@@ -215,7 +216,8 @@ def main(argv=None):
     ctor = getattr(sam_optax, name)
     sam_tx = ctor(loss_fn, axis_name=axis, **METHODS[name])
     tx = optax.chain(sam_tx, optax.sgd(0.1, momentum=0.9))
-    planner = sam_optax.planner(sam_tx) if args.planned else None
+    planned = pert in args.planned.split(",")
+    planner = sam_optax.planner(sam_tx) if planned else None
     params = parallel.host_to_global(init_params(), repl)
     opt_state = jax.jit(tx.init, out_shardings=repl)(params)
     step = make_step(tx, per_device)

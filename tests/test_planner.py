@@ -128,6 +128,10 @@ def test_planned_equals_unplanned_with_few_plans_each_traced_once(name):
   traces = collections.Counter()
   p1, s1, plans, plan_of, step = _run(name, planned=True, traces=traces)
   chex.assert_trees_all_close(p1, p0, rtol=2e-5, atol=2e-6)
+  # The states hold stored directions, differences of two gradients (h - g
+  # and its projections): the planned and unplanned programs round them
+  # differently (they fuse differently), and the difference cancels most of
+  # the digits, so an absolute bound of 1e-5 (the gradients are O(1)).
   chex.assert_trees_all_close(
       jax.tree.map(
           lambda x: jax.random.key_data(x)
@@ -137,7 +141,7 @@ def test_planned_equals_unplanned_with_few_plans_each_traced_once(name):
           lambda x: jax.random.key_data(x)
           if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, s0,
       ),
-      rtol=2e-5, atol=2e-6,
+      rtol=2e-5, atol=1e-5,
   )
   distinct = set(plans)
   assert all(n == 1 for n in traces.values()), traces  # one trace per plan
