@@ -25,7 +25,12 @@ Planned steps (``sam_optax.planner``, ``--planned both``, the default): every
 sam_optax method gets a second row ``name+plan`` where the host plans each
 step and calls the program compiled for that plan (no ``lax.cond`` in it);
 the planning is inside the timed step, and so is any device read the planner
-makes (``reads_per_1000`` steps in the JSON). SGD and the optax anchor have
+makes (``reads_per_1000`` steps in the JSON). Each planned row then runs
+``--queued`` more steps dispatched without waiting (a training loop's
+shape), timing the host inside the planner (its planning plus any wait for
+the device: ``queued_planner_ms`` per step, ``queued_loop_ms`` per step
+for the whole loop) and counting ``blocking_reads`` (reads that waited for
+the steps dispatched, see ``docs/planned.md``). SGD and the optax anchor have
 nothing to plan and get one row. ``--planned no`` / ``yes``: only unplanned /
 planned rows (SGD stays the reference either way). Every program (a row's
 one, or one per distinct plan) is compiled ahead of time, outside the timed
@@ -447,6 +452,9 @@ def run(args) -> dict[str, Any]:
         kinds[name].append(_kind(name, before, _snapshot(s.opt_state)))
       carry[name] = s
 
+  queued = {n: _queued_loop(n, carry, planners, one_step, args.queued)
+            for n in planners} if args.queued else {}
+
   sgd_med = statistics.median(times[reference])
   cpu = {n: sum(compile_cpu[n]) for n in names}
   anchor = next((n for n in names if n.split("@")[0] == ANCHOR), None)
@@ -483,6 +491,8 @@ def run(args) -> dict[str, Any]:
     if name in planners:
       row["planner_reads"] = planners[name].reads
       row["reads_per_1000"] = 1e3 * planners[name].reads / counts[name]
+      row["blocking_reads"] = getattr(planners[name], "blocking_reads", None)
+      row.update(queued.get(name, {}))
     for kind in ("second", "skip", "refresh"):
       sel = t[k == kind]
       row[f"ratio_{kind}"] = float(np.median(sel)) / sgd_med if sel.size else None
@@ -495,6 +505,7 @@ def run(args) -> dict[str, Any]:
           "steps_per_epoch": args.steps_per_epoch,
           "devices": args.devices or 1, "reference": reference,
           "planned": args.planned, "memory_flags": args.memory_flags,
+          "queued": args.queued,
           "device": str(jax.devices()[0]), "backend": jax.default_backend(),
           "machine": platform.machine(), "jax": jax.__version__, "optax": optax.__version__,
           "xla": xla_env.describe(),
@@ -502,6 +513,33 @@ def run(args) -> dict[str, Any]:
       "sgd_median_ms": 1e3 * sgd_med,
       "rows": rows,
   }
+
+
+def _queued_loop(name, carry, planners, one_step, n) -> dict[str, float]:
+  """``n`` steps of planned row ``name`` dispatched without waiting, as a
+  training loop runs them: the loop's and the planner's host time per step
+  (the planner's includes any wait for the device), in ms. A plan not
+  compiled yet is compiled outside both times."""
+  plan_of, inside = planners[name], [0.0]
+
+  def timed(count, opt_state):
+    t = time.perf_counter()
+    plan = plan_of(count, opt_state)
+    inside[0] += time.perf_counter() - t
+    return plan
+
+  planners[name] = timed
+  s, spent = carry[name], 0.0
+  jax.block_until_ready(s)
+  t0 = time.perf_counter()
+  for _ in range(n):
+    s, compiled = one_step(name, s)
+    spent += compiled
+  jax.block_until_ready(s)
+  loop = time.perf_counter() - t0 - spent
+  planners[name], carry[name] = plan_of, s
+  return {"queued_steps": n, "queued_loop_ms": 1e3 * loop / n,
+          "queued_planner_ms": 1e3 * inside[0] / n}
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -535,6 +573,19 @@ def to_markdown(result: dict[str, Any]) -> str:
     )
   lines += ["", "compile: CPU seconds of lower + compile of the row's "
             "programs (all of its plans), / SGD's and / optax.contrib.sam's."]
+  queued = {n: r for n, r in result["rows"].items() if "queued_loop_ms" in r}
+  if queued:
+    lines += ["", f"Planned rows, {cfg['queued']} steps dispatched without "
+              "waiting: host ms per step in the whole loop and inside the "
+              "planner (planning and any wait for the device); reads that "
+              "waited for the steps dispatched.", "",
+              "| row | loop ms / step | planner ms / step | reads | "
+              "blocking reads |", "|---|---|---|---|---|"]
+    for name, r in queued.items():
+      lines.append(
+          f"| {name} | {r['queued_loop_ms']:.3f} | "
+          f"{r['queued_planner_ms']:.3f} | {r['planner_reads']} | "
+          f"{'—' if r['blocking_reads'] is None else r['blocking_reads']} |")
   if cfg.get("memory_flags"):
     lines += ["", "memory: compiled peak bytes (argument + output + temp - "
               "alias) / SGD's; memory (flags): the same programs compiled "
@@ -583,6 +634,11 @@ def parse_args(argv=None):
       "--memory-flags", default=None,
       help="XLA flags of the second memory column (compiled in a subprocess);"
       " default on CPU: " + CPU_MEMORY_FLAGS + "; '' to skip",
+  )
+  ap.add_argument(
+      "--queued", type=Range(int, 0).arg, default=200,
+      help="steps of each planned row dispatched without waiting, to time "
+      "the host inside the planner (0: skip)",
   )
   ap.add_argument("--compile-only", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--json", default="runs/bench/bench.json")

@@ -321,11 +321,18 @@ class Trainer:
     where a plan would read device state (vSAM's next window, a layer
     re-selection): that step starts a new segment, planned from the real
     state. The real planner then walks the segment's steps (no reads, so
-    the same plans), keeping its memory as a per-step loop would.
+    the same plans), keeping its memory as a per-step loop would. A step
+    whose plan reads the device is preceded by a segment of one step,
+    planned from its own state: the planner starts the read then and takes
+    it without waiting for that step (:class:`sam_optax.Planner`).
     """
     n = 1
     while count + n < stop:
-      if self.planner.peek(count + n, opt_state) != plan:
+      ahead = self.planner.peek(count + n, opt_state)
+      if ahead is None and n > 1:  # reads: the step before it alone
+        n -= 1
+        break
+      if ahead != plan:
         break  # another plan, or one that reads the device
       n += 1
     for j in range(1, n):

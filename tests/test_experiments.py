@@ -1242,6 +1242,9 @@ def test_planned_training_matches_unplanned(method, method_args,
     assert len(tr._programs) == 2 and got["planner_reads"] == 0  # pylint: disable=protected-access
   else:
     assert got["planner_reads"] > 0
+  # None of them waited for the segment just dispatched: a step whose plan
+  # reads is preceded by a one-step segment that started the read.
+  assert tr.planner.blocking_reads == 0
 
 
 def test_train_cli_records_planned_flag(tmp_path):
@@ -1258,7 +1261,7 @@ def test_bench_has_planned_rows(tmp_path):
   path = str(tmp_path / "bench.json")
   args = bench.parse_args([
       "--methods", "looksam:k=2", "--rounds", "1", "--steps", "3",
-      "--warmup", "1", "--batch-size", "2", "--json", path,
+      "--warmup", "1", "--batch-size", "2", "--json", path, "--queued", "4",
       "--memory-flags", ""])  # no second compilation in a subprocess
   result = bench.run(args)
   rows = result["rows"]
@@ -1275,6 +1278,11 @@ def test_bench_has_planned_rows(tmp_path):
   assert plan_row["reads_per_1000"] == 0  # k is a function of the count
   assert plan_row["n_second"] + plan_row["n_skip"] == 3
   assert "looksam (k=2)+plan" in bench.to_markdown(result)
+  # a queued loop of the planned row: host time in the planner, no waits
+  assert plan_row["queued_steps"] == 4 and plan_row["blocking_reads"] == 0
+  assert plan_row["queued_loop_ms"] > plan_row["queued_planner_ms"] > 0
+  assert "queued_steps" not in rows["looksam (k=2)"]
+  assert "planner ms / step" in bench.to_markdown(result)
   # compile: CPU seconds of lower + compile of every program of the row
   assert rows["sgd"]["compile_ratio"] == 1.0
   assert all(r["compile_cpu_s"] > r["lower_cpu_s"] > 0 for r in rows.values())

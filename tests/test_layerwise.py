@@ -189,7 +189,8 @@ def test_fixed_selection_matches_reference(layers):
 
 def test_runtime_selection_reference_select_every_and_no_retrace():
   """Top-2 by norm of the clean gradient of steps 0, 2, 4, used from the
-  next step on; step 0 perturbs every layer; one trace for all steps."""
+  step after next on (step t: the ranking of the last even step <= t - 2);
+  steps 0 and 1 perturb every layer; one trace for all steps."""
   params = mlp_params()
   tx = lw(
       loss_fn, rho=0.2, alpha=0.8, num_layers=2, select_every=2
@@ -206,13 +207,13 @@ def test_runtime_selection_reference_select_every_and_no_retrace():
   # rank differently but no ranking is made there.
   pens = [(5.0, 0, 5.0), (0, 9.0, 9.0), (0, 9.0, 9.0), (9.0, 9.0, 0),
           (9.0, 9.0, 0)]
-  made, seen = None, set()
+  made, seen, rankings = None, set(), {}
   for t, pen in enumerate(pens):
     batch = make_batch(seed=t, pen=pen)
     g = grad_fn(params, batch)
-    used = [0, 1, 2] if t == 0 else made
+    used = [0, 1, 2] if t < 2 else rankings[(t - 2) // 2 * 2]
     if t % 2 == 0:
-      made = top_k(layer_norms(g), 2)
+      made = rankings[t] = top_k(layer_norms(g), 2)
     else:
       assert top_k(layer_norms(g), 2) != made  # a ranking would change it
     out, state = step(g, state, params, batch)
@@ -360,7 +361,8 @@ def test_pmap_selection_agreement_and_reference():
   out0, state = pstep(rep, state, stacked)  # step 0: every layer, then ranks
   sel = np.asarray(sam_optax.stats(state)["selected_layers"])
   assert (sel == sel[0]).all()  # every device agrees
-  out, state = pstep(rep, state, stacked)  # step 1: the ranked layers
+  _, state = pstep(rep, state, stacked)  # step 1: still every layer
+  out, state = pstep(rep, state, stacked)  # step 2: step 0's ranking
 
   # Reference: top-2 of the averaged gradient; per-device perturbations
   # normalised over the selection; second gradients averaged.
@@ -568,8 +570,9 @@ def test_layer_paths_match_a_suffix_in_a_linen_variables_dict():
 def test_selection_by_sharpness_against_numpy(normalize, select_every, k):
   """select_by="sharpness": each layer's estimate ‖h_l - g_l‖ is updated on
   the steps that perturb it (every layer on step 0) and kept otherwise; the
-  top-k of the estimates after a due step is used from the next step on.
-  References: plain jax.grad at the perturbed point and NumPy."""
+  top-k of the estimates after a due step is used from the step after next
+  on (steps 0 and 1 perturb every layer). References: plain jax.grad at
+  the perturbed point and NumPy."""
   params = mlp_params()
   rho, alpha = 0.3, 0.8
   tx = lw(loss_fn, rho=rho, alpha=alpha, num_layers=k, normalize=normalize,
@@ -577,14 +580,15 @@ def test_selection_by_sharpness_against_numpy(normalize, select_every, k):
   state = tx.init(params)
   step = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
   sharp = np.zeros(3)
-  made, seen = None, set()
+  made, seen, rankings = None, set(), {}
   # Step 0 makes l1 and l2 sharp (a large L2 term each); without it later,
   # the selected layer's estimate drops and the other's stale one wins.
-  pens = [(3.0, 3.0, 0)] + [(0, 0, 0)] * 6
+  pens = [(3.0, 3.0, 0)] + [(0, 0, 0)] * 7
   for t, pen in enumerate(pens):
     batch = make_batch(seed=t, pen=pen)
     g = np_tree(grad_fn(params, batch))
-    used = [0, 1, 2] if t == 0 else made
+    due = [m for m in rankings if m <= t - 2]
+    used = rankings[max(due)] if due else [0, 1, 2]
     names = [LAYERS[i] for i in used]
     over = names if normalize == "selection" else LAYERS
     norm = np.sqrt(sum(np.sum(v**2) for n in over for v in g[n].values()))
@@ -601,7 +605,7 @@ def test_selection_by_sharpness_against_numpy(normalize, select_every, k):
       sharp[i] = np.sqrt(sum(np.sum((h[n][key] - g[n][key]) ** 2)
                              for key in g[n]))
     if t % select_every == 0:
-      made = top_k(sharp, k)
+      made = rankings[t] = top_k(sharp, k)
     out, state = step(grad_fn(params, batch), state, params, batch)
     st = sam_optax.stats(state)
     np.testing.assert_allclose(st["layer_sharpness"], sharp, rtol=2e-4,

@@ -24,6 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sam_optax
 from sam_optax import parts
+from sam_optax._src import engine as engine_lib
+from sam_optax._src import planner as planner_lib
 from tests import helpers as tm
 from tests.helpers import mlp_loss, mlp_params
 
@@ -198,7 +200,8 @@ def test_planner_reads_the_device_only_where_it_must():
   # vSAM: once per window after warm-up, (200 - 40) / 20 = 8 windows.
   vsam = sam_optax.vsam(mlp_loss, warmup_steps=40, window=20)
   assert _reads_per_200(vsam, params) == 8
-  # A runtime selection: once per re-selection (steps 1, 11, 21, ...).
+  # A runtime selection: once per re-selection, perturbed from the step
+  # after next (read for steps 2, 12, 22, ...).
   lw = sam_optax.layerwise_sam(
       mlp_loss, num_layers=1, select_every=10, select_by="gradient"
   )
@@ -758,9 +761,10 @@ def test_pmap_without_axis_name_with_diverging_devices_is_refused():
   s = tm.replicate(tx.init(_ab_params()))
   # even devices: "a" has the larger gradient; odd ones: "b"
   b = jnp.array([[10.0, 1.0], [1.0, 10.0]] * (tm.NDEV // 2))
-  p, s = pstep(p, s, b, plan_of(0, s))
+  p, s = pstep(p, s, b, plan_of(0, s))  # ranks (differently per device)
+  p, s = pstep(p, s, b, plan_of(1, s))  # every layer: no ranking in use yet
   with pytest.raises(ValueError, match="pmap's devices without axis_name"):
-    plan_of(1, s)
+    plan_of(2, s)  # step 0's ranking
 
 
 # --------------------------------------------------------------------------
@@ -779,12 +783,14 @@ def _stepper(tx, loss):
 
 def test_planning_from_the_state_of_another_step_is_refused():
   """A pipelined loop plans step i+1 from the state before step i: at the
-  first read (vSAM's first window, the first layer re-selection) the
-  state's count is i, not i+1."""
+  first read (vSAM's first window at step 2, step 0's layer ranking used
+  at step 2) the copy started when planning step 1 is not of the state
+  before step 1, so the plan reads the state it is given, whose count is
+  1, not 2."""
   for sam_tx, at in [
       (sam_optax.vsam(mlp_loss, warmup_steps=2, window=4, blocks=2), 2),
       (sam_optax.layerwise_sam(mlp_loss, num_layers=1, select_by="gradient"),
-       1),
+       2),
   ]:
     tx = optax.chain(sam_tx, optax.sgd(0.05))
     step = _stepper(tx, mlp_loss)
@@ -801,8 +807,10 @@ def test_planning_from_the_state_of_another_step_is_refused():
 
 def test_after_a_non_finite_step_the_host_count_is_checked():
   """A NaN batch leaves the state (its count included) as it was: planning
-  with the host's step number then raises at the next read; count=None
-  reads the count, and that run equals the unplanned one."""
+  with the host's step number then raises at the next read (the window of
+  step 6: the copy started at host step 5 is of a state whose count is 4,
+  so the plan reads the state given, whose count is 5); count=None reads
+  the count, and that run equals the unplanned one."""
   sam_tx = sam_optax.vsam(mlp_loss, warmup_steps=2, window=4, blocks=2)
   tx = optax.apply_if_finite(optax.chain(sam_tx, optax.sgd(0.05)), 10)
   step = _stepper(tx, mlp_loss)
@@ -847,8 +855,9 @@ def test_a_reused_planner_does_not_carry_the_first_runs_decisions():
       plans.append(plan_of(count, s) if planned else None)
       p, s = step(p, s, jnp.array(c), plan=plans[-1])
     runs[c, planned] = p, [x and x.region for x in plans]
-  assert runs[(10.0, 1.0), True][1] == [(), (0,), (0,), (0,)]
-  assert runs[(1.0, 10.0), True][1] == [(), (1,), (1,), (1,)]
+  # Step 0's ranking is perturbed from step 2 on.
+  assert runs[(10.0, 1.0), True][1] == [(), (), (0,), (0,)]
+  assert runs[(1.0, 10.0), True][1] == [(), (), (1,), (1,)]
   chex.assert_trees_all_close(runs[(1.0, 10.0), True][0],
                               runs[(1.0, 10.0), False][0])
   # vSAM: the same planner for a run of another (equal-settings) transform
@@ -871,8 +880,8 @@ def test_a_reused_planner_does_not_carry_the_first_runs_decisions():
 
 
 def test_a_planner_forgets_its_reads_when_the_count_jumps():
-  """Plan step 1 of one run, then step 5 of another run (select_every=10:
-  the same re-selection period): the jump makes it read again."""
+  """Plan step 2 of one run, then step 5 of another run (select_every=10:
+  both perturb step 0's ranking): the jump makes it read again."""
   sam_tx = _ab_layerwise(select_every=10)
   tx = optax.chain(sam_tx, optax.sgd(0.01))
   step = _stepper(tx, _ab_loss)
@@ -886,9 +895,108 @@ def test_a_planner_forgets_its_reads_when_the_count_jumps():
       p, s = step(p, s, jnp.array(c))
     states[c].append(s)
   plan_of = sam_optax.planner(sam_tx)
-  assert plan_of(1, states[10.0, 1.0][1]).region == (0,)
+  assert plan_of(2, states[10.0, 1.0][2]).region == (0,)
   assert plan_of(5, states[1.0, 10.0][5]).region == (1,)
   assert plan_of.reads == 2
   # Consecutive steps of one run reuse the read.
   assert plan_of(6, states[1.0, 10.0][6]).region == (1,)
   assert plan_of.reads == 2
+
+
+# --------------------------------------------------------------------------
+# Planned steps never wait on the device inside the loop: a plan's device
+# reads are of copies started (asynchronously) one call earlier, before the
+# step in between was dispatched.
+# --------------------------------------------------------------------------
+
+N_QUEUED = 200  # planned steps per method, none waited for
+
+
+def _reads_the_device(sam_tx):
+  """Whether the method's plans depend on device state (vSAM's pattern, a
+  runtime layer selection): from its parts, not from a list of names."""
+  spec = engine_lib.spec_of(sam_tx)
+  return (isinstance(spec.gate, parts.VariationSampling)
+          or isinstance(spec.region, parts.TopLayers))
+
+
+def _queued_loop(name, transfers, host_calls, steps, prefetch=True,
+                 built=None):
+  """``steps`` planned steps of a registry method, each dispatched without
+  waiting, params and state donated. Before each plan the arrays then alive
+  are noted; every host transfer the planner makes (``host_calls``: the
+  patched read) is classified: it waits for the step just dispatched iff
+  it reads one of that step's outputs, or an array created during this
+  planner call (queued behind that step on an in-order device). Returns
+  the planner and ``built`` (the transforms and the compiled step, for a
+  second loop)."""
+  if built is None:
+    sam_tx, tx = build(name)
+
+    @functools.partial(jax.jit, static_argnames="plan",
+                       donate_argnums=(0, 1))
+    def step(p, s, b, plan=None):
+      u, s = tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b, plan=plan)
+      return optax.apply_updates(p, u), s
+
+    built = sam_tx, tx, step
+  sam_tx, tx, step = built
+  plan_of = sam_optax.planner(sam_tx)
+  plan_of._prefetching = prefetch  # pylint: disable=protected-access
+
+  bs = tm.batches(n=4)
+  p = mlp_params()
+  s = tx.init(p)
+  in_flight = []  # the outputs of the step dispatched last
+  for count in range(steps):
+    before = jax.live_arrays()  # held: their ids stay unique in the call
+    host_calls.clear()
+    plan = plan_of(count, s)
+    known = {id(x) for x in before}
+    flight = {id(x) for x in in_flight}
+    for x in host_calls:
+      transfers.append((count, id(x) in flight or id(x) not in known))
+    del before
+    p, s = step(p, s, bs[count % 4], plan=plan)  # not waited for
+    in_flight = jax.tree.leaves((p, s))
+  return plan_of, built
+
+
+def test_planned_loops_never_read_the_step_just_dispatched(monkeypatch):
+  """Every registry method, 200 planned steps with none waited for: no host
+  transfer the planner makes reads the step just dispatched (counted with
+  the planner's one read function patched, and by the planner itself,
+  ``blocking_reads``); the methods whose plans depend on device state (vSAM,
+  the runtime layer selections) do read it. A planner that reads the state
+  it is given (no started copies) is caught by the same count."""
+  host_calls = []
+  real_host = planner_lib._host  # pylint: disable=protected-access
+
+  def host(x):
+    host_calls.append(x)
+    return real_host(x)
+
+  monkeypatch.setattr(planner_lib, "_host", host)
+  readers, built = set(), {}
+  for name in tm.ALL:
+    transfers = []
+    plan_of, built[name] = _queued_loop(name, transfers, host_calls,
+                                        N_QUEUED)
+    sam_tx = built[name][0]
+    waited = [count for count, waits in transfers if waits]
+    assert not waited, (name, waited[:5])
+    assert plan_of.blocking_reads == 0, name
+    if _reads_the_device(sam_tx):
+      readers.add(name)
+      assert plan_of.reads > 0 and transfers, name
+    else:
+      assert plan_of.reads == 0 and not transfers, name
+  assert {"vsam", "layerwise_sam_runtime",
+          "layerwise_sam_sharpness"} <= readers, readers
+  # The stub can fail: the same loop, reading the state given to each call.
+  for name in ("vsam", "layerwise_sam_runtime"):
+    transfers = []
+    plan_of, _ = _queued_loop(name, transfers, host_calls, 12,
+                              prefetch=False, built=built[name])
+    assert any(waits for _, waits in transfers), name
+    assert plan_of.blocking_reads > 0, name

@@ -315,8 +315,10 @@ def test_vsam_schedule_along_a_trajectory():
   rates = []
   for t in range(steps):
     if t >= warmup and (t - warmup) % window == 0:
+      # Drawn at the end of step t - 2: step t - 1's sample is not in yet.
+      k = n - int(t >= 1 and sampled[t - 1])
       rate = np_rate_update(
-          rate, r_hist[-window:], v_hist[-window:], gains, max_quota
+          rate, r_hist[:k][-window:], v_hist[:k][-window:], gains, max_quota
       )
       rates.append(rate)
       taken = sum(sampled[t:t + window])

@@ -625,11 +625,15 @@ def layerwise_sam(
     :func:`rank_layers` ranks layers by gradient norm from data.
   * ``select_by="gradient"``: the ``num_layers`` layers with the largest
     clean-gradient norm, ranked at the end of every step with ``count %
-    select_every == 0`` and used from the next step on (step 0 perturbs
-    every layer). Without a plan the selection is an array and the second
-    gradient is a full one (GNP's cost); with planned steps
+    select_every == 0`` and used from the step after next on: step ``t``
+    perturbs the ranking of step ``t - 2`` with ``select_every=1`` (steps
+    0 and 1 perturb every layer). The two-step lag lets a planner read a
+    ranking while the step after it runs, never waiting for the step it
+    just dispatched. Without a plan the selection is an array and the
+    second gradient is a full one (GNP's cost); with planned steps
     (:func:`sam_optax.planner`) it is static per step, with one program per
-    distinct selection and one device read per re-selection.
+    distinct selection and one (lagged, asynchronous) device read per
+    re-selection.
   * ``select_by="sharpness"``: the ``num_layers`` layers whose gradient the
     perturbation changed most, ``‖h_l - g_l‖`` from the last computed step
     that perturbed the layer (a layer outside the selection keeps its last
@@ -1160,8 +1164,13 @@ def vsam(
   while fewer than ``floor(rate)`` were taken, and forced when the steps left
   (this one included) equal the quota left: every window takes exactly
   ``floor(rate)`` second gradients. The draws come from a PRNG key in state
-  (``seed``), identical on every device. The choice is a ``lax.cond``: a
-  reuse step evaluates ``loss_fn`` once less than SAM.
+  (``seed``), identical on every device. A window is drawn (its rate and
+  its sampling pattern) at the end of the step two steps before it starts,
+  from the statistics known then (a sample on a window's last step counts
+  from the window after next on): the lag lets a planner read the pattern
+  while the step before the window runs, never waiting for the step it
+  just dispatched. The choice is a ``lax.cond``: a reuse step evaluates
+  ``loss_fn`` once less than SAM.
 
   Defaults (window 50, blocks 5, max_rate 0.8, gains (0.13, 0.13), decay 0.7,
   max_reuse 6, rho 0.05, initial rate 1) are from the authors' code

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sam_optax._src import base
 from sam_optax._src import protocols
@@ -97,9 +98,11 @@ class VariationSamplingState(NamedTuple):
       authors' ``base_sr``), float32; the quota of a window is
       ``floor(rate)``.
     next_rate: the rate of the next window, set when it is prepared.
-    pattern: bool ``[window]``: which steps of the current (or, once the
-      last step of a window is done, the next) window are sampled, drawn
-      when the window is prepared.
+    pattern: bool ``[window]``: which steps of the window drawn last are
+      sampled (the current window's, or the next one's once it is drawn,
+      two steps before it starts).
+    current: bool ``[window]``: the current window's ``pattern``, copied at
+      its first step.
     taken: second gradients taken in the current window (int32).
     probability: the probability of a sampled step at the last decision (1
       during warm-up, ``rate / window`` after), float32.
@@ -119,6 +122,7 @@ class VariationSamplingState(NamedTuple):
   rate: jax.Array
   next_rate: jax.Array
   pattern: jax.Array
+  current: jax.Array
   taken: jax.Array
   probability: jax.Array
   since: jax.Array
@@ -253,11 +257,15 @@ class VariationSampling(protocols.Gate):
   in the window (this one included) are no more than the quota left, so
   every window takes exactly ``floor(rate)`` samples.
 
-  The whole window is drawn at once, on the device, when the step before it
-  ends (``prepare``): the new rate from the statistics known then, and
-  the window's decisions with the draws of a key split once per step, the
-  same draws as deciding step by step. A step then reads its decision from
-  the stored pattern, and a planner reads the pattern once per window.
+  The whole window is drawn at once, on the device, at the end of the step
+  two steps before it starts (``prepare``; at ``init`` when that step
+  would come before step 0): the new rate from the statistics known then
+  (a sample taken on the window's last step counts for the window after
+  next), and the window's decisions with the draws of a key split once per
+  step, the same draws as deciding step by step. A step then reads its
+  decision from the stored pattern. The lag lets a planner read the
+  pattern once per window while the step before the window runs, without
+  waiting for it.
 
   On every sampled step (warm-up included), with ``psf = gs - g`` over the
   leaves chosen by ``stat_leaves``: ``R = ‖psf‖ / (‖g‖ + eps)``,
@@ -312,6 +320,7 @@ class VariationSampling(protocols.Gate):
         rate=rate(),
         next_rate=rate(),
         pattern=jnp.zeros((self.window,), bool),
+        current=jnp.zeros((self.window,), bool),
         taken=jnp.zeros((), jnp.int32),
         probability=jnp.ones((), jnp.float32),
         since=jnp.zeros((), jnp.int32),
@@ -321,12 +330,13 @@ class VariationSampling(protocols.Gate):
         norm=zeros(),
         root_variance=zeros(),
     )
-    # Without warm-up the first window starts at step 0: prepare it now.
+    # A first window that starts at step 0 or 1 is drawn now (two steps
+    # before it would be before step 0).
     warmup = _concrete_int(self.warmup_steps)
     if warmup is not None:
-      return self.prepare(state) if warmup == 0 else state
+      return self.prepare(state) if warmup <= 1 else state
     return base.tree_select(
-        jnp.asarray(self.warmup_steps) == 0, self.prepare(state), state
+        jnp.asarray(self.warmup_steps) <= 1, self.prepare(state), state
     )
 
   def updated_rate(self, state: VariationSamplingState):
@@ -372,7 +382,9 @@ class VariationSampling(protocols.Gate):
 
   def decide(self, step, state):
     warm, pos = self._position(step.count)
-    go = warm | state.pattern[pos]
+    # A window's first step reads the pattern just drawn; the others, the
+    # copy it made (the next window may be drawn before this one ends).
+    go = warm | jnp.where(pos == 0, state.pattern[0], state.current[pos])
     return go, self.advance(step, state, go)
 
   def advance(self, step, state, go):
@@ -385,6 +397,7 @@ class VariationSampling(protocols.Gate):
     key = jnp.where(warm, jax.random.split(state.key)[0], state.key)
     taken = jnp.where(boundary, 0, state.taken)
     return state._replace(
+        current=jnp.where(boundary, state.pattern, state.current),
         rate=rate,
         key=key,
         taken=taken + (go & ~warm).astype(jnp.int32),
@@ -420,12 +433,22 @@ class VariationSampling(protocols.Gate):
     )
 
   def prepares_after(self, count):
-    """Whether the step ``count`` is the last before a window starts."""
-    # count + 1 >= warmup and (count + 1 - warmup) % window == 0, written
-    # without count + 1, which would wrap at a saturated count (2**31 - 1)
-    return (count >= self.warmup_steps - 1) & (
-        (count - self.warmup_steps) % self.window == self.window - 1
+    """Whether a window starts two steps after step ``count`` (whose end
+    then draws it)."""
+    # count + 2 >= warmup and (count + 2 - warmup) % window == 0, written
+    # without count + 2, which would wrap at a saturated count (2**31 - 1)
+    return (count >= self.warmup_steps - 2) & (
+        (count - self.warmup_steps) % self.window == self.window - 2
     )
+
+  def prefetch(self, count):
+    """Whether a window starts at the step after ``count``: its pattern,
+    drawn two steps before, is in the state before step ``count``."""
+    warmup = _concrete_int(self.warmup_steps)
+    if warmup is None:
+      return False
+    start = count + 1
+    return start >= warmup and (start - warmup) % self.window == 0
 
   def after(self, step, state, planned=None):
     if planned is None:
@@ -448,7 +471,13 @@ class VariationSampling(protocols.Gate):
     w, pos = divmod(count - warmup, self.window)
     if memo.get("window") != w:
       memo["window"] = w
-      memo["pattern"] = tuple(bool(x) for x in read().pattern)
+      before = read(lagged=True) if pos == 0 else None
+      if before is not None:  # drawn two steps before the window
+        pattern = before.pattern
+      else:  # waits for the step dispatched last
+        now = read()
+        pattern = now.pattern if pos == 0 else now.current
+      memo["pattern"] = tuple(bool(x) for x in np.asarray(pattern))
     return memo["pattern"][pos]
 
   def plan_key(self):

@@ -6,7 +6,9 @@ methods of this library take is known to the host without waiting: LookSAM's
 ``count % k``, the masks' refresh steps, vSAM's warm-up and the end of a
 window, a layer re-selection, a radius schedule that is not > 0 and finite
 are functions of the step count; vSAM's sampling pattern and a runtime layer
-selection change only once per window or re-selection, and are read then. A :class:`Planner`
+selection change only once per window or re-selection, and are read then,
+from a host copy started one call earlier (never waiting for the step just
+dispatched). A :class:`Planner`
 turns ``(count, opt_state)`` into a small hashable :class:`engine.Plan`; the
 transform's ``update(..., plan=plan)``, with ``plan`` static under ``jit``,
 then compiles only that step's work, with no conditional, and gives the same
@@ -19,6 +21,7 @@ import copy
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sam_optax._src import base
@@ -68,6 +71,21 @@ def _host(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
+def _start_host_copy(x: Any) -> Any:
+  """A state leaf's copy on its way to the host: its own device buffer
+  (the state's may be donated to the next step), with the transfer
+  started (``copy_to_host_async``); :func:`_host` then takes it without
+  waiting for anything dispatched after it."""
+  if isinstance(x, jax.Array):
+    if not x.is_fully_addressable:  # replicated over hosts: any local copy
+      x = x.addressable_data(0)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    x = jnp.copy(x)
+    x.copy_to_host_async()
+  return x
+
+
 class _Differs:
   """A state leaf whose members (of a batched state) differ: any use of it
   in a plan raises, naming the cause."""
@@ -112,9 +130,24 @@ class Planner:
   the count given. Make a new planner for a new run (or call it with counts
   that restart from 0), and plan each step from the state before that step.
 
+  Its device reads never wait for the step dispatched last: the value a
+  plan reads (vSAM's pattern, drawn two steps before its window; a runtime
+  layer selection, perturbed from the step after next) is already in the
+  state before the previous step, so the planner starts copying it to the
+  host (``copy_to_host_async``, on a copy of its own: the state may be
+  donated) when it plans that previous step, and takes the copy at the
+  next call, while the step in between runs. Only the first call of a run
+  (a new planner, or after a restart or a jump) reads the state it is
+  given, which holds no step dispatched by this loop; ``count=None`` reads
+  the state given at every call.
+
   Attributes:
-    reads: how many times a plan read device memory so far (each read waits
-      for the steps already dispatched to finish).
+    reads: how many times a plan read device memory so far (started copies
+      and reads of the state given).
+    blocking_reads: how many reads waited for the steps dispatched before
+      the call: reads of the state given to a call that follows a planned
+      step (``count=None`` after the first call); 0 in a loop that plans
+      every step with the host's count.
   """
 
   def __init__(self, spec: engine.Spec):
@@ -124,8 +157,14 @@ class Planner:
     self._last: Optional[int] = None  # the last count planned
     self._lookahead = False  # peek: a look-ahead from an older state
     self.reads = 0
+    self.blocking_reads = 0
     self._checked = False
     self._rho_eval = None
+    # part -> (count, its state's count, the part's state): host copies
+    # started when planning step ``count``, taken by the plan of count + 1
+    self._started: dict[str, tuple[int, Any, Any]] = {}
+    self._prefetching = True  # False in peek's probe
+    self._fresh = True  # no step planned since construction or forgetting
 
   def _read(
       self, opt_state: Any, field: Optional[str], count: Optional[int]
@@ -139,7 +178,40 @@ class Planner:
     member is that value, one that differs raises when a plan uses it."""
     state = find_state(opt_state)
     self.reads += 1
-    counts = _host(state.count)
+    if not self._fresh:  # waits for the steps dispatched since
+      self.blocking_reads += 1
+    return self._decode(_host(state.count), getattr(state, field or "count"),
+                        field, count)
+
+  def _read_lagged(self, part: str, count: int) -> Any:
+    """``part``'s state before step ``count - 1``, from the copy started
+    when that step was planned; None if it was not, or if the state given
+    then was not the state before that step (a look-ahead from an older
+    state, a pipelined loop, an uncounted NaN step): the part then reads
+    the state given now, which checks its count."""
+    started = self._started.pop(part, None)
+    if started is None or started[0] != count - 1:
+      return None
+    counts = _host(started[1])
+    if np.any(counts != count - 1):
+      return None
+    self.reads += 1
+    return self._decode(counts, started[2], part, count - 1)
+
+  def _start_reads(self, count: int, opt_state: Any) -> None:
+    """Starts the host copies the next plan takes
+    (:meth:`Component.prefetch`)."""
+    for name in ("gate", "region"):
+      if getattr(self._spec, name).prefetch(count):
+        state = find_state(opt_state)
+        self._started[name] = (
+            count, _start_host_copy(state.count),
+            jax.tree.map(_start_host_copy, getattr(state, name)))
+
+  def _decode(self, counts: np.ndarray, tree: Any, field: Optional[str],
+              count: Optional[int]) -> Any:
+    """``tree`` (a state field) on the host, for the state whose count is
+    ``counts``; see :meth:`_read`."""
     batch = counts.shape  # () for one state
     if field is None:
       if np.any(counts != counts.flat[0]):
@@ -166,7 +238,7 @@ class Planner:
         return first
       return _Differs(self._batched_message(batch, f"{field} state", None))
 
-    return jax.tree.map(member, getattr(state, field))
+    return jax.tree.map(member, tree)
 
   def _batched_message(self, batch, what, values) -> str:
     shown = "" if values is None else f" ({_show(values)})"
@@ -183,8 +255,13 @@ class Planner:
 
   def _reader(
       self, opt_state: Any, part: str, count: int
-  ) -> Callable[[], PyTree]:
-    return lambda: self._read(opt_state, part, count)
+  ) -> Callable[..., PyTree]:
+    def read(lagged: bool = False):
+      if lagged:
+        return self._read_lagged(part, count)
+      return self._read(opt_state, part, count)
+
+    return read
 
   def _moved_to(self, count: int) -> None:
     """Forgets what was read when ``count`` does not follow the last count
@@ -195,6 +272,8 @@ class Planner:
       return
     if count < last or (count > last + 1 and not self._lookahead):
       self._memo = {"gate": {}, "region": {}}
+      self._started = {}
+      self._fresh = True
 
   def peek(self, count: int, opt_state: Any) -> Optional[engine.Plan]:
     """The plan of step ``count`` if the host knows it without reading the
@@ -207,11 +286,13 @@ class Planner:
     probe._lookahead = True  # pylint: disable=protected-access
     probe._checked = True  # pylint: disable=protected-access
     probe._rho_eval = self._rho_eval  # pylint: disable=protected-access
+    probe._prefetching = False  # pylint: disable=protected-access
 
     def refuse(opt_state, part, count):
       del opt_state, part, count
 
-      def read():
+      def read(lagged=False):
+        del lagged
         raise _NeedsRead
 
       return read
@@ -261,7 +342,7 @@ class Planner:
       self._checked = True
     self._moved_to(count)
     spec = self._spec
-    return engine.Plan(
+    plan = engine.Plan(
         rho_skip=self.rho_skip(count),
         second=spec.gate.plan(
             count, self._reader(opt_state, "gate", count), self._memo["gate"]
@@ -273,6 +354,10 @@ class Planner:
         ),
         owner=self._key,
     )
+    if self._prefetching:
+      self._start_reads(count, opt_state)
+    self._fresh = False
+    return plan
 
 
 def _show(values: np.ndarray) -> str:
@@ -312,10 +397,16 @@ def planner(tx: Any) -> Planner:
 
   The planner reads device memory only where a decision depends on device
   state: vSAM once per window (its sampling pattern, drawn on the device
-  when the previous window ends), a runtime layer selection once per
-  re-selection (every step with ``select_every=1``). Counted in
-  ``planner.reads``. Plans are a function of the count and of replicated
-  state, so every device and every process computes the same plan.
+  at the end of the step two steps before the window starts), a runtime
+  layer selection once per re-selection (every step with
+  ``select_every=1``; a ranking is perturbed from the step after next).
+  Counted in ``planner.reads``. No read waits for the step just
+  dispatched: the value is in the state before the previous step, whose
+  host copy the planner started (``copy_to_host_async``) when it planned
+  that step; only the first call of a run reads the state it is given
+  (``planner.blocking_reads`` counts reads that waited). Plans are a
+  function of the count and of replicated state, so every device and
+  every process computes the same plan.
 
   The rules a plan follows (the same as without a plan):
 
@@ -345,10 +436,11 @@ def planner(tx: Any) -> Planner:
     otherwise ValueError.
   * **What a planner remembers**: the last count planned and what it read
     (vSAM's current window and its pattern, a layer selection and the step
-    that made it), reused for the later steps of that window or period. It
-    forgets them when the count goes backwards or jumps ahead by more than
-    one step. Make a new planner for each run (a planner reused from count
-    0 re-reads, so a reused one is safe too, at the cost of a read).
+    that made it), reused for the later steps of that window or period,
+    and the host copies it started for the next plan. It forgets them when
+    the count goes backwards or jumps ahead by more than one step. Make a
+    new planner for each run (a planner reused from count 0 re-reads, so a
+    reused one is safe too, at the cost of a read).
 
   Args:
     tx: a transform returned by this library (a preset, a

@@ -240,6 +240,15 @@ class Component:
     del trainable
     return self
 
+  def prefetch(self, count: int) -> bool:
+    """Host-side: whether ``plan(count + 1)`` reads this part's state as it
+    is before step ``count`` (``read(lagged=True)``). The planner then
+    starts that read, asynchronously, when it plans step ``count``, and
+    the next plan takes its value without waiting for the step dispatched
+    in between (the default: no such read)."""
+    del count
+    return False
+
 
 class Geometry(Component):
   """Builds the perturbation ``e`` from the clean gradient.
@@ -268,9 +277,13 @@ class Region(Component):
   ``count`` and returns a hashable value fixing the region's decision for
   that step (None: nothing to plan); ``select_planned(step, state, plan)``
   then takes that step with no conditional. ``read()`` returns this part's
-  state as NumPy arrays (a device read; use it only when the decision
-  depends on device state); ``memo`` is a dict the planner keeps for this
-  part between calls.
+  state before step ``count`` as NumPy arrays (a device read that waits for
+  the step dispatched last: use it only when the decision depends on device
+  state and no lagged read is at hand); ``read(lagged=True)`` returns its
+  state before step ``count - 1``, from the read the planner started then
+  (see :meth:`prefetch`), or None when it did not plan that step from that
+  state (then call ``read()``); ``memo``
+  is a dict the planner keeps for this part between calls.
 
   ``observe(step, second, state)`` runs on computed steps only, after the
   second gradient (``second``, shaped like params; the clean gradient on
@@ -294,7 +307,8 @@ class Region(Component):
     del step
     return None, state, jnp.zeros((), jnp.int32)
 
-  def plan(self, count: int, read: Callable[[], PyTree], memo: dict) -> Hashable:
+  def plan(self, count: int, read: Callable[..., PyTree],
+           memo: dict) -> Hashable:
     del count, read, memo
     return None
 
@@ -343,9 +357,10 @@ class Gate(Component):
 
   Planning (optional): ``plan(count, read, memo)`` runs on the host before
   step ``count`` and returns the decision as a Python bool (None: decide on
-  the device); with a plan, ``advance(step, state, go)`` replaces ``decide``
-  and must return the state ``decide`` would have returned with that
-  decision. ``observe(step, second, state)`` runs on computed steps only,
+  the device; ``read`` and ``memo`` as for :class:`Region`); with a plan,
+  ``advance(step, state, go)`` replaces ``decide`` and must return the
+  state ``decide`` would have returned with that decision.
+  ``observe(step, second, state)`` runs on computed steps only,
   with the averaged second gradient; ``after(step, state)`` runs on every
   step, last.
   """
@@ -359,7 +374,7 @@ class Gate(Component):
     )
 
   def plan(
-      self, count: int, read: Callable[[], PyTree], memo: dict
+      self, count: int, read: Callable[..., PyTree], memo: dict
   ) -> Optional[bool]:
     del count, read, memo
     if self.schedule == "always":

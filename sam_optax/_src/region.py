@@ -557,19 +557,30 @@ class LayerSelection(NamedTuple):
   Attributes:
     selected: int32 ``[n]``, the selected layer indices; for a runtime
       selection in decreasing order of its score, gradient norm or
-      sharpness (-1 before the first ranking: every layer).
+      sharpness (-1 before the first ranking: every layer), the ranking
+      before ``pending``. The stat ``selected_layers`` is ``pending`` for
+      a runtime selection (its newest ranking), ``selected`` otherwise.
     refreshes: how many times the selection was (re)computed; None for a
       fixed selection.
     sharpness: float32 ``[layers]``, a selection by sharpness only: each
       layer's last estimate ``‖h_l - g_l‖`` (:class:`SharpLayers`).
+    pending: int32 ``[n]``, a runtime selection only: the newest ranking,
+      made at step ``ranked_at``; a step ``t`` perturbs it once
+      ``ranked_at <= t - 2``, and ``selected`` (the ranking before it)
+      until then (see :class:`TopLayers`).
+    ranked_at: int32, the step that made ``pending`` (-1 before any).
   """
 
   selected: jax.Array
   refreshes: Optional[jax.Array] = None
   sharpness: Optional[jax.Array] = None
+  pending: Optional[jax.Array] = None
+  ranked_at: Optional[jax.Array] = None
 
   def stats(self):
-    out = {"selected_layers": self.selected}
+    # A runtime selection: its newest ranking (perturbed two steps on).
+    out = {"selected_layers":
+           self.selected if self.pending is None else self.pending}
     if self.refreshes is not None:
       out["layer_refreshes"] = self.refreshes
     if self.sharpness is not None:
@@ -680,15 +691,17 @@ class TopLayers(protocols.Region):
   """The ``num_layers`` layers with the largest clean-gradient norm, chosen
   from the clean gradient of an earlier step.
 
-  Every step perturbs the selection held in state. At the end of every step
-  with ``count % select_every == 0`` (step 0 included) the selection becomes
-  the ``num_layers`` layers with the largest norm of *that step's* clean
-  gradient (averaged over ``axis_name``, so every device chooses the same),
-  used from the next step on. So step ``t >= 1`` uses the ranking of step
-  ``t - 1`` with ``select_every = 1``, of the last multiple of
-  ``select_every`` before ``t`` otherwise: a lag of one step, which lets a
-  planner know the selection before the step runs. Step 0, before any
-  ranking, perturbs every layer. Ties go to the
+  At the end of every step with ``count % select_every == 0`` (step 0
+  included) the ``num_layers`` layers with the largest norm of *that
+  step's* clean gradient (averaged over ``axis_name``, so every device
+  chooses the same) are ranked, and perturbed from the step after next on.
+  So step ``t >= 2`` perturbs the ranking of step ``t - 2`` with
+  ``select_every = 1``, of the last multiple of ``select_every`` at or
+  before ``t - 2`` otherwise: a lag of two steps, which lets a planner know
+  the selection one step before the step runs, and read it from the device
+  while the step before runs (a read of the state the step just dispatched
+  would wait for it). Steps 0 and 1, before any ranking is due, perturb
+  every layer. Ties go to the
   layer with the lower index (``lax.top_k`` order); a NaN norm ranks last.
 
   Without a plan the mask is an array (one boolean per leaf) and the second
@@ -718,6 +731,8 @@ class TopLayers(protocols.Region):
     return LayerSelection(
         selected=jnp.full((self.num_layers,), -1, jnp.int32),
         refreshes=jnp.zeros((), jnp.int32),
+        pending=jnp.full((self.num_layers,), -1, jnp.int32),
+        ranked_at=jnp.full((), -1, jnp.int32),
     )
 
   def reselects_after(self, count):
@@ -730,10 +745,20 @@ class TopLayers(protocols.Region):
     scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
     _, top = jax.lax.top_k(scores, self.num_layers)
     due = self.reselects_after(step.count)
+    # The ranking the next step perturbs is the newest before this one.
     return state._replace(
-        selected=jnp.where(due, top.astype(jnp.int32), state.selected),
+        selected=jnp.where(due, state.pending, state.selected),
+        pending=jnp.where(due, top.astype(jnp.int32), state.pending),
+        ranked_at=jnp.where(due, step.count, state.ranked_at),
         refreshes=base.saturating_add(state.refreshes, due),
     )
+
+  @staticmethod
+  def in_use(state, count):
+    """The ranking step ``count`` perturbs (-1: every layer): the newest
+    one made at or before step ``count - 2``."""
+    return jnp.where(state.ranked_at <= count - 2, state.pending,
+                     state.selected)
 
   def next_state(self, step, state):
     """The state after this step: re-ranked from its clean gradient if due."""
@@ -746,7 +771,7 @@ class TopLayers(protocols.Region):
     """bool ``[layers]``: the layers the selection in ``state`` perturbs
     (every layer before the first ranking)."""
     names, _ = self._layers(step.params)
-    sel = state.selected
+    sel = self.in_use(state, step.count)
     chosen = jnp.zeros((len(names),), bool).at[jnp.maximum(sel, 0)].set(True)
     return jnp.where(sel[0] < 0, True, chosen)
 
@@ -758,14 +783,26 @@ class TopLayers(protocols.Region):
     )
     return mask, self.next_state(step, state), jnp.zeros((), jnp.int32)
 
+  def prefetch(self, count):
+    # The next step perturbs a ranking this one does not: the newest in
+    # the state before this step (its `pending`).
+    return count >= 1 and (count - 1) % self.select_every == 0
+
   def plan(self, count, read, memo):
-    if count == 0:
+    if count < 2:
       return ()  # every layer
-    # The last step, before this one, that made a selection.
-    made = (count - 1) // self.select_every * self.select_every
+    # The last step, at or before count - 2, that made a ranking.
+    made = (count - 2) // self.select_every * self.select_every
     if memo.get("made") != made:
       memo["made"] = made
-      selected = [int(i) for i in read().selected]
+      before = read(lagged=True)  # the state before step count - 1
+      if before is not None:
+        selected = before.pending
+      else:  # waits for the step dispatched last
+        now = read()
+        selected = (now.pending if int(now.ranked_at) <= count - 2
+                    else now.selected)
+      selected = [int(i) for i in np.asarray(selected)]
       # -1: no ranking yet (a selection by sharpness ranks on computed
       # steps only), so every layer, as without a plan.
       memo["selection"] = () if min(selected) < 0 else tuple(sorted(selected))
@@ -820,7 +857,7 @@ class SharpLayers(TopLayers):
   as they are: with every layer perturbed ``h_l - g_l`` also holds the
   other layers' share of the curvature, and with ``normalize="selection"``
   a smaller selection gets a larger share of the radius. Re-ranking, its
-  one-step lag, planning and ``select_every`` are as in
+  two-step lag, planning and ``select_every`` are as in
   :class:`TopLayers`; the ranking is made after the second gradient
   (``observe``), so a step without one (a zero radius) keeps the
   selection. Under ``axis_name`` both gradients are averaged first, so
