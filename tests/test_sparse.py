@@ -542,6 +542,19 @@ def test_dynamic_counts(exact):
       assert keep + grow == k
 
 
+def test_uniform_noise_is_one_draw_per_leaf_key():
+  """SSAM-D's noise, drawn for every leaf of a shape at once, is leaf i's
+  ``uniform(fold_in(key, i))``: the numbers a draw per leaf gave."""
+  key = jax.random.key(5)
+  like = {"a": jnp.zeros((3, 4)), "b": jnp.zeros((5,)), "c": jnp.zeros((3, 4)),
+          "d": jnp.zeros(()), "e": jnp.zeros((5,), jnp.bfloat16)}
+  got = jax.jit(region_lib._uniform_like)(key, like)
+  for i, (g, x) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(like))):
+    want = jax.random.uniform(jax.random.fold_in(key, i), x.shape, jnp.float32)
+    np.testing.assert_array_equal(g, want)
+    assert g.dtype == jnp.float32
+
+
 def test_dynamic_init_exact_count_and_seed_determinism():
   params = make_params()
   n = n_params(params)
