@@ -143,6 +143,17 @@ def _index_at_most(shape, bound) -> jax.Array:
   return le & column(bound >= 0)
 
 
+def _unstack(masks, groups, leaves) -> list:
+  """Each leaf's mask: its slice of its group's, all False for an empty
+  leaf (in no group)."""
+  out = [None if np.size(x) else jnp.zeros(jnp.shape(x), bool)
+         for x in leaves]
+  for g, m in zip(groups, masks):
+    for j, i in enumerate(g):
+      out[i] = jax.lax.index_in_dim(m, j, keepdims=False)
+  return out
+
+
 def top_k_mask(
     scores: PyTree,
     k: Any,
@@ -271,9 +282,4 @@ def top_k_mask(
                for m, key in zip(at_least(t, u), keys)],
       lambda: [(key > 0) & (k > 0) for key in keys],
   )
-  out = [jnp.zeros(jnp.shape(x), bool) if not size else None
-         for x, size in zip(leaves, sizes)]
-  for g, m in zip(groups, masks):
-    for j, i in enumerate(g):
-      out[i] = jax.lax.index_in_dim(m, j, keepdims=False)
-  return jax.tree.unflatten(treedef, out)
+  return jax.tree.unflatten(treedef, _unstack(masks, groups, leaves))
