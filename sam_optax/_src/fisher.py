@@ -185,6 +185,20 @@ def fisher_scores(
 
   # Each device's own per-example gradients (see base.per_device).
   params = base.per_device(params, axis_name, batch)
+  sq_sum = _chunk_squares(loss, params, (leaves, treedef, ax_leaves), scale,
+                          axis_name, first, num_samples)
+  zeros = base.per_device(base.zeros_like_f32(params), axis_name, batch)
+  return _sum_in_chunks(sq_sum, zeros, per_device, chunk)
+
+
+def _chunk_squares(loss, params, sliced, scale, axis_name, first,
+                   num_samples) -> Callable[[Any, int], PyTree]:
+  """``sq_sum(start, size)``: the sum over the batch's examples ``[start,
+  start + size)`` of ``(scale ∇ℓ_i)²``, float32 (``vmap`` of the
+  per-example gradient). ``sliced``: :func:`batched_leaves`' (leaves,
+  treedef, axes). Under ``axis_name`` examples whose global index (``first``
+  + local index) is ``num_samples`` or more weigh 0."""
+  leaves, treedef, ax_leaves = sliced
 
   def example_grad(*example_leaves):
     ex = [
@@ -192,14 +206,12 @@ def fisher_scores(
     ]
     return jax.grad(loss)(params, jax.tree.unflatten(treedef, ex))
 
-  in_axes = tuple(ax_leaves)
-
   def sq_sum(start, size):
     part = [
         jax.lax.dynamic_slice_in_dim(x, start, size, 0) if ax == 0 else x
         for x, ax in zip(leaves, ax_leaves)
     ]
-    g = jax.vmap(example_grad, in_axes=in_axes)(*part)
+    g = jax.vmap(example_grad, in_axes=tuple(ax_leaves))(*part)
     if axis_name is None:
       return jax.tree.map(
           lambda y: jnp.sum(jnp.square(y.astype(jnp.float32) * scale), axis=0), g
@@ -215,8 +227,7 @@ def fisher_scores(
         g,
     )
 
-  zeros = base.per_device(base.zeros_like_f32(params), axis_name, batch)
-  return _sum_in_chunks(sq_sum, zeros, per_device, chunk)
+  return sq_sum
 
 
 def _sum_in_chunks(sq_sum, zeros, total: int, chunk: int) -> PyTree:

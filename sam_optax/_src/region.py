@@ -466,12 +466,24 @@ def _random_mask_state(seed, params, k) -> DynamicMaskState:
 
 
 def _uniform_like(key, params) -> PyTree:
-  """Uniform [0, 1) float32 noise shaped like ``params``, one key per leaf."""
+  """Uniform [0, 1) float32 noise shaped like ``params``, one key per leaf
+  (leaf ``i``'s is ``fold_in(key, i)``).
+
+  Drawn for all leaves of a shape at once (``vmap`` over their keys, the
+  same numbers): a draw per leaf was a kernel of its own per leaf, which
+  XLA:CPU compiled in about 0.2 s each."""
   leaves, treedef = jax.tree.flatten(params)
-  out = [
-      jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x), jnp.float32)
-      for i, x in enumerate(leaves)
-  ]
+  groups: dict = {}
+  for i, x in enumerate(leaves):
+    groups.setdefault(tuple(jnp.shape(x)), []).append(i)
+  out = [None] * len(leaves)
+  for shape, idx in groups.items():
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        key, jnp.asarray(idx, jnp.uint32))
+    noise = jax.vmap(
+        lambda k, shape=shape: jax.random.uniform(k, shape, jnp.float32))(keys)
+    for j, i in enumerate(idx):
+      out[i] = noise[j]
   return jax.tree.unflatten(treedef, out)
 
 
