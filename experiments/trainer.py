@@ -86,7 +86,9 @@ def make_optimizer(
   decay is added to the method's output gradient, as in the papers' code. A
   full optimizer (LightSAM) gets ``add_decayed_weights`` before it and the
   cosine schedule as its ``learning_rate`` unless its registry entry fixes
-  one. ``axis_name`` goes to the method (per-device perturbation).
+  one; one that takes the base optimizer (decoupled WSAM) gets this
+  chain, weight decay included, and the schedule. ``axis_name`` goes to
+  the method (per-device perturbation).
   ``with_sam``: return ``(optimizer, sam_transform)``, the latter for
   ``sam_optax.planner`` (None for SGD).
   """
@@ -112,7 +114,7 @@ def make_optimizer(
       overrides=overrides,
       with_sam=True,
   )
-  if spec.full_optimizer and cfg.weight_decay:
+  if spec.full_optimizer and not spec.takes_base and cfg.weight_decay:
     tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
   return (tx, sam_tx) if with_sam else tx
 
