@@ -1077,13 +1077,18 @@ def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
   if bar is not None:
     bar.close()
   meta["total_s"] = time.perf_counter() - t_start
-  rows = summarise(runs, labels)
+  return _finish(out, meta, runs, summarise(runs, labels), meta["total_s"])
+
+
+def _finish(out: str, meta: dict, runs: list[dict], rows: list[dict],
+            seconds: float) -> dict:
+  """Writes the outputs, prints the table and the findings."""
   write_outputs(out, meta, runs, rows)
   print(table(rows))
-  for s in findings(rows):
-    print("-", s)
+  for line in findings(rows):
+    print("-", line)
   print(f"wrote {out}/results.json, results.md and the figures "
-        f"({meta['total_s'] / 60:.1f} min)")
+        f"({seconds / 60:.1f} min)")
   return {"rows": rows, "runs": runs, "out": out, "meta": meta}
 
 
@@ -1232,14 +1237,8 @@ def add_missing(plan_: Plan, command: str, protocol: str) -> dict:
       "xla": meta_now["xla"], "sgd_reruns": reruns,
   }]
   runs = saved["runs"] + new
-  rows = summarise(runs, labels, sgd_reruns(meta))
-  write_outputs(out, meta, runs, rows)
-  print(table(rows))
-  for line in findings(rows):
-    print("-", line)
-  print(f"wrote {path}, results.md and the figures "
-        f"({meta['additions'][-1]['total_s'] / 60:.1f} min)")
-  return {"rows": rows, "runs": runs, "out": out, "meta": meta}
+  return _finish(out, meta, runs, summarise(runs, labels, sgd_reruns(meta)),
+                 meta["additions"][-1]["total_s"])
 
 
 def _train_row(trainers: dict, base: config_lib.Config, lab: str, name: str,
