@@ -204,9 +204,11 @@ def test_wsam_decoupled_row_is_the_papers_update_over_the_trainers_base():
   # The registry row through the trainer: the base optimizer (weight decay,
   # SGD momentum, cosine schedule) follows the clean gradient; the
   # sharpness term a * (h - g) is added scaled by the scheduled learning
-  # rate; weight decay is applied once. NumPy on least squares.
+  # rate; weight decay is applied once; planned as unplanned. NumPy on
+  # least squares.
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+  import sam_optax  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(6, 3)), rng.normal(size=6)
@@ -215,21 +217,25 @@ def test_wsam_decoupled_row_is_the_papers_update_over_the_trainers_base():
   cfg = config.Config(dataset="digits", method="wsam_decoupled",
                       method_args={"rho": rho, "gamma": gamma}, epochs=1,
                       lr=lr, momentum=mu, weight_decay=wd)
-  tx = trainer.make_optimizer(cfg, loss, False, steps)
-  w = jnp.array([0.3, -0.2, 0.5])
-  state = tx.init(w)
+  tx, sam_tx = trainer.make_optimizer(cfg, loss, False, steps,
+                                      with_sam=True)
   grad = lambda v: 2 * x.T @ (x @ v - y) / len(y)
   a = gamma / (1 - gamma)
-  v, trace = np.asarray(w, np.float64), np.zeros(3)
-  for t in range(steps):
-    g = grad(v)
-    h = grad(v + rho * g / np.linalg.norm(g))
-    lr_t = lr * 0.5 * (1 + np.cos(np.pi * t / steps))
-    trace = mu * trace + g + wd * v
-    v = v - lr_t * trace - lr_t * a * (h - g)
-    u, state = tx.update(jnp.asarray(grad(np.asarray(w, np.float64)),
-                                     jnp.float32), state, w,
-                         batch=(jnp.asarray(x, jnp.float32),
-                                jnp.asarray(y, jnp.float32)))
-    w = optax.apply_updates(w, u)
-    np.testing.assert_allclose(np.asarray(w), v, rtol=1e-5, atol=1e-6)
+  batch = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  for planned in (False, True):  # the trainer plans it (sam_optax.planner)
+    plan_of = sam_optax.planner(sam_tx) if planned else None
+    w = jnp.array([0.3, -0.2, 0.5])
+    state = tx.init(w)
+    v, trace = np.asarray(w, np.float64), np.zeros(3)
+    for t in range(steps):
+      g = grad(v)
+      h = grad(v + rho * g / np.linalg.norm(g))
+      lr_t = lr * 0.5 * (1 + np.cos(np.pi * t / steps))
+      trace = mu * trace + g + wd * v
+      v = v - lr_t * trace - lr_t * a * (h - g)
+      plan = plan_of(t, state) if planned else None
+      u, state = tx.update(jnp.asarray(grad(np.asarray(w, np.float64)),
+                                       jnp.float32), state, w, batch=batch,
+                           plan=plan)
+      w = optax.apply_updates(w, u)
+      np.testing.assert_allclose(np.asarray(w), v, rtol=1e-5, atol=1e-6)

@@ -1143,6 +1143,7 @@ def test_layerwise_study_rows_are_registry_methods_with_their_choices():
   committed = "experiments/results/digits/long"
   assert read == {
       "sam (rho=0.1)": (committed, "sam (rho=0.1)"),
+      "gnp (rho=0.1)": (committed, "gnp"),
       "layerwise_sam (rho=0.1)": (committed, "layerwise_sam")}
   assert 0 in run and not set(run) & set(settings["digits"]["skip"])
   assert len(run) + len(read) + len(settings["digits"]["skip"]) == len(
