@@ -29,6 +29,14 @@ replaced only on purpose: ``--committed --dataset fashion_mnist --out
 experiments/results/fashion_mnist --overwrite`` (:mod:`experiments.outputs`
 refuses any output under ``experiments/results/`` that holds files
 otherwise). ``--dataset`` runs one dataset, ``--regime`` one regime.
+``--add-missing`` adds to a stored result only the rows it lacks (new
+methods of the protocol, :data:`ADDED_ROWS`) without rerunning the others:
+it refuses a file made with another configuration, other seeds, another
+CPU or other XLA settings (naming each difference), reruns SGD on every
+seed and refuses unless it reproduces the stored numbers bit for bit, then
+recomputes the summary, paired intervals, tables and figures from all the
+runs (:func:`add_missing`); the protocol's command still reproduces the
+whole file.
 ``--long`` runs the digits for 240 epochs with every registry method and
 the older, wider rho grids (:data:`RHO_GRIDS`), enough for vSAM's sampling
 schedule to reach its working rate. Each output directory gets
@@ -155,6 +163,17 @@ CHEAP_GRID = [("sam", {"rho": 0.2}), ("looksam", {"k": 2}),
 COMMITTED_GRID = ([("sam", {"rho": r}) for r in RHO_GRIDS["sam"]]
                   + [("looksam", {"rho": r}) for r in RHO_GRIDS["looksam"]])
 
+#: The rows added to the committed tables after their first runs, each at
+#: its registry default: issue #28's methods (GSAM, WSAM coupled and
+#: decoupled, Friendly SAM, late-phase SAM, SAM with m-sharpness over 2
+#: sub-batches) and the methods the first runs left out (ASAM, GNP, Sparse
+#: SAM with the Fisher mask). ``--add-missing`` runs them into a committed
+#: file without rerunning its rows (:func:`add_missing`); the README's
+#: command runs them with the rest.
+ADDED_ROWS = [("gsam", {}), ("wsam", {}), ("wsam_decoupled", {}),
+              ("fsam", {}), ("sam_late", {}), ("sam", {"num_splits": 2}),
+              ("asam", {}), ("gnp", {}), ("ssam_fisher", {})]
+
 #: Row keys that set the base configuration rather than a method argument.
 BASE_ROW_KEYS = ("lr",)
 
@@ -221,9 +240,9 @@ PROTOCOLS = {
         datasets=("fashion_mnist", "digits", "mnist1d"),
         regimes=("short", "long"),
         methods=DECIDED_METHODS,
-        extra_methods={"fashion_mnist": TUNING_GRID,
-                       "digits": TUNING_GRID + CHEAP_GRID,
-                       "mnist1d": TUNING_GRID + CHEAP_GRID},
+        extra_methods={"fashion_mnist": TUNING_GRID + ADDED_ROWS,
+                       "digits": TUNING_GRID + CHEAP_GRID + ADDED_ROWS,
+                       "mnist1d": TUNING_GRID + CHEAP_GRID + ADDED_ROWS},
         seeds={"digits": 5, "mnist1d": 5, "fashion_mnist": 3},
         out="runs/committed/{dataset}/{regime}", base=REGIMES,
     ),
@@ -390,16 +409,21 @@ def _paired(row: dict, ref: dict) -> dict:
   return dict(paired_interval([a[s] - b[s] for s in common]), seeds=common)
 
 
-def best_of(rows: list[dict], method: str) -> Optional[dict]:
-  """``method``'s row (default or grid) of highest mean accuracy."""
+def best_of(rows: list[dict], method: str,
+            keys: Optional[tuple[str, ...]] = None) -> Optional[dict]:
+  """``method``'s row (default or grid) of highest mean accuracy; with
+  ``keys``, among the rows that set no other argument."""
   mine = [r for r in rows if r["method"] == method
-          and r.get("acc_mean") is not None]
+          and r.get("acc_mean") is not None
+          and (keys is None or set(r.get("method_args", {})) <= set(keys))]
   return max(mine, key=lambda r: r["acc_mean"]) if mine else None
 
 
 def best_sam(rows: list[dict]) -> Optional[dict]:
-  """The SAM row (default or grid) of highest mean accuracy."""
-  return best_of(rows, "sam")
+  """The SAM row of highest mean accuracy among its default and its rho
+  grid (SAM with m-sharpness, ``num_splits``, is a row of its own, not a
+  candidate: the reference stays the one method)."""
+  return best_of(rows, "sam", keys=("rho",))
 
 
 def best_sgd(rows: list[dict]) -> Optional[dict]:
@@ -450,18 +474,50 @@ def add_paired(rows: list[dict]) -> list[dict]:
   return rows
 
 
-def summarise(runs: list[dict], order: list[str]) -> list[dict]:
+def _sgd_reference(sgd_runs: list[dict]) -> dict:
+  """The cost reference of one session: SGD's training seconds per seed,
+  their mean, and its mean CPU time (None where a run lacks it)."""
+  ok = [r for r in sgd_runs if "error" not in r]
+  per_seed = {r["seed"]: r["train_s"] for r in ok}
+  cpu = [r.get("train_cpu_s") for r in ok]
+  return {"time": per_seed,
+          "mean_time": np.mean(list(per_seed.values())) if per_seed else None,
+          "mean_cpu": float(np.mean(cpu)) if cpu and None not in cpu
+                      else None}
+
+
+def _relative(ok: list[dict], key: str, refs: dict, ref_key: str):
+  """The row's mean ``key`` over the mean of its session's SGD (each
+  session's share weighted by its runs): with one session, exactly
+  ``mean(key) / SGD's mean``."""
+  by_session: dict[int, list] = {}
+  for r in ok:
+    by_session.setdefault(r.get("session", 0), []).append(r.get(key))
+  total = 0.0
+  for session, xs in by_session.items():
+    ref = refs.get(session, {}).get(ref_key)
+    if not ref or None in xs:
+      return None
+    total += (len(xs) / len(ok)) * float(np.mean(xs) / ref)
+  return total
+
+
+def summarise(runs: list[dict], order: list[str],
+              sgd_reruns: Optional[dict] = None) -> list[dict]:
   """Per-method rows: accuracy mean/std, cost relative to SGD, paired
-  differences (:func:`add_paired`)."""
+  differences (:func:`add_paired`).
+
+  A run's cost is relative to SGD's in the same session: ``runs`` without
+  a ``session`` key are session 0, timed against the SGD row's runs; the
+  rows :func:`add_missing` added later carry their session's number and
+  are timed against SGD rerun in that session (``sgd_reruns``: session ->
+  its SGD runs), since the machine's load differs between sessions."""
   by_label: dict[str, list[dict]] = {lab: [] for lab in order}
   for r in runs:
     by_label[r["label"]].append(r)
-  sgd_runs = [r for r in by_label.get("sgd", []) if "error" not in r]
-  sgd_time = {r["seed"]: r["train_s"] for r in sgd_runs}
-  sgd_mean_time = np.mean(list(sgd_time.values())) if sgd_time else None
-  sgd_cpu = [r.get("train_cpu_s") for r in sgd_runs]
-  sgd_mean_cpu = (float(np.mean(sgd_cpu))
-                  if sgd_cpu and None not in sgd_cpu else None)
+  refs = {0: _sgd_reference(by_label.get("sgd", []))}
+  for session, rs in (sgd_reruns or {}).items():
+    refs[int(session)] = _sgd_reference(rs)
   rows = []
   for lab in order:
     rs = by_label[lab]
@@ -480,11 +536,13 @@ def summarise(runs: list[dict], order: list[str]) -> list[dict]:
     accs = [r["final_test_acc"] for r in ok]
     train_accs = [r.get("final_train_acc") for r in ok]
     times = [r["train_s"] for r in ok]
-    cpu = [r.get("train_cpu_s") for r in ok]
     second = [r["second_grads_per_step"] for r in ok]
-    # Relative wall-clock per seed (same seed's SGD run), then averaged.
+    # Relative wall-clock per seed (same seed's SGD run, same session),
+    # then averaged.
     per_seed = [
-        r["train_s"] / sgd_time[r["seed"]] for r in ok if r["seed"] in sgd_time
+        r["train_s"] / refs[r.get("session", 0)]["time"][r["seed"]]
+        for r in ok if r["seed"] in refs.get(r.get("session", 0), {}).get(
+            "time", {})
     ]
     row.update(
         acc_mean=float(np.mean(accs)),
@@ -497,14 +555,9 @@ def summarise(runs: list[dict], order: list[str]) -> list[dict]:
         compile_s=float(np.mean([r["compile_s"] for r in ok])),
         compile_cpu_s=(float(np.mean([r["compile_cpu_s"] for r in ok]))
                        if all("compile_cpu_s" in r for r in ok) else None),
-        time_rel=(
-            float(np.mean(times) / sgd_mean_time) if sgd_mean_time else None
-        ),
+        time_rel=_relative(ok, "train_s", refs, "mean_time"),
         time_rel_std=_std(per_seed) if per_seed else None,
-        cpu_rel=(
-            float(np.mean(cpu) / sgd_mean_cpu)
-            if sgd_mean_cpu and None not in cpu else None
-        ),
+        cpu_rel=_relative(ok, "train_cpu_s", refs, "mean_cpu"),
         second_rel=float(np.mean(second)),
         grads_rel=1.0 + float(np.mean(second)),
     )
@@ -745,6 +798,17 @@ def write_outputs(out: str, meta: dict, runs: list[dict], rows: list[dict],
       "(`experiments/methods.py`) unless the row says otherwise.",
       f"Machine: {meta['machine']}; total {meta['total_s'] / 60:.1f} min.",
       "",
+  ]
+  for a in meta.get("additions", []):
+    md += [
+        f"Rows added later by `{a['command']}` ({a['total_s'] / 60:.1f} "
+        f"min, {a['finished_utc']}): {', '.join(a['rows'])}. Same "
+        "configuration, seeds, CPU and XLA settings (checked); SGD rerun "
+        "in that session gave every seed's stored accuracy exactly and is "
+        "the reference of these rows' CPU time.",
+        "",
+    ]
+  md += [
       table(rows),
       "",
       "Test accuracy after the last epoch, mean ± standard error over "
@@ -840,6 +904,11 @@ def plans(argv: list[str]) -> list[Plan]:
                  help="output directory (several datasets or regimes: one "
                  "subdirectory each); default under runs/")
   outputs.add_arguments(p)
+  p.add_argument("--add-missing", action="store_true",
+                 help="add to the results.json in --out (or the protocol's "
+                 "directory) only the rows it lacks, without rerunning "
+                 "the others; refused when its configuration, seeds, CPU "
+                 "or XLA settings differ from this command's")
   p.add_argument("--verbose", action="store_true", help="per-epoch logs")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
@@ -928,7 +997,9 @@ def plans(argv: list[str]) -> list[Plan]:
         p.error(f"--methods lists a method twice: {labels}")
       out.append(Plan(a, path, specs, labels, regime))
   try:
-    outputs.check_output([pl.out for pl in out], args.overwrite)
+    # --add-missing keeps every stored run (add_missing checks the file)
+    outputs.check_output([pl.out for pl in out],
+                         args.overwrite or args.add_missing)
   except outputs.OverwriteError as e:
     p.error(str(e))
   return out
@@ -949,11 +1020,12 @@ def row_config(base: config_lib.Config, name: str,
       **base_keys))
 
 
-def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
-  """Trains one dataset's rows for every seed and writes its outputs."""
-  args, out, specs, labels, regime = plan_
+def plan_meta(plan_: Plan, command: str, protocol: str) -> dict:
+  """What ``results.json`` records about the plan before its runs: the
+  command, the configuration, the rows, the seeds, the CPU and XLA."""
+  args, _, specs, labels, regime = plan_
   base = config_lib.config_from_args(args)
-  meta = {
+  return {
       "command": command,
       "protocol": protocol,
       "dataset": args.dataset,
@@ -971,16 +1043,27 @@ def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
           n: dict(methods_lib.METHODS[n].defaults) for n, _ in specs
       },
   }
+
+
+def _bar(args: argparse.Namespace, total: int):
+  if args.no_progress:
+    return None
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+  return tqdm(total=total, dynamic_ncols=True)
+
+
+def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
+  """Trains one dataset's rows for every seed and writes its outputs."""
+  args, out, specs, labels, regime = plan_
+  base = config_lib.config_from_args(args)
+  meta = plan_meta(plan_, command, protocol)
   print(f"compare: {args.dataset} ({regime} regime), {len(specs)} rows x "
         f"{args.seeds} seeds -> {out}", flush=True)
   t_start = time.perf_counter()
   trainers: dict[str, trainer_lib.Trainer] = {}
   runs: list[dict] = []
-  bar = None
-  if not args.no_progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-    bar = tqdm(total=len(specs) * args.seeds, dynamic_ncols=True)
+  bar = _bar(args, len(specs) * args.seeds)
   for seed in range(args.seeds):
     # Rotate the order per seed so a drift in machine load does not always
     # favour the same methods.
@@ -988,53 +1071,217 @@ def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
     order = list(zip(labels, specs))
     order = order[shift:] + order[:shift]
     for lab, (name, margs) in order:
-      if bar is not None:
-        bar.set_description(f"seed {seed} {lab}")
-      run = {"label": lab, "method": name, "method_args": margs, "seed": seed}
-      try:
-        first = lab not in trainers
-        if first:
-          trainers[lab] = trainer_lib.Trainer(row_config(base, name, margs))
-          # The first run of a row compiles its programs (reused by the
-          # other seeds): say so, it can take a while.
-          _status(bar, f"compiling {lab} (and training seed {seed})")
-        res = trainers[lab].run(
-            seed,
-            log=(lambda s, lab=lab, seed=seed: print(f"[{lab} s{seed}] {s}"))
-            if args.verbose else None,
-            progress=False,
-            # The test set once, after the last epoch (the table's number);
-            # the per-epoch training loss and accuracy are in the history.
-            eval_every=trainers[lab].cfg.epochs,
-        )
-        if first:
-          _status(bar, f"compiled {lab} in {trainers[lab].compile_s:.1f} s")
-        res.pop("state")
-        res.pop("config")
-        run.update(res)
-        run["settings"] = method_settings(name, margs, trainers[lab])
-      except Exception as e:  # pylint: disable=broad-except
-        # One broken method must not lose the others' results.
-        run["error"] = f"{type(e).__name__}: {e}"
-        print(f"\n{lab} seed {seed} failed:\n{traceback.format_exc()}",
-              file=sys.stderr, flush=True)
-      runs.append(run)
-      if bar is not None:
-        bar.update(1)
-        if "final_test_acc" in run:
-          bar.set_postfix(acc=f"{100 * run['final_test_acc']:.1f}")
+      runs.append(_train_row(trainers, base, lab, name, margs, seed, args,
+                             bar))
       write_outputs(out, meta, runs, summarise(runs, labels), done=False)
   if bar is not None:
     bar.close()
   meta["total_s"] = time.perf_counter() - t_start
-  rows = summarise(runs, labels)
+  return _finish(out, meta, runs, summarise(runs, labels), meta["total_s"])
+
+
+def _finish(out: str, meta: dict, runs: list[dict], rows: list[dict],
+            seconds: float) -> dict:
+  """Writes the outputs, prints the table and the findings."""
   write_outputs(out, meta, runs, rows)
   print(table(rows))
-  for s in findings(rows):
-    print("-", s)
+  for line in findings(rows):
+    print("-", line)
   print(f"wrote {out}/results.json, results.md and the figures "
-        f"({meta['total_s'] / 60:.1f} min)")
+        f"({seconds / 60:.1f} min)")
   return {"rows": rows, "runs": runs, "out": out, "meta": meta}
+
+
+#: What a stored result and the command adding rows to it must share
+#: (:func:`mismatches`): the protocol, dataset and regime, every base
+#: setting, the seeds, the CPU model and the XLA settings (instruction set,
+#: effective flags, pinning, jax and jaxlib versions, core count).
+MATCHED_KEYS = ("protocol", "dataset", "regime", "base_config",
+                "label_noise", "seeds", "cpu", "xla")
+#: The numbers of a run the SGD rerun must reproduce exactly.
+REPRODUCED_KEYS = ("final_test_acc", "final_train_acc", "final_test_loss")
+
+
+def _jsonable(x):
+  """``x`` as ``results.json`` stores it (tuples as lists, ...)."""
+  return json.loads(json.dumps(x, default=checkpoints._json_default))  # pylint: disable=protected-access
+
+
+def _differences(name: str, stored, now) -> list[str]:
+  if stored == now:
+    return []
+  if isinstance(stored, dict) and isinstance(now, dict):
+    keys = sorted(k for k in set(stored) | set(now)
+                  if stored.get(k) != now.get(k))
+    return [f"{name}.{k}: stored {stored.get(k)!r}, now {now.get(k)!r}"
+            for k in keys]
+  return [f"{name}: stored {stored!r}, now {now!r}"]
+
+
+def mismatches(saved: dict, meta: dict) -> list[str]:
+  """Why rows cannot be added to ``saved`` (a ``results.json``) by the
+  command whose :func:`plan_meta` is ``meta``: each difference named, with
+  both values (empty when they agree). They agree when the stored file is
+  complete, every :data:`MATCHED_KEYS` value is equal, and every stored
+  row is one of the command's rows with the same method and arguments,
+  its method's registry defaults unchanged."""
+  now = _jsonable(meta)
+  out = [] if saved.get("complete") else [
+      "complete: the stored file is an interrupted run"]
+  for key in MATCHED_KEYS:
+    out += _differences(key, saved.get(key), now[key])
+  planned = {m["label"]: m for m in now["methods"]}
+  for m in saved.get("methods", []):
+    mine = planned.get(m["label"])
+    if mine is None:
+      out.append(f"row {m['label']!r}: stored, not among this command's "
+                 "rows")
+    elif (mine["method"], mine["method_args"]) != (m["method"],
+                                                    m["method_args"]):
+      out.append(f"row {m['label']!r}: stored {m['method']} "
+                 f"{m['method_args']}, now {mine['method']} "
+                 f"{mine['method_args']}")
+  stored_defaults = saved.get("registry_defaults", {})
+  for name in dict.fromkeys(m["method"] for m in saved.get("methods", [])):
+    if name in now["registry_defaults"]:
+      out += _differences(f"registry_defaults.{name}",
+                          stored_defaults.get(name),
+                          now["registry_defaults"][name])
+  return out
+
+
+def sgd_reruns(saved: dict) -> dict:
+  """Session -> the SGD runs rerun in that session (the cost reference of
+  the rows it added, :func:`summarise`)."""
+  return {a["session"]: a["sgd_reruns"] for a in saved.get("additions", [])}
+
+
+def resummarise(saved: dict) -> list[dict]:
+  """A ``results.json``'s summary recomputed from its runs."""
+  return summarise(saved["runs"], [m["label"] for m in saved["methods"]],
+                   sgd_reruns(saved))
+
+
+def add_missing(plan_: Plan, command: str, protocol: str) -> dict:
+  """Adds to ``plan_.out``'s ``results.json`` the rows of the plan it
+  lacks, without rerunning its rows (``--add-missing``).
+
+  Refuses (``SystemExit``, writing nothing) a file made with another
+  configuration (:func:`mismatches` names each difference), and a machine
+  that does not reproduce it: before the new rows, the default SGD row is
+  rerun on every seed and must give the stored accuracies and test loss
+  bit for bit (:data:`REPRODUCED_KEYS`). Those SGD reruns are the cost
+  reference of the added rows. Then the summary (paired intervals against
+  the best SGD row included), the tables and the figures are recomputed
+  from all the runs; ``results.json`` records the addition (``additions``:
+  its command, rows, time, machine, XLA settings and SGD reruns) and keeps
+  the command that made the file, which (its protocol now listing the
+  added rows) reproduces the whole file."""
+  args, out, specs, labels, regime = plan_
+  path = os.path.join(out, "results.json")
+  prog = "python -m experiments.compare: error: --add-missing"
+  if not os.path.isfile(path):
+    raise SystemExit(f"{prog}: {path} does not exist; run the command "
+                     "without --add-missing to make it")
+  with open(path) as f:
+    saved = json.load(f)
+  meta_now = plan_meta(plan_, command, protocol)
+  diffs = mismatches(saved, meta_now)
+  if diffs:
+    raise SystemExit(
+        f"{prog}: {path} was made with another configuration than this "
+        "command's; refusing to add rows to it (run the whole command "
+        "instead): " + "; ".join(diffs))
+  have = {m["label"] for m in saved["methods"]}
+  todo = [(lab, spec) for lab, spec in zip(labels, specs) if lab not in have]
+  meta = {k: v for k, v in saved.items()
+          if k not in ("summary", "runs", "complete")}
+  if not todo:
+    print(f"compare: {path} has every row of this command; nothing to add")
+    return {"rows": saved["summary"], "runs": saved["runs"], "out": out,
+            "meta": meta}
+  session = len(saved.get("additions", [])) + 1
+  print(f"compare: adding {len(todo)} rows x {args.seeds} seeds to {path} "
+        f"(session {session}): {', '.join(lab for lab, _ in todo)}",
+        flush=True)
+  base = config_lib.config_from_args(args)
+  stored_sgd = {r["seed"]: r for r in saved["runs"] if r["label"] == "sgd"}
+  t_start = time.perf_counter()
+  trainers: dict[str, trainer_lib.Trainer] = {}
+  reruns, new = [], []
+  bar = _bar(args, (len(todo) + 1) * args.seeds)
+  for seed in range(args.seeds):
+    check = _train_row(trainers, base, "sgd", "sgd", {}, seed, args, bar)
+    old = stored_sgd.get(seed, {})
+    differ = [f"{k} stored {old.get(k)!r}, now {check.get(k)!r}"
+              for k in REPRODUCED_KEYS if old.get(k) != check.get(k)]
+    if differ:
+      raise SystemExit(
+          f"{prog}: this machine does not reproduce {path}: SGD on seed "
+          f"{seed}: " + "; ".join(differ) + ". Nothing was written.")
+    reruns.append(dict(check, session=session))
+    for lab, (name, margs) in todo:
+      run = _train_row(trainers, base, lab, name, margs, seed, args, bar)
+      new.append(dict(run, session=session))
+  if bar is not None:
+    bar.close()
+  meta["methods"] = meta_now["methods"]
+  meta["registry_defaults"] = dict(meta.get("registry_defaults", {}),
+                                   **meta_now["registry_defaults"])
+  meta["additions"] = list(meta.get("additions", [])) + [{
+      "session": session, "command": command,
+      "rows": [lab for lab, _ in todo], "seeds": args.seeds,
+      "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "total_s": time.perf_counter() - t_start,
+      "machine": meta_now["machine"], "cpu": meta_now["cpu"],
+      "xla": meta_now["xla"], "sgd_reruns": reruns,
+  }]
+  runs = saved["runs"] + new
+  return _finish(out, meta, runs, summarise(runs, labels, sgd_reruns(meta)),
+                 meta["additions"][-1]["total_s"])
+
+
+def _train_row(trainers: dict, base: config_lib.Config, lab: str, name: str,
+               margs: dict, seed: int, args: argparse.Namespace,
+               bar) -> dict:
+  """One row's run on one seed (its trainer, made and compiled on the
+  row's first run, is kept in ``trainers`` for the other seeds). A failure
+  is recorded in the run (``error``) so one broken method loses nothing
+  else."""
+  if bar is not None:
+    bar.set_description(f"seed {seed} {lab}")
+  run = {"label": lab, "method": name, "method_args": margs, "seed": seed}
+  try:
+    first = lab not in trainers
+    if first:
+      trainers[lab] = trainer_lib.Trainer(row_config(base, name, margs))
+      # The first run of a row compiles its programs (reused by the
+      # other seeds): say so, it can take a while.
+      _status(bar, f"compiling {lab} (and training seed {seed})")
+    res = trainers[lab].run(
+        seed,
+        log=(lambda s, lab=lab, seed=seed: print(f"[{lab} s{seed}] {s}"))
+        if args.verbose else None,
+        progress=False,
+        # The test set once, after the last epoch (the table's number);
+        # the per-epoch training loss and accuracy are in the history.
+        eval_every=trainers[lab].cfg.epochs,
+    )
+    if first:
+      _status(bar, f"compiled {lab} in {trainers[lab].compile_s:.1f} s")
+    res.pop("state")
+    res.pop("config")
+    run.update(res)
+    run["settings"] = method_settings(name, margs, trainers[lab])
+  except Exception as e:  # pylint: disable=broad-except
+    run["error"] = f"{type(e).__name__}: {e}"
+    print(f"\n{lab} seed {seed} failed:\n{traceback.format_exc()}",
+          file=sys.stderr, flush=True)
+  if bar is not None:
+    bar.update(1)
+    if "final_test_acc" in run:
+      bar.set_postfix(acc=f"{100 * run['final_test_acc']:.1f}")
+  return run
 
 
 def _status(bar, text: str) -> None:
@@ -1062,10 +1309,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
   if len(todo) > 1:  # refused before any training, like the plans' outs
     try:
       outputs.check_output(os.path.join(parent, "paired_vs_sgd.png"),
-                           args.overwrite)
+                           args.overwrite or args.add_missing)
     except outputs.OverwriteError as e:
       raise SystemExit(f"python -m experiments.compare: error: {e}")
-  results = [run_plan(pl, command, protocol) for pl in todo]
+  step = add_missing if args.add_missing else run_plan
+  results = [step(pl, command, protocol) for pl in todo]
   if len(results) > 1:
     plots.paired_forest(
         {_panel(r["meta"], len({x["meta"]["regime"] for x in results}) > 1):

@@ -31,6 +31,10 @@ class MethodSpec:
       depend on the run's length (mask refresh period, warm-up, ...).
     full_optimizer: the constructor returns the whole optimizer (LightSAM),
       so no base optimizer is chained after it.
+    takes_base: the constructor takes the base optimizer itself
+      (``base_optimizer=``, decoupled WSAM) and returns the whole optimizer
+      (``full_optimizer`` too): :func:`build` passes it the base optimizer,
+      which keeps its weight decay.
     short_run: the keyword arguments of the test suite's configuration: on
       its tiny MLP (layers ``l1``, ``l2``) and 6-step runs of 32 examples,
       they make every decision of the method happen (mask refreshes, reuse
@@ -42,6 +46,7 @@ class MethodSpec:
   defaults: dict = dataclasses.field(default_factory=dict)
   run_args: Callable[[int, int], dict] = lambda spe, total: {}
   full_optimizer: bool = False
+  takes_base: bool = False
   short_run: dict = dataclasses.field(default_factory=dict)
 
 
@@ -81,6 +86,15 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "wsam", "wsam", {"rho": 0.05, "gamma": 0.9},
             short_run={"rho": 0.1, "gamma": 0.8},
+        ),
+        # the paper's algorithm and the authors' default: the base optimizer
+        # follows the clean gradient, the sharpness term is added to its
+        # update scaled by the learning rate (outside momentum)
+        MethodSpec(
+            "wsam_decoupled", "wsam", {"rho": 0.05, "gamma": 0.9},
+            full_optimizer=True, takes_base=True,
+            short_run={"rho": 0.1, "gamma": 0.8, "learning_rate": 0.05,
+                       "base_optimizer": optax.sgd(0.05, momentum=0.9)},
         ),
         MethodSpec(
             "fsam", "fsam", {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9},
@@ -212,7 +226,8 @@ def build(
   Args:
     name: a key of :data:`METHODS`.
     loss_fn: ``loss_fn(params, batch)``.
-    base_optimizer: what follows the SAM gradient (ignored for full optimizers).
+    base_optimizer: what follows the SAM gradient (ignored for full
+      optimizers, except those that take it: ``takes_base``).
     steps_per_epoch, total_steps: the run's length, for ``run_args``.
     has_aux, axis_name: passed to the constructor.
     overrides: keyword arguments replacing the defaults.
@@ -231,6 +246,8 @@ def build(
   kwargs = dict(spec.defaults)
   kwargs.update(spec.run_args(steps_per_epoch, total_steps))
   kwargs.update(overrides or {})
+  if spec.takes_base:
+    kwargs.setdefault("base_optimizer", base_optimizer)
   ctor = getattr(sam_optax, spec.constructor)
   sam_tx = ctor(loss_fn, has_aux=has_aux, axis_name=axis_name, **kwargs)
   tx = sam_tx if spec.full_optimizer else optax.chain(sam_tx, base_optimizer)

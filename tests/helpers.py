@@ -126,10 +126,12 @@ BATCH = 32
 # ctor(mlp_loss, **kwargs, axis_name=...).
 # Registry rows whose machinery another row already runs through every
 # test below (suite time on the 2-core CI): wsam's coupled form is gnp's
-# mix with alpha = gamma / (1 - gamma), sam_late is sam with a radius
+# mix with alpha = gamma / (1 - gamma), its decoupled form is that ascent
+# (sam's) around the base optimizer, sam_late is sam with a radius
 # schedule (the matrix runs schedules). tests/test_new_methods.py tests them
-# against NumPy, planned, sharded and with trainable=.
-COVERED_ELSEWHERE = {"wsam", "sam_late"}
+# against NumPy, planned, sharded and with trainable=; the decoupled
+# registry row is built and trained by tests/test_experiments.py.
+COVERED_ELSEWHERE = {"wsam", "wsam_decoupled", "sam_late"}
 METHODS: dict[str, tuple[str, dict]] = {
     name: (spec.constructor, dict(spec.short_run))
     for name, spec in registry.METHODS.items()

@@ -962,13 +962,25 @@ def test_committed_flag_selects_the_committed_configuration(dataset):
         f"--out {out} --overwrite --no-progress",
         f"python -m experiments.compare --committed --dataset {dataset} "
         f"--regime {plan.regime} --out {plan.out} --overwrite --no-progress")
-    assert plan.labels == [m["label"] for m in saved["methods"]]
-    assert [(n, a) for n, a in plan.specs] == [
-        (m["method"], m["method_args"]) for m in saved["methods"]]
+    # Every stored row is the command's, in its order; a row the file
+    # lacks can only be one added to the protocol later (ADDED_ROWS), which
+    # --add-missing runs into it without rerunning the others.
+    stored = [m["label"] for m in saved["methods"]]
+    assert stored == [lab for lab in plan.labels if lab in stored]
+    assert set(plan.labels) - set(stored) <= {
+        methods.label(n, a) for n, a in compare.ADDED_ROWS}
+    assert [(n, a) for lab, (n, a) in zip(plan.labels, plan.specs)
+            if lab in stored] == [
+                (m["method"], m["method_args"]) for m in saved["methods"]]
+    for added in saved.get("additions", []):
+      assert not compare.mismatches(
+          dict(saved, methods=[m for m in saved["methods"]
+                               if m["label"] not in added["rows"]]),
+          dict(saved, xla=added["xla"], cpu=added["cpu"]))
     assert plan.args.seeds == saved["seeds"]
     assert sorted({r["seed"] for r in saved["runs"]}) == list(
         range(saved["seeds"]))
-    assert len(saved["runs"]) == saved["seeds"] * len(plan.labels)
+    assert len(saved["runs"]) == saved["seeds"] * len(stored)
     assert not any("error" in r for r in saved["runs"])
     base = config.config_from_args(plan.args).to_dict()
     assert base == saved["base_config"]
@@ -1131,6 +1143,7 @@ def test_layerwise_study_rows_are_registry_methods_with_their_choices():
   committed = "experiments/results/digits/long"
   assert read == {
       "sam (rho=0.1)": (committed, "sam (rho=0.1)"),
+      "gnp (rho=0.1)": (committed, "gnp"),
       "layerwise_sam (rho=0.1)": (committed, "layerwise_sam")}
   assert 0 in run and not set(run) & set(settings["digits"]["skip"])
   assert len(run) + len(read) + len(settings["digits"]["skip"]) == len(

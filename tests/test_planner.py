@@ -1000,3 +1000,42 @@ def test_planned_loops_never_read_the_step_just_dispatched(monkeypatch):
                               prefetch=False, built=built[name])
     assert any(waits for _, waits in transfers), name
     assert plan_of.blocking_reads > 0, name
+
+
+def test_rho_schedule_is_read_a_block_of_steps_at_a_time(monkeypatch):
+  # A radius schedule's plans: the host evaluates the schedule once per
+  # block of steps (not once per step: a call costs as much as a small
+  # model's SGD step) with one compiled evaluator per schedule (not one per
+  # planner: a run makes one per seed); plans across a block's end and
+  # through peek are those of the schedule, step by step.
+  from sam_optax._src import planner as planner_lib  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(planner_lib, "RHO_BLOCK", 4)
+  traces, calls = [], []
+
+  def schedule(c):
+    traces.append(c)  # once per trace
+    return jnp.where(c >= 6, 0.05, 0.0)
+
+  real = planner_lib._rho_evaluator  # pylint: disable=protected-access
+
+  def counted(rho):
+    fn = real(rho)
+    return lambda counts: (calls.append(counts.tolist()), fn(counts))[1]
+
+  monkeypatch.setattr(planner_lib, "_rho_evaluator", counted)
+  w, b = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.25])
+  tx = sam_optax.sam(lambda w, b: jnp.sum((w * b) ** 2), schedule)
+  s0 = tx.init(w)
+  traced = None
+  for _ in range(2):  # two runs, a planner each
+    plan_of = sam_optax.planner(tx)
+    skips = []
+    for c in range(10):
+      state = s0._replace(count=jnp.int32(c))
+      assert plan_of.peek(c, state).rho_skip == (c < 6)
+      skips.append(plan_of(c, state).rho_skip)
+    assert skips == [c < 6 for c in range(10)]
+    traced = len(traces) if traced is None else traced
+    assert len(traces) == traced  # compiled once for both planners
+  assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]] * 2
