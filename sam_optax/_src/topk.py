@@ -204,12 +204,14 @@ def top_k_mask(
   shapes), the program a few per leaf (its part of a stack, its slice of the
   mask). On XLA:CPU at its default flags, measured in one process (CPU
   seconds of lower + compile, the zoo transformer's leaf shapes repeated,
-  a loaded 2-core machine): 4.7 s at 50 leaves, 11.8 s at 200 and 42.6 s
-  at 800, against 8.9 s and 40.5 s at 50 and 200 leaves (76 s at 800) leaf
-  by leaf. It still grows with the leaf count, by about 50 ms a leaf
-  (210 ms before): XLA:CPU compiles every distinct kernel (about 25 ms
-  each; identical ones once), and each leaf's slice of its group's mask is
-  one, with its own offset.
+  a loaded 2-core machine): 4.4 s at 50 leaves and 15.2 s at 200, against
+  8.9 s and 40.5 s leaf by leaf (76 s at 800). It still grows with the
+  leaf count: XLA:CPU compiles every distinct kernel (about 25 ms each;
+  identical ones once), each leaf's slice of its group's mask is one (its
+  offset differs), and XLA copies the final comparison into each slice's
+  kernel. Putting the masks behind a conditional stops that copy (11.8 s at
+  200 leaves) but a planned step's program must hold no conditional, and an
+  optimization barrier does not stop it.
 
   Args:
     scores: a pytree of float arrays.
@@ -271,15 +273,5 @@ def top_k_mask(
   t, u = jax.lax.fori_loop(
       0, 32 + index_bits, decide_bit, (jnp.uint32(0), jnp.int32(0))
   )
-  # The groups' masks come out of a conditional, which XLA does not fuse
-  # into its users: otherwise it copies the whole comparison into every
-  # leaf's slice, a compile cost per leaf again. Both branches give the same
-  # masks (at t = 0 the exact one is ``key > 0``), and ``t`` comes from the
-  # loop, so the conditional is never folded away.
-  masks = jax.lax.cond(
-      t > 0,
-      lambda: [m & (key > 0) & (k > 0)
-               for m, key in zip(at_least(t, u), keys)],
-      lambda: [(key > 0) & (k > 0) for key in keys],
-  )
+  masks = [m & (key > 0) & (k > 0) for m, key in zip(at_least(t, u), keys)]
   return jax.tree.unflatten(treedef, _unstack(masks, groups, leaves))
