@@ -313,22 +313,23 @@ def test_device_count_may_change_on_resume_only_under_global_perturbation(
 
 
 def test_planner_reads_are_counted_across_a_resume(tmp_path):
-  # layerwise_sam_runtime with select_every=1 re-selects every step from
-  # the gradient of the step before, on the device: one read per step but
-  # the first, 3 over the 4 steps, interrupted or not. (It used to restart
-  # at 0: the resumed run said 2.)
+  # layerwise_sam_runtime with select_every=1 perturbs step t with the
+  # ranking made at step t - 2, on the device (steps 0 and 1 perturb every
+  # layer): one read per step from step 2 on, 4 over the 6 steps (2 a
+  # 2-step epoch), interrupted after epoch 2 or not. (A count restarted at
+  # 0 on resume would say 2.)
   out = str(tmp_path / "run")
-  argv = TINY + ["--epochs", "2", "--out", out, "--method",
+  argv = TINY + ["--epochs", "3", "--out", out, "--method",
                  "layerwise_sam_runtime", "--method-arg", "num_layers=1",
                  "--method-arg", "select_every=1"]
   full = train.main(argv)
-  assert [h["planner_reads"] for h in full["history"]] == [1, 3]
-  shutil.rmtree(os.path.join(out, "checkpoints", "2"))
+  assert [h["planner_reads"] for h in full["history"]] == [0, 2, 4]
+  shutil.rmtree(os.path.join(out, "checkpoints", "3"))
   res = train.main(argv + ["--resume"])
-  assert res["planner_reads"] == 3
+  assert res["planner_reads"] == 4
   saved = json.load(open(os.path.join(out, "results.json")))
-  assert [h["planner_reads"] for h in saved["history"]] == [1, 3]
-  assert saved["planner_reads"] == 3
+  assert [h["planner_reads"] for h in saved["history"]] == [0, 2, 4]
+  assert saved["planner_reads"] == 4
 
 
 # --------------------------------------------------------------------------

@@ -270,39 +270,6 @@ def test_top_k_mask_mixed_shapes_and_dtypes_match_numpy():
         assert got.sum() == k
 
 
-def _eqn_count(jaxpr) -> int:
-  """Equations of ``jaxpr``, those of the jaxprs inside its equations
-  included."""
-  total = 0
-  for eqn in jaxpr.eqns:
-    total += 1
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else [value]:
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          total += _eqn_count(sub)
-  return total
-
-
-def test_top_k_mask_program_does_not_grow_per_leaf_in_the_loop():
-  """Same-shaped leaves are stacked and searched together: the bit loop's
-  body has as many operations for 1 leaf of each shape as for 20, and the
-  whole program grows by at most 3 operations a leaf (its part of the
-  stack, its slice of the mask). Leaf by leaf, the body grew by about 60
-  operations a leaf (compiled: ~0.1 s a leaf), the program by ~150."""
-  def sizes(copies):
-    leaves = [jax.ShapeDtypeStruct((3, 4), jnp.float32),
-              jax.ShapeDtypeStruct((5,), jnp.float32)] * copies
-    jaxpr = jax.make_jaxpr(topk.top_k_mask)(leaves, 3).jaxpr
-    loop, = [e for e in jaxpr.eqns if e.primitive.name in ("scan", "while")]
-    body = loop.params.get("jaxpr") or loop.params["body_jaxpr"]
-    return _eqn_count(body.jaxpr), _eqn_count(jaxpr)
-
-  (body_1, total_1), (body_20, total_20) = sizes(1), sizes(20)
-  assert body_20 == body_1, (body_1, body_20)
-  assert total_20 - total_1 <= 3 * 2 * 19, (total_1, total_20)
-
-
 def test_top_k_mask_ranks_subnormal_scores_exactly():
   """float32 subnormals are ranked on their bit pattern, not as floats that
   XLA:CPU flushes to 0: the issue's case, then random scores near 1e-40
