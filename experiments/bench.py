@@ -226,8 +226,6 @@ def build_steps(
       overrides = dict(user)
       if name == "layerwise_sam_fixed":
         overrides["layers"] = FIXED_LAYERS[model_name]
-      if name == "ssam_fisher" and has_aux:  # model state is not per example
-        overrides["batch_axes"] = {"image": 0, "label": 0, "batch_stats": None}
       tx, sam_tx = methods_lib.build(
           name, problem.loss_fn, base(), steps_per_epoch=steps_per_epoch,
           total_steps=total_steps, has_aux=has_aux, axis_name=axis,

@@ -12,6 +12,7 @@ one method table: the benchmark, training, the comparison and the tests
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Optional
 
 import optax
@@ -209,6 +210,11 @@ def available() -> list[str]:
   ]
 
 
+#: ``batch_axes`` of the trainer's batch with BatchNorm (``has_aux``): the
+#: images and labels are per example, the running statistics are not.
+BN_BATCH_AXES = {"image": 0, "label": 0, "batch_stats": None}
+
+
 def build(
     name: str,
     loss_fn: Callable,
@@ -249,6 +255,11 @@ def build(
   if spec.takes_base:
     kwargs.setdefault("base_optimizer", base_optimizer)
   ctor = getattr(sam_optax, spec.constructor)
+  if has_aux and "batch_axes" in inspect.signature(ctor).parameters:
+    # A BatchNorm model's batch carries its running statistics, which are
+    # not per example: Sparse SAM's Fisher and m-sharpness's sub-batches
+    # slice the images and labels only.
+    kwargs.setdefault("batch_axes", BN_BATCH_AXES)
   sam_tx = ctor(loss_fn, has_aux=has_aux, axis_name=axis_name, **kwargs)
   tx = sam_tx if spec.full_optimizer else optax.chain(sam_tx, base_optimizer)
   return (tx, sam_tx) if with_sam else tx
