@@ -89,6 +89,22 @@ def backend_started() -> bool:
     return False
 
 
+def add_flags(flags, environ: MutableMapping[str, str]) -> list[str]:
+  """Appends to ``environ["XLA_FLAGS"]`` each of ``flags`` whose name it does
+  not set yet (a flag it sets keeps its value); returns those added.
+
+  >>> env = {"XLA_FLAGS": "--a=1"}
+  >>> add_flags(["--a=2", "--b=3"], env), env["XLA_FLAGS"]
+  (['--b=3'], '--a=1 --b=3')
+  """
+  current = environ.get("XLA_FLAGS", "")
+  have = set(flag_names(current))
+  added = [f for f in flags if flag_names([f])[0] not in have]
+  if added:
+    environ["XLA_FLAGS"] = " ".join([current.strip(), *added]).strip()
+  return added
+
+
 def pin(environ: Optional[MutableMapping[str, str]] = None) -> list[str]:
   """Adds :data:`PINNED` to ``XLA_FLAGS``; returns the flags it added.
 
@@ -104,11 +120,7 @@ def pin(environ: Optional[MutableMapping[str, str]] = None) -> list[str]:
     if real:
       _STATE.update(called=True, added=[], late=False)
     return []
-  current = environ.get("XLA_FLAGS", "")
-  have = set(flag_names(current))
-  added = [f for f in PINNED if flag_names([f])[0] not in have]
-  if added:
-    environ["XLA_FLAGS"] = " ".join([current.strip(), *added]).strip()
+  added = add_flags(PINNED, environ)
   if real:
     late = bool(added) and backend_started()
     _STATE.update(called=True, added=added, late=late)

@@ -17,6 +17,8 @@ Tests that measure what XLA does by default (compiled memory) remove
 
 import os
 
+from experiments import xla_env  # imports no jax
+
 #: Flags that make XLA:CPU compile faster (see the module docstring).
 FAST_COMPILE = (
     "--xla_cpu_use_fusion_emitters=false",
@@ -25,17 +27,11 @@ FAST_COMPILE = (
 )
 
 
-def _add_missing(flags: str, extra) -> str:
-  have = {f.lstrip("-").split("=", 1)[0] for f in flags.split()}
-  add = [f for f in extra if f.lstrip("-").split("=", 1)[0] not in have]
-  return " ".join([flags.strip(), *add]).strip()
-
-
 _extra = ["--xla_force_host_platform_device_count=8"]
 if os.environ.get("SAM_OPTAX_TEST_XLA_DEFAULTS", "0").lower() in (
     "0", "", "false", "no", "off"):
   _extra += FAST_COMPILE
-os.environ["XLA_FLAGS"] = _add_missing(os.environ.get("XLA_FLAGS", ""), _extra)
+xla_env.add_flags(_extra, os.environ)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
