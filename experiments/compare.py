@@ -36,7 +36,10 @@ CPU or other XLA settings (naming each difference), reruns SGD on every
 seed and refuses unless it reproduces the stored numbers bit for bit, then
 recomputes the summary, paired intervals, tables and figures from all the
 runs (:func:`add_missing`); the protocol's command still reproduces the
-whole file.
+whole file. ``--rerun ROWS`` (with ``--add-missing``) also reruns the
+named stored rows on every seed and replaces their runs, under the same
+checks: how a row is brought up to date after a library change that moved
+its numbers (``additions`` records which rows were replaced).
 ``--long`` runs the digits for 240 epochs with every registry method and
 the older, wider rho grids (:data:`RHO_GRIDS`), enough for vSAM's sampling
 schedule to reach its working rate. Each output directory gets
@@ -909,9 +912,22 @@ def plans(argv: list[str]) -> list[Plan]:
                  "directory) only the rows it lacks, without rerunning "
                  "the others; refused when its configuration, seeds, CPU "
                  "or XLA settings differ from this command's")
+  p.add_argument("--rerun", default=None, metavar="ROWS",
+                 help="with --add-missing: also rerun these stored rows "
+                 "(comma-separated labels, e.g. vsam), replacing their runs "
+                 "on every seed (after a library change that moved their "
+                 "numbers), with the same checks")
   p.add_argument("--verbose", action="store_true", help="per-epoch logs")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
+  if args.rerun is not None and not args.add_missing:
+    p.error("--rerun needs --add-missing (it replaces rows of a stored "
+            "result)")
+  args.rerun = ([] if args.rerun is None else
+                [x.strip() for x in args.rerun.split(",") if x.strip()])
+  if args.rerun and "sgd" in args.rerun:
+    p.error("--rerun: sgd is rerun (and must reproduce) on every "
+            "--add-missing; it cannot be replaced")
 
   chosen = [n for n in ("committed", "full", "long") if getattr(args, n)]
   if len(chosen) > 1:
@@ -996,6 +1012,11 @@ def plans(argv: list[str]) -> list[Plan]:
       if len(set(labels)) != len(labels):
         p.error(f"--methods lists a method twice: {labels}")
       out.append(Plan(a, path, specs, labels, regime))
+  for pl in out:
+    unknown = [lab for lab in args.rerun if lab not in pl.labels]
+    if unknown:
+      p.error(f"--rerun: {', '.join(unknown)} not among this command's rows "
+              f"({', '.join(pl.labels)})")
   try:
     # --add-missing keeps every stored run (add_missing checks the file)
     outputs.check_output([pl.out for pl in out],
@@ -1193,7 +1214,9 @@ def add_missing(plan_: Plan, command: str, protocol: str) -> dict:
         "command's; refusing to add rows to it (run the whole command "
         "instead): " + "; ".join(diffs))
   have = {m["label"] for m in saved["methods"]}
-  todo = [(lab, spec) for lab, spec in zip(labels, specs) if lab not in have]
+  rerun = set(getattr(args, "rerun", None) or ())
+  todo = [(lab, spec) for lab, spec in zip(labels, specs)
+          if lab not in have or lab in rerun]
   meta = {k: v for k, v in saved.items()
           if k not in ("summary", "runs", "complete")}
   if not todo:
@@ -1201,9 +1224,11 @@ def add_missing(plan_: Plan, command: str, protocol: str) -> dict:
     return {"rows": saved["summary"], "runs": saved["runs"], "out": out,
             "meta": meta}
   session = len(saved.get("additions", [])) + 1
+  replaced = [lab for lab, _ in todo if lab in have]
   print(f"compare: adding {len(todo)} rows x {args.seeds} seeds to {path} "
-        f"(session {session}): {', '.join(lab for lab, _ in todo)}",
-        flush=True)
+        f"(session {session}): {', '.join(lab for lab, _ in todo)}"
+        + (f" (replacing the stored {', '.join(replaced)})" if replaced
+           else ""), flush=True)
   base = config_lib.config_from_args(args)
   stored_sgd = {r["seed"]: r for r in saved["runs"] if r["label"] == "sgd"}
   t_start = time.perf_counter()
@@ -1230,13 +1255,14 @@ def add_missing(plan_: Plan, command: str, protocol: str) -> dict:
                                    **meta_now["registry_defaults"])
   meta["additions"] = list(meta.get("additions", [])) + [{
       "session": session, "command": command,
-      "rows": [lab for lab, _ in todo], "seeds": args.seeds,
+      "rows": [lab for lab, _ in todo], "replaced": replaced,
+      "seeds": args.seeds,
       "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "total_s": time.perf_counter() - t_start,
       "machine": meta_now["machine"], "cpu": meta_now["cpu"],
       "xla": meta_now["xla"], "sgd_reruns": reruns,
   }]
-  runs = saved["runs"] + new
+  runs = [r for r in saved["runs"] if r["label"] not in replaced] + new
   return _finish(out, meta, runs, summarise(runs, labels, sgd_reruns(meta)),
                  meta["additions"][-1]["total_s"])
 

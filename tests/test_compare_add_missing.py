@@ -133,6 +133,50 @@ def test_add_missing_adds_only_the_lacking_rows_and_resummarises(stored):
   assert _read(out) == saved
 
 
+def test_rerun_replaces_only_the_named_rows(stored):
+  # --rerun sam: SAM's stored runs are replaced by new ones on every seed
+  # (here the mocked trainer of a later session: same accuracies, 1.5x the
+  # CPU time), every other stored run is kept as it was, the missing rows
+  # are added, and the summary is recomputed from the runs now stored.
+  out, _ = stored
+  before = _read(out)
+  compare.main(BASE + ["--methods", MORE, "--out", out, "--add-missing",
+                       "--rerun", "sam"])
+  saved = _read(out)
+  kept = [r for r in before["runs"] if r["label"] != "sam"]
+  assert saved["runs"][:len(kept)] == kept
+  new = saved["runs"][len(kept):]
+  assert sorted((r["label"], r["seed"]) for r in new) == sorted(
+      (lab, s) for lab in ("sam", "gsam", "sam (num_splits=2)")
+      for s in range(3))
+  assert all(r["session"] == 1 for r in new)
+  old_sam = {r["seed"]: r for r in before["runs"] if r["label"] == "sam"}
+  for r in new:
+    if r["label"] == "sam":  # the later session's run, not the stored one
+      assert r["train_cpu_s"] == 1.5 * old_sam[r["seed"]]["train_cpu_s"]
+  (added,) = saved["additions"]
+  assert added["replaced"] == ["sam"]
+  assert added["rows"] == ["sam", "gsam", "sam (num_splits=2)"]
+  assert len(saved["runs"]) == 3 * len(saved["methods"])
+  assert saved["summary"] == json.loads(json.dumps(compare.resummarise(
+      saved)))
+  # SAM's cost is now against the rerun SGD of its own session: still 2x.
+  by = {r["label"]: r for r in saved["summary"]}
+  np.testing.assert_allclose(by["sam"]["cpu_rel"], 2.0)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--rerun", "sam"], "--rerun needs --add-missing"),
+    (["--add-missing", "--rerun", "sgd"], "sgd is rerun"),
+    (["--add-missing", "--rerun", "vsam"], "--rerun: vsam not among"),
+])
+def test_rerun_usage_errors(flags, says, capsys):
+  with pytest.raises(SystemExit) as e:
+    compare.plans(BASE + ["--methods", FIRST, "--out", "runs/x"] + flags)
+  assert e.value.code == 2
+  assert says in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("change, flags, says", [
     (None, ["--epochs", "2"], "base_config.epochs: stored 1, now 2"),
     (None, ["--seeds", "2"], "seeds: stored 3, now 2"),
