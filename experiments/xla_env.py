@@ -139,6 +139,40 @@ def pin_if_command(module_name: str) -> list[str]:
   return pin() if module_name == "__main__" else []
 
 
+#: The environment variables :func:`snapshot` carries to a worker.
+_CARRIED = ("XLA_FLAGS", OPT_OUT_VAR)
+
+
+def snapshot() -> dict:
+  """This process's XLA settings (``XLA_FLAGS``, the opt-out variable, what
+  :func:`pin` did), for :func:`adopt` in a worker process."""
+  return {"environ": {k: os.environ.get(k) for k in _CARRIED},
+          "state": dict(_STATE)}
+
+
+def adopt(snap: dict) -> None:
+  """Makes this (fresh) process's XLA settings those of :func:`snapshot`'s
+  process, so that it compiles what that process compiles and
+  :func:`describe` says the same: call it before jax starts its backends
+  (``RuntimeError`` after)."""
+  if backend_started():
+    raise RuntimeError(
+        "experiments.xla_env.adopt(): jax has already started its backends "
+        "in this process, so it keeps its XLA flags")
+  for key, value in snap["environ"].items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  _STATE.clear()
+  _STATE.update(snap["state"])
+
+
+#: The :func:`describe` keys that say what XLA compiles (a worker's must
+#: equal its parent's).
+COMPILE_KEYS = ("cpu_isa", "xla_flags", "pinned", "pin_opt_out")
+
+
 def cpu_model() -> str:
   """The CPU's model name (``/proc/cpuinfo``; else the platform's)."""
   try:

@@ -61,7 +61,7 @@ def compare_run(request, tmp_path_factory):
       [sys.executable, "-m", "experiments.compare", "--dataset", "digits",
        "--epochs", "1",
        "--seeds", "2", "--batch-size", "256", "--out", out, "--no-progress",
-       "--methods", TINY_METHODS] + TINY_CNN, env=env, cwd=root, stdout=subprocess.PIPE,
+       "--jobs", "1", "--methods", TINY_METHODS] + TINY_CNN, env=env, cwd=root, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
   yield out, proc
   if proc.poll() is None:
@@ -233,7 +233,7 @@ def test_compare_on_mock_fashion_mnist_tuned_sgd_is_the_reference(tmp_path):
       "--batch-size", "16",
       "--methods", "sgd,sgd:lr=0.5,looksam:k=2",
       "--model-arg", "widths=(4,)", "--model-arg", "stem=4",
-      "--out", out, "--no-progress"])
+      "--out", out, "--no-progress", "--jobs", "1"])
   saved = json.load(open(os.path.join(out, "results.json")))
   assert saved["base_config"]["dataset"] == "fashion_mnist"
   assert saved["base_config"]["model"] == "fashion_resnet"
@@ -1135,7 +1135,8 @@ def test_compare_on_mnist1d_tiny(tmp_path):
   (result,) = compare.main([
       "--dataset", "mnist1d", "--epochs", "1", "--seeds", "2",
       "--batch-size", "400", "--methods", "sam,layerwise_sam",
-      "--model-arg", "hidden=(8, 8)", "--out", out, "--no-progress"])
+      "--model-arg", "hidden=(8, 8)", "--out", out, "--no-progress",
+      "--jobs", "1"])
   assert sorted(os.listdir(out)) == [
       "accuracy_vs_cost.png", "paired_vs_sgd.png", "results.json",
       "results.md"]
