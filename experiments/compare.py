@@ -1,6 +1,7 @@
 """Compare every method with the same base settings: ``python -m experiments.compare``.
 
-With no arguments it runs the quick default, a few minutes on a 2-core CPU:
+With no arguments it runs the quick default (about 7 minutes on 2 free
+cores, see ``--jobs`` below):
 the core rows (:data:`CORE_METHODS`: SGD, SAM, ASAM, GNP, layer-wise SAM,
 Sparse SAM with both masks, LookSAM, vSAM, LightSAM, each at its registry
 default) with 3 seeds on the digits and MNIST-1D (their ``long`` regime),
@@ -79,10 +80,40 @@ Steps are planned (``sam_optax.planner``) unless ``--no-planned``; the
 setting is in ``results.json``'s ``base_config``.
 
 Runs are interleaved (for each seed, every method, in an order rotated per
-seed) so that a drift in the machine's load spreads over all methods, and
-each method is compiled once for all its seeds. Wall-clock (and CPU time)
-exclude compilation and evaluation; the test set is evaluated once, after
-the last epoch.
+seed: :func:`run_order`) so that a drift in the machine's load spreads over
+all methods, and each method is compiled once for all its seeds. Wall-clock
+(and CPU time) exclude compilation and evaluation; the test set is
+evaluated once, after the last epoch.
+
+``--jobs N`` (default ``auto``: the CPUs this process may use,
+``os.sched_getaffinity``, at most one per unit; on an accelerator 1): the
+pinned XLA flags make a process single-threaded, so the independent units
+(a row of a dataset and regime with all its seeds: it compiles once) run in
+N worker processes (:mod:`experiments.workers`: ``spawn``, each adopting
+and reporting the parent's XLA settings, checked equal and recorded in
+``results.json``'s ``jobs``). Each run is bit for bit what ``--jobs 1``
+(everything in this process, interleaved as above) gives, and
+``results.json`` lists the runs in :func:`run_order` whichever worker
+finished first. A line per finished unit (``[3/20] digits/long sam: ...``)
+replaces the progress bar. A unit that fails in its worker or a worker
+that dies stops the command (exit 1) naming the unit; Ctrl-C stops the
+workers (exit 130); a ``results.json`` not finished says ``complete:
+false``. A method that raises on its runs is recorded as a failed row, as
+with ``--jobs 1``. ``--add-missing`` and ``--committed`` run with jobs too
+(the SGD rerun is a unit of its own, checked as soon as it finishes).
+CPU times (``train_cpu_s``, ``compile_cpu_s``) are per process, so the
+"CPU time / SGD" column means the same; wall-clock times of different
+rows are not comparable with N > 1 (they share the cores differently).
+Measured from a fresh clone twice (the quick default, 2 workers, the same
+runs bit for bit): 15.1 and 13.5 CPU-minutes in all (contention on the
+shared machine moves CPU time too), of which the units' compiling and
+training 9.8 and 8.7 (digits), 3.8 and 3.4 (MNIST-1D), half of it
+compiling (vSAM's four planned programs 86 CPU s on the digits and 63 on
+MNIST-1D; Sparse SAM's two 35-44 and 14-23); the rest is starting the
+processes, loading the data, evaluating and the figures. Wall time: 22 and
+21 minutes on 2 cores shared with other work (load average 8-11 and 4-10,
+the command getting 0.68 and 0.64 of a core); the units' CPU times
+scheduled on 2 free cores in this order give 7.4 and 6.7 minutes.
 """
 
 from __future__ import annotations
@@ -1505,7 +1536,7 @@ def run_jobs(todo: list[Plan], units: list[tuple], jobs: int, command: str,
   return [results[i] for i in range(len(todo))]
 
 
-def _jobs_error(e: Exception, todo: list[Plan]) -> str:
+def _jobs_error(e: BaseException, todo: list[Plan]) -> str:
   """The message of a ``--jobs`` run stopped by a failing unit or Ctrl-C:
   what failed (or was running) and which outputs are incomplete."""
   incomplete = []
@@ -1522,6 +1553,9 @@ def _jobs_error(e: Exception, todo: list[Plan]) -> str:
     return (f"python -m experiments.compare: interrupted after {e.finished} "
             f"of {e.total} units; the workers were stopped while running: "
             f"{', '.join(e.running) or 'none'}.{tail}")
+  if isinstance(e, KeyboardInterrupt):  # between two units: none running
+    return ("python -m experiments.compare: interrupted; the workers were "
+            f"stopped.{tail}")
   return (f"python -m experiments.compare: error: the unit {e.label} failed "
           f"in its worker process, so the command stopped (the other "
           f"workers too): {e.detail}{tail}")
@@ -1559,9 +1593,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     try:
       results = run_jobs(todo, units, jobs, command, protocol,
                          args.add_missing)
-    except (workers.UnitError, workers.Interrupted) as e:
+    except (workers.UnitError, KeyboardInterrupt) as e:
       say(_jobs_error(e, todo), sys.stderr)
-      raise SystemExit(130 if isinstance(e, workers.Interrupted) else 1)
+      raise SystemExit(130 if isinstance(e, KeyboardInterrupt) else 1)
   else:
     step = add_missing if args.add_missing else run_plan
     results = [step(pl, command, protocol) for pl in todo]

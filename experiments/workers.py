@@ -102,7 +102,10 @@ def _worker(conn, fn: Callable, snap: dict) -> None:
     conn.send(("broken", os.getpid(), traceback.format_exc()))
     return
   while True:
-    task = conn.recv()
+    try:
+      task = conn.recv()
+    except EOFError:  # the parent is gone
+      return
     if task is None:
       return
     index, args = task

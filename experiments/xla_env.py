@@ -36,7 +36,9 @@ jaxlib changes everything.
 (XLA's defaults: not reproducible across CPUs). A flag of :data:`PINNED`
 that ``XLA_FLAGS`` sets already keeps the caller's value.
 :func:`describe` is what ``results.json`` records: the CPU, its instruction
-set, the effective flags and whether they were pinned.
+set, the effective flags and whether they were pinned. :func:`snapshot` and
+:func:`adopt` give a worker process (``compare --jobs``) exactly the
+settings of the process that starts it.
 
 >>> sorted(flag_names(PINNED))  # doctest: +NORMALIZE_WHITESPACE
 ['xla_cpu_experimental_ynn_fusion_type', 'xla_cpu_max_isa',

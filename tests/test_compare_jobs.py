@@ -151,26 +151,37 @@ def test_jobs_add_missing_stops_when_sgd_is_not_reproduced(
   assert open(os.path.join(out, "results.json")).read() == before
 
 
-def test_a_failing_unit_stops_the_command_and_names_it(tmp_path, capsys,
-                                                       monkeypatch):
-  # The parent's side: the first unit finishes, the second fails in its
-  # worker (experiments.workers.run raises UnitError, tested below).
+@pytest.mark.parametrize("stop, code, says", [
+    (lambda label: workers.UnitError(1, label(1), "its worker process died "
+                                     "(exit code -9)"), 1,
+     "the unit digits/long sam failed in its worker process, so the command "
+     "stopped (the other workers too): its worker process died (exit code "
+     "-9)"),
+    (lambda label: workers.Interrupted([label(1)], 1, 2), 130,
+     "interrupted after 1 of 2 units; the workers were stopped while "
+     "running: digits/long sam."),
+])
+def test_a_failing_unit_or_ctrl_c_stops_the_command_and_names_the_unit(
+    tmp_path, capsys, monkeypatch, stop, code, says):
+  # The parent's side: the first unit finishes, then the second fails in
+  # its worker or Ctrl-C arrives (experiments.workers.run raises; its own
+  # side is tested below).
   def fake_run(fn, units, jobs, label, workers_xla):
     del fn, jobs, workers_xla
+    assert [u[2] for u in units] == ["sgd", "sam"]  # (tag, base, label...
     yield 0, [{"label": "sgd", "method": "sgd", "method_args": {},
                "seed": s, "error": "not run"} for s in range(2)]
-    raise workers.UnitError(1, label(1), "its worker process died (exit "
-                            "code -9)")
+    raise stop(label)
 
   monkeypatch.setattr(workers, "run", fake_run)
   out = str(tmp_path / "o")
   with pytest.raises(SystemExit) as e:
     compare.main(TINY + ["--methods", "sgd,sam", "--out", out, "--jobs",
                          "2"])
-  assert e.value.code == 1
+  assert e.value.code == code
   err = capsys.readouterr().err
-  assert "the unit digits/long sam failed in its worker" in err
-  assert "exit code -9" in err and f"Incomplete" in err and out in err
+  assert says in err
+  assert f"Incomplete (results.json says complete: false): {out}." in err
   saved = _load(out)
   assert saved["complete"] is False
   assert [r["label"] for r in saved["runs"]] == ["sgd", "sgd"]
@@ -220,3 +231,13 @@ def test_jobs_argument(monkeypatch):
   for bad in ("0", "-1", "two"):
     with pytest.raises(SystemExit):
       compare.plans(["--dataset", "digits", "--jobs", bad])
+
+
+def test_xla_snapshot_is_what_a_worker_adopts():
+  snap = xla_env.snapshot()
+  assert snap["environ"]["XLA_FLAGS"] == os.environ.get("XLA_FLAGS")
+  import jax
+
+  jax.devices()  # this process's backends are started: too late to adopt
+  with pytest.raises(RuntimeError, match="already started its backends"):
+    xla_env.adopt(snap)
