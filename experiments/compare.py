@@ -1,6 +1,7 @@
 """Compare every method with the same base settings: ``python -m experiments.compare``.
 
-With no arguments it runs the quick default, a few minutes on a 2-core CPU:
+With no arguments it runs the quick default (about 7 minutes on 2 free
+cores, see ``--jobs`` below):
 the core rows (:data:`CORE_METHODS`: SGD, SAM, ASAM, GNP, layer-wise SAM,
 Sparse SAM with both masks, LookSAM, vSAM, LightSAM, each at its registry
 default) with 3 seeds on the digits and MNIST-1D (their ``long`` regime),
@@ -82,10 +83,40 @@ Steps are planned (``sam_optax.planner``) unless ``--no-planned``; the
 setting is in ``results.json``'s ``base_config``.
 
 Runs are interleaved (for each seed, every method, in an order rotated per
-seed) so that a drift in the machine's load spreads over all methods, and
-each method is compiled once for all its seeds. Wall-clock (and CPU time)
-exclude compilation and evaluation; the test set is evaluated once, after
-the last epoch.
+seed: :func:`run_order`) so that a drift in the machine's load spreads over
+all methods, and each method is compiled once for all its seeds. Wall-clock
+(and CPU time) exclude compilation and evaluation; the test set is
+evaluated once, after the last epoch.
+
+``--jobs N`` (default ``auto``: the CPUs this process may use,
+``os.sched_getaffinity``, at most one per unit; on an accelerator 1): the
+pinned XLA flags make a process single-threaded, so the independent units
+(a row of a dataset and regime with all its seeds: it compiles once) run in
+N worker processes (:mod:`experiments.workers`: ``spawn``, each adopting
+and reporting the parent's XLA settings, checked equal and recorded in
+``results.json``'s ``jobs``). Each run is bit for bit what ``--jobs 1``
+(everything in this process, interleaved as above) gives, and
+``results.json`` lists the runs in :func:`run_order` whichever worker
+finished first. A line per finished unit (``[3/20] digits/long sam: ...``)
+replaces the progress bar. A unit that fails in its worker or a worker
+that dies stops the command (exit 1) naming the unit; Ctrl-C stops the
+workers (exit 130); a ``results.json`` not finished says ``complete:
+false``. A method that raises on its runs is recorded as a failed row, as
+with ``--jobs 1``. ``--add-missing`` and ``--committed`` run with jobs too
+(the SGD rerun is a unit of its own, checked as soon as it finishes).
+CPU times (``train_cpu_s``, ``compile_cpu_s``) are per process, so the
+"CPU time / SGD" column means the same; wall-clock times of different
+rows are not comparable with N > 1 (they share the cores differently).
+Measured from a fresh clone twice (the quick default, 2 workers, the same
+runs bit for bit): 15.1 and 13.5 CPU-minutes in all (contention on the
+shared machine moves CPU time too), of which the units' compiling and
+training 9.8 and 8.7 (digits), 3.8 and 3.4 (MNIST-1D), half of it
+compiling (vSAM's four planned programs 86 CPU s on the digits and 63 on
+MNIST-1D; Sparse SAM's two 35-44 and 14-23); the rest is starting the
+processes, loading the data, evaluating and the figures. Wall time: 22 and
+21 minutes on 2 cores shared with other work (load average 8-11 and 4-10,
+the command getting 0.68 and 0.64 of a core); the units' CPU times
+scheduled on 2 free cores in this order give 7.4 and 6.7 minutes.
 """
 
 from __future__ import annotations
@@ -94,6 +125,7 @@ from experiments import xla_env  # first: XLA reads its flags when jax starts
 xla_env.pin_if_command(__name__)
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -113,6 +145,7 @@ from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import outputs
 from experiments import trainer as trainer_lib
+from experiments import workers
 
 #: The rho grids of the digits protocols, beside each method's registry
 #: default: SAM's ("the best SAM row" is the best of these and its default
@@ -917,6 +950,13 @@ def plans(argv: list[str]) -> list[Plan]:
                  "(comma-separated labels, e.g. vsam), replacing their runs "
                  "on every seed (after a library change that moved their "
                  "numbers), with the same checks")
+  p.add_argument("--jobs", type=workers.parse_jobs, default="auto",
+                 help="worker processes for the independent units (a row "
+                 "with all its seeds): auto (the default) = the CPUs this "
+                 "process may use, at most one per unit; 1 = every run in "
+                 "this process, interleaved. The runs are the same either "
+                 "way; wall-clock times of different rows are comparable "
+                 "only with 1 (CPU times are per process either way)")
   p.add_argument("--verbose", action="store_true", help="per-epoch logs")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
@@ -1074,30 +1114,50 @@ def _bar(args: argparse.Namespace, total: int):
   return tqdm(total=total, dynamic_ncols=True)
 
 
-def run_plan(plan_: Plan, command: str, protocol: str) -> dict:
-  """Trains one dataset's rows for every seed and writes its outputs."""
+def run_order(seeds: int, rows: int) -> list[tuple[int, int]]:
+  """The order of a plan's runs, ``(seed, row index)``: for each seed every
+  row, in an order rotated per seed so that a drift in the machine's load
+  does not always favour the same rows. ``results.json`` lists the runs in
+  this order however they were computed (``--jobs``)."""
+  out = []
+  for seed in range(seeds):
+    shift = (seed * rows) // seeds
+    out += [(seed, i) for i in list(range(rows))[shift:] + list(
+        range(rows))[:shift]]
+  return out
+
+
+def run_plan(plan_: Plan, command: str, protocol: str,
+             trained: Optional[dict] = None,
+             t_start: Optional[float] = None,
+             jobs: Optional[dict] = None) -> dict:
+  """Trains one dataset's rows for every seed and writes its outputs.
+
+  ``trained`` (``--jobs``): the runs, already computed by worker processes
+  (row label -> its runs in seed order), to assemble instead of training;
+  ``t_start``: when they started (``perf_counter``); ``jobs``: how they
+  ran, for ``results.json`` (:func:`_jobs_meta`)."""
   args, out, specs, labels, regime = plan_
   base = config_lib.config_from_args(args)
   meta = plan_meta(plan_, command, protocol)
-  print(f"compare: {args.dataset} ({regime} regime), {len(specs)} rows x "
-        f"{args.seeds} seeds -> {out}", flush=True)
-  t_start = time.perf_counter()
+  if trained is None:
+    print(f"compare: {args.dataset} ({regime} regime), {len(specs)} rows x "
+          f"{args.seeds} seeds -> {out}", flush=True)
+  t_start = time.perf_counter() if t_start is None else t_start
   trainers: dict[str, trainer_lib.Trainer] = {}
   runs: list[dict] = []
-  bar = _bar(args, len(specs) * args.seeds)
-  for seed in range(args.seeds):
-    # Rotate the order per seed so a drift in machine load does not always
-    # favour the same methods.
-    shift = (seed * len(specs)) // args.seeds
-    order = list(zip(labels, specs))
-    order = order[shift:] + order[:shift]
-    for lab, (name, margs) in order:
-      runs.append(_train_row(trainers, base, lab, name, margs, seed, args,
-                             bar))
-      write_outputs(out, meta, runs, summarise(runs, labels), done=False)
+  bar = _bar(args, len(specs) * args.seeds) if trained is None else None
+  for seed, i in run_order(args.seeds, len(specs)):
+    lab, (name, margs) = labels[i], specs[i]
+    if trained is not None:
+      runs.append(trained[lab][seed])
+      continue
+    runs.append(_train_row(trainers, base, lab, name, margs, seed, args, bar))
+    write_outputs(out, meta, runs, summarise(runs, labels), done=False)
   if bar is not None:
     bar.close()
   meta["total_s"] = time.perf_counter() - t_start
+  meta["jobs"] = jobs or _jobs_meta(1)
   return _finish(out, meta, runs, summarise(runs, labels), meta["total_s"])
 
 
@@ -1183,7 +1243,57 @@ def resummarise(saved: dict) -> list[dict]:
                    sgd_reruns(saved))
 
 
-def add_missing(plan_: Plan, command: str, protocol: str) -> dict:
+_ADD_PROG = "python -m experiments.compare: error: --add-missing"
+
+
+def _addition(plan_: Plan, command: str, protocol: str):
+  """What ``--add-missing`` adds to ``plan_``'s stored result, checked
+  before anything trains: ``(saved, meta_now, todo)`` (``todo``: the rows
+  ``[(label, (name, args))]`` it lacks, and those ``--rerun`` names). Raises ``SystemExit`` (writing
+  nothing) when there is no file or it was made with another configuration
+  (:func:`mismatches` names each difference)."""
+  out = plan_.out
+  path = os.path.join(out, "results.json")
+  if not os.path.isfile(path):
+    raise SystemExit(f"{_ADD_PROG}: {path} does not exist; run the command "
+                     "without --add-missing to make it")
+  with open(path) as f:
+    saved = json.load(f)
+  meta_now = plan_meta(plan_, command, protocol)
+  diffs = mismatches(saved, meta_now)
+  if diffs:
+    raise SystemExit(
+        f"{_ADD_PROG}: {path} was made with another configuration than this "
+        "command's; refusing to add rows to it (run the whole command "
+        "instead): " + "; ".join(diffs))
+  have = {m["label"] for m in saved["methods"]}
+  rerun = set(getattr(plan_.args, "rerun", None) or ())
+  todo = [(lab, spec) for lab, spec in zip(plan_.labels, plan_.specs)
+          if lab not in have or lab in rerun]
+  return saved, meta_now, todo
+
+
+def check_reproduced(path: str, saved: dict, seed: int, run: dict) -> None:
+  """Refuses (``SystemExit``) unless SGD rerun on ``seed`` gave the stored
+  run's :data:`REPRODUCED_KEYS` bit for bit."""
+  old = next((r for r in saved["runs"]
+              if r["label"] == "sgd" and r["seed"] == seed), {})
+  differ = [f"{k} stored {old.get(k)!r}, now {run.get(k)!r}"
+            for k in REPRODUCED_KEYS if old.get(k) != run.get(k)]
+  if differ:
+    raise SystemExit(
+        f"{_ADD_PROG}: this machine does not reproduce {path}: SGD on seed "
+        f"{seed}: " + "; ".join(differ) + ". Nothing was written.")
+
+
+#: The key of the SGD rerun among ``--add-missing``'s units.
+SGD_RERUN = "sgd (rerun)"
+
+
+def add_missing(plan_: Plan, command: str, protocol: str,
+                trained: Optional[dict] = None,
+                t_start: Optional[float] = None,
+                jobs: Optional[dict] = None) -> dict:
   """Adds to ``plan_.out``'s ``results.json`` the rows of the plan it
   lacks, without rerunning its rows (``--add-missing``).
 
@@ -1197,26 +1307,13 @@ def add_missing(plan_: Plan, command: str, protocol: str) -> dict:
   from all the runs; ``results.json`` records the addition (``additions``:
   its command, rows, time, machine, XLA settings and SGD reruns) and keeps
   the command that made the file, which (its protocol now listing the
-  added rows) reproduces the whole file."""
+  added rows) reproduces the whole file.
+
+  ``trained``, ``t_start``, ``jobs``: as for :func:`run_plan` (the SGD
+  reruns under :data:`SGD_RERUN`)."""
   args, out, specs, labels, regime = plan_
   path = os.path.join(out, "results.json")
-  prog = "python -m experiments.compare: error: --add-missing"
-  if not os.path.isfile(path):
-    raise SystemExit(f"{prog}: {path} does not exist; run the command "
-                     "without --add-missing to make it")
-  with open(path) as f:
-    saved = json.load(f)
-  meta_now = plan_meta(plan_, command, protocol)
-  diffs = mismatches(saved, meta_now)
-  if diffs:
-    raise SystemExit(
-        f"{prog}: {path} was made with another configuration than this "
-        "command's; refusing to add rows to it (run the whole command "
-        "instead): " + "; ".join(diffs))
-  have = {m["label"] for m in saved["methods"]}
-  rerun = set(getattr(args, "rerun", None) or ())
-  todo = [(lab, spec) for lab, spec in zip(labels, specs)
-          if lab not in have or lab in rerun]
+  saved, meta_now, todo = _addition(plan_, command, protocol)
   meta = {k: v for k, v in saved.items()
           if k not in ("summary", "runs", "complete")}
   if not todo:
@@ -1224,29 +1321,26 @@ def add_missing(plan_: Plan, command: str, protocol: str) -> dict:
     return {"rows": saved["summary"], "runs": saved["runs"], "out": out,
             "meta": meta}
   session = len(saved.get("additions", [])) + 1
-  replaced = [lab for lab, _ in todo if lab in have]
-  print(f"compare: adding {len(todo)} rows x {args.seeds} seeds to {path} "
-        f"(session {session}): {', '.join(lab for lab, _ in todo)}"
-        + (f" (replacing the stored {', '.join(replaced)})" if replaced
-           else ""), flush=True)
+  replaced = [lab for lab, _ in todo
+              if lab in {m["label"] for m in saved["methods"]}]
+  if trained is None:
+    print(f"compare: adding {len(todo)} rows x {args.seeds} seeds to {path} "
+          f"(session {session}): {', '.join(lab for lab, _ in todo)}"
+          + (f" (replacing the stored {', '.join(replaced)})" if replaced
+             else ""), flush=True)
   base = config_lib.config_from_args(args)
-  stored_sgd = {r["seed"]: r for r in saved["runs"] if r["label"] == "sgd"}
-  t_start = time.perf_counter()
+  t_start = time.perf_counter() if t_start is None else t_start
   trainers: dict[str, trainer_lib.Trainer] = {}
   reruns, new = [], []
-  bar = _bar(args, (len(todo) + 1) * args.seeds)
+  bar = _bar(args, (len(todo) + 1) * args.seeds) if trained is None else None
   for seed in range(args.seeds):
-    check = _train_row(trainers, base, "sgd", "sgd", {}, seed, args, bar)
-    old = stored_sgd.get(seed, {})
-    differ = [f"{k} stored {old.get(k)!r}, now {check.get(k)!r}"
-              for k in REPRODUCED_KEYS if old.get(k) != check.get(k)]
-    if differ:
-      raise SystemExit(
-          f"{prog}: this machine does not reproduce {path}: SGD on seed "
-          f"{seed}: " + "; ".join(differ) + ". Nothing was written.")
+    check = (trained[SGD_RERUN][seed] if trained is not None else
+             _train_row(trainers, base, "sgd", "sgd", {}, seed, args, bar))
+    check_reproduced(path, saved, seed, check)
     reruns.append(dict(check, session=session))
     for lab, (name, margs) in todo:
-      run = _train_row(trainers, base, lab, name, margs, seed, args, bar)
+      run = (trained[lab][seed] if trained is not None else
+             _train_row(trainers, base, lab, name, margs, seed, args, bar))
       new.append(dict(run, session=session))
   if bar is not None:
     bar.close()
@@ -1260,7 +1354,8 @@ def add_missing(plan_: Plan, command: str, protocol: str) -> dict:
       "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "total_s": time.perf_counter() - t_start,
       "machine": meta_now["machine"], "cpu": meta_now["cpu"],
-      "xla": meta_now["xla"], "sgd_reruns": reruns,
+      "xla": meta_now["xla"], "jobs": jobs or _jobs_meta(1),
+      "sgd_reruns": reruns,
   }]
   runs = [r for r in saved["runs"] if r["label"] not in replaced] + new
   return _finish(out, meta, runs, summarise(runs, labels, sgd_reruns(meta)),
@@ -1269,11 +1364,11 @@ def add_missing(plan_: Plan, command: str, protocol: str) -> dict:
 
 def _train_row(trainers: dict, base: config_lib.Config, lab: str, name: str,
                margs: dict, seed: int, args: argparse.Namespace,
-               bar) -> dict:
+               bar, tag: str = "") -> dict:
   """One row's run on one seed (its trainer, made and compiled on the
   row's first run, is kept in ``trainers`` for the other seeds). A failure
   is recorded in the run (``error``) so one broken method loses nothing
-  else."""
+  else. ``tag`` (``"digits/long: "`` in a worker) prefixes its lines."""
   if bar is not None:
     bar.set_description(f"seed {seed} {lab}")
   run = {"label": lab, "method": name, "method_args": margs, "seed": seed}
@@ -1283,10 +1378,10 @@ def _train_row(trainers: dict, base: config_lib.Config, lab: str, name: str,
       trainers[lab] = trainer_lib.Trainer(row_config(base, name, margs))
       # The first run of a row compiles its programs (reused by the
       # other seeds): say so, it can take a while.
-      _status(bar, f"compiling {lab} (and training seed {seed})")
+      _status(bar, f"{tag}compiling {lab} (and training seed {seed})")
     res = trainers[lab].run(
         seed,
-        log=(lambda s, lab=lab, seed=seed: print(f"[{lab} s{seed}] {s}"))
+        log=(lambda s, lab=lab, seed=seed: say(f"[{tag}{lab} s{seed}] {s}"))
         if args.verbose else None,
         progress=False,
         # The test set once, after the last epoch (the table's number);
@@ -1294,15 +1389,15 @@ def _train_row(trainers: dict, base: config_lib.Config, lab: str, name: str,
         eval_every=trainers[lab].cfg.epochs,
     )
     if first:
-      _status(bar, f"compiled {lab} in {trainers[lab].compile_s:.1f} s")
+      _status(bar, f"{tag}compiled {lab} in {trainers[lab].compile_s:.1f} s")
     res.pop("state")
     res.pop("config")
     run.update(res)
     run["settings"] = method_settings(name, margs, trainers[lab])
   except Exception as e:  # pylint: disable=broad-except
     run["error"] = f"{type(e).__name__}: {e}"
-    print(f"\n{lab} seed {seed} failed:\n{traceback.format_exc()}",
-          file=sys.stderr, flush=True)
+    say(f"\n{tag}{lab} seed {seed} failed:\n{traceback.format_exc()}",
+        sys.stderr)
   if bar is not None:
     bar.update(1)
     if "final_test_acc" in run:
@@ -1316,7 +1411,180 @@ def _status(bar, text: str) -> None:
     bar.set_description(text[:60])
     bar.write(text)
   else:
-    print(text, flush=True)
+    say(text)
+
+
+def say(text: str, file=None) -> None:
+  """Prints ``text`` and its newline in one write, flushed: the lines of
+  ``--jobs``'s worker processes, which share the terminal, stay whole."""
+  file = sys.stdout if file is None else file
+  file.write(text + "\n")
+  file.flush()
+
+
+def _tag(plan_: Plan) -> str:
+  """``dataset/regime``: how ``--jobs``'s lines name a plan."""
+  return f"{plan_.args.dataset}/{plan_.regime}"
+
+
+def _run_unit(tag: str, base: config_lib.Config, lab: str, name: str,
+              margs: dict, seeds: int, verbose: bool) -> list[dict]:
+  """One work unit of ``--jobs``, in a worker process: a row's runs on
+  every seed, in seed order, with one trainer (the row compiles once), as
+  :func:`run_plan` trains them in one process."""
+  trainers: dict[str, trainer_lib.Trainer] = {}
+  args = argparse.Namespace(verbose=verbose)
+  return [_train_row(trainers, base, lab, name, margs, seed, args, None,
+                     tag=f"{tag}: ") for seed in range(seeds)]
+
+
+def _jobs_meta(jobs: int, workers_xla: Optional[list] = None) -> dict:
+  """How the runs were computed, for ``results.json``: ``jobs`` worker
+  processes (1: all in the command's own process) and each worker's XLA
+  flags (checked equal to the command's: :func:`experiments.workers.run`).
+  """
+  out: dict[str, Any] = {"jobs": jobs}
+  if workers_xla:
+    out["workers"] = [{k: d.get(k) for k in xla_env.COMPILE_KEYS}
+                      for d in workers_xla]
+  return out
+
+
+def _units(todo: list[Plan], command: str, protocol: str,
+           add: bool) -> list[tuple]:
+  """The independent work units of the plans, ``(plan index, key, name,
+  args)``: a row of a plan with all its seeds (``key``: its label); with
+  ``add`` (``--add-missing``) the rows each stored file lacks, after the
+  SGD rerun (:data:`SGD_RERUN`), none where nothing is missing. Checks
+  every stored file first (:func:`_addition`, ``SystemExit``)."""
+  units = []
+  for i, pl in enumerate(todo):
+    if add:
+      rows = _addition(pl, command, protocol)[2]
+      rows = [(SGD_RERUN, ("sgd", {}))] + rows if rows else []
+    else:
+      rows = list(zip(pl.labels, pl.specs))
+    units += [(i, key, name, margs) for key, (name, margs) in rows]
+  return units
+
+
+def _unit_line(done: int, total: int, tag: str, key: str,
+               runs: list[dict]) -> str:
+  """``--jobs``'s line for a finished unit: its accuracies, compile and
+  training time, or its failure."""
+  failed = [r for r in runs if "error" in r]
+  head = f"[{done:{len(str(total))}d}/{total}] {tag} {key}:"
+  if failed:
+    return (f"{head} FAILED on seed"
+            f"{'s' if len(failed) > 1 else ''} "
+            f"{', '.join(str(r['seed']) for r in failed)}: "
+            f"{failed[0]['error']}")
+  accs = " ".join(f"{100 * r['final_test_acc']:.2f}" for r in runs)
+  first = runs[0]
+  return (f"{head} test acc. {accs} %; compile {first['compile_s']:.1f} s "
+          f"(CPU {first.get('compile_cpu_s', 0.0):.1f} s), training "
+          f"{sum(r['train_s'] for r in runs):.1f} s (CPU "
+          f"{sum(r.get('train_cpu_s', 0.0) for r in runs):.1f} s)")
+
+
+def run_jobs(todo: list[Plan], units: list[tuple], jobs: int, command: str,
+             protocol: str, add: bool) -> list[dict]:
+  """``--jobs N`` (N > 1): the plans' work units (:func:`_units`) in ``jobs``
+  worker processes (:func:`experiments.workers.run`); each plan's outputs
+  are written as soon as its units are done, assembled by :func:`run_plan`
+  (or :func:`add_missing`) in the order one process runs them
+  (:func:`run_order`), so they hold the same runs as ``--jobs 1``.
+
+  Until then a plan's ``results.json`` says ``complete: false`` (with the
+  runs of its finished units); ``--add-missing`` writes nothing until its
+  rows are done, and stops everything as soon as the SGD rerun differs
+  from the stored runs (:func:`check_reproduced`). A unit that fails in its
+  worker raises :class:`experiments.workers.UnitError`, Ctrl-C
+  :class:`experiments.workers.Interrupted`."""
+  step = add_missing if add else run_plan
+  t_start = time.perf_counter()
+  results: dict[int, dict] = {}
+  left = [0] * len(todo)
+  for i, *_ in units:
+    left[i] += 1
+  for i, pl in enumerate(todo):
+    if not left[i]:  # --add-missing with nothing to add
+      results[i] = step(pl, command, protocol)
+      continue
+    rows = sum(1 for u in units if u[0] == i)
+    if add:
+      print(f"compare: adding to {pl.out}/results.json: "
+            f"{', '.join(u[1] for u in units if u[0] == i)} x "
+            f"{pl.args.seeds} seeds", flush=True)
+    else:
+      print(f"compare: {pl.args.dataset} ({pl.regime} regime), {rows} rows "
+            f"x {pl.args.seeds} seeds -> {pl.out}", flush=True)
+      # Whatever an earlier command left there is not this one's result.
+      write_outputs(pl.out, plan_meta(pl, command, protocol), [],
+                    summarise([], pl.labels), done=False)
+  print(f"compare: {len(units)} units (a row with its seeds) in {jobs} "
+        "worker processes; a line per finished unit", flush=True)
+  trained: dict[int, dict] = {i: {} for i in range(len(todo))}
+  metas = {}
+  workers_xla: list = []
+  bases = [config_lib.config_from_args(pl.args) for pl in todo]
+  args = [(_tag(todo[i]), bases[i], "sgd" if key == SGD_RERUN else key,
+           name, margs, todo[i].args.seeds, todo[i].args.verbose)
+          for i, key, name, margs in units]
+  label = lambda k: f"{_tag(todo[units[k][0]])} {units[k][1]}"  # pylint: disable=unnecessary-lambda-assignment
+  done = 0
+  runner = workers.run(_run_unit, args, jobs, label=label,
+                       workers_xla=workers_xla)
+  with contextlib.closing(runner):
+    for k, runs in runner:
+      i, key, _, _ = units[k]
+      pl = todo[i]
+      trained[i][key] = runs
+      left[i] -= 1
+      done += 1
+      say(_unit_line(done, len(units), _tag(pl), key, runs))
+      if add and key == SGD_RERUN:
+        saved = _addition(pl, command, protocol)[0]
+        for seed, run in enumerate(runs):
+          check_reproduced(os.path.join(pl.out, "results.json"), saved,
+                           seed, run)
+      elif not add and left[i]:
+        meta = metas.setdefault(i, plan_meta(pl, command, protocol))
+        partial = [trained[i][pl.labels[r]][seed]
+                   for seed, r in run_order(pl.args.seeds, len(pl.specs))
+                   if pl.labels[r] in trained[i]]
+        write_outputs(pl.out, meta, partial,
+                      summarise(partial, pl.labels), done=False)
+      if not left[i]:
+        results[i] = step(pl, command, protocol, trained=trained[i],
+                          t_start=t_start,
+                          jobs=_jobs_meta(jobs, workers_xla))
+  return [results[i] for i in range(len(todo))]
+
+
+def _jobs_error(e: BaseException, todo: list[Plan]) -> str:
+  """The message of a ``--jobs`` run stopped by a failing unit or Ctrl-C:
+  what failed (or was running) and which outputs are incomplete."""
+  incomplete = []
+  for pl in todo:
+    try:
+      with open(os.path.join(pl.out, "results.json")) as f:
+        if not json.load(f).get("complete"):
+          incomplete.append(pl.out)
+    except (OSError, ValueError):
+      pass
+  tail = (" Incomplete (results.json says complete: false): "
+          + ", ".join(incomplete) + "." if incomplete else "")
+  if isinstance(e, workers.Interrupted):
+    return (f"python -m experiments.compare: interrupted after {e.finished} "
+            f"of {e.total} units; the workers were stopped while running: "
+            f"{', '.join(e.running) or 'none'}.{tail}")
+  if isinstance(e, KeyboardInterrupt):  # between two units: none running
+    return ("python -m experiments.compare: interrupted; the workers were "
+            f"stopped.{tail}")
+  return (f"python -m experiments.compare: error: the unit {e.label} failed "
+          f"in its worker process, so the command stopped (the other "
+          f"workers too): {e.detail}{tail}")
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
@@ -1338,8 +1606,25 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                            args.overwrite or args.add_missing)
     except outputs.OverwriteError as e:
       raise SystemExit(f"python -m experiments.compare: error: {e}")
-  step = add_missing if args.add_missing else run_plan
-  results = [step(pl, command, protocol) for pl in todo]
+  units = _units(todo, command, protocol, args.add_missing)
+  jobs = workers.resolve_jobs(args.jobs, len(units))
+  if jobs > 1 and jax.default_backend() != "cpu":
+    if args.jobs != "auto":
+      raise SystemExit(
+          "python -m experiments.compare: error: --jobs runs CPU worker "
+          f"processes; this jax runs on {jax.default_backend()}: use "
+          "--jobs 1")
+    jobs = 1  # one process drives the accelerator
+  if jobs > 1:
+    try:
+      results = run_jobs(todo, units, jobs, command, protocol,
+                         args.add_missing)
+    except (workers.UnitError, KeyboardInterrupt) as e:
+      say(_jobs_error(e, todo), sys.stderr)
+      raise SystemExit(130 if isinstance(e, KeyboardInterrupt) else 1)
+  else:
+    step = add_missing if args.add_missing else run_plan
+    results = [step(pl, command, protocol) for pl in todo]
   if len(results) > 1:
     plots.paired_forest(
         {_panel(r["meta"], len({x["meta"]["regime"] for x in results}) > 1):

@@ -369,23 +369,44 @@ def _fashion_from_idx(data_dir: str):
 
 def _fashion_from_tfds(data_dir: str):
   """The splits from a prepared TFDS ``fashion_mnist`` in ``data_dir``, or
-  None when there is none (or TFDS is not installed)."""
+  None when nothing is prepared there (or TFDS is not installed).
+
+  Never downloads: ``tfds.data_source`` would download and prepare the
+  dataset when it is not prepared, and with ``download=False`` it raises the
+  same ``NotImplementedError`` for "not prepared" as for a copy prepared in
+  a format without random access; so the builder is asked whether it is
+  prepared (``is_prepared``: its ``dataset_info.json`` is in ``data_dir``),
+  and a prepared copy that cannot be read is an error naming it (not
+  "files missing")."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
+  builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+  if not builder.is_prepared():
+    return None
   try:
-    train = tfds.data_source("fashion_mnist", split="train",
-                             data_dir=data_dir)
-    test = tfds.data_source("fashion_mnist", split="test", data_dir=data_dir)
-  except Exception:  # pylint: disable=broad-except
-    return None  # not prepared there
-  def arrays(source):
-    records = [source[i] for i in range(len(source))]
-    images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
-    labels = np.asarray([int(r["label"]) for r in records], np.uint8)
-    return images.reshape(images.shape[0], 28, 28), labels
-  return arrays(train) + arrays(test)
+    train = builder.as_data_source(split="train")
+    test = builder.as_data_source(split="test")
+
+    def arrays(source):
+      records = [source[i] for i in range(len(source))]
+      images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+      labels = np.asarray([int(r["label"]) for r in records])
+      if labels.size and not 0 <= labels.min() <= labels.max() <= 9:
+        raise ValueError(f"labels in [{labels.min()}, {labels.max()}], "
+                         "Fashion-MNIST's are 0..9")
+      return (images.reshape(images.shape[0], 28, 28),
+              labels.astype(np.uint8))
+
+    return arrays(train) + arrays(test)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f"Fashion-MNIST: TFDS's fashion_mnist is prepared in "
+        f"{builder.data_dir} but cannot be read ({type(e).__name__}: {e}). "
+        "Prepare it again with `tfds build fashion_mnist --data_dir DIR "
+        "--file_format=array_record` (random access), or use the IDX files "
+        "(`apt-get install -y dataset-fashion-mnist`).") from e
 
 
 @functools.lru_cache(maxsize=2)

@@ -36,7 +36,9 @@ jaxlib changes everything.
 (XLA's defaults: not reproducible across CPUs). A flag of :data:`PINNED`
 that ``XLA_FLAGS`` sets already keeps the caller's value.
 :func:`describe` is what ``results.json`` records: the CPU, its instruction
-set, the effective flags and whether they were pinned.
+set, the effective flags and whether they were pinned. :func:`snapshot` and
+:func:`adopt` give a worker process (``compare --jobs``) exactly the
+settings of the process that starts it.
 
 >>> sorted(flag_names(PINNED))  # doctest: +NORMALIZE_WHITESPACE
 ['xla_cpu_experimental_ynn_fusion_type', 'xla_cpu_max_isa',
@@ -137,6 +139,40 @@ def pin_if_command(module_name: str) -> list[str]:
   as ``python -m ...``), else nothing: importing an entry module from a
   test or a notebook leaves that process's flags alone."""
   return pin() if module_name == "__main__" else []
+
+
+#: The environment variables :func:`snapshot` carries to a worker.
+_CARRIED = ("XLA_FLAGS", OPT_OUT_VAR)
+
+
+def snapshot() -> dict:
+  """This process's XLA settings (``XLA_FLAGS``, the opt-out variable, what
+  :func:`pin` did), for :func:`adopt` in a worker process."""
+  return {"environ": {k: os.environ.get(k) for k in _CARRIED},
+          "state": dict(_STATE)}
+
+
+def adopt(snap: dict) -> None:
+  """Makes this (fresh) process's XLA settings those of :func:`snapshot`'s
+  process, so that it compiles what that process compiles and
+  :func:`describe` says the same: call it before jax starts its backends
+  (``RuntimeError`` after)."""
+  if backend_started():
+    raise RuntimeError(
+        "experiments.xla_env.adopt(): jax has already started its backends "
+        "in this process, so it keeps its XLA flags")
+  for key, value in snap["environ"].items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  _STATE.clear()
+  _STATE.update(snap["state"])
+
+
+#: The :func:`describe` keys that say what XLA compiles (a worker's must
+#: equal its parent's).
+COMPILE_KEYS = ("cpu_isa", "xla_flags", "pinned", "pin_opt_out")
 
 
 def cpu_model() -> str:

@@ -45,8 +45,9 @@ def _mock_train_row(shift_sgd=0.0):
   return train, session
 
 
+# --jobs 1: the mocked trainer runs in this process (not in workers).
 BASE = ["--dataset", "digits", "--epochs", "1", "--seeds", "3",
-        "--batch-size", "256", "--no-progress"]
+        "--batch-size", "256", "--no-progress", "--jobs", "1"]
 FIRST = "sgd,sgd:lr=0.1,sam"
 MORE = FIRST + ",gsam,sam:num_splits=2"
 
@@ -225,7 +226,7 @@ def test_add_missing_on_a_real_run_reproduces_sgd(tmp_path):
   out = str(tmp_path / "m")
   flags = ["--dataset", "mnist1d", "--epochs", "1", "--seeds", "2",
            "--batch-size", "400", "--model-arg", "hidden=(8, 8)",
-           "--out", out, "--no-progress"]
+           "--out", out, "--no-progress", "--jobs", "1"]
   compare.main(flags + ["--methods", "sgd"])
   stored = _read(out)
   compare.main(flags + ["--methods", "sgd,gsam", "--add-missing"])

@@ -61,7 +61,7 @@ def compare_run(request, tmp_path_factory):
       [sys.executable, "-m", "experiments.compare", "--dataset", "digits",
        "--epochs", "1",
        "--seeds", "2", "--batch-size", "256", "--out", out, "--no-progress",
-       "--methods", TINY_METHODS] + TINY_CNN, env=env, cwd=root, stdout=subprocess.PIPE,
+       "--jobs", "1", "--methods", TINY_METHODS] + TINY_CNN, env=env, cwd=root, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
   yield out, proc
   if proc.poll() is None:
@@ -184,6 +184,85 @@ def test_fashion_mnist_missing_or_damaged_files_are_clear_errors(tmp_path):
     data.load_fashion_mnist(data_dir=str(tmp_path / "size"))
 
 
+def _no_download(monkeypatch):
+  """Records every call of TFDS's download_and_prepare (and refuses it)."""
+  import tensorflow_datasets as tfds
+
+  calls = []
+
+  def refuse(self, *args, **kwargs):
+    calls.append(self.name)
+    raise AssertionError("download_and_prepare called")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                      refuse)
+  return calls
+
+
+def test_fashion_mnist_from_a_prepared_tfds_copy(tmp_path, monkeypatch):
+  # No IDX files in the directory, TFDS's fashion_mnist prepared there
+  # (mocked: random records, the builder saying it is prepared): the TFDS
+  # route, with the IDX route's shapes, dtypes and normalisation.
+  import tensorflow_datasets as tfds
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared",
+                      lambda self: True)
+  empty = tmp_path / "tfds"
+  empty.mkdir()
+  with tfds.testing.mock_data(num_examples=30):
+    ds = data.load_fashion_mnist(data_dir=str(empty))
+    source = tfds.data_source("fashion_mnist", split="train",
+                              data_dir=str(empty))
+    raw = np.stack([np.asarray(source[i]["image"]) for i in range(30)])
+    labels = np.array([int(source[i]["label"]) for i in range(30)])
+  assert ds.name == "fashion_mnist" and ds.num_classes == 10
+  assert ds.train_images.shape == ds.test_images.shape == (30, 28, 28, 1)
+  assert ds.train_images.dtype == ds.test_images.dtype == np.float32
+  assert ds.train_labels.dtype == np.int32
+  assert 0 <= ds.train_labels.min() and ds.train_labels.max() <= 9
+  np.testing.assert_array_equal(ds.train_labels, labels)
+  x = raw.astype(np.float64) / 255.0
+  np.testing.assert_allclose(ds.train_images, (x - x.mean()) / x.std(),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_fashion_mnist_tfds_route_never_downloads(tmp_path, monkeypatch):
+  # Nothing prepared (no IDX files, no TFDS copy): the missing-files error,
+  # without asking TFDS to download and prepare the dataset (which
+  # tfds.data_source does by default).
+  calls = _no_download(monkeypatch)
+  empty = tmp_path / "nothing"
+  empty.mkdir()
+  with pytest.raises(data.DataFilesError, match="dataset-fashion-mnist"):
+    data.load_fashion_mnist(data_dir=str(empty))
+  assert calls == []
+  assert os.listdir(empty) == []  # TFDS wrote nothing there either
+
+
+def test_fashion_mnist_broken_tfds_copy_is_not_missing_files(tmp_path,
+                                                             monkeypatch):
+  # A prepared copy that cannot be read (e.g. prepared as TFRecord, no
+  # random access): an error naming the copy, not "files missing".
+  import tensorflow_datasets as tfds
+
+  _no_download(monkeypatch)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared",
+                      lambda self: True)
+
+  def tfrecord(self, *args, **kwargs):
+    raise NotImplementedError("Random access data source for file format "
+                              "FileFormat.TFRECORD is not supported.")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", tfrecord)
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  with pytest.raises(ValueError, match="prepared in .* but cannot be read "
+                     r"\(NotImplementedError: Random access") as e:
+    data.load_fashion_mnist(data_dir=str(broken))
+  assert not isinstance(e.value, data.DataFilesError)
+  assert "--file_format=array_record" in str(e.value)
+
+
 def test_fashion_resnet_layout():
   # Residual stages with BatchNorm; the stem halves the side, each later
   # stage halves it again; the head is a small share of the weights.
@@ -233,7 +312,7 @@ def test_compare_on_mock_fashion_mnist_tuned_sgd_is_the_reference(tmp_path):
       "--batch-size", "16",
       "--methods", "sgd,sgd:lr=0.5,looksam:k=2",
       "--model-arg", "widths=(4,)", "--model-arg", "stem=4",
-      "--out", out, "--no-progress"])
+      "--out", out, "--no-progress", "--jobs", "1"])
   saved = json.load(open(os.path.join(out, "results.json")))
   assert saved["base_config"]["dataset"] == "fashion_mnist"
   assert saved["base_config"]["model"] == "fashion_resnet"
@@ -1135,7 +1214,8 @@ def test_compare_on_mnist1d_tiny(tmp_path):
   (result,) = compare.main([
       "--dataset", "mnist1d", "--epochs", "1", "--seeds", "2",
       "--batch-size", "400", "--methods", "sam,layerwise_sam",
-      "--model-arg", "hidden=(8, 8)", "--out", out, "--no-progress"])
+      "--model-arg", "hidden=(8, 8)", "--out", out, "--no-progress",
+      "--jobs", "1"])
   assert sorted(os.listdir(out)) == [
       "accuracy_vs_cost.png", "paired_vs_sgd.png", "results.json",
       "results.md"]
