@@ -1249,9 +1249,10 @@ _ADD_PROG = "python -m experiments.compare: error: --add-missing"
 def _addition(plan_: Plan, command: str, protocol: str):
   """What ``--add-missing`` adds to ``plan_``'s stored result, checked
   before anything trains: ``(saved, meta_now, todo)`` (``todo``: the rows
-  ``[(label, (name, args))]`` it lacks, and those ``--rerun`` names). Raises ``SystemExit`` (writing
-  nothing) when there is no file or it was made with another configuration
-  (:func:`mismatches` names each difference)."""
+  ``[(label, (name, args))]`` it lacks, and those ``--rerun`` names).
+  Raises ``SystemExit`` (writing nothing) when there is no file or it was
+  made with another configuration (:func:`mismatches` names each
+  difference)."""
   out = plan_.out
   path = os.path.join(out, "results.json")
   if not os.path.isfile(path):
