@@ -1,6 +1,6 @@
 """Compare every method with the same base settings: ``python -m experiments.compare``.
 
-With no arguments it runs the quick default (about 7 minutes on 2 free
+With no arguments it runs the quick default (about 5 minutes on 2 free
 cores, see ``--jobs`` below):
 the core rows (:data:`CORE_METHODS`: SGD, SAM, ASAM, GNP, layer-wise SAM,
 Sparse SAM with both masks, LookSAM, vSAM, LightSAM, each at its registry
@@ -107,16 +107,16 @@ with ``--jobs 1``. ``--add-missing`` and ``--committed`` run with jobs too
 CPU times (``train_cpu_s``, ``compile_cpu_s``) are per process, so the
 "CPU time / SGD" column means the same; wall-clock times of different
 rows are not comparable with N > 1 (they share the cores differently).
-Measured from a fresh clone twice (the quick default, 2 workers, the same
-runs bit for bit): 15.1 and 13.5 CPU-minutes in all (contention on the
-shared machine moves CPU time too), of which the units' compiling and
-training 9.8 and 8.7 (digits), 3.8 and 3.4 (MNIST-1D), half of it
-compiling (vSAM's four planned programs 86 CPU s on the digits and 63 on
-MNIST-1D; Sparse SAM's two 35-44 and 14-23); the rest is starting the
-processes, loading the data, evaluating and the figures. Wall time: 22 and
-21 minutes on 2 cores shared with other work (load average 8-11 and 4-10,
-the command getting 0.68 and 0.64 of a core); the units' CPU times
-scheduled on 2 free cores in this order give 7.4 and 6.7 minutes.
+Measured from a fresh clone (the quick default, 2 workers, this project's
+2-core AMD EPYC, nothing else running until its last two minutes): 4.6
+minutes wall, 402 s user + 10 s system CPU (6.9 CPU-minutes). The units'
+compiling took 149 CPU s (vSAM's planned programs 22 on the digits and 11
+on MNIST-1D, Sparse SAM's 16-19 and 7-10, the others 2-11), their training
+220 CPU s (the digits 178, MNIST-1D 42); the rest is starting the
+processes, loading the data, evaluating and the figures. On a loaded
+machine both grow: an earlier run shared with two
+benchmark processes (load average 6-7) took 12.5 CPU-minutes and 16.5
+minutes wall.
 """
 
 from __future__ import annotations
