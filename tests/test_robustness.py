@@ -94,6 +94,43 @@ def test_tree_norm_zero_empty_nan_inf():
       float(jax.jit(base.tree_norm)({"a": jnp.full(4, 1e20)})), 2e20, rtol=1e-6)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_step_check_tie_and_sort_keep_values_and_find_any_non_finite(jit):
+  """base.tie leaves every entry as it was (bit for bit: signed zeros, NaN,
+  inf), whatever the scalar it waits for; base.step_finite is true exactly
+  when no per-leaf max |x| is NaN or inf (NumPy decides the expected
+  flag), with a NaN anywhere in the vector (the sort puts it last)."""
+  maybe_jit = jax.jit if jit else (lambda f: f)
+  x = jnp.array([-0.0, 0.0, 1.5, -2.0, NAN, INF, -INF], jnp.float32)
+  for r in (0.0, 3.0, INF, NAN):
+    y = maybe_jit(base.tie)(x, jnp.float32(r))
+    assert y.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint32),
+                                  np.asarray(x).view(np.uint32))
+  tree = {"a": x[:4], "b": jnp.zeros((0,)), "i": jnp.arange(3),
+          "c": jnp.array([[1.0, -5.0]], jnp.bfloat16)}
+  tied = maybe_jit(base.tie_leaves)(tree, tree, base.leaf_max_abs(tree))
+  assert jax.tree.structure(tied) == jax.tree.structure(tree)
+  for k in tree:
+    np.testing.assert_array_equal(np.asarray(tied[k], np.float32),
+                                  np.asarray(tree[k], np.float32))
+  np.testing.assert_array_equal(np.asarray(base.leaf_max_abs(tree)),
+                                [2.0, 5.0])  # leaf order: a, c (b empty, i int)
+  rng = np.random.default_rng(0)
+  for trial in range(40):
+    v = np.abs(rng.standard_normal(rng.integers(1, 9))).astype(np.float32)
+    if trial % 4:
+      v[rng.integers(0, v.size)] = (NAN, INF, 3e38)[trial % 3]
+    ok, top = maybe_jit(base.step_finite)(jnp.asarray(v))
+    assert bool(ok) == bool(np.all(np.isfinite(v))), v
+    if np.any(np.isnan(v)):
+      assert np.isnan(float(top))
+    else:
+      assert float(top) == float(np.max(v))
+  ok, top = base.step_finite(jnp.zeros((0,), jnp.float32))
+  assert bool(ok) and float(top) == 0.0
+
+
 def test_sam_perturbation_has_radius_rho_for_huge_gradients():
   """SAM's NormBall uses base.tree_norm: a 1e20 gradient is no longer e = 0."""
   params = {"w": jnp.zeros(3)}

@@ -569,3 +569,89 @@ def tree_all_finite(tree: PyTree) -> Array:
   if not leaves:
     return jnp.ones((), bool)
   return jnp.isfinite(tree_max_abs(leaves))
+
+
+# --------------------------------------------------------------------------
+# The finiteness check of a step, in a form memory schedulers can interleave.
+# --------------------------------------------------------------------------
+
+
+def _checked(x: Any) -> bool:
+  return bool(np.size(x)) and jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+
+
+def num_checked(tree: PyTree) -> int:
+  """The length of :func:`leaf_max_abs` of ``tree`` (static)."""
+  return sum(1 for x in jax.tree.leaves(tree) if _checked(x))
+
+
+def leaf_max_abs(tree: PyTree) -> Array:
+  """``max |x|`` of every non-empty floating leaf of ``tree``, a float32
+  vector in leaf order (NaN for a leaf with a NaN, inf for one with an inf
+  and no NaN; shape ``(0,)`` for a tree without such leaves). The
+  reductions are the very ones :func:`tree_max_abs` and :func:`tree_norm`
+  make, so XLA computes each once."""
+  parts = [jnp.max(jnp.abs(x.astype(jnp.float32)))
+           for x in jax.tree.leaves(tree) if _checked(x)]
+  if not parts:
+    return jnp.zeros((0,), jnp.float32)
+  return jnp.stack(parts)
+
+
+def tie(x: Array, r: Array) -> Array:
+  """``x`` unchanged, computed after the float scalar ``r``, which must be
+  ``>= 0``, ``+inf`` or NaN (a ``max |.|``): ``where(not r < 0, x, -x)``,
+  whose condition always holds, so every entry (signed zeros, NaN and inf
+  included) is the one of ``x``. A data dependence the compiler keeps (an
+  ``optimization_barrier`` is removed before XLA schedules), so that
+  whatever consumes ``x`` (an optimizer's update of that leaf) is scheduled
+  after ``r``; it fuses into that consumer."""
+  return jnp.where(jnp.logical_not(r < 0), x, -x)
+
+
+def tie_leaves(tree: PyTree, like: PyTree, maxabs: Array) -> PyTree:
+  """``tree`` with each leaf :func:`tie`-d to the entry of ``maxabs`` (the
+  :func:`leaf_max_abs` of ``like``, a tree of the same structure) of the
+  matching leaf of ``like``; a leaf whose match is not checked (empty, not
+  floating) is unchanged."""
+  treedef = jax.tree.structure(like)
+  out, j = [], 0
+  for x, y in zip(treedef.flatten_up_to(tree), jax.tree.leaves(like)):
+    if _checked(y):
+      x, j = tie(x, maxabs[j]), j + 1
+    out.append(x)
+  return jax.tree.unflatten(treedef, out)
+
+
+def step_finite(maxabs: Array) -> tuple[Array, Array]:
+  """``(ok, top)`` from the per-leaf ``max |.|`` of everything a step
+  checks (a float32 vector): ``top`` is the largest entry, NaN if any is
+  NaN, taken by a sort (``jnp.sort`` orders NaN last), and ``ok`` is
+  ``isfinite(top)``, true when every checked entry is finite.
+
+  Why a sort: XLA fuses a max over scalars into each of its consumers,
+  copying every leaf's reduction into them; a sort stays one instruction.
+  The step makes its first output leaf depend on ``top`` (:func:`tie`) and
+  its state's count on ``ok``: XLA:CPU's memory scheduler
+  (``--xla_cpu_enable_concurrency_optimized_scheduler=false``, a depth-first
+  order that visits first the output whose inputs are largest) then finds
+  the count no larger than an update of a parameter, so it applies each
+  leaf's update as soon as that leaf's gradient and check exist, instead of
+  making every leaf of the gradient before the first update.
+  """
+  maxabs = jnp.ravel(maxabs).astype(jnp.float32)
+  if maxabs.shape[0] == 0:
+    return jnp.ones((), bool), jnp.zeros((), jnp.float32)
+  top = jnp.sort(maxabs)[-1]
+  return jnp.isfinite(top), top
+
+
+def tie_first(tree: PyTree, r: Array) -> PyTree:
+  """:func:`tie` of the first floating leaf of ``tree`` to ``r`` (the
+  others unchanged)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  for i, x in enumerate(leaves):
+    if _checked(x):
+      leaves[i] = tie(x, r)
+      break
+  return jax.tree.unflatten(treedef, leaves)

@@ -404,7 +404,7 @@ class _Engine:
         go,
     )
     ending = base.cond(go, computed, skipped, None)
-    out, geometry_state, combine_state, chosen, evals, finite = ending
+    out, geometry_state, combine_state, chosen, evals, maxabs = ending
     region_state = chosen[0] if observes else region_state
     gate_state = chosen[1]
     planned_after = None if plan is None else plan.gate_after
@@ -413,8 +413,13 @@ class _Engine:
     # A non-finite clean or second gradient: the state is as if the step
     # never happened (count and every part; the work done is still counted
     # in grad_evals), and the output carries the non-finite value for
-    # apply_if_finite and loss scalers.
-    ok = finite & base.tree_all_finite(step.grads)
+    # apply_if_finite and loss scalers. One check over both gradients'
+    # per-leaf max |.| (the clean one's are its norm's), taken so that a
+    # memory scheduler can apply each leaf's update as soon as its second
+    # gradient exists (base.step_finite; the first output leaf is tied to
+    # it, every other to its own leaf's check).
+    ok, top = base.step_finite(
+        jnp.concatenate([maxabs, base.leaf_max_abs(step.grads)]))
     kept = base.tree_select(
         ok,
         (optax.safe_increment(state.count), geometry_state, region_state,
@@ -425,7 +430,7 @@ class _Engine:
         kept[0], base.saturating_add(state.grad_evals, evals + region_evals),
         *kept[1:]
     )
-    return base.tree_cast_like(out, updates), new_state
+    return base.tie_first(base.tree_cast_like(out, updates), top), new_state
 
   def make_step(self, updates, state, params, batch) -> Step:
     return Step(
@@ -480,9 +485,10 @@ class _Engine:
 
   def branches(self, step, state, where, chosen, go):
     """The two ways a step ends: (out, geometry, combine, (region, gate),
-    evals, whether the second gradient is finite). ``chosen``: the region's
-    (None: it does not observe) and the gate's states after their
-    decisions."""
+    evals, the second gradient's per-leaf ``max |.|`` (``base.leaf_max_abs``;
+    zeros when it is skipped), each output leaf tied to its leaf's).
+    ``chosen``: the region's (None: it does not observe) and the gate's
+    states after their decisions."""
     nested = not isinstance(go, bool)  # the branch runs inside a lax.cond
 
     def computed(_):
@@ -499,14 +505,15 @@ class _Engine:
       # m-sharpness: num_splits clean and num_splits second sub-batch
       # gradients, each on 1/num_splits of the batch: 2 batch gradients.
       one = jnp.asarray(1 if self.num_splits == 1 else 2, jnp.int32)
-      finite = base.tree_all_finite(second)
-      return out, geometry_state, combine_state, observed, one, finite
+      maxabs = base.leaf_max_abs(second)
+      out = base.tie_leaves(out, second, maxabs)
+      return out, geometry_state, combine_state, observed, one, maxabs
 
     def skipped(_):
       out, combine_state = self.combine.skipped(step, state.combine)
       zero = jnp.zeros((), jnp.int32)
-      finite = jnp.ones((), bool)
-      return out, state.geometry, combine_state, chosen, zero, finite
+      maxabs = jnp.zeros((base.num_checked(step.grads),), jnp.float32)
+      return out, state.geometry, combine_state, chosen, zero, maxabs
 
     return computed, skipped
 
