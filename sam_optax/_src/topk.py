@@ -125,6 +125,54 @@ def _index_at_most(shape, bound) -> jax.Array:
   return le & (bound >= 0)
 
 
+def _at_least(key, t, bound) -> jax.Array:
+  """(key, N - 1 - flat index) >= (t, u) for one leaf, lexicographically,
+  given its ``bound = N - 1 - start - u``; the flat index built from iota
+  (never stored)."""
+  return (key > t) | ((key == t) & _index_at_most(jnp.shape(key), bound))
+
+
+def _threshold(keys, firsts, n, k):
+  """The k-th largest pair's key ``t`` and every leaf's bound ``N - 1 -
+  start - u`` (``firsts``: ``N - 1 - start``), decided one bit a pass.
+
+  The bounds are carried through the loop as scalars, each updated by the
+  same operation as every other, so a leaf reads its offset from a buffer
+  instead of holding it as a constant: the kernels of every pass and of
+  the final mask are then the same for all leaves of a shape (XLA:CPU
+  compiles each distinct kernel, about 20 ms apiece, and identical ones far
+  more cheaply).
+  """
+  index_bits = max(1, math.ceil(math.log2(max(n, 1))))
+
+  def decide_bit(i, carry):
+    t, bounds = carry
+    key_bit = i < 32
+    bit = jnp.where(key_bit, 31 - i, 31 + index_bits - i)
+    cand_t = jnp.where(key_bit, t | (jnp.uint32(1) << bit.astype(jnp.uint32)),
+                       t)
+    step = jnp.where(key_bit, jnp.int32(0), jnp.int32(1) << bit)
+    counts = jnp.stack([
+        jnp.sum(_at_least(key, cand_t, b - step), dtype=jnp.int32)
+        for key, b in zip(keys, bounds)
+    ])
+    # Summed as uint32 (the same bits): XLA rewrites an int32 sum of
+    # stacked scalars into a chain of adds that its fusion then copies into
+    # every consumer, here every leaf's bound.
+    count = jax.lax.bitcast_convert_type(
+        jnp.sum(jax.lax.bitcast_convert_type(counts, jnp.uint32),
+                dtype=jnp.uint32), jnp.int32)
+    take = count >= k
+    step = jnp.where(take, step, 0)
+    return jnp.where(take, cand_t, t), tuple(b - step for b in bounds)
+
+  # From (0, 0) up: eligible entries have a key >= 1 (NaN's), so only they
+  # are ever counted above a set bit.
+  bounds0 = tuple(jnp.int32(f) for f in firsts)
+  return jax.lax.fori_loop(0, 32 + index_bits, decide_bit,
+                           (jnp.uint32(0), bounds0))
+
+
 def top_k_mask(
     scores: PyTree,
     k: Any,
@@ -209,48 +257,8 @@ def top_k_mask(
   if not live:
     return jax.tree.unflatten(treedef, out)
   k = jnp.asarray(k, jnp.int32)
-  index_bits = max(1, math.ceil(math.log2(max(n, 1))))
-
-  def at_least(key, t, bound):
-    """(key, N - 1 - flat index) >= (t, u) for one leaf, lexicographically,
-    given its ``bound = N - 1 - start - u``; the flat index built from iota
-    (never stored)."""
-    return (key > t) | ((key == t) & _index_at_most(jnp.shape(key), bound))
-
-  # Each leaf's bound N - 1 - start - u is carried through the loop as a
-  # scalar, updated by the same operation as every other leaf's, so a leaf
-  # reads its offset from a buffer instead of holding it as a constant: the
-  # kernels of every pass and of the final mask are then the same for all
-  # leaves of a shape (XLA:CPU compiles each distinct kernel, about 20 ms
-  # apiece, and identical ones once).
-  bounds0 = tuple(jnp.int32(n - 1 - starts[i]) for i in live)
-
-  def decide_bit(i, carry):
-    t, bounds = carry
-    key_bit = i < 32
-    bit = jnp.where(key_bit, 31 - i, 31 + index_bits - i)
-    cand_t = jnp.where(key_bit, t | (jnp.uint32(1) << bit.astype(jnp.uint32)),
-                       t)
-    step = jnp.where(key_bit, jnp.int32(0), jnp.int32(1) << bit)
-    counts = jnp.stack([
-        jnp.sum(at_least(keys[j], cand_t, b - step), dtype=jnp.int32)
-        for j, b in zip(live, bounds)
-    ])
-    # Summed as uint32 (the same bits): XLA rewrites an int32 sum of
-    # stacked scalars into a chain of adds that its fusion then copies into
-    # every consumer, here every leaf's bound.
-    count = jax.lax.bitcast_convert_type(
-        jnp.sum(jax.lax.bitcast_convert_type(counts, jnp.uint32),
-                dtype=jnp.uint32), jnp.int32)
-    take = count >= k
-    step = jnp.where(take, step, 0)
-    return jnp.where(take, cand_t, t), tuple(b - step for b in bounds)
-
-  # From (0, 0) up: eligible entries have a key >= 1 (NaN's), so only they
-  # are ever counted above a set bit.
-  t, bounds = jax.lax.fori_loop(
-      0, 32 + index_bits, decide_bit, (jnp.uint32(0), bounds0)
-  )
+  t, bounds = _threshold([keys[i] for i in live],
+                         [n - 1 - int(starts[i]) for i in live], n, k)
   for i, bound in zip(live, bounds):
-    out[i] = at_least(keys[i], t, bound) & (keys[i] > 0) & (k > 0)
+    out[i] = _at_least(keys[i], t, bound) & (keys[i] > 0) & (k > 0)
   return jax.tree.unflatten(treedef, out)
