@@ -7,6 +7,7 @@ SSAM perturbation formula written out, the drop/grow counts in Python.
 
 import functools
 import math
+import re
 
 import chex
 import jax
@@ -268,6 +269,36 @@ def test_top_k_mask_mixed_shapes_and_dtypes_match_numpy():
         want = ref_top_k(held, k, elig if use_elig else None)
         np.testing.assert_array_equal(got, want, err_msg=f"{trial} k={k}")
         assert got.sum() == k
+
+
+def _distinct_kernels(compiled_text: str) -> int:
+  """Fused computations of a compiled XLA program that differ once their
+  names and metadata are set aside: XLA:CPU compiles each distinct kernel
+  (tens of ms), identical ones far more cheaply."""
+  bodies = set()
+  for comp in re.split(r"\n(?=%\S+ \(|ENTRY )", compiled_text):
+    if comp.startswith("%fused"):
+      body = comp.split("\n", 1)[1]
+      body = re.sub(r"metadata=\{[^}]*\}", "", body)
+      bodies.add(re.sub(r"%[\w.\-]+", "%x", body))
+  return len(bodies)
+
+
+def test_top_k_mask_kernels_do_not_grow_with_same_shaped_leaves():
+  """Every leaf reads its flat-index offset from a scalar carried through
+  the bit loop, not from a constant in its kernels: 12 leaves of each of
+  three shapes compile to the distinct kernels of 2 of each, give or take
+  the few that hold the number of index bits (it grows with N). With the
+  offsets as constants, 34 distinct kernels became 173."""
+  def kernels(copies):
+    leaves = [jax.ShapeDtypeStruct((3, 4), jnp.float32),
+              jax.ShapeDtypeStruct((5,), jnp.float32),
+              jax.ShapeDtypeStruct((2, 3, 2), jnp.float32)] * copies
+    fn = jax.jit(topk.top_k_mask)
+    return _distinct_kernels(fn.lower(leaves, 7).compile().as_text())
+
+  few, many = kernels(2), kernels(12)
+  assert many <= few + 3, (few, many)
 
 
 def test_top_k_mask_ranks_subnormal_scores_exactly():

@@ -358,7 +358,18 @@ def tree_max_abs(tree: PyTree) -> Array:
   ]
   if not parts:
     return jnp.zeros((), jnp.float32)
-  return parts[0] if len(parts) == 1 else jnp.max(jnp.stack(parts))
+  if len(parts) == 1:
+    return parts[0]
+  # The leaves' maxima are combined as uint32 bit patterns: for floats >= 0
+  # (and NaN of either sign, whose patterns lie above inf's) the unsigned
+  # order is the float order, so the result is the same. A float max of
+  # the stacked maxima is rewritten by XLA into a chain of one max per leaf,
+  # which its fusion then copies into every consumer of the result: a step
+  # that keeps or drops 200 mask leaves on the gradients' finiteness
+  # compiled 200 kernels of 200 maxima each (about 15 s on XLA:CPU). An
+  # integer reduction stays one reduction.
+  bits = jax.lax.bitcast_convert_type(jnp.stack(parts), jnp.uint32)
+  return jax.lax.bitcast_convert_type(jnp.max(bits), jnp.float32)
 
 
 def pow2_scale(m: Array) -> Array:
