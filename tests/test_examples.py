@@ -34,9 +34,10 @@ def changed_lines(name: str, port: str) -> int:
   return count
 
 
-def run(name, variant, steps=3):
+def run(name, variant, steps=3, lr=None):
   module = importlib.import_module(f"examples.{name}")
-  return module.main(["--sam", variant, "--steps", str(steps)])
+  argv = ["--sam", variant, "--steps", str(steps)]
+  return module.main(argv + ([] if lr is None else ["--lr", str(lr)]))
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -44,13 +45,23 @@ def test_example_sam_optax_port_runs_and_equals_the_contrib_port(name):
   ours = run(name, "sam_optax")
   assert all(np.isfinite(ours["losses"]))
   theirs = run(name, "contrib")
+  # The initial parameters: the plain port at learning rate 0 never moves.
+  start = run(name, "plain", steps=1, lr=0)
   # The same SAM step (e = rho g / ||g||, the gradient at w + e, the same
   # dropout key and batch statistics in both passes), computed by two
   # libraries: the same trajectory up to float32 rounding.
   np.testing.assert_allclose(ours["losses"], theirs["losses"], rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(ours["params"]), jax.tree.leaves(theirs["params"]),
-                  strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+  # Each leaf's displacement from the start equal to 1% in norm. Not
+  # element by element: with BatchNorm, rounding is amplified in a few
+  # small entries (a BatchNorm bias differed by 0.9% in one entry on one
+  # CPU, 0.25% over its leaf), so an elementwise bound either flakes
+  # across CPUs or is too loose for the rest.
+  leaves = lambda r: [np.asarray(x, np.float64) for x in jax.tree.leaves(r["params"])]
+  for a, b, w0 in zip(leaves(ours), leaves(theirs), leaves(start), strict=True):
+    moved = np.linalg.norm(b - w0)
+    assert moved > 0 or np.array_equal(a, b)
+    assert np.linalg.norm(a - b) <= 1e-2 * moved + 1e-7 * np.sqrt(a.size), (
+        np.linalg.norm(a - b), moved)
 
 
 def test_gallery_table_counts_the_changed_lines():
