@@ -256,7 +256,10 @@ def build_steps(
       shardings["out_shardings"] = parallel.replicated(mesh)
 
     def init(params, tx=tx):
-      state = steps_lib.TrainState(params, problem.batch_stats, tx.init(params))
+      # The step donates its state: each row's running statistics are a
+      # copy, or the first row's step would delete the problem's own.
+      stats = jax.tree.map(jnp.array, problem.batch_stats)
+      state = steps_lib.TrainState(params, stats, tx.init(params))
       if mesh is not None:
         state = jax.device_put(state, parallel.replicated(mesh))
       return state

@@ -1434,6 +1434,39 @@ def test_bench_has_planned_rows(tmp_path):
   assert list(auto) == ["sam", "looksam", "looksam+plan"]
 
 
+def test_bench_rows_of_a_batchnorm_model_do_not_share_donated_buffers():
+  """Every row's step donates its state: with BatchNorm, the second row's
+  state must not hold the running statistics the first row's step donated
+  (the resnet50 bench died with "Array has been deleted")."""
+  import flax.linen as nn
+  from experiments import bench
+
+  class TinyBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+      x = nn.Conv(4, (3, 3))(x)
+      x = nn.BatchNorm(use_running_average=not train)(x)
+      return nn.Dense(10)(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+  model = TinyBN()
+  x, y = jnp.ones((4, 8, 8, 3)), jnp.arange(4) % 10
+  variables = model.init(jax.random.PRNGKey(0), x[:2], train=False)
+  forward = steps.make_forward(model, 10, 0.0, True)
+  problem = bench.Problem(
+      variables["params"], variables["batch_stats"], {"image": x, "label": y},
+      forward, steps.method_loss_fn(forward, True), True)
+  rows = bench.build_steps(["sgd", "sam"], problem, 0.1, 2, 4)
+  for row in rows.values():
+    state = row.init(jax.tree.map(jnp.array, problem.params))
+    state, _ = row.step(state, problem.batch)
+    jax.block_until_ready(state)
+  # the problem's own statistics are still alive, and nothing moved them
+  for leaf in jax.tree.leaves(problem.batch_stats):
+    assert not leaf.is_deleted()
+  np.testing.assert_array_equal(
+      problem.batch_stats["BatchNorm_0"]["var"], np.ones(4))
+
+
 def test_bench_compile_repeats_take_the_minimum_of_fresh_compiles(
     tmp_path, monkeypatch):
   """--compile-repeats 3: every row's programs compiled three times (the
