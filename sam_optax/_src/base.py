@@ -348,14 +348,17 @@ def tree_sq_norm(tree: PyTree) -> Array:
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
 
 
+def _maxima(leaves) -> list[Array]:
+  """``max |x|`` of each leaf, float32 scalars: the one per-leaf reduction
+  that the norm, the finiteness checks and the step's check share (XLA
+  computes each once)."""
+  return [jnp.max(jnp.abs(x.astype(jnp.float32))) for x in leaves]
+
+
 def tree_max_abs(tree: PyTree) -> Array:
   """Largest absolute entry over all leaves, float32 (NaN if any is NaN;
   0 for a tree without entries)."""
-  parts = [
-      jnp.max(jnp.abs(x.astype(jnp.float32)))
-      for x in jax.tree.leaves(tree)
-      if np.size(x)
-  ]
+  parts = _maxima(x for x in jax.tree.leaves(tree) if np.size(x))
   if not parts:
     return jnp.zeros((), jnp.float32)
   if len(parts) == 1:
@@ -602,8 +605,7 @@ def leaf_max_abs(tree: PyTree) -> Array:
   and no NaN; shape ``(0,)`` for a tree without such leaves). The
   reductions are the very ones :func:`tree_max_abs` and :func:`tree_norm`
   make, so XLA computes each once."""
-  parts = [jnp.max(jnp.abs(x.astype(jnp.float32)))
-           for x in jax.tree.leaves(tree) if _checked(x)]
+  parts = _maxima(x for x in jax.tree.leaves(tree) if _checked(x))
   if not parts:
     return jnp.zeros((0,), jnp.float32)
   return jnp.stack(parts)
