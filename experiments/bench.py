@@ -179,7 +179,8 @@ def _with_batch(tx: optax.GradientTransformation, loss_fn, has_aux: bool):
 
 
 class Row(NamedTuple):
-  """One row of the table: ``init(params) -> TrainState``; ``step(state,
+  """One row of the table: ``init() -> TrainState``, a fresh state of the
+  problem's own (the step donates it); ``step(state,
   batch, plan=None) -> (state, (loss, correct))``, the training code's step
   jitted with ``plan`` static; ``planner``: a factory of the row's
   ``sam_optax.planner`` (None: unplanned)."""
@@ -255,10 +256,12 @@ def build_steps(
     if mesh is not None:
       shardings["out_shardings"] = parallel.replicated(mesh)
 
-    def init(params, tx=tx):
-      # The step donates its state: each row's running statistics are a
-      # copy, or the first row's step would delete the problem's own.
-      stats = jax.tree.map(jnp.array, problem.batch_stats)
+    def init(tx=tx):
+      # The step donates its state: every state gets its own copy of the
+      # parameters and running statistics, or the first step would delete
+      # the problem's (and the next row's init would read deleted arrays).
+      params, stats = jax.tree.map(
+          jnp.array, (problem.params, problem.batch_stats))
       state = steps_lib.TrainState(params, stats, tx.init(params))
       if mesh is not None:
         state = jax.device_put(state, parallel.replicated(mesh))
@@ -361,17 +364,17 @@ def _build_all(args, total):
   else:
     steps = build_steps(args.methods, problem, args.lr, args.steps_per_epoch,
                         total, args.model, planned=args.planned)
-  return problem, steps, batch
+  return steps, batch
 
 
 def compiled_peaks(args, plans: dict[str, list]) -> dict[str, int]:
   """Row label -> the largest :func:`peak_bytes` over the programs of
   ``plans[label]``, compiled (not run) in this process."""
   total = args.warmup + args.rounds * args.steps
-  problem, steps, batch = _build_all(args, total)
+  steps, batch = _build_all(args, total)
   out = {}
   for name, row_plans in plans.items():
-    s = steps[name].init(jax.tree.map(jnp.array, problem.params))
+    s = steps[name].init()
     out[name] = max(
         peak_bytes(steps[name].step.lower(s, batch, plan=plan).compile())
         for plan in row_plans)
@@ -390,9 +393,9 @@ def compile_repeats(args, plans: dict[str, list], repeats: int
   out = {name: [] for name in plans}
   total = args.warmup + args.rounds * args.steps
   for _ in range(repeats):
-    problem, steps, batch = _build_all(args, total)
+    steps, batch = _build_all(args, total)
     for name, row_plans in plans.items():
-      s = steps[name].init(jax.tree.map(jnp.array, problem.params))
+      s = steps[name].init()
       c0 = time.process_time()
       for plan in row_plans:
         steps[name].step.lower(s, batch, plan=plan).compile()
@@ -426,10 +429,9 @@ def peaks_with_flags(argv, plans, flags: str) -> dict[str, int]:
 
 def run(args) -> dict[str, Any]:
   total = args.warmup + args.rounds * args.steps
-  problem, steps, batch = _build_all(args, total)
+  steps, batch = _build_all(args, total)
   names = list(steps)
   reference = names[0]  # SGD (of the first perturbation on a mesh)
-  copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731
 
   carry, times, kinds = {}, {n: [] for n in names}, {n: [] for n in names}
   compile_s = {n: 0.0 for n in names}
@@ -461,7 +463,7 @@ def run(args) -> dict[str, Any]:
     row = steps[name]
     if row.planner is not None:
       planners[name] = row.planner()
-    s = row.init(copy(problem.params))
+    s = row.init()
     t0 = time.perf_counter()
     for _ in range(max(args.warmup, 1)):  # compile, and leave warm-up behind
       s, _ = one_step(name, s)

@@ -1457,11 +1457,12 @@ def test_bench_rows_of_a_batchnorm_model_do_not_share_donated_buffers():
       forward, steps.method_loss_fn(forward, True), True)
   rows = bench.build_steps(["sgd", "sam"], problem, 0.1, 2, 4)
   for row in rows.values():
-    state = row.init(jax.tree.map(jnp.array, problem.params))
+    state = row.init()
     state, _ = row.step(state, problem.batch)
     jax.block_until_ready(state)
-  # the problem's own statistics are still alive, and nothing moved them
-  for leaf in jax.tree.leaves(problem.batch_stats):
+  # the problem's own parameters and statistics are still alive, and
+  # nothing moved them
+  for leaf in jax.tree.leaves((problem.params, problem.batch_stats)):
     assert not leaf.is_deleted()
   np.testing.assert_array_equal(
       problem.batch_stats["BatchNorm_0"]["var"], np.ones(4))
