@@ -399,19 +399,35 @@ def tree_scale(tree: PyTree) -> Array:
 def tree_norm(tree: PyTree) -> Array:
   """Global L2 norm over all leaves, in float32, overflow-safe.
 
-  The tree is scaled by a power of two (:func:`tree_scale`, one extra
-  max-reduction) before squaring, so gradients of 1e19 to 1e38 and of 1e-20
-  give their true norm instead of ``inf`` or 0. For ordinary magnitudes the
-  result is the plain ``sqrt(sum(x**2))`` bit for bit up to the order of
-  summation (the scaling is exact). A zero or empty tree gives 0; a NaN entry
-  gives NaN; an infinite entry (and no NaN) gives ``inf``.
+  Each leaf is scaled by a power of two from its own ``max |x|``
+  (:func:`pow2_scale`) before squaring, and the leaves' sums of squares are
+  brought to the scale of the largest entry (:func:`tree_scale`) before
+  they are added, so gradients of 1e19 to 1e38 and of 1e-20 give their true
+  norm instead of ``inf`` or 0. Scaling by a power of two is exact, so for
+  ordinary magnitudes the result is the plain ``sqrt(sum(x**2))`` bit for bit
+  up to the order of summation, and the same as scaling the whole tree by
+  one power of two. A leaf's sum of squares waits only for that leaf's own
+  ``max |x|``, not for every leaf's: XLA's memory scheduler can then finish
+  each leaf's reductions as soon as the leaf exists (one scale for the
+  whole tree made every leaf's sum wait for all the maxima, which kept
+  more of a gradient alive at once). A zero or empty tree gives 0; a NaN
+  entry gives NaN; an infinite entry (and no NaN) gives ``inf``.
   """
-  leaves = jax.tree.leaves(tree)
+  leaves = [x for x in jax.tree.leaves(tree) if np.size(x)]
   if not leaves:
     return jnp.zeros((), jnp.float32)
+  maxima = _maxima(leaves)
   m = tree_max_abs(leaves)
   s = pow2_scale(m)
-  sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32) * s)) for x in leaves)
+  sq = jnp.zeros((), jnp.float32)
+  for x, mx in zip(leaves, maxima):
+    own = pow2_scale(mx)
+    part = jnp.sum(jnp.square(x.astype(jnp.float32) * own))
+    # own >= s for a leaf with a non-zero finite max (its max is at most
+    # the tree's), so the factor is at most 1 and exact unless it is too
+    # small to matter. A zero leaf (own = 1, possibly below s) adds exactly
+    # 0 instead of 0 * inf; a NaN or inf part passes through.
+    sq = sq + jnp.where(part == 0, 0.0, part * jnp.square(s / own))
   norm = jnp.sqrt(sq) / s
   return jnp.where(jnp.isinf(m), m, norm)
 
