@@ -71,9 +71,10 @@ def test_tree_norm_matches_float64_at_every_scale(scale):
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_tree_norm_leaves_of_very_different_magnitudes(jit):
-  """Each leaf is scaled by its own power of two and brought to the
-  largest entry's scale before the sum: leaves of 1e30 beside 1e-30, a zero
-  leaf beside tiny ones (0 * inf would be NaN), a single tiny leaf."""
+  """Each leaf's norm is taken at its own power-of-two scale, then the norm
+  of the leaf norms: leaves of 1e30 beside 1e-30, a zero leaf beside tiny
+  ones, a single tiny leaf, a leaf whose norm overflows only with the
+  others."""
   rng = np.random.default_rng(2)
   norm = jax.jit(base.tree_norm) if jit else base.tree_norm
 
@@ -87,6 +88,7 @@ def test_tree_norm_leaves_of_very_different_magnitudes(jit):
       {"one": leaf(7, 1e-36)},
       {"a": leaf(3, 1e3), "b": leaf(3, 1e-3), "c": leaf((2, 3), 1e19),
        "d": jnp.zeros((0,)), "e": leaf(1, 1e-19)},
+      {"a": jnp.full(3, 1e38), "b": jnp.full(2, 2e37)},  # norm 1.74e38
   ]
   for tree in cases:
     np.testing.assert_allclose(float(norm(tree)), f64_norm(tree), rtol=2e-6)
@@ -95,6 +97,8 @@ def test_tree_norm_leaves_of_very_different_magnitudes(jit):
   assert np.isnan(float(norm({"a": leaf(3, 1e30), "b": jnp.array([NAN]),
                               "c": jnp.array([INF])})))
   assert float(norm({"a": jnp.zeros(3), "b": jnp.zeros(2)})) == 0.0
+  # Beyond float32's range: inf, as the plain norm would be.
+  assert float(norm({"a": jnp.full(4, 3e38), "b": jnp.full(4, 3e38)})) == INF
 
 
 def test_tree_norm_is_the_plain_norm_for_ordinary_values():
