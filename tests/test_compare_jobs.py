@@ -11,6 +11,7 @@ import multiprocessing
 import operator
 import os
 import shutil
+import signal
 import threading
 import time
 
@@ -203,13 +204,19 @@ def test_workers_report_a_unit_that_raises_or_dies():
 
 
 def test_ctrl_c_stops_the_workers_and_names_the_running_units():
-  timer = threading.Timer(2.5, os.kill, (os.getpid(), 2))  # SIGINT
+  # Python's own Ctrl-C handler, whatever an earlier test in this pytest
+  # process left installed (the full suite once saw the SIGINT ignored).
+  before = signal.signal(signal.SIGINT, signal.default_int_handler)
+  timer = threading.Timer(2.5, os.kill, (os.getpid(), signal.SIGINT))
   t0 = time.perf_counter()
   timer.start()
-  with pytest.raises(workers.Interrupted) as e:
-    list(workers.run(time.sleep, [(60,), (60,), (60,)], 2,
-                     label=lambda i: f"sleep #{i}"))
-  timer.join()
+  try:
+    with pytest.raises(workers.Interrupted) as e:
+      list(workers.run(time.sleep, [(60,), (60,), (60,)], 2,
+                       label=lambda i: f"sleep #{i}"))
+  finally:
+    timer.join()
+    signal.signal(signal.SIGINT, before)
   assert time.perf_counter() - t0 < 30  # not the units' 60 s
   assert e.value.finished == 0 and e.value.total == 3
   assert set(e.value.running) <= {"sleep #0", "sleep #1"}
