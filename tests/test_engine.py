@@ -174,7 +174,26 @@ def test_clear_errors_for_aux_and_masked_nodes():
       sam_optax.sam(mlp_loss), {"l1": False, "l2": True}
   )
   with pytest.raises(ValueError, match="optax.masked or optax.multi_transform"):
-    masked.update(g, masked.init(p), p, batch=b)
+    masked.init(p)
+  # update refuses it too (a state made outside the mask, then masked).
+  inner = sam_optax.sam(mlp_loss)
+  masked_p = {"l1": optax.MaskedNode(), "l2": p["l2"]}
+  with pytest.raises(ValueError, match="optax.masked or optax.multi_transform"):
+    inner.update(g, inner.init(p), masked_p, batch=b)
+
+
+def test_masked_is_refused_at_init_before_counts_are_checked():
+  """Inside optax.masked a count such as layerwise_sam's num_layers would
+  be checked against the unmasked leaves alone ('num_layers must be an
+  integer in [1, 1]'): the masked message comes first, at init."""
+  p = mlp_params()
+  for tx in [sam_optax.layerwise_sam(mlp_loss, num_layers=2),
+             sam_optax.lightsam(mlp_loss, 0.1),
+             sam_optax.ssam_fisher(mlp_loss, update_every=2)]:
+    masked = optax.masked(tx, {"l1": False, "l2": True})
+    with pytest.raises(ValueError,
+                       match="optax.masked or optax.multi_transform"):
+      masked.init(p)
 
 
 # --------------------------------------------------------------------------

@@ -19,15 +19,14 @@ def _labels(params):
 
 
 def test_masked_error_names_trainable():
-  params, batch = mlp_params(), make_batch()
+  params = mlp_params()
   tx = optax.multi_transform(
       {"train": optax.chain(sam_optax.sam(mlp_loss), optax.sgd(0.1)),
        "frozen": optax.set_to_zero()},
       _labels(params),
   )
-  state = tx.init(params)
   with pytest.raises(ValueError, match=r"MaskedNode.*pass trainable= to it"):
-    tx.update(jax.grad(mlp_loss)(params, batch), state, params, batch=batch)
+    tx.init(params)
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -75,15 +74,14 @@ def test_lightsam_docstring_does_not_recommend_multi_transform():
 
 
 def test_lightsam_inside_multi_transform_raises_naming_trainable():
-  params, batch = mlp_params(), make_batch()
+  params = mlp_params()
   tx = optax.multi_transform(
       {"train": sam_optax.lightsam(mlp_loss, 0.1),
        "frozen": optax.set_to_zero()},
       _labels(params),
   )
-  state = tx.init(params)
   with pytest.raises(ValueError, match="trainable="):
-    tx.update(jax.grad(mlp_loss)(params, batch), state, params, batch=batch)
+    tx.init(params)
 
 
 @pytest.mark.parametrize("variant", ["adagrad_norm", "adagrad", "adam"])
@@ -109,3 +107,40 @@ def test_lightsam_freezing_recipe_of_its_docstring(variant):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(jax.tree.leaves(p["l2"]), jax.tree.leaves(q)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _stats_loss(params, batch):
+  """A model whose batch carries 8 statistics (not per example), one per
+  input feature."""
+  x, y, stats = batch["x"], batch["y"], batch["stats"]
+  return jnp.mean(((x @ jnp.diag(stats) @ params["w"]) - y) ** 2)
+
+
+_FIXED = {"x": 0, "y": 0, "stats": None}
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: sam_optax.sam(_stats_loss, num_splits=2, **kw),
+    lambda **kw: sam_optax.ssam_fisher(_stats_loss, num_samples=2,
+                                       update_every=1, **kw),
+], ids=["num_splits", "fisher"])
+def test_a_sliced_leaf_that_is_not_per_example_names_batch_axes(make):
+  """The batch size equals the statistics' length, so the default
+  batch_axes=0 slices the statistics too and the model fails with a shape
+  error of its own: the error carries a note that says what was sliced and
+  how to mark the leaf None; marked None, the same step runs."""
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.standard_normal((8, 1)), jnp.float32)}
+  batch = {"x": jnp.asarray(rng.standard_normal((8, 8)), jnp.float32),
+           "y": jnp.asarray(rng.standard_normal((8, 1)), jnp.float32),
+           "stats": jnp.asarray(rng.standard_normal(8), jnp.float32)}
+  g = jax.grad(_stats_loss)(params, batch)
+  tx = make()
+  with pytest.raises(Exception) as info:
+    tx.update(g, tx.init(params), params, batch=batch)
+  notes = "".join(getattr(info.value, "__notes__", []))
+  assert "must be marked None" in notes, (info.value, notes)
+  assert "batch_axes={'x': 0, 'y': 0, 'state': None}" in notes
+  tx = make(batch_axes=_FIXED)
+  out, _ = tx.update(g, tx.init(params), params, batch=batch)
+  assert np.all(np.isfinite(out["w"]))

@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import chex
 import numpy as np
 import optax
 import pytest
@@ -624,6 +625,35 @@ def test_apply_if_finite_placement(placement):
   u, st = tx.update(g, st, params, batch=batch)
   finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
   assert finite == (placement == "inside")
+
+
+@pytest.mark.parametrize("placement", ["outside", "after"])
+def test_apply_if_finite_with_lightsam(placement):
+  """LightSAM is the whole optimizer: apply_if_finite around it tests the
+  clean gradient only; chained after it (on optax.identity) it tests the
+  update, which carries the perturbed gradient's NaN, and drops it. Either
+  way LightSAM's accumulators ignore the non-finite step."""
+  light = sam_optax.lightsam(_trap_loss, 0.3, rho=0.05)
+  if placement == "outside":
+    tx = optax.apply_if_finite(light, 5)
+  else:
+    tx = optax.chain(light, optax.apply_if_finite(optax.identity(), 5))
+  params = mlp_params()
+  st0 = tx.init(params)
+  batch = {"xy": make_batch(), "w0": params, "poison": jnp.float32(NAN)}
+  g = jax.grad(_trap_loss)(params, batch)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+  u, st = tx.update(g, st0, params, batch=batch)
+  finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+  assert finite == (placement == "after")
+  if placement == "after":
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u))
+  assert int(sam_optax.stats(st)["count"]) == 0
+  def kept(s):  # LightSAM's state but grad_evals (it counts the work done)
+    s = s.inner_state if placement == "outside" else s[0]
+    return [x for path, x in jax.tree_util.tree_flatten_with_path(s)[0]
+            if "grad_evals" not in jax.tree_util.keystr(path)]
+  chex.assert_trees_all_equal(kept(st), kept(st0))
 
 
 def test_readme_lightsam_accumulation_recipe():

@@ -131,7 +131,8 @@ def sam(
       2). See :func:`sharpness_aware`. Default None: 1.
     batch_axes: with ``num_splits``: None (default) or 0 (every batch leaf
       is split on its leading axis), or a prefix pytree of the batch with
-      0 / None (passed whole: model state, a PRNG key) per leaf.
+      0 / None (passed whole: model state, a PRNG key) per leaf. Mark every
+      leaf that is not per example None (see :func:`ssam_fisher`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; chain a base optimizer after
@@ -398,9 +399,13 @@ def wsam(
 
   Defaults: ``rho`` 0.05, ``gamma`` 0.9 (the authors' README example,
   intelligent-machine-learning/dlrover ``atorch/optimizers/wsam.py``; their
-  class default is 0.88). The authors' code also clips both gradients to a
-  global norm (``max_norm``); chain ``optax.clip_by_global_norm`` before
-  this transform for the clean one. Cost: one extra gradient per step.
+  class default is 0.88). The authors' code also clips both gradients,
+  ``g`` and ``h``, to a global norm (``max_norm``); this transform does
+  not. Do not chain ``optax.clip_by_global_norm`` before it: that clips
+  ``g`` alone, and ``a * (h - clip(g))`` then measures the clip rather than
+  the sharpness (with ``a = 9`` a clip before it makes the step larger,
+  not smaller). Clip after the coupled form, like any gradient transform.
+  Cost: one extra gradient per step.
 
   Args:
     loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
@@ -838,7 +843,10 @@ def ssam_fisher(
     chunk_size: per-example gradients computed together, >= 1; default 8.
     batch_axes: 0 when every batch leaf is batched on its leading axis
       (default); otherwise a prefix pytree of the batch with 0 (sliced) or
-      None (passed whole: model state, a PRNG key) per leaf.
+      None (passed whole: model state, a PRNG key) per leaf. Mark every
+      leaf that is not per example None: one whose leading size happens to
+      equal the batch size (BatchNorm statistics as wide as the batch) is
+      otherwise sliced per example without an error.
     has_aux, axis_name, eps, trainable: as in :func:`sam`. Under ``axis_name`` the
       examples are the first ``num_samples`` of the global batch, which is
       taken to be split contiguously over the axis (``pmap`` over a reshaped

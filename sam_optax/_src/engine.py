@@ -213,6 +213,14 @@ def _require_call_arguments(params, batch) -> None:
         "opt_state=...); see the docs' recipes page, 'Flax linen TrainState'"
     )
   flax_interop.check_batch(batch)
+  _reject_masked(params)
+
+
+def _reject_masked(params) -> None:
+  """``optax.masked`` / ``multi_transform`` hand their inner transform the
+  params with ``MaskedNode`` in place of the masked leaves: refused at
+  ``init`` (where a count such as ``num_layers`` would otherwise be checked
+  against the unmasked leaves alone) and at ``update``."""
   if any(
       isinstance(x, optax.MaskedNode)
       for x in jax.tree.leaves(
@@ -297,6 +305,7 @@ class _Engine:
   batch_axes: Any = 0
 
   def init(self, params: PyTree) -> SharpnessAwareState:
+    _reject_masked(params)
     base.check_params(params)
     split = self.split(params)
     inner = self if split is None else self.restricted(split, params)
@@ -555,7 +564,8 @@ class _Engine:
       return (total, new), None
 
     init = (base.zeros_like_f32(step.params), geometry_state)
-    (total, new), _ = jax.lax.scan(one, init, parts)
+    with fisher.slicing_hint(f"num_splits={self.num_splits} sub-batches"):
+      (total, new), _ = jax.lax.scan(one, init, parts)
     mean = jax.tree.map(
         lambda t, g: (t / self.num_splits).astype(g.dtype), total, step.grads
     )

@@ -8,6 +8,8 @@ Per-example gradients are computed in chunks (``vmap`` inside a
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Optional
 
 import jax
@@ -66,6 +68,27 @@ def split_batch(batch: Any, batch_axes: Any, num_splits: int):
     )
 
   return parts, rebuild
+
+
+@contextlib.contextmanager
+def slicing_hint(purpose: str):
+  """Adds a note to an error raised while ``loss_fn`` runs on a sliced
+  batch (``purpose``: what the slices are): a leaf that is not per example
+  but was sliced (the default ``batch_axes=0`` slices every leaf) fails
+  inside the user's model with a shape error that does not say so."""
+  try:
+    yield
+  except Exception as err:  # pylint: disable=broad-except
+    if hasattr(err, "add_note"):
+      err.add_note(
+          f"(raised while sam_optax evaluated loss_fn on {purpose}: every "
+          "batch leaf marked 0 in batch_axes, every leaf by default, was "
+          "sliced on its leading axis. A leaf that is not per example, such "
+          "as model state (BatchNorm statistics), a PRNG key or a lookup "
+          "table, must be marked None, e.g. batch_axes={'x': 0, 'y': 0, "
+          "'state': None}.)"
+      )
+    raise
 
 
 def _expand_axes(batch_axes: Any, batch: Any) -> PyTree:
@@ -211,7 +234,8 @@ def _chunk_squares(loss, params, sliced, scale, axis_name, first,
         jax.lax.dynamic_slice_in_dim(x, start, size, 0) if ax == 0 else x
         for x, ax in zip(leaves, ax_leaves)
     ]
-    g = jax.vmap(example_grad, in_axes=tuple(ax_leaves))(*part)
+    with slicing_hint("single examples, for the Fisher"):
+      g = jax.vmap(example_grad, in_axes=tuple(ax_leaves))(*part)
     if axis_name is None:
       return jax.tree.map(
           lambda y: jnp.sum(jnp.square(y.astype(jnp.float32) * scale), axis=0), g

@@ -461,9 +461,15 @@ def lightsam(
                   <matching adaptive update>,      # scale_by_adagrad_norm, ...
                   optax.scale_by_learning_rate(learning_rate))
 
-  and is the **full optimizer**: its output is the parameter update; chain
-  nothing after it (weight decay etc. may be chained before or after as with
-  any optax optimizer). Cost: one extra gradient per step, like SAM.
+  and is the **full optimizer**: its output is the parameter update
+  (``-lr`` already applied); chain nothing after it but a finiteness check
+  (``optax.chain(lightsam(...), optax.apply_if_finite(optax.identity(),
+  n))``). Weight decay: an L2 term in ``loss_fn`` (both gradients then
+  include it). A transform chained before LightSAM is lost (the update
+  follows ``gs`` alone), and ``optax.add_decayed_weights(wd)`` after it
+  adds ``+wd * w`` to an update that is already a descent step, which grows
+  the weights; decoupled decay is ``optax.add_decayed_weights(-lr * wd)``
+  after it. Cost: one extra gradient per step, like SAM.
 
   In II and III ``rho`` acts per coordinate (``‖e‖`` is about ``rho *
   sqrt(#params)`` on the first step, ``rho * 3.16 * sqrt(#params)`` for III
