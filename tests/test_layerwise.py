@@ -11,6 +11,7 @@ import pytest
 
 import sam_optax
 from sam_optax import parts
+from tests import helpers
 
 LAYERS = ["l1", "l2", "l3"]
 
@@ -617,3 +618,55 @@ def test_selection_by_sharpness_against_numpy(normalize, select_every, k):
     seen.add(tuple(sorted(used)))
     params = jax.tree.map(lambda w, u: w - 0.05 * u, params, out)
   assert len(seen) >= 3, seen  # the estimates really moved the selection
+
+
+def _with_empty_layers(params):
+  """params with two zero-size layers in front (first in layer order)."""
+  return {"a_empty": {"bias": jnp.zeros((0,))},
+          "b_empty": {"kernel": jnp.zeros((5, 0))}, **params}
+
+
+@pytest.mark.parametrize("select_by", ["depth", "gradient", "sharpness"])
+def test_layers_without_entries_are_never_selected(select_by):
+  """Zero-size layers (the loss reads them; they add exactly 0) rank
+  nearest the loss and, by norm, tie at 0: they used to take the
+  selection's slots, leaving every real layer with the clean gradient (the
+  step SGD, grad_evals still counting a second gradient). The run with
+  them equals the run without them on the real leaves, step by step, and
+  the selection names real layers only."""
+  def loss_empty(p, b):
+    x = b[0]
+    return (helpers.mlp_loss({k: p[k] for k in ("l1", "l2")}, b)
+            + jnp.sum(p["a_empty"]["bias"]) + jnp.sum(x @ p["b_empty"]["kernel"]))
+
+  params = helpers.mlp_params()
+  padded = _with_empty_layers(params)
+  kw = dict(num_layers=1, select_by=select_by)
+  plain = sam_optax.layerwise_sam(helpers.mlp_loss, **kw)
+  empty = sam_optax.layerwise_sam(loss_empty, **kw)
+  sp, se = plain.init(params), empty.init(padded)
+  p, q = params, padded
+  for t in range(4):
+    b = helpers.make_batch(seed=t)
+    up, sp = plain.update(jax.grad(helpers.mlp_loss)(p, b), sp, p, batch=b)
+    ue, se = empty.update(jax.grad(loss_empty)(q, b), se, q, batch=b)
+    chex.assert_trees_all_close({k: ue[k] for k in ("l1", "l2")}, up,
+                                atol=1e-6, rtol=1e-6)
+    p = optax.apply_updates(p, up)
+    q = optax.apply_updates(q, ue)
+    sel_p = np.asarray(sam_optax.stats(sp)["selected_layers"])
+    sel_e = np.asarray(sam_optax.stats(se)["selected_layers"])
+    # The same layers, two places later in the padded order (-1: none yet).
+    np.testing.assert_array_equal(np.where(sel_e >= 0, sel_e - 2, -1), sel_p)
+  with pytest.raises(ValueError, match=r"\[1, 2\].*no entries.*a_empty"):
+    sam_optax.layerwise_sam(loss_empty, num_layers=3,
+                            select_by=select_by).init(padded)
+
+
+def test_fixed_layers_that_hold_no_entries_are_refused():
+  padded = _with_empty_layers(helpers.mlp_params())
+  loss = lambda p, b: helpers.mlp_loss({k: p[k] for k in ("l1", "l2")}, b)  # noqa: E731
+  with pytest.raises(ValueError, match=r"only layers that hold no entries.*a_empty"):
+    sam_optax.layerwise_sam(loss, layers=("a_empty", "b_empty")).init(padded)
+  # One real layer among them is fine.
+  sam_optax.layerwise_sam(loss, layers=("a_empty", "l2")).init(padded)

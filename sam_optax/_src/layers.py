@@ -101,6 +101,35 @@ def leaf_layers(params: PyTree, group_fn: Optional[GroupFn]):
   return names, ids
 
 
+def filled_layers(params: PyTree, group_fn: Optional[GroupFn]) -> list[int]:
+  """Indices of the layers that hold at least one entry. A layer whose
+  leaves are all zero-size has nothing to perturb: the selections by depth,
+  by gradient norm and by sharpness never choose one (it would take a
+  slot from a real layer and leave the step SGD on it)."""
+  names, ids = leaf_layers(params, group_fn)
+  sizes = [0] * len(names)
+  for i, x in zip(ids, jax.tree.leaves(params)):
+    sizes[i] += int(np.size(x))
+  return [i for i, n in enumerate(sizes) if n > 0]
+
+
+def check_num_layers(params: PyTree, group_fn: Optional[GroupFn],
+                     num_layers: int) -> list[int]:
+  """``num_layers`` against the layers with entries; returns their
+  indices (:func:`filled_layers`)."""
+  names, _ = leaf_layers(params, group_fn)
+  filled = filled_layers(params, group_fn)
+  if num_layers > len(filled):
+    empty = [names[i] for i in range(len(names)) if i not in filled]
+    without = (f"; without the layers that hold no entries: {empty}"
+               if empty else "")
+    raise ValueError(
+        f"num_layers must be an integer in [1, {len(filled)}] (the number "
+        f"of layers of params: {names}{without}), got {num_layers}"
+    )
+  return filled
+
+
 def layer_paths(
     params: PyTree, *, group_fn: Optional[GroupFn] = None
 ) -> list[str]:
@@ -380,5 +409,6 @@ def output_layers(
   layer_depth = [np.inf] * len(names)
   for i, d in zip(ids, leaf_depths(loss, params, batch)):
     layer_depth[i] = min(layer_depth[i], d)
-  order = sorted(range(len(names)), key=lambda i: (layer_depth[i], -i))
+  filled = filled_layers(params, group_fn)
+  order = sorted(filled, key=lambda i: (layer_depth[i], -i))
   return sorted(order[:num])

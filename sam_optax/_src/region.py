@@ -641,6 +641,13 @@ class FixedLayers(protocols.Region):
 
   def init(self, params):
     idx = self.selected_indices(params)
+    if not set(idx) & set(layers_lib.filled_layers(params, self.group_fn)):
+      names, _ = layers_lib.leaf_layers(params, self.group_fn)
+      raise ValueError(
+          f"layers selects only layers that hold no entries (zero-size "
+          f"leaves): {[names[i] for i in idx]}; the step would perturb "
+          "nothing. Name layers with entries"
+      )
     return LayerSelection(selected=jnp.asarray(idx, jnp.int32))
 
   def select(self, step, state):
@@ -680,12 +687,7 @@ class OutputLayers(protocols.Region):
   clean_outside: bool = True
 
   def init(self, params):
-    names, _ = layers_lib.leaf_layers(params, self.group_fn)
-    if self.num_layers > len(names):
-      raise ValueError(
-          f"num_layers must be an integer in [1, {len(names)}] (the number "
-          f"of layers of params: {names}), got {self.num_layers}"
-      )
+    layers_lib.check_num_layers(params, self.group_fn, self.num_layers)
     return LayerSelection(selected=jnp.full((self.num_layers,), -1, jnp.int32))
 
   def select(self, step, state):
@@ -731,11 +733,7 @@ class TopLayers(protocols.Region):
 
   def _layers(self, params):
     names, ids = layers_lib.leaf_layers(params, self.group_fn)
-    if self.num_layers > len(names):
-      raise ValueError(
-          f"num_layers must be an integer in [1, {len(names)}] (the number "
-          f"of layers of params: {names}), got {self.num_layers}"
-      )
+    layers_lib.check_num_layers(params, self.group_fn, self.num_layers)
     return names, ids
 
   def init(self, params):
@@ -755,7 +753,13 @@ class TopLayers(protocols.Region):
     """``state`` re-ranked by ``scores`` (one per layer, largest first; NaN
     last) if this step makes a selection, else as it was."""
     scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-    _, top = jax.lax.top_k(scores, self.num_layers)
+    # Ranked among the layers with entries only (a static subset).
+    filled = layers_lib.filled_layers(step.params, self.group_fn)
+    if len(filled) == scores.shape[0]:
+      _, top = jax.lax.top_k(scores, self.num_layers)
+    else:
+      _, top = jax.lax.top_k(scores[np.asarray(filled)], self.num_layers)
+      top = jnp.asarray(filled, jnp.int32)[top]
     due = self.reselects_after(step.count)
     # The ranking the next step perturbs is the newest before this one.
     return state._replace(
