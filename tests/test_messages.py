@@ -144,3 +144,25 @@ def test_a_sliced_leaf_that_is_not_per_example_names_batch_axes(make):
   tx = make(batch_axes=_FIXED)
   out, _ = tx.update(g, tx.init(params), params, batch=batch)
   assert np.all(np.isfinite(out["w"]))
+
+
+def test_python_float_leaf_is_refused_at_init():
+  params = {"s": 1.5, "w": jnp.ones(3)}
+  for tx in [sam_optax.sam(mlp_loss), sam_optax.asam(mlp_loss),
+             sam_optax.lightsam(mlp_loss, 0.1)]:
+    with pytest.raises(ValueError, match=r"Python floats.*'s' \(1.5\)|s \(1.5\)"):
+      tx.init(params)
+
+
+@pytest.mark.parametrize("name", ["sam", "layerwise_sam", "looksam"])
+def test_params_are_checked_again_at_update(name):
+  """A state made from float params, then an int leaf at update: the
+  library's message naming the leaf (layerwise_sam used to return an int32
+  output leaf; the others raised jax.grad's TypeError)."""
+  params = mlp_params()
+  tx = getattr(sam_optax, name)(mlp_loss)
+  state = tx.init(params)
+  bad = {**params, "l2": {**params["l2"], "bias": jnp.ones(3, jnp.int32)}}
+  g = jax.grad(mlp_loss)(params, make_batch())
+  with pytest.raises(ValueError, match=r"not floating point.*l2/bias \(int32\)"):
+    tx.update(g, state, bad, batch=make_batch())

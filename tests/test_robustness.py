@@ -476,8 +476,11 @@ def test_seed_out_of_range_rejected_at_construction(ctor, seed):
 
 def test_check_params():
   ok = {"a": jnp.ones(2), "b": jnp.ones(2, jnp.bfloat16), "c": jnp.ones(0, jnp.float16),
-        "d": None, "e": 1.0, "f": []}
+        "d": None, "e": np.float32(1.0), "f": []}
   base.check_params(ok)
+  # A Python float is not an array (the methods read .dtype): refused.
+  with pytest.raises(ValueError, match=r"Python floats.*'?e \(1.0\)"):
+    base.check_params({**ok, "e": 1.0})
   with pytest.raises(ValueError, match=r"params has complex leaves.*'?z/0 \(complex64\)"):
     base.check_params({"z": [jnp.ones(2, jnp.complex64)], "a": jnp.ones(2)})
   with pytest.raises(ValueError, match=r"not floating point.*step \(int32\).*freeze"):
@@ -794,3 +797,22 @@ def test_layerwise_selection_with_huge_gradients():
     assert names[int(sam_optax.stats(st)["selected_layers"][0])] == "b", scale
     ranked = sam_optax.rank_layers(loss_fn, params, [x])
     assert ranked[0][0] == "b" and np.isfinite(ranked[0][1]), (scale, ranked)
+
+
+@pytest.mark.parametrize("name", ["sam", "fsam", "looksam"])
+@pytest.mark.parametrize("scale", [1e30, 5e36, 1e38])
+def test_perturbation_does_not_vanish_for_huge_gradients(name, scale):
+  """L = scale * |w|² / 2: g = scale * w and the SAM gradient is scale *
+  (w + e) with |e| = rho, so |out - g| / (scale * rho) = 1 exactly in real
+  arithmetic. rho / |g| underflowed to 0 (flushed) once |g| > 4e36 and
+  the step was silently SGD; now it is computed in two scaled factors."""
+  w = jnp.asarray([0.3, -0.6, 0.2, 0.5], jnp.float32)
+  loss = lambda p, b: b * 0.5 * jnp.sum(p ** 2)  # noqa: E731
+  b = jnp.float32(scale)
+  tx = getattr(sam_optax, name)(loss, rho=0.05)
+  g = jax.grad(loss)(w, b)
+  assert bool(jnp.all(jnp.isfinite(g)))
+  out, _ = jax.jit(lambda g, s: tx.update(g, s, w, batch=b))(g, tx.init(w))
+  diff = np.asarray(out, np.float64) - np.asarray(g, np.float64)
+  ratio = np.linalg.norm(diff) / scale / 0.05  # in NumPy: 1/1e38 is subnormal
+  assert abs(ratio - 1.0) < 1e-5, (ratio, out, g)

@@ -227,9 +227,12 @@ def check_params(params: PyTree, name: str = "params") -> None:
     (put them in ``batch``, or split the model so that only float leaves are
     trained).
 
-  Empty and zero-size leaves and ``None`` (no leaf) are fine.
+  - Python floats: every leaf must be an array (``jnp.asarray``).
+
+  Empty and zero-size leaves and ``None`` (no leaf) are fine. Checked at
+  ``init`` and again at ``update`` (a leaf's dtype can differ there).
   """
-  complex_leaves, other_leaves = [], []
+  complex_leaves, other_leaves, python_floats = [], [], []
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     try:
       dtype = _leaf_dtype(x)
@@ -241,6 +244,8 @@ def check_params(params: PyTree, name: str = "params") -> None:
       complex_leaves.append(where)
     elif not jnp.issubdtype(dtype, jnp.floating):
       other_leaves.append(where)
+    elif not hasattr(x, "dtype"):
+      python_floats.append(f"{path_str(path) or '<root>'} ({x!r})")
   if complex_leaves:
     raise ValueError(
         f"{name} has complex leaves, which sam_optax does not support (the "
@@ -255,6 +260,12 @@ def check_params(params: PyTree, name: str = "params") -> None:
         f"freeze them, i.e. keep them out of the params the optimizer sees "
         f"(pass them in batch, or split the model so that only the float "
         f"leaves are trained)."
+    )
+  if python_floats:
+    raise ValueError(
+        f"{name} has leaves that are Python floats, not arrays: "
+        f"{python_floats}. Make them arrays (jnp.asarray(x, jnp.float32)) "
+        f"or keep them out of the params the optimizer sees."
     )
 
 
@@ -388,6 +399,21 @@ def pow2_scale(m: Array) -> Array:
   _, ex = jnp.frexp(jnp.where(ok, m, 1.0))
   ex = jnp.clip(jnp.where(ok, ex, 0), -125, 125)
   return jnp.ldexp(jnp.ones((), jnp.float32), -ex)
+
+
+def times_ratio(tree: PyTree, num: Array, den: Array) -> PyTree:
+  """``x * (num / den)`` for every leaf, without the ratio underflowing.
+
+  ``num / den`` (``rho / ‖g‖``) falls below float32's smallest normal
+  number once ``den`` exceeds ``num / 1.2e-38`` (``‖g‖ > 4e36`` at ``rho =
+  0.05``), and XLA:CPU flushes it to 0: the perturbation would vanish.
+  With ``s = pow2_scale(den)`` the leaves are multiplied by ``s`` and by
+  ``num / (den * s)`` instead, both in range. Scaling by a power of two is
+  exact, so for ordinary values this is bit for bit ``x * (num / den)``.
+  """
+  s = pow2_scale(den)
+  factor = num / (den * s)
+  return jax.tree.map(lambda x: (x * s) * factor, tree)
 
 
 def tree_scale(tree: PyTree) -> Array:

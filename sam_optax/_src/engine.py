@@ -214,6 +214,7 @@ def _require_call_arguments(params, batch) -> None:
     )
   flax_interop.check_batch(batch)
   _reject_masked(params)
+  base.check_params(params)
 
 
 def _reject_masked(params) -> None:

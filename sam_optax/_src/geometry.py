@@ -49,8 +49,7 @@ class NormBall(protocols.Geometry):
       arg = jax.tree.map(lambda t, x: t * x.astype(jnp.float32), scale, g)
       num = jax.tree.map(lambda t, a: t * a, scale, arg)
     norm = base.tree_norm(where.norm_domain(arg))
-    factor = step.rho / (norm + step.eps)
-    return jax.tree.map(lambda n: factor * n, num), state
+    return base.times_ratio(num, step.rho, norm + step.eps), state
 
 
 def global_norm() -> NormBall:
@@ -129,8 +128,8 @@ class Friendly(protocols.Geometry):
         step.grads,
         state.momentum,
     )
-    factor = step.rho / (base.tree_norm(where.norm_domain(d)) + step.eps)
-    e = jax.tree.map(lambda x: factor * x, d)
+    e = base.times_ratio(
+        d, step.rho, base.tree_norm(where.norm_domain(d)) + step.eps)
     return e, FriendlyState(momentum=momentum, started=jnp.ones((), bool))
 
 
