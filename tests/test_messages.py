@@ -3,6 +3,7 @@ recipe as its docstring gives it."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,3 +167,43 @@ def test_params_are_checked_again_at_update(name):
   g = jax.grad(mlp_loss)(params, make_batch())
   with pytest.raises(ValueError, match=r"not floating point.*l2/bias \(int32\)"):
     tx.update(g, state, bad, batch=make_batch())
+
+
+@pytest.mark.parametrize("saved, resumed, where", [
+    (lambda: sam_optax.layerwise_sam(mlp_loss, num_layers=2),
+     lambda: sam_optax.layerwise_sam(mlp_loss, num_layers=1),
+     r"region.selected it holds int32\[2\].*makes int32\[1\]"),
+    (lambda: sam_optax.vsam(mlp_loss, window=10),
+     lambda: sam_optax.vsam(mlp_loss, window=20),
+     r"gate.pattern it holds bool\[10\].*makes bool\[20\]"),
+    (lambda: sam_optax.lightsam(mlp_loss, 0.1, variant="adagrad_norm"),
+     lambda: sam_optax.lightsam(mlp_loss, 0.1, variant="adam"),
+     r"its structure is"),
+    (lambda: sam_optax.sam(mlp_loss), lambda: sam_optax.looksam(mlp_loss),
+     r"its structure is"),
+])
+def test_a_state_from_other_settings_is_refused(saved, resumed, where):
+  """A checkpoint restored into a transform with other settings: refused
+  at the first update with the place that differs (it ran with the saved
+  arrays, or failed later with a broadcasting or attribute error)."""
+  params, batch = mlp_params(), make_batch()
+  state = jax.tree.map(np.asarray, saved().init(params))
+  tx = resumed()
+  g = jax.grad(mlp_loss)(params, batch)
+  with pytest.raises(ValueError, match=r"opt_state does not fit this "
+                     r"transform: .*" + where):
+    tx.update(g, state, params, batch=batch)
+  with pytest.raises(ValueError, match=r"opt_state does not fit"):
+    jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(g, state)
+
+
+def test_fixed_layers_report_their_own_selection_after_a_resume():
+  """layers='l1' saved, layers='l2' resumed (same state shapes): the step
+  perturbs l2 and, from that step on, stats() says so."""
+  params, batch = mlp_params(), make_batch()
+  state = sam_optax.layerwise_sam(mlp_loss, layers="l1").init(params)
+  tx = sam_optax.layerwise_sam(mlp_loss, layers="l2")
+  g = jax.grad(mlp_loss)(params, batch)
+  out, state = tx.update(g, state, params, batch=batch)
+  assert np.asarray(sam_optax.stats(state)["selected_layers"]).tolist() == [1]
+  chex.assert_trees_all_equal(out["l1"], g["l1"])  # l1 not perturbed

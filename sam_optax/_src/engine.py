@@ -217,6 +217,15 @@ def _require_call_arguments(params, batch) -> None:
   base.check_params(params)
 
 
+def _state_mismatch_message(detail: str) -> str:
+  return (
+      f"opt_state does not fit this transform: {detail}. A state fits only "
+      "the transform (method and settings: num_layers, window, variant, "
+      "layers, ...) that made it: restore a checkpoint into the transform "
+      "that saved it, or start from tx.init(params)"
+  )
+
+
 def _reject_masked(params) -> None:
   """``optax.masked`` / ``multi_transform`` hand their inner transform the
   params with ``MaskedNode`` in place of the masked leaves: refused at
@@ -351,6 +360,7 @@ class _Engine:
   ):
     del extra  # other extra arguments are for other transforms in the chain
     _require_call_arguments(params, batch)
+    self.check_state(state, params)
     engine = self.with_loss(loss_fn)
     plan = check_plan(
         plan,
@@ -368,6 +378,27 @@ class _Engine:
     )
     frozen = jax.tree.map(jnp.zeros_like, split.frozen(updates))
     return split.merge(out, frozen), new_state
+
+  def check_state(self, state, params) -> None:
+    """Refuses a state that this transform's ``init`` would not make: a
+    checkpoint saved from a transform with other settings (another
+    ``num_layers``, ``window``, variant or method) would otherwise fail
+    later with an unrelated error, or run with the saved settings' arrays
+    and report them. Compares the tree structure and every leaf's shape and
+    dtype with ``jax.eval_shape(self.init, params)`` (traced once; JAX
+    caches it)."""
+    want = jax.eval_shape(self.init, params)
+    if jax.tree.structure(state) != jax.tree.structure(want):
+      raise ValueError(_state_mismatch_message(
+          f"its structure is {jax.tree.structure(state)}, this transform's "
+          f"init makes {jax.tree.structure(want)}"))
+    for (path, got), ref in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                                jax.tree.leaves(want)):
+      shape, dtype = np.shape(got), jnp.result_type(got)
+      if shape != ref.shape or dtype != ref.dtype:
+        raise ValueError(_state_mismatch_message(
+            f"at {jax.tree_util.keystr(path)} it holds {dtype}{list(shape)}, "
+            f"this transform's init makes {ref.dtype}{list(ref.shape)}"))
 
   def with_loss(self, loss_fn: Optional[Callable]) -> "_Engine":
     """This engine with the loss of this call: ``update``'s ``loss_fn``

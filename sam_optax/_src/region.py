@@ -651,10 +651,11 @@ class FixedLayers(protocols.Region):
     return LayerSelection(selected=jnp.asarray(idx, jnp.int32))
 
   def select(self, step, state):
-    mask = static_layer_mask(
-        step.params, self.group_fn, self.selected_indices(step.params)
-    )
-    return mask, state, jnp.zeros((), jnp.int32)
+    del state  # the selection is static: the state reports it
+    chosen = self.selected_indices(step.params)
+    mask = static_layer_mask(step.params, self.group_fn, chosen)
+    selection = LayerSelection(selected=jnp.asarray(chosen, jnp.int32))
+    return mask, selection, jnp.zeros((), jnp.int32)
 
 
 def static_layer_mask(params, group_fn, chosen) -> PyTree:
