@@ -207,3 +207,39 @@ def test_fixed_layers_report_their_own_selection_after_a_resume():
   out, state = tx.update(g, state, params, batch=batch)
   assert np.asarray(sam_optax.stats(state)["selected_layers"]).tolist() == [1]
   chex.assert_trees_all_equal(out["l1"], g["l1"])  # l1 not perturbed
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: sam_optax.gnp(mlp_loss, alpha=lambda c: jnp.full((1,), 0.8)), "alpha"),
+    (lambda: sam_optax.sam(mlp_loss, rho=lambda c: jnp.full((1,), 0.05)), "rho"),
+    (lambda: sam_optax.asam(mlp_loss, eta=lambda c: jnp.full((1,), 0.01)), "eta"),
+    (lambda: sam_optax.wsam(mlp_loss, gamma=lambda c: jnp.full((1,), 0.9)), "gamma"),
+])
+def test_a_hyperparameter_value_that_is_not_a_scalar_is_refused(make, name):
+  """A schedule (or injected value) of shape (1,) broadcast into the update:
+  a scalar leaf's update became shape (1,) and apply_updates changed the
+  parameter's shape, or an unrelated error came from deep inside. Refused
+  when the step is traced, naming the hyperparameter, under jit too."""
+  params = {**mlp_params(), "s": jnp.float32(0.5)}
+  loss = lambda p, b: mlp_loss({k: p[k] for k in ("l1", "l2")}, b) + p["s"] ** 2  # noqa: E731
+  batch = make_batch()
+  tx = make()
+  state = tx.init(params)
+  g = jax.grad(loss)(params, batch)
+  match = rf"{name} must be a scalar at every step: .*shape \(1,\)"
+  with pytest.raises(ValueError, match=match):
+    jax.jit(lambda g, s: tx.update(g, s, params, batch=batch,
+                                   loss_fn=loss))(g, state)
+
+
+def test_an_injected_value_that_is_not_a_scalar_is_refused():
+  """optax.inject_hyperparams: a shape-(1,) value set between steps (the
+  construction check saw a scalar)."""
+  params, batch = mlp_params(), make_batch()
+  tx = optax.inject_hyperparams(sam_optax.gnp, static_args=("loss_fn",))(
+      mlp_loss, alpha=0.8)
+  state = tx.init(params)
+  state.hyperparams["alpha"] = jnp.full((1,), 0.8)
+  g = jax.grad(mlp_loss)(params, batch)
+  with pytest.raises(ValueError, match=r"alpha must be a scalar at every step"):
+    jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(g, state)

@@ -816,3 +816,29 @@ def test_perturbation_does_not_vanish_for_huge_gradients(name, scale):
   diff = np.asarray(out, np.float64) - np.asarray(g, np.float64)
   ratio = np.linalg.norm(diff) / scale / 0.05  # in NumPy: 1/1e38 is subnormal
   assert abs(ratio - 1.0) < 1e-5, (ratio, out, g)
+
+
+def test_vsam_injected_max_rate_nan_for_one_step_is_not_stored():
+  """optax.inject_hyperparams: max_rate NaN at the one step that draws the
+  next window, then restored. The rate was clipped to [1, NaN] = NaN and
+  stored, and no second gradient was ever computed again (outputs finite,
+  nothing flagged). Now the bad value bounds that window's rate to 1 and
+  sampling goes on."""
+  tx = optax.inject_hyperparams(
+      sam_optax.vsam, static_args=("loss_fn", "window", "blocks"))(
+          mlp_loss, rho=0.05, warmup_steps=4, window=4, blocks=2,
+          max_rate=1.0, initial_rate=2.0)
+  params = mlp_params()
+  state = tx.init(params)
+  step = jax.jit(lambda s, b: tx.update(jax.grad(mlp_loss)(params, b), s,
+                                        params, batch=b))
+  late = 0
+  for c in range(40):
+    state.hyperparams["max_rate"] = jnp.float32(np.nan if c == 6 else 1.0)
+    before = int(sam_optax.stats(state)["grad_evals"])
+    _, state = step(state, make_batch(seed=c))
+    late += (int(sam_optax.stats(state)["grad_evals"]) - before) * (c >= 12)
+  gate = state.inner_state.gate
+  assert np.isfinite(float(gate.rate)) and np.isfinite(float(gate.next_rate))
+  assert float(gate.rate) >= 1.0
+  assert late >= 7  # at least one second gradient per window of 4 after it

@@ -336,7 +336,7 @@ def gsam(
 def _wsam_alpha(gamma: Any) -> Any:
   """WSAM's weight of the sharpness term, ``gamma / (1 - gamma)``."""
   if callable(gamma):
-    return lambda count: _wsam_alpha(base.resolve(gamma, count))
+    return lambda count: _wsam_alpha(base.resolve(gamma, count, "gamma"))
   if isinstance(gamma, (int, float)):
     return float(gamma) / (1.0 - float(gamma))
   gamma = jnp.asarray(gamma, jnp.float32)
@@ -494,8 +494,8 @@ def _wsam_decoupled(
     g = base.pmean(updates, axis_name)
     u, base_state = inner.update(g, state.base, params, **extra)
     count = state.sam.count
-    scale = base.resolve(learning_rate, count) * base.resolve(
-        _wsam_alpha(gamma), count
+    scale = base.resolve(learning_rate, count, "learning_rate") * base.resolve(
+        _wsam_alpha(gamma), count, "gamma"
     )
     sharp = _wsam_sharpness(h, g, trainable)
     out = jax.tree.map(

@@ -269,11 +269,26 @@ def check_params(params: PyTree, name: str = "params") -> None:
     )
 
 
-def resolve(value: ScalarOrSchedule, count: Array) -> Array:
-  """The value of a hyperparameter at step ``count``, as float32."""
+def resolve(value: ScalarOrSchedule, count: Array,
+            name: str = "a hyperparameter") -> Array:
+  """The value of hyperparameter ``name`` at step ``count``, as float32.
+
+  Its shape is checked when the step is traced (a schedule's value or an
+  ``optax.inject_hyperparams`` value of shape ``(1,)`` would otherwise
+  broadcast into the update and change its shape). Its range is not: see
+  the docs' "Hyperparameters" section for what a value out of range at run
+  time does.
+  """
   if callable(value):
     value = value(count)
-  return jnp.asarray(value, jnp.float32)
+  out = jnp.asarray(value, jnp.float32)
+  if out.shape != ():
+    raise ValueError(
+        f"{name} must be a scalar at every step: its value at step count "
+        f"(from a schedule or optax.inject_hyperparams) has shape "
+        f"{out.shape}; return a scalar (e.g. jnp.squeeze(x) or x[0])"
+    )
+  return out
 
 
 # --------------------------------------------------------------------------

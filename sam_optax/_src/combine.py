@@ -40,7 +40,7 @@ class Mix(protocols.Combine):
   alpha: Any = 0.8
 
   def computed(self, step: protocols.Step, second, state):
-    a = base.resolve(self.alpha, step.count)
+    a = base.resolve(self.alpha, step.count, "alpha")
     out = jax.tree.map(
         lambda g, h: (1.0 - a) * g.astype(h.dtype) + a * h, step.grads, second
     )
@@ -123,7 +123,7 @@ class OrthogonalReuse(protocols.Combine):
     return base.tree_cast_like(second, step.grads), new_state
 
   def skipped(self, step, state):
-    alpha = base.resolve(self.alpha, step.count)
+    alpha = base.resolve(self.alpha, step.count, "alpha")
     g = base.tree_f32(step.grads)
     gv = base.tree_f32(state.gv)
     if self.per_leaf:
@@ -281,7 +281,7 @@ class SurrogateGap(protocols.Combine):
   minimize_fp: bool = True
 
   def computed(self, step, second, state):
-    alpha = base.resolve(self.alpha, step.count)
+    alpha = base.resolve(self.alpha, step.count, "alpha")
     g = base.tree_f32(step.grads)
     h = base.tree_f32(second)
     if self.minimize_fp:

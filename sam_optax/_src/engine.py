@@ -125,7 +125,7 @@ def rho_floor(rho: Any, count: Any) -> Any:
   if not callable(rho):
     return 0.0
   counts = jnp.minimum(jnp.asarray(_SCALE_COUNTS), count)
-  values = jax.vmap(lambda c: base.resolve(rho, c))(counts)
+  values = jax.vmap(lambda c: base.resolve(rho, c, "rho"))(counts)
   scale = jnp.max(jnp.where(jnp.isfinite(values), jnp.abs(values), 0.0))
   return RHO_FLOOR * scale
 
@@ -480,7 +480,7 @@ class _Engine:
         params=params,
         batch=batch,
         count=state.count,
-        rho=base.resolve(self.rho, state.count),
+        rho=base.resolve(self.rho, state.count, "rho"),
         axis_name=self.axis_name,
         eps=self.eps,
         loss=self.loss,

@@ -288,7 +288,11 @@ class VariationSampling(protocols.Gate):
     """``floor(window * max_rate)``: the most samples a window may take."""
     mr = base._concrete_float(self.max_rate)  # pylint: disable=protected-access
     if mr is None:  # injected by optax.inject_hyperparams
-      return jnp.floor(self.window * jnp.asarray(self.max_rate, jnp.float32))
+      # Not range-checked (traced): a value out of range, NaN included,
+      # bounds the rate to [1, window] and is never stored in the state (a
+      # NaN stored in the rate turned sampling off for the rest of the run).
+      q = jnp.floor(self.window * jnp.asarray(self.max_rate, jnp.float32))
+      return jnp.clip(jnp.where(q >= 1.0, q, 1.0), 1.0, float(self.window))
     return int(math.floor(self.window * mr))
 
   def _check_stat_leaves(self, params):

@@ -42,7 +42,7 @@ class NormBall(protocols.Geometry):
     if self.eta is None:
       num = arg = jax.tree.map(lambda x: x.astype(jnp.float32), g)
     else:
-      eta = base.resolve(self.eta, step.count)
+      eta = base.resolve(self.eta, step.count, "eta")
       scale = jax.tree.map(
           lambda w: jnp.abs(w.astype(jnp.float32)) + eta, step.params
       )
@@ -109,8 +109,8 @@ class Friendly(protocols.Geometry):
     )
 
   def perturb(self, step: protocols.Step, state, where: protocols.Where):
-    sigma = base.resolve(self.sigma, step.count)
-    lmbda = base.resolve(self.lmbda, step.count)
+    sigma = base.resolve(self.sigma, step.count, "sigma")
+    lmbda = base.resolve(self.lmbda, step.count, "lmbda")
     started = state.started
     d = jax.tree.map(
         lambda g, m: jnp.where(

@@ -74,7 +74,7 @@ def _rho_evaluator(rho: Callable) -> Callable:
     fn = None
   if fn is None:
     fn = jax.jit(jax.vmap(
-        lambda c: (base.resolve(rho, c), engine.rho_floor(rho, c))))
+        lambda c: (base.resolve(rho, c, "rho"), engine.rho_floor(rho, c))))
     try:
       _RHO_EVALUATORS[rho] = fn
     except TypeError:

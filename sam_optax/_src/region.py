@@ -192,7 +192,7 @@ def keep_count(sparsity: Any, n: int, count: Any) -> Any:
   s = static_sparsity(sparsity)
   if s is not None:
     return topk.num_kept(n, s)
-  st = jnp.clip(base.resolve(sparsity, count), 0.0, 1.0)
+  st = jnp.clip(base.resolve(sparsity, count, "sparsity"), 0.0, 1.0)
   k = jnp.floor(jnp.float32(n) * (1.0 - st)).astype(jnp.int32)
   return jnp.clip(k, 0, n)
 
@@ -428,7 +428,7 @@ class DynamicMask(RefreshedMask):
     alive = state.mask
     n_alive = sum(jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(alive))
     s_t = (
-        base.resolve(self.sparsity, step.count)
+        base.resolve(self.sparsity, step.count, "sparsity")
         if callable(self.sparsity)
         else self.sparsity
     )

@@ -76,7 +76,7 @@ class LatePhase:
   start: int
 
   def __call__(self, count):
-    value = base.resolve(self.rho, count)
+    value = base.resolve(self.rho, count, "rho")
     return jnp.where(count >= self.start, value, jnp.zeros((), jnp.float32))
 
   def __repr__(self) -> str:
@@ -137,7 +137,7 @@ def rho_from_lr(
     if span == 0.0:
       del count
       return jnp.asarray(rho_max, jnp.float32)
-    lr = base.resolve(learning_rate, count)
+    lr = base.resolve(learning_rate, count, "learning_rate")
     return rho_min + (rho_max - rho_min) * (lr - lr_min) / span
 
   return schedule
