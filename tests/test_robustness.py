@@ -842,3 +842,28 @@ def test_vsam_injected_max_rate_nan_for_one_step_is_not_stored():
   assert np.isfinite(float(gate.rate)) and np.isfinite(float(gate.next_rate))
   assert float(gate.rate) >= 1.0
   assert late >= 7  # at least one second gradient per window of 4 after it
+
+
+def test_fsam_non_finite_lmbda_for_one_step_is_not_stored():
+  """A lmbda schedule that is NaN at step 1 only: step 1's output was
+  finite but NaN went into the momentum, and every later step was NaN (the
+  count stuck at 2). The momentum now keeps its value that step, and the
+  run equals one whose lmbda is 1 at step 1."""
+  def run(bad):
+    lm = lambda c: jnp.where(c == 1, bad, 0.9)  # noqa: E731
+    tx = sam_optax.fsam(mlp_loss, lmbda=lm)
+    p, s = mlp_params(), None
+    s = tx.init(p)
+    outs = []
+    for t in range(5):
+      b = make_batch(seed=t)
+      u, s = tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b)
+      outs.append(u)
+      p = optax.apply_updates(p, jax.tree.map(lambda x: -0.1 * x, u))
+    return outs, s
+  outs, state = run(jnp.nan)
+  assert int(sam_optax.stats(state)["count"]) == 5
+  for u in outs:
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+  ref, _ = run(1.0)
+  chex.assert_trees_all_equal(outs, ref)

@@ -111,6 +111,9 @@ class Friendly(protocols.Geometry):
   def perturb(self, step: protocols.Step, state, where: protocols.Where):
     sigma = base.resolve(self.sigma, step.count, "sigma")
     lmbda = base.resolve(self.lmbda, step.count, "lmbda")
+    # A non-finite lmbda (a schedule's or an injected value) leaves the
+    # momentum as it was instead of storing NaN in it for good.
+    lmbda = jnp.where(jnp.isfinite(lmbda), lmbda, 1.0)
     started = state.started
     d = jax.tree.map(
         lambda g, m: jnp.where(
