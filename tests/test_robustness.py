@@ -620,14 +620,22 @@ def test_apply_if_finite_placement(placement):
     tx = optax.apply_if_finite(optax.chain(sam_tx, optax.sgd(0.1)), 5)
   else:
     tx = optax.chain(sam_tx, optax.apply_if_finite(optax.sgd(0.1), 5))
+  _, u, _ = _trap_step(tx)
+  finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+  assert finite == (placement == "inside")
+
+
+def _trap_step(tx):
+  """One update of ``tx`` on ``_trap_loss`` with a NaN only at the
+  perturbed point (the clean gradient is finite): (state before, update,
+  state after)."""
   params = mlp_params()
-  st = tx.init(params)
+  st0 = tx.init(params)
   batch = {"xy": make_batch(), "w0": params, "poison": jnp.float32(NAN)}
   g = jax.grad(_trap_loss)(params, batch)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
-  u, st = tx.update(g, st, params, batch=batch)
-  finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
-  assert finite == (placement == "inside")
+  u, st = tx.update(g, st0, params, batch=batch)
+  return st0, u, st
 
 
 @pytest.mark.parametrize("placement", ["outside", "after"])
@@ -641,12 +649,7 @@ def test_apply_if_finite_with_lightsam(placement):
     tx = optax.apply_if_finite(light, 5)
   else:
     tx = optax.chain(light, optax.apply_if_finite(optax.identity(), 5))
-  params = mlp_params()
-  st0 = tx.init(params)
-  batch = {"xy": make_batch(), "w0": params, "poison": jnp.float32(NAN)}
-  g = jax.grad(_trap_loss)(params, batch)
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
-  u, st = tx.update(g, st0, params, batch=batch)
+  st0, u, st = _trap_step(tx)
   finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
   assert finite == (placement == "after")
   if placement == "after":
