@@ -870,3 +870,47 @@ def test_fsam_non_finite_lmbda_for_one_step_is_not_stored():
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
   ref, _ = run(1.0)
   chex.assert_trees_all_equal(outs, ref)
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan, -1.0, 2.0])
+def test_ssam_dynamic_injected_drop_rate_out_of_range_keeps_k(bad):
+  """An injected drop_rate out of [0, 1] at one refresh: the mask keeps
+  exactly K entries (an infinite rate emptied it; NaN went through an
+  int32 cast whose result depends on the platform). Out-of-range values are
+  clipped, NaN read as 0 (nothing dropped: the mask as it was)."""
+  tx = optax.inject_hyperparams(
+      sam_optax.ssam_dynamic,
+      static_args=("loss_fn", "update_every", "total_steps", "seed"))(
+          mlp_loss, 0.05, 0.5, update_every=1, total_steps=100)
+  params = mlp_params()
+  state = tx.init(params)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  k = n - n // 2
+  # Under jit (eagerly the concrete value is range-checked, with an error).
+  step = jax.jit(lambda s, b: tx.update(jax.grad(mlp_loss)(params, b), s,
+                                        params, batch=b))
+  masks = []
+  for c in range(3):
+    state.hyperparams["drop_rate"] = jnp.float32(bad if c == 1 else 0.5)
+    _, state = step(state, make_batch(seed=c))
+    mask = state.inner_state.region.mask
+    assert sum(int(jnp.sum(m)) for m in jax.tree.leaves(mask)) == k
+    masks.append(mask)
+  if np.isnan(bad) or bad < 0:  # nothing dropped at step 1
+    chex.assert_trees_all_equal(masks[1], masks[0])
+
+
+def test_sparsity_schedule_nan_is_read_as_zero():
+  """A sparsity schedule that is NaN at a refresh: read as 0 (every entry
+  perturbed), the same on every platform, not an int32 cast of NaN."""
+  sched = lambda c: jnp.where(c == 1, jnp.nan, 0.5)  # noqa: E731
+  tx = sam_optax.ssam_fisher(mlp_loss, sparsity=sched, num_samples=2,
+                             update_every=1)
+  params = mlp_params()
+  state = tx.init(params)
+  dens = []
+  for c in range(3):
+    b = make_batch(seed=c)
+    _, state = tx.update(jax.grad(mlp_loss)(params, b), state, params, batch=b)
+    dens.append(float(sam_optax.stats(state)["mask_density"]))
+  assert dens[1] == 1.0 and abs(dens[0] - 0.5) < 0.05 and abs(dens[2] - 0.5) < 0.05

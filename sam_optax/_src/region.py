@@ -187,12 +187,20 @@ def static_sparsity(sparsity: Any) -> Optional[float]:
   return None
 
 
+def _fraction(x: jax.Array) -> jax.Array:
+  """A run-time fraction (``sparsity``, a drop rate) in [0, 1]: clipped,
+  NaN read as 0, so that a schedule's or an injected value out of range
+  gives a defined count (a NaN cast to int32 is platform-dependent, and an
+  infinite drop rate emptied the mask)."""
+  return jnp.clip(jnp.nan_to_num(x, nan=0.0), 0.0, 1.0)
+
+
 def keep_count(sparsity: Any, n: int, count: Any) -> Any:
   """K for ``n`` entries at step ``count``: a Python int or an int32 array."""
   s = static_sparsity(sparsity)
   if s is not None:
     return topk.num_kept(n, s)
-  st = jnp.clip(base.resolve(sparsity, count, "sparsity"), 0.0, 1.0)
+  st = _fraction(base.resolve(sparsity, count, "sparsity"))
   k = jnp.floor(jnp.float32(n) * (1.0 - st)).astype(jnp.int32)
   return jnp.clip(k, 0, n)
 
@@ -325,7 +333,8 @@ def cosine_drop_rate(count: Any, drop_rate: Any, total_steps: int) -> jax.Array:
   frac = jnp.clip(
       jnp.asarray(count, jnp.float32) / jnp.float32(total_steps), 0.0, 1.0
   )
-  return jnp.asarray(drop_rate, jnp.float32) * (1.0 + jnp.cos(jnp.pi * frac)) / 2.0
+  rate = _fraction(jnp.asarray(drop_rate, jnp.float32))
+  return rate * (1.0 + jnp.cos(jnp.pi * frac)) / 2.0
 
 
 def dynamic_counts(
@@ -428,7 +437,7 @@ class DynamicMask(RefreshedMask):
     alive = state.mask
     n_alive = sum(jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(alive))
     s_t = (
-        base.resolve(self.sparsity, step.count, "sparsity")
+        _fraction(base.resolve(self.sparsity, step.count, "sparsity"))
         if callable(self.sparsity)
         else self.sparsity
     )
