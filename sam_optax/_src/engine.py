@@ -213,8 +213,6 @@ def _require_call_arguments(params, batch) -> None:
         "opt_state=...); see the docs' recipes page, 'Flax linen TrainState'"
     )
   flax_interop.check_batch(batch)
-  _reject_masked(params)
-  base.check_params(params)
 
 
 def _state_mismatch_message(detail: str) -> str:
@@ -230,7 +228,8 @@ def _reject_masked(params) -> None:
   """``optax.masked`` / ``multi_transform`` hand their inner transform the
   params with ``MaskedNode`` in place of the masked leaves: refused at
   ``init`` (where a count such as ``num_layers`` would otherwise be checked
-  against the unmasked leaves alone) and at ``update``."""
+  against the unmasked leaves alone) and so at ``update``
+  (:meth:`_Engine.check_state` runs ``init``'s checks)."""
   if any(
       isinstance(x, optax.MaskedNode)
       for x in jax.tree.leaves(
@@ -380,13 +379,16 @@ class _Engine:
     return split.merge(out, frozen), new_state
 
   def check_state(self, state, params) -> None:
-    """Refuses a state that this transform's ``init`` would not make: a
-    checkpoint saved from a transform with other settings (another
-    ``num_layers``, ``window``, variant or method) would otherwise fail
-    later with an unrelated error, or run with the saved settings' arrays
-    and report them. Compares the tree structure and every leaf's shape and
-    dtype with ``jax.eval_shape(self.init, params)`` (traced once; JAX
-    caches it)."""
+    """Refuses params that ``init`` refuses and a state that ``init``
+    would not make. ``jax.eval_shape(self.init, params)`` runs ``init``'s
+    checks on the params of this call (``optax.masked``'s ``MaskedNode``,
+    leaves that are not float arrays: their dtypes can differ from those
+    ``init`` saw) and gives the state's expected structure, shapes and
+    dtypes: a checkpoint saved from a transform with other settings
+    (another ``num_layers``, ``window``, variant or method) would otherwise
+    fail later with an unrelated error, or run with the saved settings'
+    arrays and report them. Traced once per params signature (JAX caches
+    it)."""
     want = jax.eval_shape(self.init, params)
     if jax.tree.structure(state) != jax.tree.structure(want):
       raise ValueError(_state_mismatch_message(

@@ -9,7 +9,6 @@ Per-example gradients are computed in chunks (``vmap`` inside a
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Callable, Optional
 
 import jax

@@ -292,7 +292,7 @@ class VariationSampling(protocols.Gate):
       # bounds the rate to [1, window] and is never stored in the state (a
       # NaN stored in the rate turned sampling off for the rest of the run).
       q = jnp.floor(self.window * jnp.asarray(self.max_rate, jnp.float32))
-      return jnp.clip(jnp.where(q >= 1.0, q, 1.0), 1.0, float(self.window))
+      return jnp.clip(jnp.nan_to_num(q, nan=1.0), 1.0, float(self.window))
     return int(math.floor(self.window * mr))
 
   def _check_stat_leaves(self, params):

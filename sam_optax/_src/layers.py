@@ -114,12 +114,12 @@ def filled_layers(params: PyTree, group_fn: Optional[GroupFn]) -> list[int]:
 
 
 def check_num_layers(params: PyTree, group_fn: Optional[GroupFn],
-                     num_layers: int) -> list[int]:
-  """``num_layers`` against the layers with entries; returns their
-  indices (:func:`filled_layers`)."""
-  names, _ = leaf_layers(params, group_fn)
+                     num_layers: int) -> None:
+  """``num_layers`` against the layers with entries
+  (:func:`filled_layers`)."""
   filled = filled_layers(params, group_fn)
   if num_layers > len(filled):
+    names, _ = leaf_layers(params, group_fn)
     empty = [names[i] for i in range(len(names)) if i not in filled]
     without = (f"; without the layers that hold no entries: {empty}"
                if empty else "")
@@ -127,7 +127,6 @@ def check_num_layers(params: PyTree, group_fn: Optional[GroupFn],
         f"num_layers must be an integer in [1, {len(filled)}] (the number "
         f"of layers of params: {names}{without}), got {num_layers}"
     )
-  return filled
 
 
 def layer_paths(
