@@ -78,7 +78,7 @@ def sam(
     rho: base.ScalarOrSchedule = 0.05,
     *,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
     num_splits: Optional[int] = None,
@@ -104,10 +104,13 @@ def sam(
       the construction-time one.
     rho: radius, float or schedule; default 0.05 (the paper's CIFAR value).
     has_aux: ``loss_fn`` returns ``(loss, aux)``; perturbed aux is discarded.
-    axis_name: ``pmap``/``shard_map`` axis: the output (and every statistic)
-      is averaged over it. The perturbation uses ``updates`` as passed: a
-      per-device gradient gives m-sharpness (the original SAM code), a
-      ``pmean``-ed one gives the global SAM step.
+    axis_name: ``pmap``/``shard_map`` axis (or a tuple of axes: every axis
+      the batch is split over; the parameters replicated over them): the
+      output (and every statistic) is averaged over it. The perturbation
+      uses ``updates`` as passed: a per-device gradient gives m-sharpness
+      (the original SAM code), a ``pmean``-ed one gives the global SAM
+      step. Checked at ``update`` where ``shard_map`` types values (its
+      default ``check_vma=True``); see the docs' "Devices and hosts".
     eps: guard added to ``‖g‖``.
     trainable: the parameters the method applies to: None (all), a predicate
       on the '/'-joined leaf path, a pytree of Python bools like params (a
@@ -168,7 +171,7 @@ def asam(
     eta: base.ScalarOrSchedule = 0.01,
     *,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
     num_splits: Optional[int] = None,
@@ -211,7 +214,7 @@ def gnp(
     alpha: base.ScalarOrSchedule = 0.8,
     *,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
     num_splits: Optional[int] = None,
@@ -262,7 +265,7 @@ def gsam(
     *,
     minimize_fp: bool = True,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
     num_splits: Optional[int] = None,
@@ -363,7 +366,7 @@ def wsam(
     base_optimizer: Optional[optax.GradientTransformation] = None,
     learning_rate: Optional[base.ScalarOrSchedule] = None,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -526,7 +529,7 @@ def fsam(
     lmbda: base.ScalarOrSchedule = 0.9,
     *,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -599,7 +602,7 @@ def layerwise_sam(
     normalize: str = "global",
     second: str = "selected",
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -797,7 +800,7 @@ def ssam_fisher(
     chunk_size: int = 8,
     batch_axes: Any = 0,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -895,7 +898,7 @@ def ssam_dynamic(
     seed: int = 0,
     exact_count: bool = True,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -984,7 +987,7 @@ def ssam(
     *,
     mask: PyTree,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -1044,7 +1047,7 @@ def looksam(
     alpha: base.ScalarOrSchedule = 0.7,
     per_leaf: bool = False,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -1139,7 +1142,7 @@ def vsam(
     seed: int = 0,
     stat_leaves: LeafSelection = None,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:

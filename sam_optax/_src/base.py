@@ -553,28 +553,122 @@ def saturating_add(counter: Array, n: Any) -> Array:
   return jnp.minimum(counter, INT32_MAX - n) + n
 
 
-def pmean(tree: PyTree, axis_name: Optional[str]) -> PyTree:
+#: A mapped axis's name, or a tuple of names (a batch split over several).
+AxisName = Union[str, tuple[str, ...]]
+
+
+def pmean(tree: PyTree, axis_name: Optional[AxisName]) -> PyTree:
   """``lax.pmean`` over ``axis_name``; the identity when it is None."""
   if axis_name is None:
     return tree
   return jax.lax.pmean(tree, axis_name)
 
 
-def _varies(x: Any, axis_name: str) -> bool:
-  """Whether ``x`` is typed as varying over ``axis_name`` (shard_map with
-  ``check_vma=True``)."""
+def check_axis_name(axis_name: Any) -> Optional[AxisName]:
+  """``axis_name`` at construction: None, a name, or a non-empty tuple of
+  distinct names (a batch split over several mesh axes; ``lax.pmean``
+  reduces over all of them)."""
+  if axis_name is None or isinstance(axis_name, str):
+    return axis_name
+  if (isinstance(axis_name, tuple) and axis_name
+      and all(isinstance(a, str) for a in axis_name)
+      and len(set(axis_name)) == len(axis_name)):
+    return axis_name
+  raise ValueError(
+      "axis_name must be None, a string or a non-empty tuple of distinct "
+      f"strings (the mapped axes the batch is split over), got {axis_name!r}")
+
+
+def axis_names(axis_name: Optional[AxisName]) -> tuple[str, ...]:
+  """``axis_name`` as a tuple of names (empty for None)."""
+  if axis_name is None:
+    return ()
+  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def varying_axes(x: Any) -> frozenset:
+  """The mapped axes ``x`` is typed as varying over: known under
+  ``shard_map`` with ``check_vma=True`` (JAX's default); empty under
+  ``pmap``, ``shard_map(check_vma=False)`` and outside any map; empty
+  for what is not a JAX array (a NumPy array, a string or a flag in the
+  batch)."""
+  if not isinstance(x, jax.Array):  # tracers are jax.Arrays too
+    return frozenset()
   aval = jax.typeof(x)
   mat = getattr(aval, "manual_axis_type", None)
   varying = getattr(mat, "varying", None)
   if varying is None:
     varying = getattr(aval, "vma", ())
-  return axis_name in varying
+  return frozenset(varying)
 
 
-def per_device(tree: PyTree, axis_name: Optional[str], like: Any) -> PyTree:
-  """``tree`` typed as varying over ``axis_name`` where ``like`` is (the
-  batch): then a gradient w.r.t. it is this device's own, as under ``pmap``
-  or ``shard_map(check_vma=False)``.
+def _tree_varying(tree: PyTree) -> frozenset:
+  out = frozenset()
+  for x in jax.tree.leaves(tree):
+    out |= varying_axes(x)
+  return out
+
+
+def _axes_text(axes) -> str:
+  return ", ".join(repr(a) for a in sorted(axes))
+
+
+def check_mapped_axes(axis_name: Optional[AxisName], params: PyTree,
+                      batch: PyTree) -> None:
+  """At ``update`` (trace time): ``axis_name`` against the mapped axes.
+
+  Every named axis must be bound (inside ``pmap`` / ``shard_map`` /
+  a named ``vmap``). Where JAX types values as varying over mapped axes
+  (``shard_map`` with ``check_vma=True``, its default), the batch must not
+  vary over an axis that ``axis_name`` leaves out while the parameters are
+  replicated over it (JAX would sum the transform's own gradients over
+  that axis: a step as many times too large as the axis has devices), and
+  the parameters must not vary over a named axis (the average over it
+  would mix different parameters). Under ``pmap`` and
+  ``shard_map(check_vma=False)`` nothing is typed, and a missing
+  ``axis_name`` cannot be seen (the devices' states then drift apart).
+  """
+  names = axis_names(axis_name)
+  for name in names:
+    try:
+      jax.lax.axis_size(name)
+    except NameError:
+      raise ValueError(
+          f"axis_name={axis_name!r}: no mapped axis {name!r} is bound where "
+          "update runs. Call update inside jax.pmap(..., axis_name=...) or "
+          "jax.shard_map over a mesh with that axis, with the same name; "
+          "under plain jax.jit (sharded arrays or one device) leave "
+          "axis_name=None") from None
+  batch_axes = _tree_varying(batch)
+  param_axes = _tree_varying(params)
+  shared = param_axes & set(names)
+  if shared:
+    raise ValueError(
+        f"params vary over the mapped axis {_axes_text(shared)}, which "
+        f"axis_name={axis_name!r} names: each device holds different "
+        "parameters there (sharded over it, or one model per device), and "
+        "averaging the gradients over that axis would mix them. Name only "
+        "axes over which the parameters are replicated (shard_map in_specs "
+        "P() for them); for parameters sharded over devices use jax.jit "
+        "with sharded arrays, which needs no axis_name")
+  missing = batch_axes - param_axes - set(names)
+  if missing:
+    want = sorted(set(names) | missing)
+    hint = repr(want[0]) if len(want) == 1 else repr(tuple(want))
+    raise ValueError(
+        f"the batch varies over the mapped axis {_axes_text(missing)} "
+        f"(shard_map) but axis_name={axis_name!r} does not name it, and the "
+        "parameters are replicated over it: JAX would sum the transform's "
+        "own gradients over those devices instead of averaging them (a "
+        "step as many times too large as the axis has devices). Pass "
+        f"axis_name={hint}, every axis the batch is split over")
+
+
+def per_device(tree: PyTree, axis_name: Optional[AxisName],
+               like: Any) -> PyTree:
+  """``tree`` typed as varying over the axes of ``axis_name`` that ``like``
+  (the batch) varies over: then a gradient w.r.t. it is this device's own,
+  as under ``pmap`` or ``shard_map(check_vma=False)``.
 
   Under ``shard_map`` with ``check_vma=True`` (JAX's default), the gradient
   of a device-varying loss w.r.t. replicated (invariant) parameters is
@@ -583,18 +677,21 @@ def per_device(tree: PyTree, axis_name: Optional[str], like: Any) -> PyTree:
   squared, and a ``pmean`` after it would count the devices twice. Without
   varying values (``check_vma=False``, ``pmap``, no axis) nothing changes.
   """
-  if axis_name is None or not any(
-      _varies(x, axis_name) for x in jax.tree.leaves(like)
-  ):
+  if axis_name is None:
     return tree
-  return jax.tree.map(
-      lambda x: x if _varies(x, axis_name)
-      else jax.lax.pcast(x, (axis_name,), to="varying"),
-      tree,
-  )
+  batch_axes = _tree_varying(like)
+  wanted = [a for a in axis_names(axis_name) if a in batch_axes]
+  if not wanted:
+    return tree
+
+  def one(x):
+    add = tuple(a for a in wanted if a not in varying_axes(x))
+    return jax.lax.pcast(x, add, to="varying") if add else x
+
+  return jax.tree.map(one, tree)
 
 
-def psum(tree: PyTree, axis_name: Optional[str]) -> PyTree:
+def psum(tree: PyTree, axis_name: Optional[AxisName]) -> PyTree:
   if axis_name is None:
     return tree
   return jax.lax.psum(tree, axis_name)

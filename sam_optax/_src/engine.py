@@ -307,7 +307,7 @@ class _Engine:
   region: Region
   gate: Gate
   combine: Combine
-  axis_name: Optional[str]
+  axis_name: Optional[base.AxisName]
   eps: float
   trainable: Any = None
   num_splits: int = 1
@@ -359,6 +359,7 @@ class _Engine:
   ):
     del extra  # other extra arguments are for other transforms in the chain
     _require_call_arguments(params, batch)
+    base.check_mapped_axes(self.axis_name, params, batch)
     self.check_state(state, params)
     engine = self.with_loss(loss_fn)
     plan = check_plan(
@@ -393,7 +394,9 @@ class _Engine:
     if jax.tree.structure(state) != jax.tree.structure(want):
       raise ValueError(_state_mismatch_message(
           f"its structure is {jax.tree.structure(state)}, this transform's "
-          f"init makes {jax.tree.structure(want)}"))
+          f"init makes {jax.tree.structure(want)} (a checkpoint restored "
+          "without a template comes back as plain dicts and lists: restore "
+          "it with tx.init(params) as the template)"))
     for (path, got), ref in zip(jax.tree_util.tree_flatten_with_path(state)[0],
                                 jax.tree.leaves(want)):
       shape, dtype = np.shape(got), jnp.result_type(got)
@@ -668,7 +671,7 @@ def sharpness_aware(
     gate: Optional[Gate] = None,
     combine: Optional[Combine] = None,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     eps: float = base.DEFAULT_EPS,
     trainable: Any = None,
     num_splits: Optional[int] = None,
@@ -699,7 +702,8 @@ def sharpness_aware(
     gate: when the second gradient is computed (default: every step).
     combine: how the output is formed (default: the second gradient, SAM).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    axis_name: the ``pmap`` / ``shard_map`` axis to average over, or None.
+    axis_name: the ``pmap`` / ``shard_map`` axis to average over (a tuple
+      for a batch split over several), or None; see :func:`sam`.
     eps: guard added to every norm that divides.
     trainable: the parameters the method applies to (frozen ones: a
       backbone, embeddings): None (all), a predicate on the '/'-joined leaf
@@ -779,8 +783,7 @@ def sharpness_aware(
   check_loss_fn(loss_fn)
   base.check_scalar_or_schedule("rho", rho, 0.0)
   base.check_range("eps", eps, 0.0, low_open=True)
-  if axis_name is not None and not isinstance(axis_name, str):
-    raise ValueError(f"axis_name must be a string or None, got {axis_name!r}")
+  axis_name = base.check_axis_name(axis_name)
   region = Region() if region is None else region
   gate = _every_step() if gate is None else gate
   combine = Combine() if combine is None else combine

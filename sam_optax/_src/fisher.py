@@ -154,7 +154,7 @@ def fisher_scores(
     *,
     chunk_size: int = 8,
     batch_axes: Any = 0,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     scale: Any = 1.0,
 ) -> PyTree:
   """Empirical Fisher diagonal ``F = Σ_{i<num_samples} (scale ∇ℓ_i(w))²``,

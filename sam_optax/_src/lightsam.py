@@ -427,7 +427,7 @@ def lightsam(
     b2: float = 0.999,
     eps: float = DEFAULT_EPS,
     has_aux: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: Optional[base.AxisName] = None,
     trainable: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LightSAM, parameter-agnostic SAM (Cheng, Shen, Sun, Yin, Cao, Chen,

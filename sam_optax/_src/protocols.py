@@ -14,7 +14,7 @@ way round).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Hashable, NamedTuple, Optional
+from typing import Any, Callable, Hashable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ class Step:
   batch: Any
   count: jax.Array
   rho: jax.Array
-  axis_name: Optional[str]
+  axis_name: Optional[Union[str, tuple[str, ...]]]
   eps: float
   loss: Optional[Callable[[PyTree, Any], jax.Array]]
 

@@ -1,0 +1,174 @@
+"""``axis_name`` against the mapped axes the transform runs under.
+
+A batch split over a ``shard_map`` axis that ``axis_name`` leaves out, with
+replicated parameters, used to give a step as many times too large as the
+axis has devices (JAX sums the transform's own gradients over the axis);
+parameters that differ over a named axis were averaged together; an
+axis_name bound nowhere failed with JAX's own NameError. Each is now a
+ValueError at trace time, and a batch split over several mesh axes takes a
+tuple ``axis_name``.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+import sam_optax
+from tests.helpers import (
+    ALL, NDEV, batches, build, mlp_loss, mlp_params, needs8, run_single,
+)
+
+
+def _mesh(shape=(NDEV,), names=("d",)):
+  return Mesh(np.array(jax.devices()[:NDEV]).reshape(shape), names)
+
+
+def _shard_map_step(tx, mesh, batch_spec):
+  """One jitted shard_map train step, JAX's default check_vma (the gradient
+  of the loss pmean'd over the batch's axes)."""
+  data_axes = batch_spec[0]
+
+  def local(p, s, b):
+    g = jax.grad(lambda q: jax.lax.pmean(mlp_loss(q, b), data_axes))(p)
+    u, s = tx.update(g, s, p, batch=b)
+    return optax.apply_updates(p, u), s
+
+  return jax.jit(jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P(), batch_spec),
+      out_specs=(P(), P())))
+
+
+@needs8
+@pytest.mark.parametrize("name", ALL)
+def test_forgotten_axis_name_under_shard_map_is_an_error(name):
+  """shard_map with JAX's default check_vma: the batch varies over 'd',
+  the parameters do not, axis_name is None. Before: no error, and every
+  second gradient summed over the 8 devices (SAM's output 8x)."""
+  tx = build(name)  # axis_name=None
+  step = _shard_map_step(tx, _mesh(), P("d"))
+  p = mlp_params()
+  with pytest.raises(ValueError, match=(
+      r"the batch varies over the mapped axis 'd' \(shard_map\) but "
+      r"axis_name=None does not name it.*Pass axis_name='d'")):
+    step(p, tx.init(p), batches(n=1)[0])
+
+
+@needs8
+def test_params_varying_over_the_named_axis_is_an_error():
+  """Parameters that differ per device over the axis being averaged (a
+  hand-written FSDP shard, a model per device): averaging their gradients
+  mixes different parameters."""
+  tx = sam_optax.sam(mlp_loss, axis_name="d")
+  mesh = _mesh()
+
+  def local(p, s, b):
+    p = jax.tree.map(lambda x: jax.lax.pcast(x, ("d",), to="varying"), p)
+    return tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b)[0]
+
+  step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("d")),
+                               out_specs=P("d")))
+  p = mlp_params()
+  with pytest.raises(ValueError, match=(
+      r"params vary over the mapped axis 'd', which axis_name='d' names")):
+    step(p, tx.init(p), batches(n=1)[0])
+
+
+@needs8
+def test_per_device_models_without_axis_name_still_run():
+  """A model per device (parameters varying over 'd', no axis_name) is a
+  legitimate use: each device trains its own model; no error, and each
+  equals the one-device run on its own shard."""
+  tx = sam_optax.sam(mlp_loss, rho=0.1)
+  mesh = _mesh()
+  b = batches(n=1)[0]
+
+  def local(p, s, b):
+    p = jax.tree.map(lambda x: jax.lax.pcast(x, ("d",), to="varying"), p)
+    u, _ = tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b)
+    return jax.tree.map(lambda x: x[None], u)
+
+  step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("d")),
+                               out_specs=P("d")))
+  p = mlp_params()
+  out = step(p, tx.init(p), b)
+  per = len(b[0]) // NDEV
+  for d in (0, NDEV - 1):
+    shard = jax.tree.map(lambda x: x[d * per:(d + 1) * per], b)
+    want, _ = tx.update(jax.grad(mlp_loss)(p, shard), tx.init(p), p,
+                        batch=shard)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[d], out), want,
+                                rtol=1e-5, atol=1e-6)
+
+
+def test_axis_name_bound_nowhere_is_a_clear_error():
+  tx = sam_optax.sam(mlp_loss, axis_name="d")
+  p, b = mlp_params(), batches(n=1)[0]
+  g = jax.grad(mlp_loss)(p, b)
+  for run in (lambda: tx.update(g, tx.init(p), p, batch=b),
+              lambda: jax.jit(lambda s: tx.update(g, s, p, batch=b))(
+                  tx.init(p))):
+    with pytest.raises(ValueError, match=(
+        r"axis_name='d': no mapped axis 'd' is bound where update runs")):
+      run()
+
+
+@needs8
+def test_axis_name_other_than_the_mapped_one_is_a_clear_error():
+  tx = sam_optax.sam(mlp_loss, axis_name="data")
+  p, b = mlp_params(), batches(n=1)[0]
+
+  @jax.pmap
+  def step(b):
+    return tx.update(jax.grad(mlp_loss)(p, b), tx.init(p), p, batch=b)[0]
+
+  shards = jax.tree.map(lambda x: x.reshape(NDEV, -1, *x.shape[1:]), b)
+  with pytest.raises(ValueError, match=r"no mapped axis 'data' is bound"):
+    step(shards)
+
+
+@pytest.mark.parametrize("bad", [(), ("a", "a"), ("a", 1), 3, ["a"]])
+def test_axis_name_must_be_a_name_or_tuple_of_names(bad):
+  with pytest.raises(ValueError, match=(
+      r"axis_name must be None, a string or a non-empty tuple of distinct "
+      r"strings")):
+    sam_optax.sam(mlp_loss, axis_name=bad)
+
+
+TWO_AXES = ("sam", "gnp", "ssam_fisher", "vsam", "layerwise_sam_runtime")
+
+
+@needs8
+@pytest.mark.parametrize("name", TWO_AXES)
+def test_batch_over_two_mesh_axes(name):
+  """A batch split over both axes of a 2x4 mesh: axis_name=('a', 'b')
+  equals the one-device run (Fisher examples counted over both axes);
+  axis_name='a' alone is refused naming 'b' (before: a sum over 'b',
+  silently)."""
+  mesh = _mesh((2, 4), ("a", "b"))
+  bs = batches(n=4)
+  p1, s1 = run_single(name, bs)
+  tx = build(name, axis_name=("a", "b"))
+  step = _shard_map_step(tx, mesh, P(("a", "b")))
+  p = mlp_params()
+  s = tx.init(p)
+  for b in bs:
+    p, s = step(p, s, b)
+  chex.assert_trees_all_close(p, p1, rtol=1e-4, atol=1e-5)
+  st, st1 = sam_optax.stats(s), sam_optax.stats(s1)
+  for key in ("grad_evals", "mask_density", "selected_layers"):
+    if key in st1:
+      np.testing.assert_array_equal(np.asarray(st[key]), np.asarray(st1[key]))
+
+  only_a = build(name, axis_name="a")
+  step = _shard_map_step(only_a, mesh, P(("a", "b")))
+  p = mlp_params()
+  with pytest.raises(ValueError, match=(
+      r"the batch varies over the mapped axis 'b' \(shard_map\) but "
+      r"axis_name='a' does not name it.*Pass axis_name=\('a', 'b'\)")):
+    step(p, only_a.init(p), bs[0])
