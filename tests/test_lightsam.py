@@ -134,6 +134,40 @@ def test_trajectory_matches_rule_with_schedules(variant):
   assert int(st["count"]) == 6 and int(st["grad_evals"]) == 6
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("planned", [False, True])
+def test_accumulators_advance_on_steps_with_rho_zero(variant, planned):
+  """rho 0 for the first steps (late_phase's shape) and again at step 4:
+  the ascent's u (and r) still accumulate the clean gradient on those
+  steps, as the rule's ``u += ‖s‖²`` says (before, they stood still, and
+  the first perturbation after them came out about sqrt(steps) too large)."""
+  params = mlp_params(seed=2)
+  batches = [make_batch(40 + i) for i in range(7)]
+  base_rho = {"adagrad_norm": 0.5, "adagrad": 0.05, "adam": 0.02}[variant]
+  rho_of = lambda t: 0.0 if t < 3 or t == 4 else base_rho  # noqa: E731
+  rho = lambda c: jnp.where((c < 3) | (c == 4), 0.0, base_rho)  # noqa: E731
+  lr = {"adagrad_norm": 0.3, "adagrad": 0.05, "adam": 0.02}[variant]
+  sam_tx = sam_optax.lightsam(mlp_loss, lr, rho, variant=variant)
+  if planned:
+    plan_of = sam_optax.planner(sam_tx)
+
+    @functools.partial(jax.jit, static_argnames="plan")
+    def step(p, s, b, plan):
+      u, s = sam_tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b, plan=plan)
+      return optax.apply_updates(p, u), s
+
+    p, s, got = params, sam_tx.init(params), []
+    for t, b in enumerate(batches):
+      p, s = step(p, s, b, plan=plan_of(t, s))
+      got.append(flat(p))
+    got = np.stack(got)
+  else:
+    got, s = run(sam_tx, params, batches)
+  want = reference(variant, params, batches, lambda t: lr, rho_of)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+  assert int(sam_optax.stats(s)["grad_evals"]) == 3
+
+
 def test_float_hyperparameters_and_defaults():
   """Floats (not schedules) and the per-variant default rho."""
   params = mlp_params(seed=3)

@@ -217,6 +217,27 @@ def test_fsam_equals_numpy_over_steps():
                              rtol=RTOL, atol=ATOL)
 
 
+def test_fsam_momentum_advances_on_steps_with_rho_zero():
+  """rho 0 at steps 0 and 2: those steps return the clean gradient, and the
+  moving average still takes their gradients (it stood still on them)."""
+  params, bs, lr, rho0, sigma, lmbda = mlp_params(), _batches(5), 0.1, 0.1, 0.8, 0.6
+  rho = lambda c: jnp.where((c == 0) | (c == 2), 0.0, rho0)  # noqa: E731
+  got, state = _run(sam_optax.fsam(mlp_loss, rho, sigma, lmbda), params, bs)
+  w, m = flat(params), None
+  for t, (b, p) in enumerate(zip(bs, got)):
+    wp = unflat(w, params)
+    g = grad_np(wp, b)
+    d = g if m is None else g - sigma * m
+    m = g if m is None else lmbda * m + (1 - lmbda) * g
+    h = g if t in (0, 2) else _np_perturbed_grad(
+        wp, b, rho0 * d / np.linalg.norm(d))
+    w = w - lr * h
+    np.testing.assert_allclose(flat(p), w, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(flat(state[0].geometry.momentum), m,
+                             rtol=RTOL, atol=ATOL)
+  assert int(sam_optax.stats(state)["grad_evals"]) == 3
+
+
 def test_fsam_sigma_zero_is_sam():
   params, bs = mlp_params(), _batches(2)
   a, _ = _run(sam_optax.fsam(mlp_loss, 0.1, sigma=0.0), params, bs)

@@ -557,9 +557,10 @@ class _Engine:
 
     def skipped(_):
       out, combine_state = self.combine.skipped(step, state.combine)
+      geometry_state = self.geometry.advance(step, state.geometry, where)
       zero = jnp.zeros((), jnp.int32)
       maxabs = jnp.zeros((base.num_checked(step.grads),), jnp.float32)
-      return out, state.geometry, combine_state, chosen, zero, maxabs
+      return out, geometry_state, combine_state, chosen, zero, maxabs
 
     return computed, skipped
 

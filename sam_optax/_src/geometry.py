@@ -68,9 +68,9 @@ class FriendlyState(NamedTuple):
 
   Attributes:
     momentum: the exponential moving average ``m`` of the clean gradients of
-      the computed steps so far (float32, shaped like the params).
+      the steps so far (float32, shaped like the params).
     started: whether ``m`` holds a gradient yet (False before the first
-      computed step).
+      step).
   """
 
   momentum: Any
@@ -94,9 +94,10 @@ class Friendly(protocols.Geometry):
   authors' code (nblt/F-SAM, ``FriendlySAM.first_step``). ``m`` is updated
   from the gradient averaged over ``axis_name`` (so every device keeps the
   same state); ``d`` from ``updates`` as passed (per device: m-sharpness).
-  It advances on steps that compute a second gradient only (a step skipped
-  for its radius leaves it as it was). Norms in float32; a zero ``d`` gives
-  ``e = 0``.
+  It advances on every step with a finite clean gradient, also one that
+  builds no perturbation (a radius that is 0, or a gate that skips the
+  second gradient), so it averages every step's gradient. Norms in
+  float32; a zero ``d`` gives ``e = 0``.
   """
 
   sigma: Any = 1.0
@@ -134,6 +135,11 @@ class Friendly(protocols.Geometry):
     e = base.times_ratio(
         d, step.rho, base.tree_norm(where.norm_domain(d)) + step.eps)
     return e, FriendlyState(momentum=momentum, started=jnp.ones((), bool))
+
+  def advance(self, step, state, where):
+    # m averages the clean gradients of every step, also those that build
+    # no perturbation (XLA drops the unused e).
+    return self.perturb(step, state, where)[1]
 
 
 def friendly(

@@ -303,7 +303,8 @@ class AdaptivePerturbation(protocols.Geometry):
   """LightSAM's perturbation: ``e = rho * s / sqrt(u)`` (or ``rho * r / sqrt(u)``).
 
   See the module docstring for the three rules. The accumulators are state
-  and are updated each time the perturbation is built, from the clean
+  and are updated on every step, also one that builds no perturbation (a
+  radius that is 0, e.g. before :func:`sam_optax.late_phase`'s start), from the clean
   gradient averaged over ``axis_name`` (``step.grads``), so every device keeps
   the same state. The freshest term of the numerator (``s``, or the ``(1-b1)
   s`` part of ``r``) is the ``updates`` as passed: a per-device gradient gives
@@ -362,6 +363,11 @@ class AdaptivePerturbation(protocols.Geometry):
       e = jax.tree.map(lambda x, a: rho * _safe_div(x, a), r_num, u)
       new = AdaptivePerturbationState(momentum=r, root_accumulator=u)
     return e, base.tree_select(finite, new, state)
+
+  def advance(self, step, state, where):
+    # u (and r) accumulate the clean gradient on every step, as the rules
+    # say, also where no perturbation is built (XLA drops the unused e).
+    return self.perturb(step, state, where)[1]
 
 
 def adaptive_perturbation(

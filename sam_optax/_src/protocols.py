@@ -264,6 +264,15 @@ class Geometry(Component):
   ) -> tuple[PyTree, PyTree]:
     raise NotImplementedError
 
+  def advance(self, step: Step, state: PyTree, where: Where) -> PyTree:
+    """The state after a step that builds no perturbation (its radius not
+    positive and finite, or a gate that said no). The default keeps it. A
+    geometry whose state is a running statistic of the clean gradient
+    (LightSAM's accumulators, Friendly SAM's moving average) advances it
+    as on every other step, so the statistic covers every step."""
+    del step, where
+    return state
+
 
 class Region(Component):
   """Where the perturbation applies.
