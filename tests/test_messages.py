@@ -147,6 +147,29 @@ def test_a_sliced_leaf_that_is_not_per_example_names_batch_axes(make):
   assert np.all(np.isfinite(out["w"]))
 
 
+@pytest.mark.parametrize("make,purpose", [
+    (lambda **kw: sam_optax.sam(_stats_loss, num_splits=2, **kw),
+     "num_splits sub-batches"),
+    (lambda **kw: sam_optax.ssam_fisher(_stats_loss, num_samples=2,
+                                        update_every=1, **kw),
+     "per-example gradients"),
+], ids=["num_splits", "fisher"])
+def test_scalar_batch_leaves_are_named(make, purpose):
+  """A scalar deep in the batch (an RNG counter in a model's state): the
+  error lists its path (it said only "a batch leaf")."""
+  params = {"w": jnp.ones((8, 1))}
+  batch = {"x": jnp.ones((4, 8)), "y": jnp.ones((4, 1)),
+           "stats": jnp.ones(8), "state": {"rngs": {"count": jnp.uint32(3)}}}
+  loss = lambda p, b: _stats_loss(p, b) + 0.0 * b["state"]["rngs"]["count"]  # noqa: E731
+  tx = make(batch_axes={"x": 0, "y": 0, "stats": None, "state": 0})
+  g = jax.grad(loss)(params, batch)
+  with pytest.raises(ValueError, match=(
+      purpose + r" slice every batch leaf marked 0 in batch_axes \(every "
+      r"leaf by default\), but these are scalars: \['state/rngs/count'\]; "
+      r"mark them None")):
+    tx.update(g, tx.init(params), params, batch=batch, loss_fn=loss)
+
+
 def test_python_float_leaf_is_refused_at_init():
   params = {"s": 1.5, "w": jnp.ones(3)}
   for tx in [sam_optax.sam(mlp_loss), sam_optax.asam(mlp_loss),
@@ -195,6 +218,28 @@ def test_a_state_from_other_settings_is_refused(saved, resumed, where):
     tx.update(g, state, params, batch=batch)
   with pytest.raises(ValueError, match=r"opt_state does not fit"):
     jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(g, state)
+
+
+def test_a_state_restored_without_a_template_says_so():
+  """orbax restores a state without a template as dicts and lists (its
+  NamedTuples lost): the error says to restore into tx.init(params)."""
+  params, batch = mlp_params(), make_batch()
+  tx = sam_optax.looksam(mlp_loss)
+
+  def untyped(x):  # what a template-free restore returns
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+      return {f: untyped(v) for f, v in zip(x._fields, x)}
+    if isinstance(x, (tuple, list)):
+      return [untyped(v) for v in x]
+    if isinstance(x, dict):
+      return {k: untyped(v) for k, v in x.items()}
+    return np.asarray(x)
+
+  state = untyped(tx.init(params))
+  with pytest.raises(ValueError, match=(
+      r"its structure is .*restored without a template.*restore it with "
+      r"tx.init\(params\) as the template")):
+    tx.update(jax.grad(mlp_loss)(params, batch), state, params, batch=batch)
 
 
 def test_fixed_layers_report_their_own_selection_after_a_resume():

@@ -900,6 +900,32 @@ def test_ssam_dynamic_injected_drop_rate_out_of_range_keeps_k(bad):
     chex.assert_trees_all_equal(masks[1], masks[0])
 
 
+@pytest.mark.parametrize("seed", [0, 7])
+def test_ssam_dynamic_seed_may_be_injected(seed):
+  """ssam_dynamic's seed, like vSAM's, may arrive as an array (what
+  optax.inject_hyperparams passes for an argument not in static_args): it
+  only draws the initial mask and key, so the run equals the one built
+  with the Python int (it was refused as if it fixed a shape)."""
+  kw = dict(update_every=2, total_steps=10)
+  direct = sam_optax.ssam_dynamic(mlp_loss, 0.05, 0.5, seed=seed, **kw)
+  injected = optax.inject_hyperparams(
+      sam_optax.ssam_dynamic,
+      static_args=("loss_fn", "update_every", "total_steps"))(
+          mlp_loss, 0.05, 0.5, seed=seed, **kw)
+  params = mlp_params()
+  s_direct, s_injected = direct.init(params), injected.init(params)
+  for t in range(4):
+    b = make_batch(seed=t)
+    g = jax.grad(mlp_loss)(params, b)
+    u_direct, s_direct = direct.update(g, s_direct, params, batch=b)
+    u_injected, s_injected = injected.update(g, s_injected, params, batch=b)
+    chex.assert_trees_all_equal(u_injected, u_direct)
+  chex.assert_trees_all_equal(s_injected.inner_state.region,
+                              s_direct.region)
+  with pytest.raises(ValueError, match=r"seed must be an integer in \[0, "):
+    sam_optax.ssam_dynamic(mlp_loss, seed=jnp.int32(-1), **kw)
+
+
 def test_sparsity_schedule_nan_is_read_as_zero():
   """A sparsity schedule that is NaN at a refresh: read as 0 (every entry
   perturbed), the same on every platform, not an int32 cast of NaN."""

@@ -733,7 +733,10 @@ def layerwise_sam(
     An ``optax.GradientTransformationExtraArgs``. ``sam_optax.stats`` reports
     ``selected_layers`` (indices into :func:`layer_paths`), ``grad_evals``
     and, for a runtime selection, ``layer_refreshes`` (by sharpness also
-    ``layer_sharpness``, each layer's last estimate).
+    ``layer_sharpness``, each layer's last estimate). For a runtime
+    selection ``selected_layers`` is the newest ranking, which the step two
+    after the one that made it perturbs first (before any ranking has
+    taken effect, steps 0 and 1, every layer is perturbed).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -833,7 +836,11 @@ def ssam_fisher(
   Args:
     loss_fn: ``loss_fn(params, batch)``, or None to pass it to ``update``
       (as in :func:`sam`); for the Fisher it is called on one-example
-      batches (leading axis of size 1).
+      batches (leading axis of size 1). A BatchNorm in training mode then
+      normalises each example by its own statistics (over its positions
+      in a convolution; a BatchNorm after a dense layer outputs its bias
+      alone, and the Fisher of the layers below it is 0 there), as in any
+      per-example gradient of such a model.
     rho: radius, float or schedule; default 0.05 (the authors' CIFAR value).
     sparsity: share of entries NOT perturbed, in [0, 1]; default 0.5. A
       plain number fixes ``K`` exactly at trace time (and 0 / 1 take the

@@ -120,10 +120,15 @@ def batched_leaves(
       raise ValueError(f"batch_axes entries must be 0 or None, got {ax!r}")
   sizes = {int(np.shape(x)[0]) for x, ax in zip(leaves, ax_leaves)
            if ax == 0 and np.ndim(x) > 0}
-  if any(ax == 0 and np.ndim(x) == 0 for x, ax in zip(leaves, ax_leaves)):
+  scalars = [path for path, x, ax in
+             zip(base.leaf_paths(batch), leaves, ax_leaves)
+             if ax == 0 and np.ndim(x) == 0]
+  if scalars:
     raise ValueError(
-        "a batch leaf marked as batched (batch_axes 0) is a scalar; mark it "
-        "None in batch_axes"
+        f"{purpose} slice every batch leaf marked 0 in batch_axes (every "
+        f"leaf by default), but these are scalars: {scalars}; mark them "
+        "None in batch_axes (a prefix of the batch's structure, e.g. "
+        "batch_axes={'x': 0, 'y': 0, 'state': None})"
     )
   if not sizes:
     raise ValueError(

@@ -475,7 +475,14 @@ def lightsam(
   follows ``gs`` alone), and ``optax.add_decayed_weights(wd)`` after it
   adds ``+wd * w`` to an update that is already a descent step, which grows
   the weights; decoupled decay is ``optax.add_decayed_weights(-lr * wd)``
-  after it. Cost: one extra gradient per step, like SAM.
+  after it, and with a learning-rate schedule
+  ``optax.add_decayed_weights(lambda count: -schedule(count) * wd)``.
+  Gradient clipping has no place in the chain either: before LightSAM it
+  only shapes the perturbation, and ``optax.clip_by_global_norm(c)`` after
+  it caps the update's norm (a limit on the step, not a clipped gradient).
+  I and II bound every step already, because the current gradient is in
+  the accumulator it is divided by: ``‖Δw‖ <= lr`` for I, ``|Δw_i| <= lr``
+  for II. Cost: one extra gradient per step, like SAM.
 
   In II and III ``rho`` acts per coordinate (``‖e‖`` is about ``rho *
   sqrt(#params)`` on the first step, ``rho * 3.16 * sqrt(#params)`` for III

@@ -510,6 +510,9 @@ def planner(tx: Any) -> Planner:
     raise ValueError(
         "planner(tx): tx must be a transform built by sam_optax (a method "
         "such as sam_optax.looksam(...), sharpness_aware(...) or "
-        f"lightsam(...)), got {tx!r}"
+        f"lightsam(...)), got {tx!r}. For an optax.chain, plan the method "
+        "itself; for a method inside optax.inject_hyperparams, build the "
+        "planner from the same method built without the wrapper, with the "
+        "same settings (its plans fit the wrapped transform)"
     )
   return Planner(spec)

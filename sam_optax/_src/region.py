@@ -552,7 +552,7 @@ def dynamic_mask(
   total_steps = base.static_int("total_steps", total_steps, 1)
   base.check_choice("drop_criterion", drop_criterion, CRITERIA)
   base.check_choice("grow_criterion", grow_criterion, CRITERIA)
-  seed = base.static_int("seed", seed, 0, base.SEED_MAX)
+  seed = base.check_seed("seed", seed)
   if not isinstance(exact_count, (bool, np.bool_)):
     raise ValueError(f"exact_count must be a bool, got {exact_count!r}")
   return DynamicMask(
