@@ -1573,3 +1573,41 @@ def test_summary_tables_and_the_rule_for_a_default(tmp_path):
   assert not c["cells"]["digits", "long"]["sam_helps"]  # SAM level there
   assert not c["holds"] and c["reaches"]
   assert summary.default_checks(loaded, "sam")["holds"]
+
+
+def test_topk_compile_baseline_gives_the_same_masks():
+  """The benchmark's usual top-k (concatenate, lax.top_k, scatter, slice)
+  selects what the exact top-k and a NumPy lexsort select, ties included,
+  so the two compile times compare the same result."""
+  from experiments import topk_compile
+  from sam_optax import parts
+
+  rng = np.random.default_rng(3)
+  scores = {"a": rng.integers(0, 4, (3, 5)).astype(np.float32),
+            "b": rng.integers(0, 4, (7,)).astype(np.float32),
+            "c": rng.standard_normal((2, 2, 2)).astype(np.float32)}
+  flat = np.concatenate([scores[n].ravel() for n in "abc"])
+  for k in (1, 9, 16, flat.size):
+    want = np.zeros(flat.size, bool)
+    want[np.lexsort((np.arange(flat.size), -flat))[:k]] = True
+    for fn in (topk_compile.lax_top_k_mask, parts.top_k_mask):
+      got = jax.jit(fn, static_argnums=1)(scores, k)
+      np.testing.assert_array_equal(
+          np.concatenate([np.asarray(got[n]).ravel() for n in "abc"]), want)
+
+
+def test_topk_compile_measures_and_tabulates():
+  from experiments import topk_compile
+
+  shapes = topk_compile.leaf_shapes(203)
+  assert len(shapes) == 203 and shapes[200:] == shapes[:3]
+  row = topk_compile.measure_one(3, "exact")
+  assert row["entries"] == sum(int(np.prod(s)) for s in shapes[:3])
+  assert row["compile_cpu_s"] >= row["lower_cpu_s"] > 0
+  rows = [dict(leaves=n, variant=v, compile_cpu_s=c)
+          for n, v, c in [(50, "exact", 1.0), (50, "lax_top_k", 0.5),
+                          (800, "exact", 12.0), (800, "lax_top_k", 8.0)]]
+  assert topk_compile.table({"rows": rows}).splitlines()[2:] == [
+      "| 50 | 1.00 s | 0.50 s | 2.00x |", "| 800 | 12.00 s | 8.00 s | 1.50x |"]
+  with pytest.raises(SystemExit):
+    topk_compile.main(["--leaves", "0"])
