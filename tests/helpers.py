@@ -192,6 +192,22 @@ def run_single(name, bs, params=None, **over):
   return p, s
 
 
+def assert_run_matches(step, tx, bs, p1, s1):
+  """``step(params, state, batch)`` from ``mlp_params()`` and
+  ``tx.init`` over ``bs``: the parameters close to ``p1`` and the
+  decisions' stats (gradient evaluations, mask density, selected layers)
+  equal to those of ``s1`` (the one-device run)."""
+  p = mlp_params()
+  s = tx.init(p)
+  for b in bs:
+    p, s = step(p, s, b)
+  np.testing.assert_allclose(flat(p), flat(p1), rtol=1e-4, atol=1e-5)
+  st, st1 = sam_optax.stats(s), sam_optax.stats(s1)
+  for key in ("grad_evals", "mask_density", "selected_layers"):
+    if key in st1:
+      np.testing.assert_array_equal(np.asarray(st[key]), np.asarray(st1[key]))
+
+
 def tree_rows_equal(tree):
   """Every device's copy (leading axis) equals device 0's, bit for bit."""
   for x in jax.tree.leaves(tree):

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sam_optax
 from tests.helpers import (
-    ALL, BATCH, FULL_OPTIMIZERS, METHODS, NDEV, STEPS, batches, build,
+    ALL, BATCH, FULL_OPTIMIZERS, assert_run_matches, METHODS, NDEV, STEPS, batches, build,
     make_batch, mlp_loss, mlp_params, needs8, ref_sam, replicate as _rep,
     run_single, shard as _shard, train_step, tree_rows_equal, flat,
 )
@@ -147,16 +147,7 @@ def test_shard_map_default_check_vma_matches_single_device(name):
   step = jax.jit(jax.shard_map(
       local, mesh=mesh, in_specs=(P(), P(), P("d")), out_specs=(P(), P()),
       check_vma=check_vma))
-  p = mlp_params()
-  s = tx.init(p)
-  for b in bs:
-    p, s = step(p, s, b)
-  chex.assert_trees_all_close(p, p1, rtol=1e-4, atol=1e-5)
-  st, st1 = sam_optax.stats(s), sam_optax.stats(s1)
-  assert int(st["grad_evals"]) == int(st1["grad_evals"])
-  for key in ("mask_density", "selected_layers"):
-    if key in st1:
-      np.testing.assert_array_equal(np.asarray(st[key]), np.asarray(st1[key]))
+  assert_run_matches(step, tx, bs, p1, s1)
 
 
 @needs8
