@@ -168,6 +168,25 @@ def test_accumulators_advance_on_steps_with_rho_zero(variant, planned):
   assert int(sam_optax.stats(s)["grad_evals"]) == 3
 
 
+def test_accumulators_advance_with_a_constant_rho_zero():
+  """rho = 0.0 as a plain number (no step ever perturbs): the ascent's
+  accumulator still sums the clean gradients, so a state carried into a
+  phase with rho > 0 is the rule's; no second gradient is evaluated."""
+  params = mlp_params(seed=4)
+  batches = [make_batch(60 + i) for i in range(3)]
+  tx = sam_optax.lightsam(mlp_loss, 0.1, 0.0)
+  got, state = run(tx, params, batches)
+  want = reference("adagrad_norm", params, batches, lambda t: 0.1,
+                   lambda t: 0.0)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+  u = EPS**2 + sum(float(grad64(w, params, b) @ grad64(w, params, b))
+                   for w, b in zip([flat(params)] + list(want[:-1]), batches))
+  ascent = state[0].geometry
+  np.testing.assert_allclose(float(ascent.root_accumulator) ** 2, u,
+                             rtol=1e-5)
+  assert int(sam_optax.stats(state)["grad_evals"]) == 0
+
+
 def test_float_hyperparameters_and_defaults():
   """Floats (not schedules) and the per-variant default rho."""
   params = mlp_params(seed=3)

@@ -59,23 +59,52 @@ def test_forgotten_axis_name_under_shard_map_is_an_error(name):
 
 
 @needs8
-def test_params_varying_over_the_named_axis_is_an_error():
-  """Parameters that differ per device over the axis being averaged (a
-  hand-written FSDP shard, a model per device): averaging their gradients
-  mixes different parameters."""
-  tx = sam_optax.sam(mlp_loss, axis_name="d")
+@pytest.mark.parametrize("name", ["sam", "fsam"])
+def test_m_sharpness_with_params_cast_to_varying(name):
+  """JAX's idiom for per-device gradients under the default check_vma:
+  the replicated parameters cast to varying (``pcast``), then the
+  gradient. With axis_name set this is m-sharpness, and equals the same
+  step under check_vma=False (it was refused as parameters that differ
+  per device)."""
+  tx = build(name, axis_name="d")
   mesh = _mesh()
 
-  def local(p, s, b):
+  def typed(p, s, b):
     p = jax.tree.map(lambda x: jax.lax.pcast(x, ("d",), to="varying"), p)
     return tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b)[0]
 
-  step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("d")),
-                               out_specs=P("d")))
-  p = mlp_params()
-  with pytest.raises(ValueError, match=(
-      r"params vary over the mapped axis 'd', which axis_name='d' names")):
-    step(p, tx.init(p), batches(n=1)[0])
+  def untyped(p, s, b):
+    return tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b)[0]
+
+  p, b = mlp_params(), batches(n=1)[0]
+  outs = [
+      jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), P("d")),
+                            out_specs=P(), check_vma=check))(p, tx.init(p), b)
+      for f, check in ((typed, True), (untyped, False))]
+  chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+
+
+@needs8
+@pytest.mark.parametrize("name", ["sam", "gnp", "looksam"])
+def test_loss_closing_over_the_device_batch(name):
+  """The loss defined inside the mapped step, closing over the device's
+  batch (``batch=None``), under the default check_vma: the step equals the
+  one-device run (the method's own gradient was summed over the devices,
+  8x, because only a varying ``batch`` made it per device)."""
+  bs = batches(n=3)
+  p1, s1 = run_single(name, bs)
+  tx = build(name, axis_name="d")
+
+  def local(p, s, b):
+    loss = lambda q, _: mlp_loss(q, b)  # noqa: E731
+    g = jax.grad(lambda q: jax.lax.pmean(mlp_loss(q, b), "d"))(p)
+    u, s = tx.update(g, s, p, batch=None, loss_fn=loss)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(jax.shard_map(local, mesh=_mesh(),
+                               in_specs=(P(), P(), P("d")),
+                               out_specs=(P(), P())))
+  assert_run_matches(step, tx, bs, p1, s1)
 
 
 @needs8
@@ -140,6 +169,17 @@ def test_axis_name_must_be_a_name_or_tuple_of_names(bad):
 
 
 TWO_AXES = ("sam", "gnp", "ssam_fisher", "vsam", "layerwise_sam_runtime")
+
+
+@needs8
+def test_tuple_axis_name_in_the_batch_specs_order():
+  """A batch split over ('b', 'a') with axis_name=('b', 'a'): the Fisher's
+  examples are counted in that order, and the run equals one device."""
+  mesh = _mesh((2, 4), ("a", "b"))
+  bs = batches(n=2)
+  p1, s1 = run_single("ssam_fisher", bs)
+  tx = build("ssam_fisher", axis_name=("b", "a"))
+  assert_run_matches(_shard_map_step(tx, mesh, P(("b", "a"))), tx, bs, p1, s1)
 
 
 @needs8

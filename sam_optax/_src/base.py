@@ -613,18 +613,30 @@ def _axes_text(axes) -> str:
   return ", ".join(repr(a) for a in sorted(axes))
 
 
+def _manual_axes() -> frozenset:
+  """The mesh axes that are manual here: inside ``shard_map`` (and
+  ``pmap``, which JAX runs as one); empty outside, and under a named
+  ``vmap``."""
+  get = getattr(jax.sharding, "get_abstract_mesh", None)
+  if get is None:
+    return frozenset()
+  return frozenset(getattr(get(), "manual_axes", ()) or ())
+
+
 def check_mapped_axes(axis_name: Optional[AxisName], params: PyTree,
                       batch: PyTree) -> None:
   """At ``update`` (trace time): ``axis_name`` against the mapped axes.
 
-  Every named axis must be bound (inside ``pmap`` / ``shard_map`` /
-  a named ``vmap``). Where JAX types values as varying over mapped axes
-  (``shard_map`` with ``check_vma=True``, its default), the batch must not
-  vary over an axis that ``axis_name`` leaves out while the parameters are
-  replicated over it (JAX would sum the transform's own gradients over
-  that axis: a step as many times too large as the axis has devices), and
-  the parameters must not vary over a named axis (the average over it
-  would mix different parameters). Under ``pmap`` and
+  Every named axis must be bound (inside ``pmap`` / ``shard_map`` / a
+  named ``vmap``). Where JAX types values by the mapped axes they vary
+  over (``shard_map`` with ``check_vma=True``, its default), the batch
+  must not vary over an axis that ``axis_name`` leaves out while the
+  parameters do not: JAX would sum the transform's own gradients over it
+  (a step as many times too large as the axis has devices). Parameters
+  that vary over an axis (a model per device, or replicated ones cast to
+  varying for per-device gradients) are not checked against it: typed
+  values cannot tell these apart from parameters sharded over the axis,
+  which are not supported (documented). Under ``pmap`` and
   ``shard_map(check_vma=False)`` nothing is typed, and a missing
   ``axis_name`` cannot be seen (the devices' states then drift apart).
   """
@@ -639,48 +651,37 @@ def check_mapped_axes(axis_name: Optional[AxisName], params: PyTree,
           "jax.shard_map over a mesh with that axis, with the same name; "
           "under plain jax.jit (sharded arrays or one device) leave "
           "axis_name=None") from None
-  batch_axes = _tree_varying(batch)
-  param_axes = _tree_varying(params)
-  shared = param_axes & set(names)
-  if shared:
-    raise ValueError(
-        f"params vary over the mapped axis {_axes_text(shared)}, which "
-        f"axis_name={axis_name!r} names: each device holds different "
-        "parameters there (sharded over it, or one model per device), and "
-        "averaging the gradients over that axis would mix them. Name only "
-        "axes over which the parameters are replicated (shard_map in_specs "
-        "P() for them); for parameters sharded over devices use jax.jit "
-        "with sharded arrays, which needs no axis_name")
-  missing = batch_axes - param_axes - set(names)
+  missing = _tree_varying(batch) - _tree_varying(params) - set(names)
   if missing:
-    want = sorted(set(names) | missing)
-    hint = repr(want[0]) if len(want) == 1 else repr(tuple(want))
+    hint = tuple(names) + tuple(sorted(missing))
+    hint = repr(hint[0]) if len(hint) == 1 else repr(hint)
     raise ValueError(
         f"the batch varies over the mapped axis {_axes_text(missing)} "
         f"(shard_map) but axis_name={axis_name!r} does not name it, and the "
         "parameters are replicated over it: JAX would sum the transform's "
         "own gradients over those devices instead of averaging them (a "
         "step as many times too large as the axis has devices). Pass "
-        f"axis_name={hint}, every axis the batch is split over")
+        f"axis_name={hint}: every axis the batch is split over, in the "
+        "order of the batch's PartitionSpec")
 
 
-def per_device(tree: PyTree, axis_name: Optional[AxisName],
-               like: Any) -> PyTree:
-  """``tree`` typed as varying over the axes of ``axis_name`` that ``like``
-  (the batch) varies over: then a gradient w.r.t. it is this device's own,
-  as under ``pmap`` or ``shard_map(check_vma=False)``.
+def per_device(tree: PyTree, axis_name: Optional[AxisName]) -> PyTree:
+  """``tree`` typed as varying over every manual axis of ``axis_name``:
+  a gradient w.r.t. it is then this device's own, whatever the batch is
+  (also when the loss closes over the device's data).
 
   Under ``shard_map`` with ``check_vma=True`` (JAX's default), the gradient
   of a device-varying loss w.r.t. replicated (invariant) parameters is
   summed over the axis by the transpose of JAX's implicit ``pvary``: a
   per-example gradient would mix the devices' examples before it is
-  squared, and a ``pmean`` after it would count the devices twice. Without
-  varying values (``check_vma=False``, ``pmap``, no axis) nothing changes.
+  squared, and a ``pmean`` after it would count the devices twice. Under
+  ``pmap`` and ``shard_map(check_vma=False)`` the cast changes nothing;
+  under a named ``vmap`` (no manual axis) nothing is cast.
   """
-  if axis_name is None:
+  if axis_name is None or not hasattr(jax.lax, "pcast"):
     return tree
-  batch_axes = _tree_varying(like)
-  wanted = [a for a in axis_names(axis_name) if a in batch_axes]
+  manual = _manual_axes()
+  wanted = [a for a in axis_names(axis_name) if a in manual]
   if not wanted:
     return tree
 

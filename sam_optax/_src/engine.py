@@ -429,7 +429,11 @@ class _Engine:
   def run(self, updates, state, params, batch, plan):
     """One step on every leaf of ``params`` (the trainable sub-tree)."""
     step = self.make_step(updates, state, params, batch)
-    if self.static_rho == 0.0:  # rho = 0: nothing is ever evaluated
+    # rho = 0: nothing is ever evaluated, unless the geometry keeps a
+    # running statistic of the clean gradient (then the skipped path below
+    # advances it).
+    if (self.static_rho == 0.0
+        and type(self.geometry).advance is Geometry.advance):
       out = base.tree_cast_like(step.grads, updates)
       count = jnp.where(
           base.tree_all_finite(step.grads),
@@ -592,7 +596,7 @@ class _Engine:
       total, _ = carry
       batch = rebuild(sliced)
       # This device's own sub-batch gradient (see base.per_device).
-      own = base.per_device(step.params, self.axis_name, batch)
+      own = base.per_device(step.params, self.axis_name)
       g = grad(lambda p: step.loss(p, batch))(own)
       sub = dataclasses.replace(step, updates=g, batch=batch)
       e, new = self.geometry.perturb(sub, geometry_state, where)
@@ -626,7 +630,7 @@ class _Engine:
     grad = canonical_conv.grad if nested else jax.grad
     needed = where.differentiated()
     # Each device's own gradient, averaged below (see base.per_device).
-    params = base.per_device(step.params, self.axis_name, step.batch)
+    params = base.per_device(step.params, self.axis_name)
     if needed is None:
       perturbed = jax.tree.map(
           lambda w, d: w + d.astype(w.dtype), params, e

@@ -211,10 +211,10 @@ def fisher_scores(
   )
 
   # Each device's own per-example gradients (see base.per_device).
-  params = base.per_device(params, axis_name, batch)
+  params = base.per_device(params, axis_name)
   sq_sum = _chunk_squares(loss, params, (leaves, treedef, ax_leaves), scale,
                           axis_name, first, num_samples)
-  zeros = base.per_device(base.zeros_like_f32(params), axis_name, batch)
+  zeros = base.per_device(base.zeros_like_f32(params), axis_name)
   return _sum_in_chunks(sq_sum, zeros, per_device, chunk)
 
 

@@ -94,9 +94,10 @@ class Friendly(protocols.Geometry):
   authors' code (nblt/F-SAM, ``FriendlySAM.first_step``). ``m`` is updated
   from the gradient averaged over ``axis_name`` (so every device keeps the
   same state); ``d`` from ``updates`` as passed (per device: m-sharpness).
-  It advances on every step with a finite clean gradient, also one that
-  builds no perturbation (a radius that is 0, or a gate that skips the
-  second gradient), so it averages every step's gradient. Norms in
+  It advances on every finite step, also one that builds no perturbation
+  (a radius that is 0, or a gate that skips the second gradient), so it
+  averages every step's gradient; a step whose clean or second gradient is
+  not finite leaves it, like the whole state, as it was. Norms in
   float32; a zero ``d`` gives ``e = 0``.
   """
 
