@@ -268,3 +268,105 @@ def test_vsam_stat_leaves_prefix_stops_at_key_boundaries():
     state = gate.observe(engine_step(g, params), second, gate.init(params))
     np.testing.assert_allclose(float(state.norm[0]), p_want, rtol=1e-6,
                                err_msg=str(stat_leaves))
+
+
+# --------------------------------------------------------------------------
+# The output side through checkpointed, scanned and branched models.
+# --------------------------------------------------------------------------
+
+
+def _named_mlp_params():
+  """Layer names in the reverse of their depth, so that ties (an opaque
+  step) and depth disagree: the output layer sorts first."""
+  rng = np.random.default_rng(2)
+  shapes = {"z_in": (3, 4), "m_mid": (4, 4), "a_out": (4, 2)}
+  return {k: {"kernel": jnp.asarray(rng.standard_normal(s), jnp.float32)}
+          for k, s in shapes.items()}
+
+
+def _named_mlp(p, b):
+  h = jnp.tanh(b[0] @ p["z_in"]["kernel"])
+  h = jnp.tanh(h @ p["m_mid"]["kernel"])
+  return jnp.mean((h @ p["a_out"]["kernel"] - b[1]) ** 2)
+
+
+_WRAPPED = {
+    "checkpoint": jax.checkpoint(_named_mlp),
+    "checkpoint_policy": jax.checkpoint(
+        _named_mlp, policy=jax.checkpoint_policies.nothing_saveable),
+    "cond": lambda p, b: jax.lax.cond(
+        b[0][0, 0] > 0, _named_mlp, lambda q, c: 2.0 * _named_mlp(q, c), p, b),
+    "scan": lambda p, b: jax.lax.scan(
+        lambda c, _: (c + _named_mlp(p, b), None), 0.0, None, length=2)[0],
+    "while": lambda p, b: jax.lax.fori_loop(
+        0, (b[0][0, 0] > 0).astype(jnp.int32) + 1,
+        lambda i, c: c + _named_mlp(p, b), 0.0),
+    "jit_in_checkpoint": jax.checkpoint(jax.jit(_named_mlp)),
+}
+
+
+@pytest.mark.parametrize("wrap", sorted(_WRAPPED))
+def test_output_side_is_found_inside_checkpoint_scan_and_cond(wrap):
+  """The default selection (the layers nearest the loss) walks into
+  jax.checkpoint (remat), scan, while and both branches of a cond. Before,
+  such a step was one opaque operation: every layer inside tied and the
+  tie went to the later layer in leaf order, here the input layer."""
+  params, batch = _named_mlp_params(), _flat_batch()
+  names = sam_optax.layer_paths(params)
+  for num, want in ((1, ["a_out"]), (2, ["a_out", "m_mid"])):
+    got = layers_lib.output_layers(_WRAPPED[wrap], params, batch, num)
+    assert sorted(names[i] for i in got) == sorted(want), (wrap, num)
+  depths = layers_lib.leaf_depths(_WRAPPED[wrap], params, batch)
+  order = [names[i] for i in np.argsort(depths)]
+  assert order == ["a_out", "m_mid", "z_in"], (wrap, depths)
+
+
+def test_flax_remat_blocks_are_walked():
+  """nn.remat(Block) in a linen model: the selection equals the same model
+  without remat."""
+  import flax.linen as nn
+
+  def model(remat):
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        x = nn.tanh(nn.Dense(4, name="z_first")(x))
+        return nn.tanh(nn.Dense(4, name="a_second")(x))
+
+    block = nn.remat(Block) if remat else Block
+
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return nn.Dense(2, name="head")(block(name="block")(x))
+
+    return Net()
+
+  x, y = _flat_batch()
+  chosen = []
+  for remat in (False, True):
+    net = model(remat)
+    params = net.init(jax.random.PRNGKey(0), x)["params"]
+    loss = lambda p, b, net=net: jnp.mean((net.apply({"params": p}, b[0]) - b[1]) ** 2)  # noqa: E731
+    names = sam_optax.layer_paths(params)
+    chosen.append(sorted(names[i] for i in
+                         layers_lib.output_layers(loss, params, (x, y), 2)))
+  assert chosen[0] == chosen[1] == ["block/a_second", "head"]
+
+
+def test_equinox_layers_are_grouped_under_a_dict_key_too():
+  """An Equinox model's layers are its Linear modules whether the model is
+  the root or sits under a dict key (under a key the whole model was one
+  layer)."""
+  eqx = pytest.importorskip("equinox")
+  mlp = eqx.nn.MLP(3, 2, 4, 2, key=jax.random.PRNGKey(0))
+  head = eqx.nn.Linear(2, 1, key=jax.random.PRNGKey(1))
+  alone = eqx.filter(mlp, eqx.is_array)
+  assert sam_optax.layer_paths(alone) == ["layers/0", "layers/1", "layers/2"]
+  tree = eqx.filter({"backbone": mlp, "head": head}, eqx.is_array)
+  assert sam_optax.layer_paths(tree) == [
+      "backbone/layers/0", "backbone/layers/1", "backbone/layers/2", "head"]
+  groups = _groups(tree)
+  assert groups["head"] == ["head/weight", "head/bias"]
+  assert groups["backbone/layers/1"] == ["backbone/layers/1/weight",
+                                         "backbone/layers/1/bias"]

@@ -626,7 +626,17 @@ def layerwise_sam(
   is static, so the second evaluation differentiates those layers only and
   the rest of the network enters it as the very same arrays: a step costs
   SGD plus the backward of the selected layers (1.00x SGD on the
-  benchmark CNN; see the docs' benchmark page). Other choices:
+  benchmark CNN; see the docs' benchmark page). The graph is walked into
+  ``jax.checkpoint`` / ``nn.remat``, ``jit``, ``scan``, ``while`` and both
+  branches of a ``cond``. A layer is a group of leaves
+  (:func:`layer_paths`), so in a model that scans over stacked layer
+  weights (``nn.scan``, ``[L, ...]`` leaves) one "layer" holds that
+  sublayer of every block: a selection takes it in all blocks, its second
+  backward runs through the whole scan (about SAM's cost), and its
+  gradient norm sums over the blocks; ``group_fn`` cannot split a leaf. A
+  layer whose gradient is always 0 (behind ``stop_gradient``, a target
+  network) can still take a slot by depth: freeze it with ``trainable=``.
+  Other choices:
 
   * ``layers=``: a fixed set, layer paths (matched on a path suffix, so
     ``"head"`` finds ``"params/head"``) or a predicate; the same fast path.

@@ -1,11 +1,11 @@
 """Layers: how leaves group into layers, and a data-driven ranking of them.
 
-A *layer* is a group of leaves. By default it is the innermost mapping that
-holds the leaf (a Flax module's ``{kernel, bias}``), named by the keys from
-the root joined by "/" (``"fc"`` for ``variables["params"]``,
+A *layer* is a group of leaves. By default it is the object that holds the
+leaf (a Flax module's ``{kernel, bias}``, an Equinox ``Linear``), named by
+the keys from the root joined by "/" (``"fc"`` for ``variables["params"]``,
 ``"params/fc"`` for the whole variables dict, ``"layers/0"`` for an NNX
-``nnx.List``); a leaf directly under the root (``{"w1": ..., "w2": ...}``)
-is a layer of its own. Leaves are grouped by their keys, not by the joined
+``nnx.List`` or an Equinox MLP's list of layers); a leaf directly under the
+root (``{"w1": ..., "w2": ...}``) is a layer of its own. Leaves are grouped by their keys, not by the joined
 name: two layers whose names coincide (a key holding "/") are refused.
 ``group_fn(leaf_path) -> layer_name`` replaces that grouping.
 Layers are numbered in order of first appearance in ``jax.tree.leaves`` order
@@ -30,19 +30,27 @@ GroupFn = Callable[[str], str]
 
 
 def _default_layer(path: tuple[Any, ...]) -> tuple[Any, ...]:
-  """The keys of the innermost mapping holding the leaf at ``path``.
+  """The path of the object holding the leaf at ``path``.
 
-  The leaf's own entry is the last mapping key on its path; whatever follows
-  it (an NNX ``Variable``'s ``.value``) belongs to the leaf. A leaf reached
-  through sequences and attributes only belongs to its immediate container.
-  A leaf directly under the root (``{"w1": ..., "w2": ...}``, a tuple of
-  arrays) is a layer of its own.
+  The leaf's own entry is the last named key on its path (a mapping key or
+  an attribute); what the leaf's object adds after a mapping key (an NNX
+  ``Variable``'s ``.value``, a registered dataclass's field) belongs to
+  that key's entry. So a Flax module's ``{kernel, bias}`` is one layer,
+  and so is an Equinox ``Linear``'s ``weight`` and ``bias``, at the root
+  or under a dict key. A leaf reached through sequences only belongs to
+  its immediate container; a leaf directly under the root
+  (``{"w1": ..., "w2": ...}``, a tuple of arrays) is a layer of its own.
   """
-  last = None
+  named = (jax.tree_util.DictKey, jax.tree_util.GetAttrKey)
+  own = None
   for i, k in enumerate(path):
-    if isinstance(k, jax.tree_util.DictKey):
-      last = i
-  end = len(path) - 1 if last is None else last
+    if isinstance(k, named):
+      own = i
+  if (own is not None and own == len(path) - 1 and own > 0
+      and isinstance(path[own], jax.tree_util.GetAttrKey)
+      and isinstance(path[own - 1], jax.tree_util.DictKey)):
+    own -= 1
+  end = len(path) - 1 if own is None else own
   return tuple(path[: max(end, 1)])
 
 
@@ -288,31 +296,43 @@ def match_layers(
 # The output side, from the loss's computation graph.
 # --------------------------------------------------------------------------
 
-#: Call-like primitives whose body is followed (a jitted module, a custom
-#: derivative): their parameters' uses are inside.
-_BODIES = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
-           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
-           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
-           "remat": "jaxpr", "checkpoint": "jaxpr"}
+def _bodies(eqn) -> list:
+  """The sub-programs of an equation, each with the equation's inputs that
+  feed its inputs and the outputs its outputs feed: a call-like one (a
+  jitted module, a custom derivative, ``jax.checkpoint``), a ``scan``
+  (one iteration: consts, carry and slices in, carry and slices out), each
+  branch of a ``cond`` (after the index) and a ``while``'s body."""
+  params = eqn.params
+  name = eqn.primitive.name
+  if name == "cond":
+    return [(b, eqn.invars[1:], eqn.outvars) for b in params["branches"]]
+  if name == "while":
+    skip = params["cond_nconsts"]
+    return [(params["body_jaxpr"], eqn.invars[skip:], eqn.outvars)]
+  return [(v, eqn.invars, eqn.outvars) for v in params.values()
+          if isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr))]
 
 
 def _edges(jaxpr, edges: list) -> None:
-  """(inputs, outputs) per equation, bodies of call-like ones inlined."""
+  """(inputs, outputs) per equation, with the sub-programs of equations
+  that have them inlined (every primitive that carries a program in its
+  parameters, so a checkpointed, scanned or branched model is walked like
+  a plain one); an equation whose sub-program does not line up with its
+  inputs and outputs is one step."""
   for eqn in jaxpr.eqns:
-    key = _BODIES.get(eqn.primitive.name)
-    body = eqn.params.get(key) if key else None
-    if body is not None:
+    inlined = False
+    for body, ins, outs in _bodies(eqn):
       inner = getattr(body, "jaxpr", body)
-      if len(inner.invars) == len(eqn.invars) and len(inner.outvars) == len(
-          eqn.outvars
-      ):
-        for a, b in zip(eqn.invars, inner.invars):
-          edges.append(([a], [b]))
-        _edges(inner, edges)
-        for a, b in zip(inner.outvars, eqn.outvars):
-          edges.append(([a], [b]))
+      if len(inner.invars) != len(ins) or len(inner.outvars) != len(outs):
         continue
-    edges.append((list(eqn.invars), list(eqn.outvars)))
+      for a, b in zip(ins, inner.invars):
+        edges.append(([a], [b]))
+      _edges(inner, edges)
+      for a, b in zip(inner.outvars, outs):
+        edges.append(([a], [b]))
+      inlined = True
+    if not inlined:
+      edges.append((list(eqn.invars), list(eqn.outvars)))
 
 
 def _is_array(x: Any) -> bool:
