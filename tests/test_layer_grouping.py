@@ -370,3 +370,32 @@ def test_equinox_layers_are_grouped_under_a_dict_key_too():
   assert groups["head"] == ["head/weight", "head/bias"]
   assert groups["backbone/layers/1"] == ["backbone/layers/1/weight",
                                          "backbone/layers/1/bias"]
+
+
+@pytest.mark.parametrize("wrap", ["none", "checkpoint", "jit"])
+def test_a_function_reused_at_several_depths(wrap):
+  """One traced function used at several places (JAX shares its program
+  between the call sites): each site has its own depth. An auxiliary head
+  right after the first block is near the loss; before, the shared
+  program's variables took the deepest site's depth and the aux head was
+  ranked with the input layer."""
+  def block(h, w):
+    return jnp.tanh(h @ w)
+
+  blk = {"none": block, "checkpoint": jax.checkpoint(block),
+         "jit": jax.jit(block)}[wrap]
+  rng = np.random.default_rng(3)
+  params = {k: jnp.asarray(rng.standard_normal((4, 4)), jnp.float32)
+            for k in ("aux", "l0", "l1", "l2", "l3")}
+
+  def loss(p, b):
+    h = blk(b, p["l0"])
+    side = blk(h, p["aux"])
+    for k in ("l1", "l2", "l3"):
+      h = blk(h, p[k])
+    return jnp.sum(h) + jnp.sum(side)
+
+  x = jnp.ones((2, 4))
+  names = sam_optax.layer_paths(params)
+  got = sorted(names[i] for i in layers_lib.output_layers(loss, params, x, 2))
+  assert got == ["aux", "l3"]

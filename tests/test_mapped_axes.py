@@ -60,28 +60,40 @@ def test_forgotten_axis_name_under_shard_map_is_an_error(name):
 
 @needs8
 @pytest.mark.parametrize("name", ["sam", "fsam"])
-def test_m_sharpness_with_params_cast_to_varying(name):
-  """JAX's idiom for per-device gradients under the default check_vma:
-  the replicated parameters cast to varying (``pcast``), then the
-  gradient. With axis_name set this is m-sharpness, and equals the same
-  step under check_vma=False (it was refused as parameters that differ
-  per device)."""
+def test_m_sharpness_under_default_check_vma(name):
+  """JAX's idiom for per-device gradients under the default check_vma: the
+  replicated parameters cast to varying (``pcast``), then the gradient.
+  Passed with the un-cast parameters, this is m-sharpness and equals the
+  same step under check_vma=False; the cast parameters themselves are
+  refused (they look like parameters sharded over the axis), with a
+  message that says to pass them un-cast."""
   tx = build(name, axis_name="d")
   mesh = _mesh()
 
   def typed(p, s, b):
-    p = jax.tree.map(lambda x: jax.lax.pcast(x, ("d",), to="varying"), p)
-    return tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b)[0]
+    cast = jax.tree.map(lambda x: jax.lax.pcast(x, ("d",), to="varying"), p)
+    return tx.update(jax.grad(mlp_loss)(cast, b), s, p, batch=b)[0]
 
   def untyped(p, s, b):
     return tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b)[0]
 
+  def cast_params(p, s, b):
+    p = jax.tree.map(lambda x: jax.lax.pcast(x, ("d",), to="varying"), p)
+    return tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b)[0]
+
+  def mapped(f, check=True):
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), P("d")),
+                                 out_specs=P(), check_vma=check))
+
   p, b = mlp_params(), batches(n=1)[0]
-  outs = [
-      jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), P("d")),
-                            out_specs=P(), check_vma=check))(p, tx.init(p), b)
-      for f, check in ((typed, True), (untyped, False))]
-  chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(mapped(typed)(p, tx.init(p), b),
+                              mapped(untyped, False)(p, tx.init(p), b),
+                              rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match=(
+      r"params vary over the mapped axis 'd', which axis_name='d' names\. "
+      r"If they are replicated and were cast to varying.*pass the un-cast "
+      r"params")):
+    mapped(cast_params)(p, tx.init(p), b)
 
 
 @needs8

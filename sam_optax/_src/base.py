@@ -632,13 +632,14 @@ def check_mapped_axes(axis_name: Optional[AxisName], params: PyTree,
   over (``shard_map`` with ``check_vma=True``, its default), the batch
   must not vary over an axis that ``axis_name`` leaves out while the
   parameters do not: JAX would sum the transform's own gradients over it
-  (a step as many times too large as the axis has devices). Parameters
-  that vary over an axis (a model per device, or replicated ones cast to
-  varying for per-device gradients) are not checked against it: typed
-  values cannot tell these apart from parameters sharded over the axis,
-  which are not supported (documented). Under ``pmap`` and
-  ``shard_map(check_vma=False)`` nothing is typed, and a missing
-  ``axis_name`` cannot be seen (the devices' states then drift apart).
+  (a step as many times too large as the axis has devices); and the
+  parameters must not vary over a named axis: sharded over it (FSDP by
+  hand) or one model per device, the average over it would mix different
+  parameters. Replicated parameters cast to varying for per-device
+  gradients look the same, so the error says to pass them un-cast. Under
+  ``pmap`` and ``shard_map(check_vma=False)`` nothing is typed, and a
+  missing ``axis_name`` cannot be seen (the devices' states then drift
+  apart).
   """
   names = axis_names(axis_name)
   for name in names:
@@ -651,7 +652,19 @@ def check_mapped_axes(axis_name: Optional[AxisName], params: PyTree,
           "jax.shard_map over a mesh with that axis, with the same name; "
           "under plain jax.jit (sharded arrays or one device) leave "
           "axis_name=None") from None
-  missing = _tree_varying(batch) - _tree_varying(params) - set(names)
+  param_axes = _tree_varying(params)
+  shared = param_axes & set(names)
+  if shared:
+    raise ValueError(
+        f"params vary over the mapped axis {_axes_text(shared)}, which "
+        f"axis_name={axis_name!r} names. If they are replicated and were "
+        "cast to varying (jax.lax.pcast) for a per-device gradient, pass "
+        "the un-cast params to update: the transform makes its own "
+        "gradients per device. Parameters sharded over that axis (FSDP "
+        "inside shard_map) or one model per device are not supported with "
+        "axis_name, since averaging over the axis would mix different "
+        "parameters: shard them under jax.jit instead (no axis_name)")
+  missing = _tree_varying(batch) - param_axes - set(names)
   if missing:
     hint = tuple(names) + tuple(sorted(missing))
     hint = repr(hint[0]) if len(hint) == 1 else repr(hint)
@@ -678,16 +691,22 @@ def per_device(tree: PyTree, axis_name: Optional[AxisName]) -> PyTree:
   ``pmap`` and ``shard_map(check_vma=False)`` the cast changes nothing;
   under a named ``vmap`` (no manual axis) nothing is cast.
   """
-  if axis_name is None or not hasattr(jax.lax, "pcast"):
+  if axis_name is None:
     return tree
   manual = _manual_axes()
   wanted = [a for a in axis_names(axis_name) if a in manual]
   if not wanted:
     return tree
+  if hasattr(jax.lax, "pcast"):
+    cast = lambda x, axes: jax.lax.pcast(x, axes, to="varying")  # noqa: E731
+  elif hasattr(jax.lax, "pvary"):  # the JAX releases before pcast
+    cast = jax.lax.pvary
+  else:  # no typed values: nothing is summed implicitly
+    return tree
 
   def one(x):
     add = tuple(a for a in wanted if a not in varying_axes(x))
-    return jax.lax.pcast(x, add, to="varying") if add else x
+    return cast(x, add) if add else x
 
   return jax.tree.map(one, tree)
 

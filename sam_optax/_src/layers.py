@@ -313,26 +313,35 @@ def _bodies(eqn) -> list:
           if isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr))]
 
 
-def _edges(jaxpr, edges: list) -> None:
+def _edges(jaxpr, edges: list, scope: tuple = ()) -> None:
   """(inputs, outputs) per equation, with the sub-programs of equations
   that have them inlined (every primitive that carries a program in its
   parameters, so a checkpointed, scanned or branched model is walked like
   a plain one); an equation whose sub-program does not line up with its
-  inputs and outputs is one step."""
-  for eqn in jaxpr.eqns:
+  inputs and outputs is one step. Variables are keyed by ``scope`` (the
+  inlining sites above them): JAX shares one program between the call
+  sites of a function traced once (a ``jax.checkpoint`` or ``jit``
+  function, a scan body used twice), and each site's copy has its own
+  depth."""
+  key = lambda v: v if isinstance(v, jex_core.Literal) else (scope, v)  # noqa: E731
+  for n, eqn in enumerate(jaxpr.eqns):
     inlined = False
-    for body, ins, outs in _bodies(eqn):
+    for j, (body, ins, outs) in enumerate(_bodies(eqn)):
       inner = getattr(body, "jaxpr", body)
       if len(inner.invars) != len(ins) or len(inner.outvars) != len(outs):
         continue
+      site = scope + ((n, j),)
+      inner_key = lambda v, site=site: (  # noqa: E731
+          v if isinstance(v, jex_core.Literal) else (site, v))
       for a, b in zip(ins, inner.invars):
-        edges.append(([a], [b]))
-      _edges(inner, edges)
+        edges.append(([key(a)], [inner_key(b)]))
+      _edges(inner, edges, site)
       for a, b in zip(inner.outvars, outs):
-        edges.append(([a], [b]))
+        edges.append(([inner_key(a)], [key(b)]))
       inlined = True
     if not inlined:
-      edges.append((list(eqn.invars), list(eqn.outvars)))
+      edges.append(([key(v) for v in eqn.invars],
+                    [key(v) for v in eqn.outvars]))
 
 
 def _is_array(x: Any) -> bool:
@@ -405,7 +414,7 @@ def leaf_depths(loss: Callable, params: PyTree, batch: Any) -> list[float]:
   depth = {}
   for v in jaxpr.outvars:
     if not isinstance(v, jex_core.Literal):
-      depth[v] = 0
+      depth[((), v)] = 0
   for ins, outs in reversed(edges):
     d = max((depth[o] for o in outs if o in depth), default=None)
     if d is None:
@@ -414,7 +423,7 @@ def leaf_depths(loss: Callable, params: PyTree, batch: Any) -> list[float]:
       if not isinstance(v, jex_core.Literal):
         depth[v] = max(depth.get(v, -1), d + 1)
   n = len(jax.tree.leaves(params))
-  return [float(depth.get(v, np.inf)) for v in jaxpr.invars[:n]]
+  return [float(depth.get(((), v), np.inf)) for v in jaxpr.invars[:n]]
 
 
 def output_layers(
