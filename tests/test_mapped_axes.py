@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -214,3 +215,34 @@ def test_batch_over_two_mesh_axes(name):
       r"the batch varies over the mapped axis 'b' \(shard_map\) but "
       r"axis_name='a' does not name it.*Pass axis_name=\('a', 'b'\)")):
     step(p, only_a.init(p), bs[0])
+
+
+@needs8
+@pytest.mark.parametrize("name", ["ssam_fisher", "ssam_dynamic"])
+def test_model_per_row_with_data_over_the_other_axis(name):
+  """Two models on the rows ('a') of a 2x4 mesh, each row's batch split
+  over its 4 devices ('b', named in axis_name), default check_vma: each
+  model's step equals the one-device step on the whole batch. Sparse
+  SAM's top-k loop carried invariant values while its counts varied with
+  the models ("carry input and carry output must have equal types")."""
+  mesh = _mesh((2, 4), ("a", "b"))
+  tx = build(name, axis_name="b")
+  b = batches(n=1)[0]
+  models = [mlp_params(seed=0), mlp_params(seed=5)]
+  stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
+
+  def local(p, s, b):
+    p, s = jax.tree.map(lambda x: x[0], (p, s))
+    g = jax.grad(lambda q: jax.lax.pmean(mlp_loss(q, b), "b"))(p)
+    return jax.tree.map(lambda x: x[None], tx.update(g, s, p, batch=b)[0])
+
+  step = jax.jit(jax.shard_map(local, mesh=mesh,
+                               in_specs=(P("a"), P("a"), P("b")),
+                               out_specs=P("a")))
+  out = step(stack(models), stack([tx.init(p) for p in models]), b)
+  one = build(name)  # the one-device run: no axis
+  for row, p in enumerate(models):
+    want, _ = jax.jit(lambda p, s: one.update(jax.grad(mlp_loss)(p, b), s, p,
+                                              batch=b))(p, one.init(p))
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[row], out), want,
+                                rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -697,18 +697,22 @@ def per_device(tree: PyTree, axis_name: Optional[AxisName]) -> PyTree:
   wanted = [a for a in axis_names(axis_name) if a in manual]
   if not wanted:
     return tree
+  return jax.tree.map(lambda x: to_varying(x, wanted), tree)
+
+
+def to_varying(x: Any, axes: Iterable[str]) -> Any:
+  """``x`` typed as varying over ``axes`` too (``shard_map`` with
+  ``check_vma=True``): a loop's initial carry must be typed like the
+  values its body makes from varying inputs. Where JAX has no typed
+  values (before ``pvary``), ``x`` as it is."""
+  add = tuple(a for a in axes if a not in varying_axes(x))
+  if not add:
+    return x
   if hasattr(jax.lax, "pcast"):
-    cast = lambda x, axes: jax.lax.pcast(x, axes, to="varying")  # noqa: E731
-  elif hasattr(jax.lax, "pvary"):  # the JAX releases before pcast
-    cast = jax.lax.pvary
-  else:  # no typed values: nothing is summed implicitly
-    return tree
-
-  def one(x):
-    add = tuple(a for a in wanted if a not in varying_axes(x))
-    return cast(x, add) if add else x
-
-  return jax.tree.map(one, tree)
+    return jax.lax.pcast(x, add, to="varying")
+  if hasattr(jax.lax, "pvary"):  # the JAX releases before pcast
+    return jax.lax.pvary(x, add)
+  return x
 
 
 def psum(tree: PyTree, axis_name: Optional[AxisName]) -> PyTree:

@@ -214,7 +214,11 @@ def fisher_scores(
   params = base.per_device(params, axis_name)
   sq_sum = _chunk_squares(loss, params, (leaves, treedef, ax_leaves), scale,
                           axis_name, first, num_samples)
-  zeros = base.per_device(base.zeros_like_f32(params), axis_name)
+  # The loop's zeros typed like the squares it adds (varying where each
+  # parameter leaf varies: over axis_name, and over an axis of models).
+  zeros = jax.tree.map(
+      lambda z, p: base.to_varying(z, base.varying_axes(p)),
+      base.zeros_like_f32(params), params)
   return _sum_in_chunks(sq_sum, zeros, per_device, chunk)
 
 

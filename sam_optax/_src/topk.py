@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam_optax._src import base
+
 PyTree = Any
 
 
@@ -178,10 +180,13 @@ def _threshold(keys, firsts, n, k):
     return jnp.where(take, cand_t, t), tuple(b - step for b in bounds)
 
   # From (0, 0) up: eligible entries have a key >= 1 (NaN's), so only they
-  # are ever counted above a set bit.
-  bounds0 = tuple(jnp.int32(f) for f in firsts)
-  return jax.lax.fori_loop(0, 32 + index_bits, decide_bit,
-                           (jnp.uint32(0), bounds0))
+  # are ever counted above a set bit. Under shard_map the carry is typed
+  # as varying over the axes the keys vary over (scores that differ per
+  # device, e.g. one model per device), as the counts made from them are.
+  axes = frozenset().union(*(base.varying_axes(key) for key in keys))
+  t0 = base.to_varying(jnp.uint32(0), axes)
+  bounds0 = tuple(base.to_varying(jnp.int32(f), axes) for f in firsts)
+  return jax.lax.fori_loop(0, 32 + index_bits, decide_bit, (t0, bounds0))
 
 
 def top_k_mask(
