@@ -399,3 +399,33 @@ def test_a_function_reused_at_several_depths(wrap):
   names = sam_optax.layer_paths(params)
   got = sorted(names[i] for i in layers_lib.output_layers(loss, params, x, 2))
   assert got == ["aux", "l3"]
+
+
+def test_layers_behind_stop_gradient_or_comparisons_are_not_near_the_loss():
+  """A target network behind stop_gradient (BYOL-style) is near the loss
+  by operations but gets no gradient: it is ranked last (it took a slot
+  of the selection, which then perturbed nothing there). A path through a
+  comparison (a mask from the weights) carries no gradient either."""
+  rng = np.random.default_rng(4)
+  w = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+  params = {"online": {"kernel": w(3, 4)}, "pred": {"kernel": w(4, 4)},
+            "target": {"kernel": w(3, 4)}}
+
+  def loss(p, x):
+    z = jnp.tanh(x @ p["online"]["kernel"]) @ p["pred"]["kernel"]
+    t = jax.lax.stop_gradient(jnp.tanh(x @ p["target"]["kernel"]))
+    gate = (p["online"]["kernel"] > 0).astype(jnp.float32)
+    return jnp.sum((z - t) ** 2) + jnp.sum(gate)
+
+  x = jnp.ones((2, 3))
+  names = sam_optax.layer_paths(params)
+  depths = dict(zip(names, layers_lib.leaf_depths(loss, params, x)))
+  assert depths["target"] == np.inf
+  assert depths["pred"] < depths["online"] < np.inf
+  got = sorted(names[i] for i in layers_lib.output_layers(loss, params, x, 2))
+  assert got == ["online", "pred"]
+  tx = sam_optax.layerwise_sam(loss, num_layers=2)
+  _, state = tx.update(jax.grad(loss)(params, x), tx.init(params), params,
+                       batch=x)
+  assert sorted(names[i] for i in np.asarray(
+      sam_optax.stats(state)["selected_layers"])) == ["online", "pred"]

@@ -633,9 +633,10 @@ def layerwise_sam(
   weights (``nn.scan``, ``[L, ...]`` leaves) one "layer" holds that
   sublayer of every block: a selection takes it in all blocks, its second
   backward runs through the whole scan (about SAM's cost), and its
-  gradient norm sums over the blocks; ``group_fn`` cannot split a leaf. A
-  layer whose gradient is always 0 (behind ``stop_gradient``, a target
-  network) can still take a slot by depth: freeze it with ``trainable=``.
+  gradient norm sums over the blocks; ``group_fn`` cannot split a leaf.
+  Only paths a gradient takes count: a layer used only behind
+  ``stop_gradient`` (a target network) or through comparisons is ranked
+  last.
   Other choices:
 
   * ``layers=``: a fixed set, layer paths (matched on a path suffix, so

@@ -318,7 +318,10 @@ def _edges(jaxpr, edges: list, scope: tuple = ()) -> None:
   that have them inlined (every primitive that carries a program in its
   parameters, so a checkpointed, scanned or branched model is walked like
   a plain one); an equation whose sub-program does not line up with its
-  inputs and outputs is one step. Variables are keyed by ``scope`` (the
+  inputs and outputs is one step. Only paths a gradient can take count:
+  none through ``stop_gradient`` or into a non-float value (a comparison,
+  an integer cast), so a layer used only behind them is not near the
+  loss. Variables are keyed by ``scope`` (the
   inlining sites above them): JAX shares one program between the call
   sites of a function traced once (a ``jax.checkpoint`` or ``jit``
   function, a scan body used twice), and each site's copy has its own
@@ -339,9 +342,19 @@ def _edges(jaxpr, edges: list, scope: tuple = ()) -> None:
       for a, b in zip(inner.outvars, outs):
         edges.append(([inner_key(a)], [key(b)]))
       inlined = True
-    if not inlined:
-      edges.append(([key(v) for v in eqn.invars],
-                    [key(v) for v in eqn.outvars]))
+    if inlined or eqn.primitive.name == "stop_gradient":
+      continue  # no gradient flows back through stop_gradient
+    # Only float outputs carry a gradient back (a comparison, an argmax,
+    # an integer cast do not).
+    outs = [key(v) for v in eqn.outvars if _carries_gradient(v)]
+    if outs:
+      edges.append(([key(v) for v in eqn.invars], outs))
+
+
+def _carries_gradient(v) -> bool:
+  aval = getattr(v, "aval", None)
+  dtype = getattr(aval, "dtype", None)
+  return dtype is None or jnp.issubdtype(dtype, jnp.inexact)
 
 
 def _is_array(x: Any) -> bool:
