@@ -429,3 +429,30 @@ def test_layers_behind_stop_gradient_or_comparisons_are_not_near_the_loss():
                        batch=x)
   assert sorted(names[i] for i in np.asarray(
       sam_optax.stats(state)["selected_layers"])) == ["online", "pred"]
+
+
+def test_custom_derivative_bodies_count_every_path():
+  """A quantized head: a custom_vjp whose forward runs in int8 with its
+  scale behind stop_gradient, and a straight-through gradient. The
+  gradient follows the custom rule, so the head is still the layer nearest
+  the loss (filtering the integer forward made every layer unreachable,
+  and the selection fell back to leaf order: the input side)."""
+  @jax.custom_vjp
+  def qmatmul(h, w):
+    scale = jax.lax.stop_gradient(jnp.max(jnp.abs(w)) / 127.0)
+    wq = jnp.round(w / scale).astype(jnp.int8)
+    return (h @ wq.astype(jnp.float32)) * scale
+
+  qmatmul.defvjp(lambda h, w: (qmatmul(h, w), (h, w)),
+                 lambda res, ct: (ct @ res[1].T, res[0].T @ ct))
+  params = _named_mlp_params()
+
+  def loss(p, b):
+    h = jnp.tanh(b[0] @ p["z_in"]["kernel"])
+    h = jnp.tanh(qmatmul(h, p["m_mid"]["kernel"]))
+    return jnp.mean((qmatmul(h, p["a_out"]["kernel"]) - b[1]) ** 2)
+
+  names = sam_optax.layer_paths(params)
+  depths = layers_lib.leaf_depths(loss, params, _flat_batch())
+  assert [names[i] for i in np.argsort(depths)] == ["a_out", "m_mid", "z_in"]
+  assert max(depths) < np.inf

@@ -367,6 +367,33 @@ def test_num_splits_equals_shard_map_with_per_device_gradients(ctor, kwargs):
   chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@needs8
+@pytest.mark.parametrize("ctor", ["sam", "asam", "gnp"])
+def test_num_splits_on_devices_under_default_check_vma(ctor):
+  """num_splits with axis_name under shard_map's default check_vma equals
+  the same step under check_vma=False (the sub-batch loop's sum started
+  typed as the same on every device while the gradients it adds vary:
+  JAX's "carry input and carry output must have equal types")."""
+  params, batch = mlp_params(), make_batch(n=16)
+  tx = getattr(sam_optax, ctor)(mlp_loss, rho=0.1, num_splits=2,
+                                axis_name="d")
+  mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+
+  def typed(p, s, b):
+    g = jax.grad(lambda q: jax.lax.pmean(mlp_loss(q, b), "d"))(p)
+    return tx.update(g, s, p, batch=b)[0]
+
+  def untyped(p, s, b):
+    g = jax.lax.pmean(jax.grad(mlp_loss)(p, b), "d")
+    return tx.update(g, s, p, batch=b)[0]
+
+  outs = [jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), P("d")),
+                                out_specs=P(), check_vma=check))(
+                                    params, tx.init(params), batch)
+          for f, check in ((typed, True), (untyped, False))]
+  chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
 def test_num_splits_planned_and_trainable():
   """With a plan (no conditional) and with trainable=, num_splits gives the
   same as the NumPy mean over sub-batches of the frozen-closed method."""

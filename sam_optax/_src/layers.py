@@ -304,6 +304,8 @@ def _bodies(eqn) -> list:
   branch of a ``cond`` (after the index) and a ``while``'s body."""
   params = eqn.params
   name = eqn.primitive.name
+  if name in _CUSTOM:
+    return []
   if name == "cond":
     return [(b, eqn.invars[1:], eqn.outvars) for b in params["branches"]]
   if name == "while":
@@ -311,6 +313,13 @@ def _bodies(eqn) -> list:
     return [(params["body_jaxpr"], eqn.invars[skip:], eqn.outvars)]
   return [(v, eqn.invars, eqn.outvars) for v in params.values()
           if isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr))]
+
+
+#: Primitives whose body is the primal of a custom derivative: the gradient
+#: follows the custom rule, which the walk cannot see, so such a call is
+#: one step from its inputs to its outputs (a quantized layer's integer
+#: forward, an activation with its own derivative).
+_CUSTOM = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 
 
 def _edges(jaxpr, edges: list, scope: tuple = ()) -> None:
@@ -321,7 +330,8 @@ def _edges(jaxpr, edges: list, scope: tuple = ()) -> None:
   inputs and outputs is one step. Only paths a gradient can take count:
   none through ``stop_gradient`` or into a non-float value (a comparison,
   an integer cast), so a layer used only behind them is not near the
-  loss. Variables are keyed by ``scope`` (the
+  loss; a custom derivative's call is one step (its gradient follows its
+  own rule, not its forward). Variables are keyed by ``scope`` (the
   inlining sites above them): JAX shares one program between the call
   sites of a function traced once (a ``jax.checkpoint`` or ``jit``
   function, a scan body used twice), and each site's copy has its own
@@ -342,7 +352,9 @@ def _edges(jaxpr, edges: list, scope: tuple = ()) -> None:
       for a, b in zip(inner.outvars, outs):
         edges.append(([inner_key(a)], [key(b)]))
       inlined = True
-    if inlined or eqn.primitive.name == "stop_gradient":
+    if inlined:
+      continue
+    if eqn.primitive.name == "stop_gradient":
       continue  # no gradient flows back through stop_gradient
     # Only float outputs carry a gradient back (a comparison, an argmax,
     # an integer cast do not).
