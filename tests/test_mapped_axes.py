@@ -218,13 +218,16 @@ def test_batch_over_two_mesh_axes(name):
 
 
 @needs8
-@pytest.mark.parametrize("name", ["ssam_fisher", "ssam_dynamic"])
+@pytest.mark.parametrize("name", ["ssam_fisher", "ssam_dynamic", "looksam",
+                                  "vsam"])
 def test_model_per_row_with_data_over_the_other_axis(name):
   """Two models on the rows ('a') of a 2x4 mesh, each row's batch split
   over its 4 devices ('b', named in axis_name), default check_vma: each
   model's step equals the one-device step on the whole batch. Sparse
   SAM's top-k loop carried invariant values while its counts varied with
-  the models ("carry input and carry output must have equal types")."""
+  the models ("carry input and carry output must have equal types"), and
+  LookSAM's / vSAM's lax.cond branches typed their outputs differently
+  ("cond branches must have equal output types")."""
   mesh = _mesh((2, 4), ("a", "b"))
   tx = build(name, axis_name="b")
   b = batches(n=1)[0]

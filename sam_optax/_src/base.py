@@ -539,7 +539,32 @@ def cond(pred: Any, true_fn: Callable, false_fn: Callable, operand: Any):
   pred = concrete_bool(pred)
   if isinstance(pred, bool):
     return true_fn(operand) if pred else false_fn(operand)
-  return jax.lax.cond(pred, true_fn, false_fn, operand)
+  try:
+    return jax.lax.cond(pred, true_fn, false_fn, operand)
+  except TypeError as err:
+    if not _manual_axes() or "equal output types" not in str(err):
+      raise
+  # Under shard_map's typed values one branch may type an output as
+  # varying over a mesh axis where the other does not (it keeps a state
+  # leaf that the other computes from per-device values, e.g. with one
+  # model per device): both branches' outputs are typed as their join.
+  # (A mismatch of shapes or dtypes fails again, with JAX's message.)
+  shapes = [jax.eval_shape(f, operand) for f in (true_fn, false_fn)]
+  axes = jax.tree.map(lambda a, b: _typed_axes(a) | _typed_axes(b), *shapes)
+
+  def joined(f):
+    return lambda x: jax.tree.map(to_varying, f(x), axes)
+
+  return jax.lax.cond(pred, joined(true_fn), joined(false_fn), operand)
+
+
+def _typed_axes(shape: Any) -> frozenset:
+  """The mapped axes a ``jax.eval_shape`` result is typed as varying over."""
+  mat = getattr(shape, "manual_axis_type", None)
+  varying = getattr(mat, "varying", None)
+  if varying is None:
+    varying = getattr(shape, "vma", ())
+  return frozenset(varying or ())
 
 
 INT32_MAX = int(np.iinfo(np.int32).max)

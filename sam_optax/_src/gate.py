@@ -382,9 +382,14 @@ class VariationSampling(protocols.Gate):
           (self.window - pos) <= (quota - taken))
       return (key, taken + go.astype(jnp.int32)), go
 
+    # Under shard_map the carry is typed like the rate it is drawn with
+    # (varying over an axis of models, each with its own statistics).
+    axes = (base.varying_axes(state.key) | base.varying_axes(quota)
+            | base.varying_axes(prob))
+    carry = (base.to_varying(state.key, axes),
+             base.to_varying(jnp.zeros((), jnp.int32), axes))
     (key, _), pattern = jax.lax.scan(
-        draw, (state.key, jnp.zeros((), jnp.int32)),
-        jnp.arange(self.window, dtype=jnp.int32))
+        draw, carry, jnp.arange(self.window, dtype=jnp.int32))
     return state._replace(next_rate=rate, pattern=pattern, key=key)
 
   def _position(self, count):
