@@ -299,9 +299,10 @@ def match_layers(
 def _bodies(eqn) -> list:
   """The sub-programs of an equation, each with the equation's inputs that
   feed its inputs and the outputs its outputs feed: a call-like one (a
-  jitted module, a custom derivative, ``jax.checkpoint``), a ``scan``
-  (one iteration: consts, carry and slices in, carry and slices out), each
-  branch of a ``cond`` (after the index) and a ``while``'s body."""
+  jitted module, ``jax.checkpoint``), a ``scan`` (one iteration: consts,
+  carry and slices in, carry and slices out), each branch of a ``cond``
+  (after the index) and a ``while``'s body; none for a custom derivative
+  (see :data:`_CUSTOM`)."""
   params = eqn.params
   name = eqn.primitive.name
   if name in _CUSTOM:
