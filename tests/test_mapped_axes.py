@@ -249,3 +249,24 @@ def test_model_per_row_with_data_over_the_other_axis(name):
                                               batch=b))(p, one.init(p))
     chex.assert_trees_all_close(jax.tree.map(lambda x: x[row], out), want,
                                 rtol=1e-5, atol=1e-6)
+
+
+@needs8
+def test_a_real_branch_mismatch_keeps_jax_first_error():
+  """Branches that differ in dtype under shard_map: JAX's own first error,
+  naming the branch functions (the typing retry must not replace it with
+  one about its wrappers)."""
+  from sam_optax._src import base
+
+  def as_float(x):
+    return x * 1.0
+
+  def as_int(x):
+    return x.astype(jnp.int32)
+
+  step = jax.jit(jax.shard_map(
+      lambda x: base.cond(jnp.sum(x) > 0, as_float, as_int, x),
+      mesh=_mesh(), in_specs=P("d"), out_specs=P("d")))
+  with pytest.raises(TypeError, match=r"equal output types") as info:
+    step(jnp.ones(NDEV))
+  assert "as_int" in str(info.value) and "base.py" not in str(info.value)

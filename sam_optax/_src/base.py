@@ -6,6 +6,7 @@ the presets never carry a second copy of a mechanism.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable
 from typing import Any, Iterable, Optional, Union
@@ -544,16 +545,27 @@ def cond(pred: Any, true_fn: Callable, false_fn: Callable, operand: Any):
   except TypeError as err:
     if not _manual_axes() or "equal output types" not in str(err):
       raise
+    mismatch = err
   # Under shard_map's typed values one branch may type an output as
   # varying over a mesh axis where the other does not (it keeps a state
   # leaf that the other computes from per-device values, e.g. with one
   # model per device): both branches' outputs are typed as their join.
-  # (A mismatch of shapes or dtypes fails again, with JAX's message.)
+  # Any other mismatch (shapes, dtypes, structure) is JAX's first error.
   shapes = [jax.eval_shape(f, operand) for f in (true_fn, false_fn)]
+  if jax.tree.structure(shapes[0]) != jax.tree.structure(shapes[1]):
+    raise mismatch
+  left, right = (jax.tree.leaves(t) for t in shapes)
+  if any(a.shape != b.shape or a.dtype != b.dtype
+         for a, b in zip(left, right)) or all(
+             _typed_axes(a) == _typed_axes(b) for a, b in zip(left, right)):
+    raise mismatch
   axes = jax.tree.map(lambda a, b: _typed_axes(a) | _typed_axes(b), *shapes)
 
   def joined(f):
-    return lambda x: jax.tree.map(to_varying, f(x), axes)
+    @functools.wraps(f)
+    def branch(x):
+      return jax.tree.map(to_varying, f(x), axes)
+    return branch
 
   return jax.lax.cond(pred, joined(true_fn), joined(false_fn), operand)
 
