@@ -570,12 +570,13 @@ def cond(pred: Any, true_fn: Callable, false_fn: Callable, operand: Any):
   return jax.lax.cond(pred, joined(true_fn), joined(false_fn), operand)
 
 
-def _typed_axes(shape: Any) -> frozenset:
-  """The mapped axes a ``jax.eval_shape`` result is typed as varying over."""
-  mat = getattr(shape, "manual_axis_type", None)
+def _typed_axes(aval: Any) -> frozenset:
+  """The mapped axes an abstract value (``jax.typeof``'s, or a
+  ``jax.eval_shape`` result) is typed as varying over."""
+  mat = getattr(aval, "manual_axis_type", None)
   varying = getattr(mat, "varying", None)
   if varying is None:
-    varying = getattr(shape, "vma", ())
+    varying = getattr(aval, "vma", ())
   return frozenset(varying or ())
 
 
@@ -631,15 +632,11 @@ def varying_axes(x: Any) -> frozenset:
   batch)."""
   if not isinstance(x, jax.Array):  # tracers are jax.Arrays too
     return frozenset()
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)
-  varying = getattr(mat, "varying", None)
-  if varying is None:
-    varying = getattr(aval, "vma", ())
-  return frozenset(varying)
+  return _typed_axes(jax.typeof(x))
 
 
-def _tree_varying(tree: PyTree) -> frozenset:
+def tree_varying_axes(tree: PyTree) -> frozenset:
+  """The mapped axes any leaf of ``tree`` is typed as varying over."""
   out = frozenset()
   for x in jax.tree.leaves(tree):
     out |= varying_axes(x)
@@ -689,7 +686,7 @@ def check_mapped_axes(axis_name: Optional[AxisName], params: PyTree,
           "jax.shard_map over a mesh with that axis, with the same name; "
           "under plain jax.jit (sharded arrays or one device) leave "
           "axis_name=None") from None
-  param_axes = _tree_varying(params)
+  param_axes = tree_varying_axes(params)
   shared = param_axes & set(names)
   if shared:
     raise ValueError(
@@ -701,7 +698,7 @@ def check_mapped_axes(axis_name: Optional[AxisName], params: PyTree,
         "inside shard_map) or one model per device are not supported with "
         "axis_name, since averaging over the axis would mix different "
         "parameters: shard them under jax.jit instead (no axis_name)")
-  missing = _tree_varying(batch) - param_axes - set(names)
+  missing = tree_varying_axes(batch) - param_axes - set(names)
   if missing:
     hint = tuple(names) + tuple(sorted(missing))
     hint = repr(hint[0]) if len(hint) == 1 else repr(hint)
@@ -787,7 +784,12 @@ def full_like_f32(tree: PyTree, value: Any) -> PyTree:
 
 
 def zeros_like_f32(tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), tree)
+  """float32 zeros shaped like each leaf, and typed like it under
+  ``shard_map`` (varying over the axes it varies over), so that a sum
+  started from them can be a loop's carry."""
+  return jax.tree.map(
+      lambda x: to_varying(jnp.zeros(jnp.shape(x), jnp.float32),
+                           varying_axes(x)), tree)
 
 
 def tree_all_finite(tree: PyTree) -> Array:

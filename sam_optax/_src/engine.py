@@ -592,11 +592,12 @@ class _Engine:
         step.batch, self.batch_axes, self.num_splits
     )
 
+    # This device's own sub-batch gradients (see base.per_device).
+    own = base.per_device(step.params, self.axis_name)
+
     def one(carry, sliced):
       total, _ = carry
       batch = rebuild(sliced)
-      # This device's own sub-batch gradient (see base.per_device).
-      own = base.per_device(step.params, self.axis_name)
       g = grad(lambda p: step.loss(p, batch))(own)
       sub = dataclasses.replace(step, updates=g, batch=batch)
       e, new = self.geometry.perturb(sub, geometry_state, where)
@@ -605,12 +606,8 @@ class _Engine:
       total = jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, h)
       return (total, new), None
 
-    # The sum starts typed like the per-device gradients it adds (under
-    # shard_map's default check_vma they vary over the named axes).
-    own = base.per_device(step.params, self.axis_name)
-    zeros = jax.tree.map(lambda z, p: base.to_varying(z, base.varying_axes(p)),
-                         base.zeros_like_f32(step.params), own)
-    init = (zeros, geometry_state)
+    # The sum starts typed like the per-device gradients it adds.
+    init = (base.zeros_like_f32(own), geometry_state)
     with fisher.slicing_hint(f"num_splits={self.num_splits} sub-batches"):
       (total, new), _ = jax.lax.scan(one, init, parts)
     mean = jax.tree.map(

@@ -214,11 +214,8 @@ def fisher_scores(
   params = base.per_device(params, axis_name)
   sq_sum = _chunk_squares(loss, params, (leaves, treedef, ax_leaves), scale,
                           axis_name, first, num_samples)
-  # The loop's zeros typed like the squares it adds (varying where each
-  # parameter leaf varies: over axis_name, and over an axis of models).
-  zeros = jax.tree.map(
-      lambda z, p: base.to_varying(z, base.varying_axes(p)),
-      base.zeros_like_f32(params), params)
+  # Zeros typed like the per-device params, as the squares they sum.
+  zeros = base.zeros_like_f32(params)
   return _sum_in_chunks(sq_sum, zeros, per_device, chunk)
 
 

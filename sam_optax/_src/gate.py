@@ -384,8 +384,7 @@ class VariationSampling(protocols.Gate):
 
     # Under shard_map the carry is typed like the rate it is drawn with
     # (varying over an axis of models, each with its own statistics).
-    axes = (base.varying_axes(state.key) | base.varying_axes(quota)
-            | base.varying_axes(prob))
+    axes = base.tree_varying_axes((state.key, quota, prob))
     carry = (base.to_varying(state.key, axes),
              base.to_varying(jnp.zeros((), jnp.int32), axes))
     (key, _), pattern = jax.lax.scan(

@@ -183,7 +183,7 @@ def _threshold(keys, firsts, n, k):
   # are ever counted above a set bit. Under shard_map the carry is typed
   # as varying over the axes the keys vary over (scores that differ per
   # device, e.g. one model per device), as the counts made from them are.
-  axes = frozenset().union(*(base.varying_axes(key) for key in keys))
+  axes = base.tree_varying_axes(keys)
   t0 = base.to_varying(jnp.uint32(0), axes)
   bounds0 = tuple(base.to_varying(jnp.int32(f), axes) for f in firsts)
   return jax.lax.fori_loop(0, 32 + index_bits, decide_bit, (t0, bounds0))
