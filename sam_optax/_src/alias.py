@@ -496,6 +496,12 @@ def _wsam_decoupled(
     h, sam_state = ascent.update(updates, state.sam, params, **extra)
     g = base.pmean(updates, axis_name)
     u, base_state = inner.update(g, state.base, params, **extra)
+    # A step the ascent rejects (a NaN or inf clean or second gradient:
+    # exactly when h is not finite) leaves the base optimizer's state as
+    # it was too, as every other part of the state: its momentum would keep
+    # the NaN for good, or advance on a step the count does not.
+    base_state = base.tree_select(base.tree_all_finite(h), base_state,
+                                  state.base)
     count = state.sam.count
     scale = base.resolve(learning_rate, count, "learning_rate") * base.resolve(
         _wsam_alpha(gamma), count, "gamma"
@@ -1048,7 +1054,11 @@ def ssam(
   concrete = not any(
       isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(arrays)
   )
-  skip = concrete and not any(np.any(m) for m in jax.tree.leaves(arrays))
+  # np.asarray first: np.any would call the array's own .any(), which under
+  # a trace (optax.inject_hyperparams rebuilds the method inside the step)
+  # stages a jnp.any even of a concrete mask, and `not` then fails on it.
+  skip = concrete and not any(
+      np.any(np.asarray(m)) for m in jax.tree.leaves(arrays))
   return _ssam_engine(locals(), region_lib.FixedMask(mask=arrays), skip)
 
 

@@ -70,9 +70,16 @@ def check_range(
   The range is written the usual way in the message, e.g. ``rho must be in
   [0, inf), got -1.0``. The value must be finite: ``inf`` and ``nan`` are
   outside every range (an unbounded side is written open). A complex number,
-  a string or None is refused naming ``name``. Traced values and schedules
-  are accepted unchecked.
+  a string or None is refused naming ``name``. Traced values are accepted
+  unchecked. A callable is refused: these hyperparameters take a number (a
+  schedule is checked by :func:`check_scalar_or_schedule`, for those that
+  take one).
   """
+  if callable(value):
+    raise ValueError(
+        f"{name} takes a number, not a schedule or other callable (only "
+        f"the hyperparameters documented as 'float or schedule' take one), "
+        f"got {value!r}")
   try:
     v = _concrete_float(value)
   except ValueError as err:
@@ -402,6 +409,25 @@ def tree_max_abs(tree: PyTree) -> Array:
   return jax.lax.bitcast_convert_type(jnp.max(bits), jnp.float32)
 
 
+def pow2_exponent(m: Array) -> Array:
+  """The int32 exponent ``k`` with ``m * 2**-k`` in [0.5, 1): 0 for ``m``
+  zero, negative or non-finite, clamped to [-125, 125] (float32's normal
+  range). Read from the float32 bit pattern (``frexp``'s exponent), a few
+  integer operations."""
+  m = jnp.asarray(m, jnp.float32)
+  ok = jnp.isfinite(m) & (m > 0)
+  biased = (jax.lax.bitcast_convert_type(m, jnp.int32) >> 23) & 0xFF
+  return jnp.where(ok, jnp.clip(biased - 126, -125, 125), 0)
+
+
+def two_pow(k: Array) -> Array:
+  """``2.0**k`` in float32 for an int32 ``k`` in [-126, 127], built as its
+  bit pattern (``jnp.ldexp`` is a few dozen operations: XLA:CPU compiled
+  SAM's step several times slower with one per leaf)."""
+  return jax.lax.bitcast_convert_type(
+      (jnp.asarray(k, jnp.int32) + 127) << 23, jnp.float32)
+
+
 def pow2_scale(m: Array) -> Array:
   """A power of two ``s`` with ``m * s`` in [0.5, 1) (float32).
 
@@ -410,26 +436,26 @@ def pow2_scale(m: Array) -> Array:
   squared. ``s = 1`` for ``m`` zero or non-finite (so that NaN and inf
   propagate as they are); the exponent is clamped to float32's normal range.
   """
-  m = jnp.asarray(m, jnp.float32)
-  ok = jnp.isfinite(m) & (m > 0)
-  _, ex = jnp.frexp(jnp.where(ok, m, 1.0))
-  ex = jnp.clip(jnp.where(ok, ex, 0), -125, 125)
-  return jnp.ldexp(jnp.ones((), jnp.float32), -ex)
+  return two_pow(-pow2_exponent(m))
 
 
-def times_ratio(tree: PyTree, num: Array, den: Array) -> PyTree:
-  """``x * (num / den)`` for every leaf, without the ratio underflowing.
+def leaf_exponent(x: Array) -> Array:
+  """:func:`pow2_exponent` of a leaf's ``max |x|`` (the same reduction as
+  the norm's and the finiteness check's, which XLA computes once); 0 for an
+  empty leaf."""
+  if not np.size(x):
+    return jnp.zeros((), jnp.int32)
+  return pow2_exponent(_maxima([x])[0])
 
-  ``num / den`` (``rho / ‖g‖``) falls below float32's smallest normal
-  number once ``den`` exceeds ``num / 1.2e-38`` (``‖g‖ > 4e36`` at ``rho =
-  0.05``), and XLA:CPU flushes it to 0: the perturbation would vanish.
-  With ``s = pow2_scale(den)`` the leaves are multiplied by ``s`` and by
-  ``num / (den * s)`` instead, both in range. Scaling by a power of two is
-  exact, so for ordinary values this is bit for bit ``x * (num / den)``.
-  """
-  s = pow2_scale(den)
-  factor = num / (den * s)
-  return jax.tree.map(lambda x: (x * s) * factor, tree)
+
+def times_pow2(x: Array, k: Array) -> Array:
+  """``x * 2**k`` for an int32 ``k`` in [-252, 252] (clamped to it), as
+  two multiplications by powers of two in float32's normal range (each
+  exact), so neither scale overflows or flushes to 0 on its own: the
+  result is ``inf`` or 0 only when ``x * 2**k`` itself is out of range."""
+  k = jnp.clip(jnp.asarray(k, jnp.int32), -252, 252)
+  half = k >> 1  # floor(k / 2): both halves in [-126, 126]
+  return x * two_pow(half) * two_pow(k - half)
 
 
 def tree_scale(tree: PyTree) -> Array:
@@ -438,64 +464,127 @@ def tree_scale(tree: PyTree) -> Array:
   return pow2_scale(tree_max_abs(tree))
 
 
-def tree_norm(tree: PyTree) -> Array:
-  """Global L2 norm over all leaves, in float32, overflow-safe.
+#: The exponent given to a leaf without a nonzero entry by
+#: :func:`tree_norm_exp`: below every real one, so it never sets the scale.
+_NO_EXPONENT = -(2**20)
+
+
+def tree_norm_exp(tree: PyTree, exps: Optional[PyTree] = None
+                  ) -> tuple[Array, Array]:
+  """The global L2 norm over all leaves as ``(n, k)``, ``‖tree‖ = n * 2**k``
+  (``n`` float32, ``k`` int32), finite whenever the leaves are.
+
+  The norm of finite float32 gradients can exceed float32's range (four
+  entries of 2e38 have norm 4e38): ``n`` keeps the digits and ``k`` the
+  exponent, so a ratio such as ``rho * g / ‖g‖`` is still computed
+  (:func:`times_over_norm`). ``exps`` (optional, one int32 scalar per leaf,
+  a tree of the structure of ``tree``) says that leaf ``i`` stands for
+  ``leaf_i * 2**exps_i``: a tree already scaled leaf by leaf to keep a
+  product such as ASAM's ``T**2 * g`` in range.
 
   Two levels, each scaled by a power of two before squaring: every leaf's
   norm is taken with the leaf scaled by :func:`pow2_scale` of its own
-  ``max |x|``, and the result is the norm of the vector of leaf norms,
-  scaled by :func:`pow2_scale` of the largest. So gradients of 1e19 to 1e38
-  and of 1e-20 give their true norm instead of ``inf`` or 0 (a norm beyond
-  float32's range is ``inf``). Scaling by a power of two is exact, so for
-  ordinary magnitudes the result is the plain ``sqrt(sum(x**2))`` up to the
-  order of summation and one more rounding (a leaf's norm is rounded once
-  before it is squared again: a few float32 ulps).
+  ``max |x|``; the leaves' norms are then added as squares scaled by the
+  largest leaf's exponent. So gradients of 1e19 to 3e38 and of 1e-20 give
+  their true norm instead of ``inf`` or 0. Scaling by a power of two is
+  exact, so for ordinary magnitudes the norm is the plain
+  ``sqrt(sum(x**2))`` up to the order of summation and one more rounding
+  (a leaf's norm is rounded once before it is squared again: a few float32
+  ulps).
 
   Why per leaf: a leaf's sum of squares then waits only for that leaf's own
   maximum. With one scale for the whole tree, every leaf's sum waited for
   every leaf's maximum, and XLA:CPU's depth-first memory scheduler kept more
   of the gradient alive (SAM's peak on the benchmark's ResNet-50 layout was
   above ``optax.contrib.sam``'s with that scheduler, now below it). The
-  leaf norms are combined as one vector: a chain of one scalar term per
-  leaf made SAM's step compile 1.8x slower on a 200-leaf model.
+  leaves' exponents and norms are combined as vectors: a chain of one
+  scalar term per leaf made SAM's step compile 1.8x slower on a 200-leaf
+  model.
 
-  A zero or empty tree gives 0; a NaN entry gives NaN; an infinite entry
-  (and no NaN) gives ``inf``.
+  A zero or empty tree gives ``(0, 0)``; a NaN entry gives a NaN ``n``; an
+  infinite entry (and no NaN) an infinite ``n``.
   """
-  leaves = [x for x in jax.tree.leaves(tree) if np.size(x)]
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  norms = []
-  for x, mx in zip(leaves, _maxima(leaves)):
-    own = pow2_scale(mx)  # 1 for a zero, inf or NaN leaf: they pass through
-    norms.append(
-        jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32) * own))) / own)
-  v = jnp.stack(norms)
-  # NaN if a leaf norm is NaN, inf if one overflows. A float max, not
-  # tree_max_abs's max of bit patterns: on the zoo transformer's SAM step
-  # that one peaked 9 KB higher with the CPU scheduler flag; single
-  # compiles read 28-36 CPU s for it against 35-46 s for this one.
-  top = jnp.max(v)
-  s = pow2_scale(top)
-  norm = jnp.sqrt(jnp.sum(jnp.square(v * s))) / s
-  return jnp.where(jnp.isinf(top), top, norm)
+  leaves = jax.tree.leaves(tree)
+  extra = ([None] * len(leaves) if exps is None
+           else jax.tree.structure(tree).flatten_up_to(exps))
+  pairs = [(x, e) for x, e in zip(leaves, extra) if np.size(x)]
+  if not pairs:
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+  norms, leads = [], []
+  for (x, e), mx in zip(pairs, _maxima([x for x, _ in pairs])):
+    ex = pow2_exponent(mx)  # 0 for a zero, inf or NaN leaf: they pass through
+    own = two_pow(-ex)
+    norms.append(jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32) * own))))
+    lead = ex if e is None else ex + jnp.asarray(e, jnp.int32)
+    # A leaf without a nonzero entry (norm 0) must not set the scale.
+    leads.append(jnp.where(mx == 0, jnp.int32(_NO_EXPONENT), lead))
+  leads = jnp.stack(leads)
+  # The largest by a sort: XLA fuses a max over these scalars (each made
+  # from its leaf's reduction) into every consumer, here every leaf's
+  # output: SAM's step on a 100-leaf MLP compiled 4x slower (see
+  # step_finite).
+  top = jnp.sort(leads)[-1]
+  top = jnp.where(top == _NO_EXPONENT, 0, top)
+  n = jnp.sqrt(jnp.sum(jnp.square(times_pow2(jnp.stack(norms), leads - top))))
+  return n, top
+
+
+def tree_norm(tree: PyTree) -> Array:
+  """Global L2 norm over all leaves, in float32, overflow-safe
+  (:func:`tree_norm_exp`); a norm beyond float32's range is ``inf``, one
+  below it 0. A zero or empty tree gives 0; a NaN entry gives NaN; an
+  infinite entry (and no NaN) gives ``inf``. To divide by a norm, use
+  :func:`times_over_norm`, which never forms it."""
+  n, k = tree_norm_exp(tree)
+  return times_pow2(n, k)
+
+
+def times_over_norm(tree: PyTree, num: Array, norm: tuple[Array, Array],
+                    eps: Any = 0.0, *, exps: Optional[PyTree] = None,
+                    num_exp: Any = 0) -> PyTree:
+  """``x * (num * 2**num_exp) / (‖.‖ + eps)`` for every leaf ``x`` of
+  ``tree``, float32, with the norm given as :func:`tree_norm_exp`'s ``(n,
+  k)`` and leaf ``i`` standing for ``x * 2**exps_i`` (``exps`` as there).
+
+  Computed as ``(x * 2**(exps_i + num_exp - k)) * (num / (n + eps *
+  2**-k))``: the scales are exact powers of two and the ratio stays in
+  range, so a norm beyond float32's range (or below ``num / 1.2e-38``,
+  where ``num / norm`` would flush to 0) still gives the right value. For
+  ordinary values this is bit for bit ``x * (num / (norm + eps))``.
+  """
+  n, k = norm
+  factor = num / (n + times_pow2(jnp.asarray(eps, jnp.float32), -k))
+  leaves, treedef = jax.tree.flatten(tree)
+  extra = [0] * len(leaves) if exps is None else treedef.flatten_up_to(exps)
+  out = [
+      times_pow2(x.astype(jnp.float32), jnp.asarray(e, jnp.int32) + num_exp - k)
+      * factor
+      for x, e in zip(leaves, extra)
+  ]
+  return jax.tree.unflatten(treedef, out)
 
 
 def tree_projection_coef(a: PyTree, b: PyTree, eps: float = 0.0) -> Array:
   """``<a, b> / (‖b‖² + eps)``, overflow-safe (float32).
 
-  Numerator and denominator are both computed on trees scaled by the power
-  of two ``s = tree_scale(b)`` (the ratio is unchanged: ``<as, bs> / (‖bs‖² +
-  eps s²)``), so ``b`` of 1e19 or more gives the right coefficient instead
-  of ``x / inf = 0`` or ``inf / inf = NaN``. A zero ``b`` with ``eps = 0``
-  gives 0, not NaN.
+  ``a`` and ``b`` are each scaled by the power of two that brings their
+  largest entry to [0.5, 1) (``2**-ka``, ``2**-kb``), and the ratio
+  ``<a', b'> / (‖b'‖² + eps 2**-2kb)`` is scaled back by ``2**(ka - kb)``:
+  exact, so the coefficient is the rule's when ``b`` is 1e19 or more
+  (instead of ``x / inf = 0`` or ``inf / inf = NaN``) and when ``a`` is
+  many orders larger than ``b`` (GSAM's clean gradient of 1e38 against a
+  second gradient of 1: ``<a, b>`` was ``inf``). It is ``inf`` only when
+  the coefficient itself is past float32's range. A zero ``b`` with ``eps =
+  0`` gives 0, not NaN.
   """
-  s = tree_scale(b)
-  a_s = jax.tree.map(lambda x: x.astype(jnp.float32) * s, a)
-  b_s = jax.tree.map(lambda x: x.astype(jnp.float32) * s, b)
-  den = tree_sq_norm(b_s) + jnp.asarray(eps, jnp.float32) * s * s
+  ka = pow2_exponent(tree_max_abs(a))
+  kb = pow2_exponent(tree_max_abs(b))
+  a_s = jax.tree.map(lambda x: times_pow2(x.astype(jnp.float32), -ka), a)
+  b_s = jax.tree.map(lambda x: times_pow2(x.astype(jnp.float32), -kb), b)
+  den = tree_sq_norm(b_s) + times_pow2(jnp.asarray(eps, jnp.float32), -2 * kb)
   num = tree_vdot(a_s, b_s)
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), num * 0.0)
+  ratio = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), num * 0.0)
+  return times_pow2(ratio, ka - kb)
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> Array:
@@ -883,12 +972,24 @@ def step_finite(maxabs: Array) -> tuple[Array, Array]:
   return jnp.isfinite(top), top
 
 
-def tie_first(tree: PyTree, r: Array) -> PyTree:
+def tie_first(tree: PyTree, r: Array, poison: bool = False) -> PyTree:
   """:func:`tie` of the first floating leaf of ``tree`` to ``r`` (the
-  others unchanged)."""
+  others unchanged); with ``poison``, that leaf is also all NaN when ``r``
+  is not finite.
+
+  ``r`` is the step's check (:func:`step_finite`'s ``top``): a step whose
+  clean or second gradient is not finite leaves the state as it was, and
+  its output must say so to ``optax.apply_if_finite`` and loss scalers.
+  The engine poisons only where the output may not read the bad value (a
+  perturbation restricted to a mask: Sparse SAM's second gradient does not
+  read the clean gradient outside it); elsewhere a non-finite value reaches
+  the output by itself, and an extra operation on the first leaf changed
+  how XLA compiled its producer (planned and unplanned LookSAM then
+  differed in rounding)."""
   leaves, treedef = jax.tree.flatten(tree)
   for i, x in enumerate(leaves):
     if _checked(x):
-      leaves[i] = tie(x, r)
+      x = tie(x, r)
+      leaves[i] = jnp.where(jnp.isfinite(r), x, x * jnp.nan) if poison else x
       break
   return jax.tree.unflatten(treedef, leaves)

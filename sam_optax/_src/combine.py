@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sam_optax._src import base
 from sam_optax._src import protocols
@@ -41,8 +43,12 @@ class Mix(protocols.Combine):
 
   def computed(self, step: protocols.Step, second, state):
     a = base.resolve(self.alpha, step.count, "alpha")
+    # In float32 (the output is cast to the gradient's dtype by the
+    # engine): g rounded to a bfloat16 model's dtype first lost its digits.
     out = jax.tree.map(
-        lambda g, h: (1.0 - a) * g.astype(h.dtype) + a * h, step.grads, second
+        lambda g, h: (1.0 - a) * g.astype(jnp.float32)
+        + a * h.astype(jnp.float32),
+        step.grads, second,
     )
     return out, state
 
@@ -66,7 +72,8 @@ class OrthogonalReuseState(NamedTuple):
 
   Attributes:
     gv: the component of the last SAM gradient orthogonal to the clean
-      gradient of that step (params' dtypes).
+      gradient of that step (float32 whatever the params' dtype: rounded
+      to bfloat16 it lost the digits the reuse adds back).
     since: steps since the last computed second gradient (int32; 0 on a
       computed step).
   """
@@ -101,7 +108,7 @@ class OrthogonalReuse(protocols.Combine):
 
   def init(self, params):
     return OrthogonalReuseState(
-        gv=jax.tree.map(jnp.zeros_like, params),
+        gv=base.zeros_like_f32(params),
         since=jnp.zeros((), jnp.int32),
     )
 
@@ -110,13 +117,9 @@ class OrthogonalReuse(protocols.Combine):
     gs = base.tree_f32(second)
     if self.per_leaf:
       gv = jax.tree.map(
-          lambda a, b: a - base.tree_projection_coef(a, b, step.eps) * b,
-          gs,
-          g,
-      )
+          lambda a, b: _orthogonal_part(a, b, step.eps), gs, g)
     else:
-      coef = base.tree_projection_coef(gs, g, step.eps)
-      gv = jax.tree.map(lambda a, b: a - coef * b, gs, g)
+      gv = _orthogonal_part(gs, g, step.eps)
     new_state = OrthogonalReuseState(
         gv=base.tree_cast_like(gv, state.gv), since=jnp.zeros((), jnp.int32)
     )
@@ -126,18 +129,45 @@ class OrthogonalReuse(protocols.Combine):
     alpha = base.resolve(self.alpha, step.count, "alpha")
     g = base.tree_f32(step.grads)
     gv = base.tree_f32(state.gv)
+    # alpha ‖g‖ / (‖gv‖ + eps) * gv with both norms as (n, k) pairs, so
+    # that neither overflows (base.tree_norm_exp).
+    def reuse(a, v):
+      n_a, k_a = base.tree_norm_exp(a)
+      scaled = base.times_over_norm(v, alpha * n_a, base.tree_norm_exp(v),
+                                    step.eps, num_exp=k_a)
+      return jax.tree.map(jnp.add, a, scaled)
+
     if self.per_leaf:
-      out = jax.tree.map(
-          lambda a, v: a
-          + alpha * (base.tree_norm(a) / (base.tree_norm(v) + step.eps)) * v,
-          g,
-          gv,
-      )
+      out = jax.tree.map(reuse, g, gv)
     else:
-      scale = alpha * base.tree_norm(g) / (base.tree_norm(gv) + step.eps)
-      out = jax.tree.map(lambda a, v: a + scale * v, g, gv)
+      out = reuse(g, gv)
     new_state = state._replace(since=base.saturating_add(state.since, 1))
     return base.tree_cast_like(out, step.grads), new_state
+
+
+def _orthogonal_part(gs: PyTree, g: PyTree, eps: float) -> PyTree:
+  """``gs - (<gs, g> / (‖g‖² + eps)) g`` (float32), or zeros where that is
+  at the rounding level of its computation: ``‖gv‖ <= 2**-22 sqrt(max(n,
+  16)) ‖gs‖`` over ``n`` entries (16 float32 roundings of ``gs``'s norm for
+  one entry, 4 times a random walk of ``n`` roundings for many).
+
+  The rule rescales ``gv`` to ``alpha ‖g‖`` on the next steps, whatever its
+  size; where ``gs`` is parallel to ``g`` (a one-entry leaf with
+  ``per_leaf=True``, whose ``gv`` is 0 by definition; a quadratic whose
+  gradient is a Hessian eigenvector) the computed ``gv`` is a rounding
+  residue of about ``1e-8 ‖gs‖`` whose sign depends on the compiled
+  program, and rescaled it moved the output by ``±alpha ‖g‖`` (``g``
+  times 1.7 or 0.3). Zero, the reuse step returns ``g``: the rule's value
+  for an exact ``gv = 0``."""
+  coef = base.tree_projection_coef(gs, g, eps)
+  gv = jax.tree.map(lambda a, b: a - coef * b, gs, g)
+  n = sum(int(np.size(x)) for x in jax.tree.leaves(gs))
+  tol = 2.0**-22 * math.sqrt(max(n, 16))
+  n_v, k_v = base.tree_norm_exp(gv)
+  n_s, k_s = base.tree_norm_exp(gs)
+  # ‖gv‖ > tol ‖gs‖, compared as (digits, exponent) pairs: no overflow.
+  keep = n_v > base.times_pow2(tol * n_s, k_s - k_v)
+  return jax.tree.map(lambda x: jnp.where(keep, x, 0.0), gv)
 
 
 def orthogonal_reuse(
@@ -159,7 +189,8 @@ class DecayedReuseState(NamedTuple):
   """vSAM's memory of the last sampled step.
 
   Attributes:
-    psf: ``gs - g`` of the last computed step (params' dtypes).
+    psf: ``gs - g`` of the last computed step (float32 whatever the
+      params' dtype).
     lam: the weight applied to ``psf`` at the last step (1 on a computed
       step, ``decay**n`` on the n-th reuse, 0 once expired), float32.
     since: steps since the last computed step (int32).
@@ -195,7 +226,7 @@ class DecayedReuse(protocols.Combine):
 
   def init(self, params):
     return DecayedReuseState(
-        psf=jax.tree.map(jnp.zeros_like, params),
+        psf=base.zeros_like_f32(params),
         lam=jnp.zeros((), jnp.float32),
         since=jnp.zeros((), jnp.int32),
     )

@@ -462,8 +462,8 @@ class _Engine:
     out = self.finish_output(step, where, positive, out)
     # A non-finite clean or second gradient: the state is as if the step
     # never happened (count and every part; the work done is still counted
-    # in grad_evals), and the output carries the non-finite value for
-    # apply_if_finite and loss scalers. One check over both gradients'
+    # in grad_evals), and the output is non-finite for apply_if_finite and
+    # loss scalers (its first leaf all NaN: base.tie_first). One check over both gradients'
     # per-leaf max |.| (the clean one's are its norm's), taken so that a
     # memory scheduler can apply each leaf's update as soon as its second
     # gradient exists (base.step_finite; the first output leaf is tied to
@@ -480,7 +480,9 @@ class _Engine:
         kept[0], base.saturating_add(state.grad_evals, evals + region_evals),
         *kept[1:]
     )
-    return base.tie_first(base.tree_cast_like(out, updates), top), new_state
+    return base.tie_first(base.tree_cast_like(out, updates), top,
+                          poison=where.mask is not None
+                          and not where.clean_outside), new_state
 
   def make_step(self, updates, state, params, batch) -> Step:
     return Step(
@@ -550,6 +552,9 @@ class _Engine:
             step, state.geometry, where, nested
         )
       out, combine_state = self.combine.computed(step, second, state.combine)
+      # In the incoming gradient's dtype, as the skipped branch's (a
+      # lax.cond needs both alike; the output is that dtype in the end).
+      out = base.tree_cast_like(out, step.grads)
       observed = (self.region.observe(step, second, chosen[0]),
                   self.gate.observe(step, second, chosen[1]))
       # m-sharpness: num_splits clean and num_splits second sub-batch
@@ -664,8 +669,11 @@ class _Engine:
       return step.grads
     if positive is True:
       return out
+    # jnp.where promotes (a bfloat16 second gradient with float32 clean
+    # gradients keeps the clean one's digits); the engine casts the output
+    # to the incoming gradient's dtype.
     return jax.tree.map(
-        lambda o, g: jnp.where(positive, o, g.astype(o.dtype)), out, step.grads
+        lambda o, g: jnp.where(positive, o, g), out, step.grads
     )
 
 

@@ -435,8 +435,12 @@ class VariationSampling(protocols.Gate):
         for (_, x), h, k in zip(flat_g, flat_h, keep)
         if k
     ]
-    p_now = base.tree_norm(psf)
-    r_now = p_now / (base.tree_norm(g) + step.eps)
+    n_p, k_p = base.tree_norm_exp(psf)
+    p_now = base.times_pow2(n_p, k_p)
+    # ‖psf‖ / (‖g‖ + eps) from the (n, k) pairs: in range when the norms
+    # themselves are not.
+    r_now = base.times_over_norm(jnp.ones((), jnp.float32), n_p,
+                                 base.tree_norm_exp(g), step.eps, num_exp=k_p)
     i = state.samples % self.window
     norm = state.norm.at[i].set(p_now)
     ratio = state.ratio.at[i].set(r_now)

@@ -40,16 +40,26 @@ class NormBall(protocols.Geometry):
   def perturb(self, step: protocols.Step, state, where: protocols.Where):
     g = step.updates
     if self.eta is None:
-      num = arg = jax.tree.map(lambda x: x.astype(jnp.float32), g)
-    else:
-      eta = base.resolve(self.eta, step.count, "eta")
-      scale = jax.tree.map(
-          lambda w: jnp.abs(w.astype(jnp.float32)) + eta, step.params
-      )
-      arg = jax.tree.map(lambda t, x: t * x.astype(jnp.float32), scale, g)
-      num = jax.tree.map(lambda t, a: t * a, scale, arg)
-    norm = base.tree_norm(where.norm_domain(arg))
-    return base.times_ratio(num, step.rho, norm + step.eps), state
+      arg = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+      norm = base.tree_norm_exp(where.norm_domain(arg))
+      return base.times_over_norm(arg, step.rho, norm, step.eps), state
+    # ASAM: g is scaled leaf by leaf by a power of two (g' = g 2**-k,
+    # exact, its largest entry in [0.5, 1)), so that T g' and T**2 g' stay
+    # in float32's range where T**2 g would not (|w| = 1e4 and g = 1e31);
+    # the exponents travel with the leaves into the norm and the ratio,
+    # which for ordinary values give the same bits as unscaled. (T**2 alone
+    # overflows only for weights past 1.8e19.)
+    eta = base.resolve(self.eta, step.count, "eta")
+    t = jax.tree.map(lambda w: jnp.abs(w.astype(jnp.float32)) + eta,
+                     step.params)
+    g_exp = jax.tree.map(base.leaf_exponent, g)
+    arg = jax.tree.map(
+        lambda a, x, ex: a * base.times_pow2(x.astype(jnp.float32), -ex),
+        t, g, g_exp)
+    num = jax.tree.map(jnp.multiply, t, arg)
+    norm = base.tree_norm_exp(where.norm_domain(arg), g_exp)
+    return base.times_over_norm(num, step.rho, norm, step.eps,
+                                exps=g_exp), state
 
 
 def global_norm() -> NormBall:
@@ -133,8 +143,8 @@ class Friendly(protocols.Geometry):
         step.grads,
         state.momentum,
     )
-    e = base.times_ratio(
-        d, step.rho, base.tree_norm(where.norm_domain(d)) + step.eps)
+    e = base.times_over_norm(
+        d, step.rho, base.tree_norm_exp(where.norm_domain(d)), step.eps)
     return e, FriendlyState(momentum=momentum, started=jnp.ones((), bool))
 
   def advance(self, step, state, where):

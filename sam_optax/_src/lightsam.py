@@ -20,11 +20,16 @@ Two numerical guards, neither of which changes the rule on ordinary input:
 
 - **Overflow.** The accumulators are stored as their square roots
   (``sqrt(u)``, ``sqrt(v)``) and grown with an overflow-safe ``hypot``
-  (``sqrt(u + ‖s‖²) = hypot(sqrt(u), ‖s‖)``, ``‖s‖`` from the scaled
-  :func:`base.tree_norm`), so a gradient of 1e19 to 1e30 gives the rule's
-  step instead of squaring to ``inf`` and making every later step 0. The
-  states expose the squared values for reading (``sum_of_squares``,
-  ``accumulator``, ``nu``; ``inf`` once they exceed float32's range).
+  (``sqrt(u + ‖s‖²) = hypot(sqrt(u), ‖s‖)``), so a gradient of 1e19 or
+  more gives the rule's step instead of squaring to ``inf`` and making every
+  later step 0. AdaGrad-Norm's ``‖s‖`` is kept as digits and a power of two
+  (:func:`base.tree_norm_exp`) and the step is computed scaled by it, so
+  finite gradients whose norm is past float32's range (~3.4e38) still give
+  the rule's step; the root accumulator then holds ``inf``, and every later
+  step is the rule's value in float32 (``s / sqrt(u)`` with ``u > 1e77``
+  rounds to 0). The states expose the squared values for reading
+  (``sum_of_squares``, ``accumulator``, ``nu``; ``inf`` once they exceed
+  float32's range).
 - **Non-finite steps.** When the incoming gradient (the clean one for the
   ascent, the perturbed one for the descent) has a NaN or inf entry anywhere
   in the tree, every accumulator keeps its previous value (a ``jnp.where``
@@ -158,13 +163,19 @@ def scale_by_adagrad_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    norm = base.tree_norm(updates)  # NaN or inf when an entry is
-    root = jnp.hypot(state.root_sum_of_squares, norm)
+    # sqrt(v + ‖g‖²) and g / sqrt(...) both scaled by 2**-k, with ‖g‖ =
+    # n 2**k: a norm past float32's range (~3.4e38, finite entries) still
+    # gives the rule's g / ‖g‖-sized step; the stored root is then inf, and
+    # every later step the rule's float32 value, 0.
+    n, k = base.tree_norm_exp(updates)  # n NaN or inf when an entry is
+    root = jnp.hypot(base.times_pow2(state.root_sum_of_squares, -k), n)
     out = jax.tree.map(
-        lambda g: _safe_div(g.astype(jnp.float32), root).astype(g.dtype),
+        lambda g: _safe_div(base.times_pow2(g.astype(jnp.float32), -k),
+                            root).astype(g.dtype),
         updates,
     )
-    root = jnp.where(jnp.isfinite(norm), root, state.root_sum_of_squares)
+    root = jnp.where(jnp.isfinite(n), base.times_pow2(root, k),
+                     state.root_sum_of_squares)
     return out, ScaleByAdagradNormState(root_sum_of_squares=root)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -343,10 +354,15 @@ class AdaptivePerturbation(protocols.Geometry):
     finite = base.tree_all_finite(s)
     rho = step.rho
     if self.variant == "adagrad_norm":
-      u = jnp.hypot(state.root_accumulator, base.tree_norm(where.norm_domain(s)))
-      e = jax.tree.map(lambda x: rho * _safe_div(x, u), s_num)
-      new = AdaptivePerturbationState(momentum=(), root_accumulator=u)
-      finite = finite & jnp.isfinite(u)  # ‖s‖ past float32's range (~3e38)
+      # Scaled by 2**-k (‖s‖ = n 2**k) as in scale_by_adagrad_norm: a norm
+      # past float32's range still gives the rule's e, and u becomes inf
+      # (every later e is then the rule's float32 value, 0).
+      n, k = base.tree_norm_exp(where.norm_domain(s))
+      u = jnp.hypot(base.times_pow2(state.root_accumulator, -k), n)
+      e = jax.tree.map(
+          lambda x: rho * _safe_div(base.times_pow2(x, -k), u), s_num)
+      new = AdaptivePerturbationState(
+          momentum=(), root_accumulator=base.times_pow2(u, k))
     elif self.variant == "adagrad":
       u = jax.tree.map(jnp.hypot, state.root_accumulator, s)
       e = jax.tree.map(lambda x, a: rho * _safe_div(x, a), s_num, u)
@@ -406,6 +422,31 @@ def on_trainable(
     out, state = inner.update(part.restrict(updates), state, sub_params)
     zeros = jax.tree.map(jnp.zeros_like, part.frozen(updates))
     return part.merge(out, zeros), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _scale_by_learning_rate(
+    learning_rate: base.ScalarOrSchedule) -> optax.GradientTransformation:
+  """``optax.scale_by_learning_rate``, except that a schedule's count
+  advances only on finite updates, as the method's own count: a rejected
+  step (a NaN or inf gradient, a non-finite output) leaves the schedule
+  where it was, like every other part of the state. The state is optax's
+  ``ScaleByScheduleState`` (a schedule) or ``EmptyState`` (a constant)."""
+  if not callable(learning_rate):
+    return optax.scale_by_learning_rate(learning_rate)
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    lr = base.resolve(learning_rate, state.count, "learning_rate")
+    out = jax.tree.map(lambda u: jnp.asarray(-lr, u.dtype) * u, updates)
+    count = jnp.where(base.tree_all_finite(updates),
+                      optax.safe_increment(state.count), state.count)
+    return out, optax.ScaleByScheduleState(count=count)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -581,6 +622,6 @@ def lightsam(
   tx = optax.chain(
       ascent,
       on_trainable(_adaptive_update(variant, b1, b2, eps), trainable),
-      optax.scale_by_learning_rate(learning_rate),
+      _scale_by_learning_rate(learning_rate),
   )
   return engine.attach_spec(tx, engine.spec_of(ascent))  # for the planner

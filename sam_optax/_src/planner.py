@@ -290,6 +290,20 @@ class Planner:
 
     return read
 
+  def reset(self) -> None:
+    """Forgets every count planned and everything read, as a new planner.
+
+    Call it when the state given next does not continue the last one given
+    (another run's state or checkpoint at the next count, e.g. a
+    population-based-training exploit): the planner cannot tell from the
+    count, and would plan from what it read of the old run (a runtime layer
+    selection, vSAM's window)."""
+    self._memo = {"gate": {}, "region": {}}
+    self._started = {}
+    self._fresh = True
+    self._last = None
+    self._rho_block = {}
+
   def _moved_to(self, count: int) -> None:
     """Forgets what was read when ``count`` does not follow the last count
     planned (backwards: a new run or a restart; a jump: steps this planner
