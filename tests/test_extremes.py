@@ -526,3 +526,34 @@ def test_planner_reset_after_another_runs_state():
       plan_a.reset()
       assert plan_a(steps, state_b) == own
   assert found, "no count where the stale plan differs: the test checks nothing"
+
+
+@pytest.mark.parametrize("variant", ["ascent", "descent"])
+def test_adagrad_norm_root_keeps_a_large_accumulator_for_a_tiny_gradient(
+    variant):
+  """sqrt(u + ‖g‖²) scaled by the norm's power of two alone overflowed a
+  root of 1e20 for a gradient of 1e-19 (root 2**63 too large): the stored
+  root became inf and every later step 0. It is the larger one's power."""
+  big = {"w": jnp.full(4, 0.5e20, jnp.float32)}      # ‖big‖ = 1e20
+  tiny = {"w": jnp.full(4, 0.5e-19, jnp.float32)}    # ‖tiny‖ = 1e-19
+  if variant == "descent":
+    tx = sam_optax.scale_by_adagrad_norm(eps=1e-8)
+    state = tx.init(big)
+    _, state = tx.update(big, state)
+    _, state = tx.update(tiny, state)
+    root = float(state.root_sum_of_squares)
+    # the next step follows the root: g / sqrt(1e40 + ‖g‖²), not 0
+    out, _ = tx.update({"w": jnp.full(4, 0.5e19, jnp.float32)}, state)
+  else:
+    loss = lambda w, b: jnp.sum(b * w["w"])
+    tx = sam_optax.lightsam(loss, 0.1, 0.1)
+    params = {"w": jnp.zeros(4)}
+    state = tx.init(params)
+    _, state = tx.update(big, state, params, batch=jnp.ones(4))
+    _, state = tx.update(tiny, state, params, batch=jnp.ones(4))
+    root = float(state[0].geometry.root_accumulator)
+    out = None
+  np.testing.assert_allclose(root, 1e20, rtol=1e-6)
+  if out is not None:
+    np.testing.assert_allclose(np.asarray(out["w"]),
+                               0.5e19 / np.hypot(1e20, 1e19), rtol=1e-5)

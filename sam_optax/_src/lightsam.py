@@ -78,6 +78,20 @@ def _safe_div(x: jax.Array, root: jax.Array) -> jax.Array:
   return jnp.where(zero, 0.0, x / jnp.where(zero, 1.0, root))
 
 
+def _grown_root(root: jax.Array, tree: Any) -> tuple[jax.Array, jax.Array]:
+  """AdaGrad-Norm's ``sqrt(root² + ‖tree‖²)`` scaled by ``2**-k``, and
+  ``k``: the exponent of the larger of ``root`` and ``‖tree‖`` (its
+  (digits, power of two) pair, :func:`base.tree_norm_exp`), so both terms
+  are at most about 1 and neither overflows nor flushes to 0 (scaling by
+  the norm's alone overflowed a root of 1e20 for a gradient of 1e-19).
+  Dividing ``x 2**-k`` by it gives ``x / sqrt(...)`` also when the norm is
+  past float32's range; ``times_pow2(scaled, k)`` is the new root (``inf``
+  then). NaN or inf when an entry of ``tree`` is."""
+  n, kn = base.tree_norm_exp(tree)
+  k = jnp.maximum(kn, base.pow2_exponent(root))
+  return jnp.hypot(base.times_pow2(root, -k), base.times_pow2(n, kn - k)), k
+
+
 def _decayed_hypot(decay: Any, root: jax.Array, x: jax.Array) -> jax.Array:
   """``sqrt(decay * root² + (1 - decay) * x²)`` without squaring (Adam's
   second moment kept as its root)."""
@@ -167,14 +181,13 @@ def scale_by_adagrad_norm(
     # n 2**k: a norm past float32's range (~3.4e38, finite entries) still
     # gives the rule's g / ‖g‖-sized step; the stored root is then inf, and
     # every later step the rule's float32 value, 0.
-    n, k = base.tree_norm_exp(updates)  # n NaN or inf when an entry is
-    root = jnp.hypot(base.times_pow2(state.root_sum_of_squares, -k), n)
+    root, k = _grown_root(state.root_sum_of_squares, updates)
     out = jax.tree.map(
         lambda g: _safe_div(base.times_pow2(g.astype(jnp.float32), -k),
                             root).astype(g.dtype),
         updates,
     )
-    root = jnp.where(jnp.isfinite(n), base.times_pow2(root, k),
+    root = jnp.where(jnp.isfinite(root), base.times_pow2(root, k),
                      state.root_sum_of_squares)
     return out, ScaleByAdagradNormState(root_sum_of_squares=root)
 
@@ -357,8 +370,7 @@ class AdaptivePerturbation(protocols.Geometry):
       # Scaled by 2**-k (‖s‖ = n 2**k) as in scale_by_adagrad_norm: a norm
       # past float32's range still gives the rule's e, and u becomes inf
       # (every later e is then the rule's float32 value, 0).
-      n, k = base.tree_norm_exp(where.norm_domain(s))
-      u = jnp.hypot(base.times_pow2(state.root_accumulator, -k), n)
+      u, k = _grown_root(state.root_accumulator, where.norm_domain(s))
       e = jax.tree.map(
           lambda x: rho * _safe_div(base.times_pow2(x, -k), u), s_num)
       new = AdaptivePerturbationState(
