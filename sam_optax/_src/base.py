@@ -422,8 +422,8 @@ def pow2_exponent(m: Array) -> Array:
 
 def two_pow(k: Array) -> Array:
   """``2.0**k`` in float32 for an int32 ``k`` in [-126, 127], built as its
-  bit pattern (``jnp.ldexp`` is a few dozen operations: XLA:CPU compiled
-  SAM's step several times slower with one per leaf)."""
+  bit pattern: two integer operations, where ``jnp.ldexp`` (which also
+  handles subnormal and out-of-range results) is a few dozen."""
   return jax.lax.bitcast_convert_type(
       (jnp.asarray(k, jnp.int32) + 127) << 23, jnp.float32)
 

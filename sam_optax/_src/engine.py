@@ -463,11 +463,12 @@ class _Engine:
     # A non-finite clean or second gradient: the state is as if the step
     # never happened (count and every part; the work done is still counted
     # in grad_evals), and the output is non-finite for apply_if_finite and
-    # loss scalers (its first leaf all NaN: base.tie_first). One check over both gradients'
-    # per-leaf max |.| (the clean one's are its norm's), taken so that a
-    # memory scheduler can apply each leaf's update as soon as its second
-    # gradient exists (base.step_finite; the first output leaf is tied to
-    # it, every other to its own leaf's check).
+    # loss scalers (where a masked perturbation may not carry the bad
+    # value, its first leaf is all NaN: base.tie_first). One check over
+    # both gradients' per-leaf max |.| (the clean one's are its norm's),
+    # taken so that a memory scheduler can apply each leaf's update as soon
+    # as its second gradient exists (base.step_finite; the first output
+    # leaf is tied to it, every other to its own leaf's check).
     ok, top = base.step_finite(
         jnp.concatenate([maxabs, base.leaf_max_abs(step.grads)]))
     kept = base.tree_select(
@@ -669,11 +670,8 @@ class _Engine:
       return step.grads
     if positive is True:
       return out
-    # jnp.where promotes (a bfloat16 second gradient with float32 clean
-    # gradients keeps the clean one's digits); the engine casts the output
-    # to the incoming gradient's dtype.
     return jax.tree.map(
-        lambda o, g: jnp.where(positive, o, g), out, step.grads
+        lambda o, g: jnp.where(positive, o, g.astype(o.dtype)), out, step.grads
     )
 
 
