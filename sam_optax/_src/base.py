@@ -546,38 +546,40 @@ def times_over_norm(tree: PyTree, num: Array, norm: tuple[Array, Array],
   ``tree``, float32, with the norm given as :func:`tree_norm_exp`'s ``(n,
   k)`` and leaf ``i`` standing for ``x * 2**exps_i`` (``exps`` as there).
 
-  With ``f = num / (n + eps * 2**-k)``, a leaf is computed as ``(x *
-  2**-a) * (f * 2**(a + num_exp - k))``, ``a`` the leaf's own exponent
-  (:func:`leaf_exponent`, the ``max |x|`` reduction that the norm and the
-  step's finiteness check already make); with ``exps``, as ``(x *
-  2**(exps_i + num_exp - k)) * f``. The scales are exact powers of two and
-  the ratio stays in range, so a norm beyond float32's range (or below
-  ``num / 1.2e-38``, where ``num / norm`` would flush to 0) still gives
-  the right value. For ordinary values this is bit for bit ``x * (num /
-  (norm + eps))``.
+  With ``f = num / (n + eps * 2**-k)`` (in range: ``n``, the norm in units
+  of ``2**k``, is at least 0.5 for a nonzero tree), leaf ``i`` is ``x * f * 2**E_i``, ``E_i = exps_i +
+  num_exp - k``, computed as ``(x * c1) * c2``: ``c1`` is ``f`` times the
+  part of ``2**E_i`` that keeps it a normal float32 and ``c2`` the power of
+  two left over (1 unless the result is near or past float32's range). So
+  a norm beyond float32's range (or below ``num / 1.2e-38``, where ``num /
+  norm`` would flush to 0) still gives the right value, and the product
+  overflows or underflows only where the result itself does. For ordinary
+  values ``c1`` is exactly ``num / (norm + eps)`` and ``c2`` is 1: bit for
+  bit ``x * (num / (norm + eps))``.
 
-  Why the leaf's own exponent: each leaf is then multiplied by one scalar
-  of its own, instead of by the two halves of ``2**-k`` and ``f`` shared by
-  every leaf. Same values; on the benchmark's ResNet-50 layout SAM's
-  compiled peak fell from 23.38 to 23.20 MB with XLA:CPU's depth-first
-  scheduler flag and from 18.04 to 17.83 MB without it (the first gradient
-  pass held less; ``docs/benchmark.md``).
+  Without ``exps`` the two scalars are the same for every leaf (XLA makes
+  them once): two multiplications per entry. Scaling every leaf by its own
+  power of two first (one scalar of its own per leaf) gave the same values
+  and similar compiled peaks, but SAM's step compiled about 15% slower on
+  the benchmark's transformer; the shared scales of an earlier version
+  (``x * 2**h1 * 2**h2 * f``, three multiplications) held more memory
+  (``docs/benchmark.md``).
   """
   n, k = norm
   factor = num / (n + times_pow2(jnp.asarray(eps, jnp.float32), -k))
+  # factor = f1 * 2**fe with f1 in [0.5, 1) (exact; f1 = factor when it is
+  # 0, inf or NaN, which then pass through).
+  fe = pow2_exponent(factor)
+  f1 = factor * two_pow(-fe)
   leaves, treedef = jax.tree.flatten(tree)
-  if exps is not None:
-    out = [
-        times_pow2(x.astype(jnp.float32),
-                   jnp.asarray(e, jnp.int32) + num_exp - k) * factor
-        for x, e in zip(leaves, treedef.flatten_up_to(exps))
-    ]
-    return jax.tree.unflatten(treedef, out)
+  extra = [0] * len(leaves) if exps is None else treedef.flatten_up_to(exps)
   out = []
-  for x in leaves:
-    x = x.astype(jnp.float32)
-    a = leaf_exponent(x)
-    out.append(x * two_pow(-a) * times_pow2(factor, a + num_exp - k))
+  for x, e in zip(leaves, extra):
+    total = fe + jnp.asarray(e, jnp.int32) + num_exp - k
+    e1 = jnp.clip(total, -120, 120)  # f1 * 2**e1 is a normal float32
+    c1 = f1 * two_pow(e1)
+    c2 = two_pow(jnp.clip(total - e1, -126, 127))
+    out.append(x.astype(jnp.float32) * c1 * c2)
   return jax.tree.unflatten(treedef, out)
 
 
