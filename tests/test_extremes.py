@@ -557,3 +557,67 @@ def test_adagrad_norm_root_keeps_a_large_accumulator_for_a_tiny_gradient(
   if out is not None:
     np.testing.assert_allclose(np.asarray(out["w"]),
                                0.5e19 / np.hypot(1e20, 1e19), rtol=1e-5)
+
+
+# --- base.times_over_norm against float64, over float32's whole range -------
+
+# Normal float32 magnitudes only: XLA flushes subnormal inputs to 0 on CPU
+# (and GPUs), so a subnormal leaf is a zero leaf there.
+_SCALES = [1e-37, 1e-30, 1e-3, 1.0, 1e20, 3e38]
+
+
+def _entries(rng, shape, scale):
+  """Random signs, magnitudes in [scale / 2, scale]: no subnormal entry."""
+  mag = rng.uniform(0.5, 1.0, shape) * scale
+  return (np.where(rng.random(shape) < 0.5, -mag, mag)).astype(np.float32)
+
+
+def _ratio_cases():
+  rng = np.random.default_rng(7)
+  for a in _SCALES:
+    for b in (1e-37, 1.0, 3e38):
+      for num, num_exp in ((0.05, 0), (1e-20, 100), (1e20, -100), (1.0, 0)):
+        for eps in (1e-30, 1e-12):  # the methods' eps is > 0
+          tree = {"a": _entries(rng, 5, a), "b": _entries(rng, (2, 3), b)}
+          yield tree, num, num_exp, eps
+
+
+def _ratio64(tree, num, num_exp, eps):
+  leaves = {k: np.asarray(v, np.float64) for k, v in tree.items()}
+  norm = np.sqrt(sum(np.sum(v * v) for v in leaves.values()))
+  return {k: v * (num * 2.0**num_exp / (norm + eps)) for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_times_over_norm_matches_float64_everywhere(jit):
+  """x * num 2**num_exp / (‖tree‖ + eps), float32, for leaves from
+  1e-37 to 3e38 and ratios far outside float32's range: a few ulps
+  wherever the exact value is a normal float32, that subnormal or 0 below
+  it, inf exactly where it is past float32's range (never a 0 or inf from
+  an intermediate scale)."""
+  from sam_optax._src import base
+
+  def f(tree, num, num_exp, eps):
+    norm = base.tree_norm_exp(tree)
+    return base.times_over_norm(tree, num, norm, eps, num_exp=num_exp)
+
+  run = jax.jit(f) if jit else f
+  tiny, top = float(np.finfo(np.float32).tiny), float(F32_MAX)
+  checked = 0
+  for tree, num, num_exp, eps in _ratio_cases():
+    got = run({k: jnp.asarray(v) for k, v in tree.items()},
+              jnp.float32(num), jnp.int32(num_exp), jnp.float32(eps))
+    want = _ratio64(tree, num, num_exp, eps)
+    for k in want:
+      g = np.asarray(got[k], np.float64)
+      w = want[k]
+      normal = (np.abs(w) >= tiny) & (np.abs(w) < top)
+      np.testing.assert_allclose(g[normal], w[normal], rtol=2e-6, atol=0,
+                                 err_msg=f"{k} {num} {num_exp} {eps}")
+      # Below float32's normal range: the subnormal or 0 (XLA flushes
+      # subnormal results to 0 on CPU).
+      small = np.abs(w) < tiny
+      np.testing.assert_allclose(g[small], w[small], rtol=0, atol=tiny)
+      assert np.all(np.isinf(g[np.abs(w) >= top * (1 + 2**-23)]))
+      checked += int(normal.sum())
+  assert checked > 1000

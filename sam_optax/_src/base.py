@@ -546,16 +546,18 @@ def times_over_norm(tree: PyTree, num: Array, norm: tuple[Array, Array],
   ``tree``, float32, with the norm given as :func:`tree_norm_exp`'s ``(n,
   k)`` and leaf ``i`` standing for ``x * 2**exps_i`` (``exps`` as there).
 
-  With ``f = num / (n + eps * 2**-k)`` (in range: ``n``, the norm in units
-  of ``2**k``, is at least 0.5 for a nonzero tree), leaf ``i`` is ``x * f * 2**E_i``, ``E_i = exps_i +
-  num_exp - k``, computed as ``(x * c1) * c2``: ``c1`` is ``f`` times the
-  part of ``2**E_i`` that keeps it a normal float32 and ``c2`` the power of
+  Every factor is kept as digits and a power of two: ``‖.‖ + eps = d *
+  2**D`` with ``D`` the larger of the two terms' exponents, ``num = m *
+  2**M`` with ``m`` in [0.5, 1), so ``q = m / d`` is in range whatever the
+  magnitudes; leaf ``i`` is then ``x * q * 2**E_i``, ``E_i = M + num_exp +
+  exps_i - D``, computed as ``(x * c1) * c2``: ``c1`` is ``q`` times the
+  part of ``2**E_i`` that keeps it a normal float32, ``c2`` the power of
   two left over (1 unless the result is near or past float32's range). So
-  a norm beyond float32's range (or below ``num / 1.2e-38``, where ``num /
-  norm`` would flush to 0) still gives the right value, and the product
-  overflows or underflows only where the result itself does. For ordinary
-  values ``c1`` is exactly ``num / (norm + eps)`` and ``c2`` is 1: bit for
-  bit ``x * (num / (norm + eps))``.
+  the result overflows or underflows only where its exact value does: a
+  norm past float32's range, or so small that ``num / norm`` or ``eps``'s
+  share would leave it, still gives the rule's value. For ordinary values
+  ``c1`` is exactly ``num / (norm + eps)`` and ``c2`` is 1: bit for bit
+  ``x * (num / (norm + eps))``.
 
   Without ``exps`` the two scalars are the same for every leaf (XLA makes
   them once): two multiplications per entry. Scaling every leaf by its own
@@ -566,18 +568,25 @@ def times_over_norm(tree: PyTree, num: Array, norm: tuple[Array, Array],
   (``docs/benchmark.md``).
   """
   n, k = norm
-  factor = num / (n + times_pow2(jnp.asarray(eps, jnp.float32), -k))
-  # factor = f1 * 2**fe with f1 in [0.5, 1) (exact; f1 = factor when it is
-  # 0, inf or NaN, which then pass through).
-  fe = pow2_exponent(factor)
-  f1 = factor * two_pow(-fe)
+  num = jnp.asarray(num, jnp.float32)
+  eps = jnp.asarray(eps, jnp.float32)
+  # ‖.‖ + eps = d * 2**D: each term scaled by an exact power of two, the
+  # smaller one flushing to 0 only where it is negligible.
+  big = jnp.maximum(k, jnp.where(eps > 0, pow2_exponent(eps), k))
+  d = times_pow2(n, k - big) + times_pow2(eps, -big)
+  # q = m / d with num = m * 2**M; then q = q1 * 2**Q, q1 in [0.5, 1).
+  # (A zero, inf or NaN has exponent 0, so it passes through.)
+  m_exp = pow2_exponent(jnp.abs(num))
+  q = num * two_pow(-m_exp) / d
+  q_exp = pow2_exponent(jnp.abs(q))
+  q1 = q * two_pow(-q_exp)
   leaves, treedef = jax.tree.flatten(tree)
   extra = [0] * len(leaves) if exps is None else treedef.flatten_up_to(exps)
   out = []
   for x, e in zip(leaves, extra):
-    total = fe + jnp.asarray(e, jnp.int32) + num_exp - k
-    e1 = jnp.clip(total, -120, 120)  # f1 * 2**e1 is a normal float32
-    c1 = f1 * two_pow(e1)
+    total = q_exp + m_exp + num_exp + jnp.asarray(e, jnp.int32) - big
+    e1 = jnp.clip(total, -120, 120)  # q1 * 2**e1 is a normal float32
+    c1 = q1 * two_pow(e1)
     c2 = two_pow(jnp.clip(total - e1, -126, 127))
     out.append(x.astype(jnp.float32) * c1 * c2)
   return jax.tree.unflatten(treedef, out)
