@@ -547,17 +547,19 @@ def times_over_norm(tree: PyTree, num: Array, norm: tuple[Array, Array],
   k)`` and leaf ``i`` standing for ``x * 2**exps_i`` (``exps`` as there).
 
   Every factor is kept as digits and a power of two: ``‖.‖ + eps = d *
-  2**D`` with ``D`` the larger of the two terms' exponents, ``num = m *
-  2**M`` with ``m`` in [0.5, 1), so ``q = m / d`` is in range whatever the
-  magnitudes; leaf ``i`` is then ``x * q * 2**E_i``, ``E_i = M + num_exp +
-  exps_i - D``, computed as ``(x * c1) * c2``: ``c1`` is ``q`` times the
-  part of ``2**E_i`` that keeps it a normal float32, ``c2`` the power of
-  two left over (1 unless the result is near or past float32's range). So
-  the result overflows or underflows only where its exact value does: a
-  norm past float32's range, or so small that ``num / norm`` or ``eps``'s
-  share would leave it, still gives the rule's value. For ordinary values
-  ``c1`` is exactly ``num / (norm + eps)`` and ``c2`` is 1: bit for bit
-  ``x * (num / (norm + eps))``.
+  2**k`` (``d = n + eps * 2**-k``, at least 0.5 for a nonzero tree and, for
+  ``eps < 1``, at most ``sqrt(size) + 2**125``, as ``k >= -125`` without
+  ``exps``) and ``num = m * 2**M`` with ``m`` in [0.5, 1), so ``q = m /
+  d`` is a normal float32; leaf ``i`` is then ``x * q * 2**E_i``, ``E_i =
+  M + num_exp + exps_i - k``, computed as ``(x * c1) * c2``: ``c1`` is
+  ``q`` times the part of ``2**E_i`` that keeps it a normal float32, ``c2``
+  the power of two left over (1 unless the result is near or past
+  float32's range). So the
+  result overflows or underflows only where its exact value does: a norm
+  past float32's range, or so small that ``num / norm`` or ``eps``'s share
+  would leave it, still gives the rule's value. For ordinary values ``c1``
+  is exactly ``num / (norm + eps)`` and ``c2`` is 1: bit for bit ``x *
+  (num / (norm + eps))``.
 
   Without ``exps`` the two scalars are the same for every leaf (XLA makes
   them once): two multiplications per entry. Scaling every leaf by its own
@@ -569,11 +571,7 @@ def times_over_norm(tree: PyTree, num: Array, norm: tuple[Array, Array],
   """
   n, k = norm
   num = jnp.asarray(num, jnp.float32)
-  eps = jnp.asarray(eps, jnp.float32)
-  # ‖.‖ + eps = d * 2**D: each term scaled by an exact power of two, the
-  # smaller one flushing to 0 only where it is negligible.
-  big = jnp.maximum(k, jnp.where(eps > 0, pow2_exponent(eps), k))
-  d = times_pow2(n, k - big) + times_pow2(eps, -big)
+  d = n + times_pow2(jnp.asarray(eps, jnp.float32), -k)
   # q = m / d with num = m * 2**M; then q = q1 * 2**Q, q1 in [0.5, 1).
   # (A zero, inf or NaN has exponent 0, so it passes through.)
   m_exp = pow2_exponent(jnp.abs(num))
@@ -584,7 +582,7 @@ def times_over_norm(tree: PyTree, num: Array, norm: tuple[Array, Array],
   extra = [0] * len(leaves) if exps is None else treedef.flatten_up_to(exps)
   out = []
   for x, e in zip(leaves, extra):
-    total = q_exp + m_exp + num_exp + jnp.asarray(e, jnp.int32) - big
+    total = q_exp + m_exp + num_exp + jnp.asarray(e, jnp.int32) - k
     e1 = jnp.clip(total, -120, 120)  # q1 * 2**e1 is a normal float32
     c1 = q1 * two_pow(e1)
     c2 = two_pow(jnp.clip(total - e1, -126, 127))
