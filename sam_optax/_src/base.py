@@ -554,12 +554,11 @@ def times_over_norm(tree: PyTree, num: Array, norm: tuple[Array, Array],
   M + num_exp + exps_i - k``, computed as ``(x * c1) * c2``: ``c1`` is
   ``q`` times the part of ``2**E_i`` that keeps it a normal float32, ``c2``
   the power of two left over (1 unless the result is near or past
-  float32's range). So the
-  result overflows or underflows only where its exact value does: a norm
-  past float32's range, or so small that ``num / norm`` or ``eps``'s share
-  would leave it, still gives the rule's value. For ordinary values ``c1``
-  is exactly ``num / (norm + eps)`` and ``c2`` is 1: bit for bit ``x *
-  (num / (norm + eps))``.
+  float32's range). So the result overflows or underflows only where its
+  exact value does: a norm past float32's range, or so small that ``num /
+  norm`` or ``eps``'s share would leave it, still gives the rule's value.
+  For ordinary values ``c1`` is exactly ``num / (norm + eps)`` and ``c2`` is
+  1: bit for bit ``x * (num / (norm + eps))``.
 
   Without ``exps`` the two scalars are the same for every leaf (XLA makes
   them once): two multiplications per entry. Scaling every leaf by its own
@@ -578,16 +577,23 @@ def times_over_norm(tree: PyTree, num: Array, norm: tuple[Array, Array],
   q = num * two_pow(-m_exp) / d
   q_exp = pow2_exponent(jnp.abs(q))
   q1 = q * two_pow(-q_exp)
-  leaves, treedef = jax.tree.flatten(tree)
-  extra = [0] * len(leaves) if exps is None else treedef.flatten_up_to(exps)
-  out = []
-  for x, e in zip(leaves, extra):
-    total = q_exp + m_exp + num_exp + jnp.asarray(e, jnp.int32) - k
+  shared = q_exp + m_exp + num_exp - k
+
+  def scales(total):
     e1 = jnp.clip(total, -120, 120)  # q1 * 2**e1 is a normal float32
-    c1 = q1 * two_pow(e1)
-    c2 = two_pow(jnp.clip(total - e1, -126, 127))
-    out.append(x.astype(jnp.float32) * c1 * c2)
-  return jax.tree.unflatten(treedef, out)
+    return q1 * two_pow(e1), two_pow(jnp.clip(total - e1, -126, 127))
+
+  if exps is None:
+    c1, c2 = scales(shared)
+    return jax.tree.map(lambda x: x.astype(jnp.float32) * c1 * c2, tree)
+
+  def one(x, e):
+    c1, c2 = scales(shared + jnp.asarray(e, jnp.int32))
+    return x.astype(jnp.float32) * c1 * c2
+
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(
+      treedef, [one(x, e) for x, e in zip(leaves, treedef.flatten_up_to(exps))])
 
 
 def tree_projection_coef(a: PyTree, b: PyTree, eps: float = 0.0) -> Array:
