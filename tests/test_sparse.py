@@ -509,6 +509,45 @@ def test_sparsity_one_returns_clean_gradient_and_evaluates_nothing():
   assert not traced
 
 
+@pytest.mark.parametrize("planned", [False, True])
+def test_too_small_a_model_for_one_kept_entry_evaluates_nothing(planned):
+  """K = floor(N * (1 - sparsity)) = 0 from a small model (one scalar at
+  sparsity 0.5, not sparsity=1): the mask is empty, so w + e = w and the
+  output is the clean gradient, with no gradient computed or counted
+  (it computed the gradient at w again and counted it in grad_evals)."""
+  params = {"w": jnp.asarray(1.5)}
+  x, y = jnp.linspace(-1.0, 1.0, 8), jnp.linspace(0.0, 2.0, 8)
+
+  def loss(p, b):
+    return jnp.mean((jnp.tanh(p["w"] * b[0]) - b[1]) ** 2)
+
+  g = jax.grad(loss)(params, (x, y))
+  traced = []
+
+  def counting_loss(p, b):
+    traced.append(1)  # runs when the transform traces loss_fn
+    return loss(p, b)
+
+  for tx in (
+      sam_optax.ssam_fisher(counting_loss, RHO, 0.5, num_samples=4,
+                            update_every=1),
+      sam_optax.ssam_dynamic(counting_loss, RHO, 0.5, update_every=1,
+                             total_steps=5),
+  ):
+    plan_of = sam_optax.planner(tx)
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, plan=None: tx.update(g, s, params,
+                                                     batch=(x, y), plan=plan),
+                   static_argnames="plan")
+    for count in range(3):
+      out, state = step(g, state, plan=plan_of(count, state) if planned else None)
+      chex.assert_trees_all_equal(out, g)
+    s = sam_optax.stats(state)
+    assert int(s["count"]) == 3
+    assert int(s["grad_evals"]) == 0 and float(s["mask_density"]) == 0.0
+  assert not traced
+
+
 # --------------------------------------------------------------------------
 # SSAM-D.
 # --------------------------------------------------------------------------

@@ -544,8 +544,17 @@ class _Engine:
     states after their decisions."""
     nested = not isinstance(go, bool)  # the branch runs inside a lax.cond
 
+    # A region that is empty by construction this step (a static mask of no
+    # leaf: Sparse SAM keeping 0 entries of a model too small for one) has
+    # w + e = w, and the gradient there is the clean one: nothing to
+    # evaluate, and nothing counted in grad_evals.
+    empty = where.static and not any(jax.tree.leaves(where.mask))
+
     def computed(_):
-      if self.num_splits == 1:
+      if empty:
+        _, geometry_state = self.geometry.perturb(step, state.geometry, where)
+        second = step.grads
+      elif self.num_splits == 1:
         e, geometry_state = self.geometry.perturb(step, state.geometry, where)
         second = self.second_gradient(step, where.restrict(e), where, nested)
       else:
@@ -560,7 +569,8 @@ class _Engine:
                   self.gate.observe(step, second, chosen[1]))
       # m-sharpness: num_splits clean and num_splits second sub-batch
       # gradients, each on 1/num_splits of the batch: 2 batch gradients.
-      one = jnp.asarray(1 if self.num_splits == 1 else 2, jnp.int32)
+      one = jnp.asarray(0 if empty else 1 if self.num_splits == 1 else 2,
+                        jnp.int32)
       maxabs = base.leaf_max_abs(second)
       out = base.tie_leaves(out, second, maxabs)
       return out, geometry_state, combine_state, observed, one, maxabs

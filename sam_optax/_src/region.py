@@ -236,7 +236,9 @@ class RefreshedMask(protocols.Region):
     if isinstance(k, int) and k == n:  # sparsity 0: no mask, exactly SAM
       return (None, state, zero), k
     if isinstance(k, int) and k == 0:  # sparsity 1 (or a too small model)
-      return (state.mask, state, zero), k
+      # A static mask of no leaf: the engine then evaluates nothing.
+      nothing = jax.tree.map(lambda _: False, step.params)
+      return (nothing, state, zero), k
     return None, k
 
   def select(self, step, state):
