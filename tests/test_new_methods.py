@@ -120,6 +120,27 @@ def test_rho_from_lr_constant_learning_rate_is_rho_max():
   assert float(rho(7)) == pytest.approx(0.3)
 
 
+def test_rho_from_lr_stays_in_its_range():
+  """A learning rate outside [lr_min, lr_max]: a constant one is refused
+  at construction, a schedule's value gives rho_min or rho_max (not a
+  radius extrapolated past them, which an lr_max below the schedule's peak
+  gave: 0.4 against lr_max 0.1 read 0.4, four times rho_max)."""
+  with pytest.raises(ValueError, match=r"learning_rate 1.0 is outside \[lr_min, lr_max\]"):
+    sam_optax.rho_from_lr(1.0, rho_max=0.1, rho_min=0.02, lr_max=0.1)
+  with pytest.raises(ValueError, match="is outside"):
+    sam_optax.rho_from_lr(0.01, rho_max=0.1, lr_max=0.1, lr_min=0.05)
+  # in range: 0.02 + 0.08 * (0.05 - 0) / 0.1 = 0.06
+  assert float(sam_optax.rho_from_lr(0.05, rho_max=0.1, rho_min=0.02,
+                                     lr_max=0.1)(3)) == pytest.approx(0.06)
+  lr = lambda count: 0.04 * count  # 0 at count 0, 0.4 at count 10
+  rho = sam_optax.rho_from_lr(lr, rho_max=0.1, rho_min=0.02, lr_max=0.1,
+                              lr_min=0.02)
+  # lr 0, 0.04, 0.08, 0.4: below lr_min, rho_min; inside, 0.02 + 0.08 *
+  # (lr - 0.02) / 0.08 (0.04 and 0.08); above lr_max, rho_max
+  got = [float(rho(jnp.asarray(c))) for c in (0, 1, 2, 10)]
+  np.testing.assert_allclose(got, [0.02, 0.04, 0.08, 0.1], rtol=1e-6)
+
+
 def test_gsam_alpha_zero_is_sam():
   params, batch = mlp_params(), make_batch()
   g = jax.grad(mlp_loss)(params, batch)

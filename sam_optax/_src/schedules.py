@@ -107,6 +107,13 @@ def rho_from_lr(
   step count of the method's state (the same count as the base
   optimizer's as long as every step is finite).
 
+  ``rho_max`` and ``rho_min`` bound the radius: a learning rate outside
+  ``[lr_min, lr_max]`` (a schedule whose peak is above the ``lr_max``
+  given, or whose end is below ``lr_min``) gives ``rho_max`` or
+  ``rho_min``, not a radius extrapolated past them (the authors' code does
+  not clip, as its learning rate never leaves that range). A constant
+  learning rate outside the range is refused here.
+
   Args:
     learning_rate: the base optimizer's learning rate, a float or a
       schedule of the step count.
@@ -132,12 +139,20 @@ def rho_from_lr(
   base.check_range("lr_min", lr_min, 0.0)
   base.check_range("lr_max", lr_max, float(lr_min))
   span = float(lr_max) - float(lr_min)
+  const = base._concrete_float(learning_rate)  # pylint: disable=protected-access
+  if const is not None and not float(lr_min) <= const <= float(lr_max):
+    raise ValueError(
+        f"learning_rate {learning_rate!r} is outside [lr_min, lr_max] = "
+        f"[{lr_min!r}, {lr_max!r}]: lr_max is the largest learning rate "
+        f"(rho_max's) and lr_min the smallest (rho_min's)"
+    )
 
   def schedule(count):
     if span == 0.0:
       del count
       return jnp.asarray(rho_max, jnp.float32)
     lr = base.resolve(learning_rate, count, "learning_rate")
-    return rho_min + (rho_max - rho_min) * (lr - lr_min) / span
+    rho = rho_min + (rho_max - rho_min) * (lr - lr_min) / span
+    return jnp.clip(rho, rho_min, rho_max)
 
   return schedule
