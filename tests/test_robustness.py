@@ -474,6 +474,64 @@ def test_seed_out_of_range_rejected_at_construction(ctor, seed):
     getattr(sam_optax, ctor)(mlp_loss, seed=seed, **CONSTRUCTORS[ctor])
 
 
+@pytest.mark.parametrize("ctor", sorted(CONSTRUCTORS))
+@pytest.mark.parametrize("rho", [True, np.bool_(False), jnp.asarray(True)])
+def test_rho_refuses_booleans(ctor, rho):
+  """rho=True was read as 1.0."""
+  with pytest.raises(ValueError, match="rho: expected a real number, got the boolean"):
+    getattr(sam_optax, ctor)(mlp_loss, rho=rho, **CONSTRUCTORS[ctor])
+
+
+@pytest.mark.parametrize("ctor", sorted(CONSTRUCTORS))
+def test_has_aux_must_be_a_bool(ctor):
+  """has_aux="False" was stored as bool("False"), True."""
+  for bad in ("False", 0, None):
+    with pytest.raises(ValueError, match="has_aux must be True or False"):
+      getattr(sam_optax, ctor)(mlp_loss, has_aux=bad, **CONSTRUCTORS[ctor])
+  getattr(sam_optax, ctor)(mlp_loss, has_aux=np.False_, **CONSTRUCTORS[ctor])
+
+
+@pytest.mark.parametrize("ctor", sorted(CONSTRUCTORS))
+def test_updates_must_match_params(ctor):
+  """A gradient leaf of another shape broadcast into w + e and into the
+  output ((1, n) for an (n,) weight, a scalar), and an integer one had the
+  result cast to integers: each is refused, naming the leaf."""
+  params, batch = mlp_params(), make_batch()
+  g = jax.grad(mlp_loss)(params, batch)
+  tx = getattr(sam_optax, ctor)(mlp_loss, **CONSTRUCTORS[ctor])
+  state = tx.init(params)
+  b1 = params["l1"]["bias"]
+  cases = [
+      ({**g, "l1": {**g["l1"], "bias": g["l1"]["bias"][None]}},
+       rf"l1/bias: shape \(1, {b1.size}\), the parameter's is \({b1.size},\)"),
+      ({**g, "l1": {**g["l1"], "bias": jnp.float32(0.3)}},
+       r"l1/bias: shape \(\), the parameter's"),
+      ({**g, "l1": {**g["l1"], "bias": jnp.ones(b1.shape, jnp.int32)}},
+       r"l1/bias: dtype int32, not a floating-point type"),
+  ]
+  for bad, message in cases:
+    for run in (lambda u: tx.update(u, state, params, batch=batch),
+                jax.jit(lambda u: tx.update(u, state, params, batch=batch))):
+      with pytest.raises(ValueError, match=message):
+        run(bad)
+  with pytest.raises(ValueError, match="must have the tree structure of params"):
+    tx.update({"l1": g["l1"]}, state, params, batch=batch)
+
+
+def test_updates_of_another_float_dtype_are_accepted():
+  """float32 gradients of bfloat16 weights (and the reverse) pass the
+  check: only shape, structure and a floating dtype are required."""
+  params, batch = mlp_params(), make_batch()
+  tx = sam_optax.sam(mlp_loss, rho=0.05)
+  g = jax.grad(mlp_loss)(params, batch)
+  out, _ = tx.update(jax.tree.map(lambda x: x.astype(jnp.bfloat16), g),
+                     tx.init(params), params, batch=batch)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
+  p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  out, _ = tx.update(g, tx.init(p16), p16, batch=batch)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out))
+
+
 def test_check_params():
   ok = {"a": jnp.ones(2), "b": jnp.ones(2, jnp.bfloat16), "c": jnp.ones(0, jnp.float16),
         "d": None, "e": np.float32(1.0), "f": []}

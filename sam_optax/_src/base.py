@@ -47,6 +47,9 @@ def _concrete_float(value: Any) -> Optional[float]:
     ) from None
   if arr.dtype.kind == "c":
     raise ValueError(f"expected a real number, got the complex {value!r}")
+  if arr.dtype.kind == "b":
+    # True would otherwise be read as 1.0: rho=True is a slip, not a radius.
+    raise ValueError(f"expected a real number, got the boolean {value!r}")
   if arr.dtype.kind not in "biuf" and not jnp.issubdtype(arr.dtype, jnp.floating):
     raise ValueError(
         f"expected a real number or a schedule, got {value!r}"
@@ -274,6 +277,50 @@ def check_params(params: PyTree, name: str = "params") -> None:
         f"{name} has leaves that are Python floats, not arrays: "
         f"{python_floats}. Make them arrays (jnp.asarray(x, jnp.float32)) "
         f"or keep them out of the params the optimizer sees."
+    )
+
+
+def check_updates(updates: PyTree, params: PyTree) -> None:
+  """Raises ValueError unless ``updates`` (the clean gradient given to
+  ``update``) is shaped like ``params``: the same tree structure, the same
+  shape leaf by leaf, and floating-point leaves (their dtype may differ
+  from the parameter's, e.g. float32 gradients of bfloat16 weights).
+
+  Otherwise a gradient leaf of shape ``(1, n)`` for an ``(n,)`` weight, or
+  a scalar, would broadcast into the perturbed point ``w + e`` and into the
+  output (``apply_updates`` then changes the weight's shape for good), and
+  an integer gradient would have the method's float result cast back to
+  integers (truncated, usually to 0). Checked when the step is traced.
+  """
+  want, got = jax.tree.structure(params), jax.tree.structure(updates)
+  if want != got:
+    raise ValueError(
+        "updates (the gradient passed to tx.update) must have the tree "
+        f"structure of params: got {got}, params have {want}. Pass the "
+        "gradient of loss_fn with respect to the params you pass "
+        "(jax.grad(loss_fn)(params, batch))"
+    )
+  bad = []
+  for (path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0],
+                          jax.tree.leaves(params)):
+    shape = np.shape(u)
+    try:
+      dtype = _leaf_dtype(u)
+    except Exception:  # pylint: disable=broad-except
+      bad.append(f"{path_str(path) or '<root>'}: a {type(u).__name__}")
+      continue
+    if shape != np.shape(p):
+      bad.append(f"{path_str(path) or '<root>'}: shape {shape}, the "
+                 f"parameter's is {np.shape(p)}")
+    elif not jnp.issubdtype(dtype, jnp.floating):
+      bad.append(f"{path_str(path) or '<root>'}: dtype {dtype}, not a "
+                 "floating-point type")
+  if bad:
+    raise ValueError(
+        "updates (the gradient passed to tx.update) must match params leaf "
+        "by leaf, in shape and with a floating-point dtype (a gradient "
+        "would otherwise broadcast into the perturbed point and the update, "
+        f"or the result be cast to integers): {bad}"
     )
 
 

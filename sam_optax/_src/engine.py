@@ -361,6 +361,7 @@ class _Engine:
     _require_call_arguments(params, batch)
     base.check_mapped_axes(self.axis_name, params, batch)
     self.check_state(state, params)
+    base.check_updates(updates, params)
     engine = self.with_loss(loss_fn)
     plan = check_plan(
         plan,
@@ -817,6 +818,9 @@ def sharpness_aware(
     if not isinstance(part, kind):
       raise ValueError(f"{name} must be a sam_optax {kind.__name__}, got {part!r}")
   check_gate(gate)
+  if not isinstance(has_aux, (bool, np.bool_)):
+    # bool("False") is True: a string or a number here is a slip.
+    raise ValueError(f"has_aux must be True or False, got {has_aux!r}")
   # None defaults, so that optax.inject_hyperparams (which injects every
   # numeric argument) leaves them static without static_args.
   num_splits = 1 if num_splits is None else base.static_int(
