@@ -465,13 +465,8 @@ class _Engine:
     # never happened (count and every part; the work done is still counted
     # in grad_evals), and the output is non-finite for apply_if_finite and
     # loss scalers (where a masked perturbation may not carry the bad
-    # value, its first leaf is all NaN: base.tie_first). One check over
-    # both gradients' per-leaf max |.| (the clean one's are its norm's),
-    # taken so that a memory scheduler can apply each leaf's update as soon
-    # as its second gradient exists (base.step_finite; the first output
-    # leaf is tied to it, every other to its own leaf's check).
-    ok, top = base.step_finite(
-        jnp.concatenate([maxabs, base.leaf_max_abs(step.grads)]))
+    # value, its first leaf is all NaN: base.tie_first).
+    ok, top = _step_check(maxabs, step.grads)
     kept = base.tree_select(
         ok,
         (optax.safe_increment(state.count), geometry_state, region_state,
@@ -684,6 +679,21 @@ class _Engine:
     return jax.tree.map(
         lambda o, g: jnp.where(positive, o, g.astype(o.dtype)), out, step.grads
     )
+
+
+def _step_check(maxabs, grads):
+  """``(ok, top)`` of a step (:func:`base.step_finite`) from the second
+  gradient's per-leaf ``max |.|`` (``maxabs``) and the clean ``grads``
+  (whose per-leaf maxima are their norm's). One check over both, taken so
+  that a memory scheduler can apply each leaf's update as soon as its
+  second gradient exists (the first output leaf is tied to ``top``, every
+  other to its own leaf's check). The clean maxima are reduced to their
+  largest first: concatenated with the second gradient's (XLA merges the
+  two into one concatenation), each stayed a buffer of its own (64 bytes
+  on XLA:CPU) through the whole second gradient, 13 KB more than
+  ``optax.contrib.sam``'s peak on a 200-leaf transformer."""
+  _, clean_top = base.step_finite(base.leaf_max_abs(grads))
+  return base.step_finite(jnp.concatenate([maxabs, clean_top[None]]))
 
 
 def sharpness_aware(
