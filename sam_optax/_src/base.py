@@ -282,9 +282,10 @@ def check_params(params: PyTree, name: str = "params") -> None:
 
 def check_updates(updates: PyTree, params: PyTree) -> None:
   """Raises ValueError unless ``updates`` (the clean gradient given to
-  ``update``) is shaped like ``params``: the same tree structure, the same
-  shape leaf by leaf, and floating-point leaves (their dtype may differ
-  from the parameter's, e.g. float32 gradients of bfloat16 weights).
+  ``update``) is shaped like ``params``: the same tree structure and the
+  same shape leaf by leaf (:func:`check_same_structure`, no scalar standing
+  for a tensor), and floating-point leaves (their dtype may differ from the
+  parameter's, e.g. float32 gradients of bfloat16 weights).
 
   Otherwise a gradient leaf of shape ``(1, n)`` for an ``(n,)`` weight, or
   a scalar, would broadcast into the perturbed point ``w + e`` and into the
@@ -292,35 +293,20 @@ def check_updates(updates: PyTree, params: PyTree) -> None:
   an integer gradient would have the method's float result cast back to
   integers (truncated, usually to 0). Checked when the step is traced.
   """
-  want, got = jax.tree.structure(params), jax.tree.structure(updates)
-  if want != got:
-    raise ValueError(
-        "updates (the gradient passed to tx.update) must have the tree "
-        f"structure of params: got {got}, params have {want}. Pass the "
-        "gradient of loss_fn with respect to the params you pass "
-        "(jax.grad(loss_fn)(params, batch))"
-    )
+  name = "updates (the gradient passed to tx.update)"
+  check_same_structure(updates, params, name, scalars=False)
   bad = []
-  for (path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0],
-                          jax.tree.leaves(params)):
-    shape = np.shape(u)
+  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
     try:
       dtype = _leaf_dtype(u)
     except Exception:  # pylint: disable=broad-except
-      bad.append(f"{path_str(path) or '<root>'}: a {type(u).__name__}")
-      continue
-    if shape != np.shape(p):
-      bad.append(f"{path_str(path) or '<root>'}: shape {shape}, the "
-                 f"parameter's is {np.shape(p)}")
-    elif not jnp.issubdtype(dtype, jnp.floating):
-      bad.append(f"{path_str(path) or '<root>'}: dtype {dtype}, not a "
-                 "floating-point type")
+      dtype = type(u).__name__
+    if not isinstance(dtype, np.dtype) or not jnp.issubdtype(dtype, jnp.floating):
+      bad.append(f"{path_str(path) or '<root>'} ({dtype})")
   if bad:
     raise ValueError(
-        "updates (the gradient passed to tx.update) must match params leaf "
-        "by leaf, in shape and with a floating-point dtype (a gradient "
-        "would otherwise broadcast into the perturbed point and the update, "
-        f"or the result be cast to integers): {bad}"
+        f"{name} must have floating-point leaves (the method's result would "
+        f"otherwise be cast to their dtype): {bad}"
     )
 
 
@@ -376,13 +362,14 @@ def leaf_paths(tree: PyTree) -> list[str]:
 
 
 def check_same_structure(
-    tree: PyTree, params: PyTree, name: str, *, shapes: bool = True
+    tree: PyTree, params: PyTree, name: str, *, shapes: bool = True,
+    scalars: bool = True,
 ) -> None:
   """Raises ValueError naming ``name`` and the paths where trees differ.
 
   ``tree`` must have the structure of ``params`` and, when ``shapes`` is
-  True, every leaf the shape of the matching parameter (a scalar leaf stands
-  for a whole parameter tensor and is accepted too).
+  True, every leaf the shape of the matching parameter (with ``scalars``, a
+  scalar leaf stands for a whole parameter tensor and is accepted too).
   """
   t_paths = dict(
       (path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -407,7 +394,8 @@ def check_same_structure(
     bad = [
         f"{k}: {np.shape(t_paths[k])} vs {np.shape(p_paths[k])}"
         for k in p_paths
-        if np.shape(t_paths[k]) not in ((), np.shape(p_paths[k]))
+        if np.shape(t_paths[k]) != np.shape(p_paths[k])
+        and not (scalars and np.shape(t_paths[k]) == ())
     ]
     if bad:
       raise ValueError(f"{name} leaves differ in shape from params: {bad}")

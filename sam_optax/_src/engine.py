@@ -547,12 +547,10 @@ class _Engine:
     empty = where.static and not any(jax.tree.leaves(where.mask))
 
     def computed(_):
-      if empty:
-        _, geometry_state = self.geometry.perturb(step, state.geometry, where)
-        second = step.grads
-      elif self.num_splits == 1:
+      if empty or self.num_splits == 1:
         e, geometry_state = self.geometry.perturb(step, state.geometry, where)
-        second = self.second_gradient(step, where.restrict(e), where, nested)
+        second = (step.grads if empty else
+                  self.second_gradient(step, where.restrict(e), where, nested))
       else:
         second, geometry_state = self.split_second_gradient(
             step, state.geometry, where, nested
